@@ -1,0 +1,42 @@
+"""Settings, read from the environment with the prefix DLW_ (see docs/operator.md)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_JWT_SECRET = "change-me"  # noqa: S105 - the startup guard refuses it outside dev mode
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DLW_", extra="ignore")
+
+    # Runtime connection of the API, as dlw_app (never a superuser or BYPASSRLS role).
+    database_url: str | None = None
+    # Connection used by `dlw migrate` / `dlw doctor`: the schema owner or a superuser.
+    migration_database_url: str | None = None
+    # Where `dlw dev` keeps its embedded PostgreSQL (relative to the working directory).
+    data_dir: str = ".dlw"
+
+    db_pool_min_size: int = Field(default=2, ge=1)
+    db_pool_max_size: int = Field(default=20, ge=1)
+    # Seconds a task creation waits for its tenant's quota lock before answering 503.
+    quota_lock_timeout_ms: int = Field(default=2000, ge=1)
+
+    system_jwt_secret: str = DEFAULT_JWT_SECRET
+    system_jwt_ttl_seconds: int = Field(default=3600, ge=60)
+    system_admin_token: str | None = None
+    auth_dev_mode: bool = False
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_redirect_url: str | None = None
+    oidc_audience: str | None = None
+    auth_tenant_rules_json: str = "[]"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,40 @@
+"""`dlw dev`: everything a newcomer needs on one machine, in one command.
+
+An embedded PostgreSQL under the project-local data directory (kept across restarts), the
+migrations, two demo tenants, and the API on 127.0.0.1 connected as dlw_app in dev mode.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from app.embedded import LocalCluster
+from app.migrate import migrate
+
+DEV_DATABASE = "dlw"
+DEMO_TENANTS = (("acme", "Acme Corporation"), ("globex", "Globex Corporation"))
+
+
+def prepare_database(cluster: LocalCluster, dbname: str = DEV_DATABASE) -> str:
+    """Create, migrate and seed the dev database; return the dlw_app URL for the API."""
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    owner_url = cluster.url(dbname)
+    migrate(owner_url)
+    password = secrets.token_urlsafe(24)
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        for slug, name in DEMO_TENANTS:
+            conn.execute("SELECT dlw.provision_tenant(%s, %s)", (slug, name))
+        # A fresh random password on each start: only this process knows it.
+        conn.execute(sql.SQL("ALTER ROLE dlw_app PASSWORD {}").format(sql.Literal(password)))
+    return cluster.url(dbname, user="dlw_app", password=password)
+
+
+def data_cluster(data_dir: Path) -> LocalCluster:
+    return LocalCluster(data_dir / "pgdata")

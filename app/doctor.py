@@ -1,0 +1,94 @@
+"""`dlw doctor`: audit the live catalog for the isolation invariants.
+
+Each check is one query returning offending objects; an empty result is a pass. The same
+audit runs in the test suite against the migrated schema.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+# SECURITY DEFINER functions that are allowed to exist (they run with their owner's rights,
+# typically dlw_system which bypasses RLS). Adding one here is a security review decision.
+DEFINER_ALLOWLIST: frozenset[str] = frozenset()
+
+APP_ROLE = "dlw_app"
+REPORTING_ROLE = "dlw_reporting"
+
+CHECKS: dict[str, str] = {
+    "tenant table without RLS enabled and forced": """
+        SELECT format('%I.%I', n.nspname, c.relname)
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'dlw' AND c.relkind IN ('r', 'p')
+          AND EXISTS (SELECT 1 FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped)
+          AND NOT (c.relrowsecurity AND c.relforcerowsecurity)
+        ORDER BY 1""",
+    "tenant table without a policy for dlw_app": """
+        SELECT format('%I.%I', n.nspname, c.relname)
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'dlw' AND c.relkind IN ('r', 'p')
+          AND EXISTS (SELECT 1 FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped)
+          AND NOT EXISTS (SELECT 1 FROM pg_policy p
+                          WHERE p.polrelid = c.oid
+                            AND (SELECT oid FROM pg_roles WHERE rolname = 'dlw_app') = ANY (p.polroles))
+        ORDER BY 1""",
+    "SECURITY DEFINER function not on the allowlist": """
+        SELECT p.oid::regprocedure::text
+        FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.prosecdef
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+          AND NOT (p.oid::regprocedure::text = ANY (%(allowlist)s))
+        ORDER BY 1""",
+    "SECURITY DEFINER function without a pinned search_path": """
+        SELECT p.oid::regprocedure::text
+        FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.prosecdef
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+          AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS cfg WHERE cfg LIKE 'search_path=%%')
+        ORDER BY 1""",
+    "dlw_app is a superuser or bypasses RLS": """
+        SELECT rolname FROM pg_roles
+        WHERE rolname = 'dlw_app' AND (rolsuper OR rolbypassrls)""",
+    "dlw_app is missing": """
+        SELECT 'dlw_app' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'dlw_app')""",
+    "view readable by dlw_reporting without security_invoker": """
+        SELECT format('%I.%I', n.nspname, c.relname)
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'v'
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'dlw_reporting')
+          AND has_table_privilege('dlw_reporting', c.oid, 'SELECT')
+          AND NOT EXISTS (SELECT 1 FROM pg_options_to_table(c.reloptions) o
+                          WHERE o.option_name = 'security_invoker'
+                            AND lower(o.option_value) IN ('true', 'on', 'yes', '1'))
+        ORDER BY 1""",
+    "materialized view readable by dlw_reporting (cannot carry RLS)": """
+        SELECT format('%I.%I', n.nspname, c.relname)
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'm'
+          AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'dlw_reporting')
+          AND has_table_privilege('dlw_reporting', c.oid, 'SELECT')
+        ORDER BY 1""",
+}
+
+
+def audit(url: str) -> list[str]:
+    """Return one readable line per problem found; an empty list means the catalog is sound."""
+    problems: list[str] = []
+    with psycopg.connect(url) as conn:
+        for title, query in CHECKS.items():
+            rows = conn.execute(query, {"allowlist": sorted(DEFINER_ALLOWLIST)}).fetchall()  # type: ignore[arg-type]
+            problems.extend(f"{title}: {row[0]}" for row in rows)
+    return problems

@@ -1,0 +1,78 @@
+"""The FastAPI application: thin routes over SQL, one tenant-scoped transaction per request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app import db
+from app.config import Settings, get_settings
+from app.migrate import migration_ids, program_files, program_sha256
+
+log = logging.getLogger("dlw")
+
+
+class StartupRefused(RuntimeError):
+    """The configuration is unsafe; the message names the setting to fix."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.database_url:
+            raise StartupRefused("DLW_DATABASE_URL is not set (the API connects as dlw_app)")
+        pool = await db.create_pool(
+            settings.database_url,
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+        )
+        try:
+            async with pool.acquire() as conn:
+                problem = await db.role_safety_problem(conn)
+            if problem and not settings.auth_dev_mode:
+                raise StartupRefused(f"DLW_DATABASE_URL: {problem}")
+            if problem:
+                log.warning("dev mode: %s", problem)
+            app.state.pool = pool
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(title="DLW", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    expected_program = program_sha256(program_files())
+    expected_migrations = set(migration_ids())
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Never a stack trace or a library message to the client; the log keeps the details.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(status_code=500, content={"detail": {"code": "INTERNAL_ERROR"}})
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=None)
+    async def readyz(request: Request) -> dict[str, str] | JSONResponse:
+        """The database answers and carries the schema this code expects."""
+        try:
+            async with request.app.state.pool.acquire(timeout=5) as conn:
+                row = await conn.fetchrow("SELECT program_sha256, migrations FROM dlw.schema_program")
+        except (OSError, TimeoutError, asyncpg.PostgresError):
+            return JSONResponse(status_code=503, content={"detail": {"code": "DB_UNAVAILABLE"}})
+        if row is None or row["program_sha256"] != expected_program:
+            return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED"}})
+        if not expected_migrations <= set(row["migrations"]):
+            return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED"}})
+        return {"status": "ready"}
+
+    return app

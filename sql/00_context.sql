@@ -1,0 +1,60 @@
+-- Tenant context: who the current transaction acts for.
+-- The API (as dlw_app) sets three transaction-local settings in one statement at the start
+-- of each request; policies for dlw_app read them. Policies for reporting logins never read
+-- them: a reporting login's tenant comes from its login name (dlw.reporting_tenant_id()).
+-- All helpers are STABLE and policies call them as (SELECT ...), so each runs once per
+-- statement instead of once per row.
+
+CREATE OR REPLACE FUNCTION dlw.ctx_tenant_id() RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog
+AS $$
+    -- After a committed set_config(..., true) a pooled connection reads back '' (not NULL),
+    -- and ''::bigint would raise: treat both as "no tenant", which matches no row.
+    SELECT nullif(current_setting('dlw.tenant_id', true), '')::bigint
+$$;
+COMMENT ON FUNCTION dlw.ctx_tenant_id() IS
+    'Tenant id of the current transaction (setting dlw.tenant_id), or NULL when unset. Trusted only in dlw_app policies.';
+
+CREATE OR REPLACE FUNCTION dlw.ctx_user_id() RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog
+AS $$ SELECT nullif(current_setting('dlw.user_id', true), '') $$;
+COMMENT ON FUNCTION dlw.ctx_user_id() IS
+    'Acting principal of the current transaction (setting dlw.user_id), or NULL; recorded in audit rows.';
+
+CREATE OR REPLACE FUNCTION dlw.ctx_role() RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog
+AS $$ SELECT nullif(current_setting('dlw.role', true), '') $$;
+COMMENT ON FUNCTION dlw.ctx_role() IS
+    'Role of the acting principal (setting dlw.role), or NULL; write policies admit only roles that may write.';
+
+CREATE OR REPLACE FUNCTION dlw.set_context(p_tenant_id bigint, p_user_id text, p_role text)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog
+AS $$
+    -- Transaction-local (is_local = true): safe behind a transaction pooler; never a plain SET.
+    SELECT set_config('dlw.tenant_id', coalesce(p_tenant_id::text, ''), true),
+           set_config('dlw.user_id', coalesce(p_user_id, ''), true),
+           set_config('dlw.role', coalesce(p_role, ''), true);
+$$;
+COMMENT ON FUNCTION dlw.set_context(bigint, text, text) IS
+    'Sets the tenant context for the rest of the current transaction only (dlw.tenant_id, dlw.user_id, dlw.role).';
+
+CREATE OR REPLACE FUNCTION dlw.reporting_tenant_id() RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog
+AS $$
+    -- reporting_logins is itself under RLS: a login can read only the row naming itself.
+    SELECT tenant_id FROM dlw.reporting_logins WHERE login = current_user
+$$;
+COMMENT ON FUNCTION dlw.reporting_tenant_id() IS
+    'Tenant of the current reporting login (from dlw.reporting_logins), or NULL. Ignores every setting.';
+
+REVOKE ALL ON FUNCTION dlw.ctx_tenant_id(), dlw.ctx_user_id(), dlw.ctx_role(),
+    dlw.set_context(bigint, text, text), dlw.reporting_tenant_id(), dlw.new_id() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.ctx_tenant_id(), dlw.ctx_user_id(), dlw.ctx_role(),
+    dlw.set_context(bigint, text, text), dlw.new_id() TO dlw_app, dlw_system;
+GRANT EXECUTE ON FUNCTION dlw.reporting_tenant_id() TO dlw_reporting, dlw_app, dlw_system;
