@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,8 +39,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for line in problems:
             print(f"  - {line}")
         return 1
-    print("dlw doctor: catalog OK (RLS forced with dlw_app policies on every tenant table, "
-          "definer functions allowlisted, roles sane, reporting views security_invoker)")
+    print(
+        "dlw doctor: catalog OK (RLS forced with dlw_app policies on every tenant table, "
+        "definer functions allowlisted, roles sane, reporting views security_invoker)"
+    )
     return 0
 
 
@@ -63,6 +66,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or base.data_dir)
     cluster = data_cluster(data_dir)
     print(f"dlw dev: embedded PostgreSQL in {cluster.datadir}")
+    # uvicorn re-raises the signal that stopped it; turn SIGTERM into SystemExit so the
+    # embedded PostgreSQL below is still stopped cleanly (SIGINT already raises).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     cluster.start()
     try:
         app_url = prepare_database(cluster)

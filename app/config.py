@@ -7,7 +7,7 @@ from functools import lru_cache
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_JWT_SECRET = "change-me"  # noqa: S105 - the startup guard refuses it outside dev mode
+DEFAULT_JWT_SECRET = "change-me"
 
 
 class Settings(BaseSettings):

@@ -54,7 +54,7 @@ CHECKS: dict[str, str] = {
           AND n.nspname NOT IN ('pg_catalog', 'information_schema')
           AND NOT EXISTS (SELECT 1 FROM pg_depend d
                           WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
-          AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS cfg WHERE cfg LIKE 'search_path=%%')
+          AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS cfg WHERE cfg LIKE 'search_path=%')
         ORDER BY 1""",
     "dlw_app is a superuser or bypasses RLS": """
         SELECT rolname FROM pg_roles
@@ -89,6 +89,7 @@ def audit(url: str) -> list[str]:
     problems: list[str] = []
     with psycopg.connect(url) as conn:
         for title, query in CHECKS.items():
-            rows = conn.execute(query, {"allowlist": sorted(DEFINER_ALLOWLIST)}).fetchall()  # type: ignore[arg-type]
+            params = {"allowlist": sorted(DEFINER_ALLOWLIST)} if "%(allowlist)s" in query else None
+            rows = conn.execute(query, params).fetchall()  # type: ignore[arg-type]
             problems.extend(f"{title}: {row[0]}" for row in rows)
     return problems

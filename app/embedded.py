@@ -45,9 +45,7 @@ def debian_bindir(major: int = 15) -> Path | None:
     return path if (path / "postgres").exists() else None
 
 
-def socket_url(
-    socket_dir: Path, port: int, user: str, dbname: str, password: str | None = None
-) -> str:
+def socket_url(socket_dir: Path, port: int, user: str, dbname: str, password: str | None = None) -> str:
     """A libpq/asyncpg URL for a Unix-socket connection."""
     auth = quote(user, safe="")
     if password is not None:
@@ -69,7 +67,7 @@ class LocalCluster:
         self.datadir = self.datadir.resolve()
         # Unix socket paths are limited to ~107 bytes, so the socket lives in a short
         # directory derived from the data directory rather than inside it.
-        digest = hashlib.sha1(str(self.datadir).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(str(self.datadir).encode()).hexdigest()[:12]
         self.socket_dir = Path(tempfile.gettempdir()) / f"dlw-pg-{digest}"
 
     # -- process identity -------------------------------------------------------------
@@ -106,7 +104,8 @@ class LocalCluster:
             text=True,
             cwd="/",
             env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"},
-            **ids,  # type: ignore[arg-type]
+            user=ids.get("user"),
+            group=ids.get("group"),
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}")

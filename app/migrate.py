@@ -72,9 +72,7 @@ def migrate(url: str, *, force_program: bool = False) -> MigrateResult:
                 backend.apply_migrations(pending)
                 applied = [m.id for m in pending]
                 with psycopg.connect(url) as conn:
-                    row = conn.execute(
-                        "SELECT program_sha256, migrations FROM dlw.schema_program"
-                    ).fetchone()
+                    row = conn.execute("SELECT program_sha256, migrations FROM dlw.schema_program").fetchone()
                     ids = [m.id for m in migrations]
                     program_applied = force_program or row is None or row[0] != sha
                     if program_applied:

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import PgServer, MigratedDb, create_database, drop_database, start_server
+from tests.harness import MigratedDb, PgServer, create_database, drop_database, start_server
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,7 @@ from app.migrate import migrate
 _counter = itertools.count()
 
 
-def replace_url(url: str, *, user: str | None = None, password: str | None = None,
-                dbname: str | None = None) -> str:
+def replace_url(url: str, *, user: str | None = None, password: str | None = None, dbname: str | None = None) -> str:
     """The same server URL with another user, password or database."""
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
@@ -114,9 +113,11 @@ def start_server(workdir: Path) -> Iterator[PgServer]:
         return
     from app.embedded import LocalCluster
 
-    cluster = LocalCluster(workdir / "pgdata", port=free_port(),
-                           extra_settings={"fsync": "off", "synchronous_commit": "off",
-                                           "full_page_writes": "off"})
+    cluster = LocalCluster(
+        workdir / "pgdata",
+        port=free_port(),
+        extra_settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+    )
     cluster.start()
     try:
         yield _prepared(PgServer(cluster.url(), "embedded", app_password))
@@ -137,8 +138,9 @@ def _prepared(server: PgServer) -> PgServer:
 
 def create_database(server: PgServer, label: str) -> MigratedDb:
     name = f"dlw_t{os.getpid()}_{next(_counter)}_{label}"[:63]
-    server.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-        sql.Identifier(name), sql.Identifier(server.template)))  # type: ignore[attr-defined]
+    server.execute(
+        sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(server.template))
+    )  # type: ignore[attr-defined]
     return MigratedDb(server, name)
 
 

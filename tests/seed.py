@@ -40,38 +40,51 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
         t = SeededTenant(tid, slug)
         q = conn.execute
         t.ids["project"] = q("SELECT id FROM dlw.projects WHERE tenant_id = %s", (tid,)).fetchone()[0]
-        t.ids["storage_target"] = q(
-            "SELECT id FROM dlw.storage_targets WHERE tenant_id = %s", (tid,)).fetchone()[0]
-        q("UPDATE dlw.storage_targets SET config = '{\"secret\": \"s3cr3t\"}' WHERE tenant_id = %s", (tid,))
+        t.ids["storage_target"] = q("SELECT id FROM dlw.storage_targets WHERE tenant_id = %s", (tid,)).fetchone()[0]
+        q('UPDATE dlw.storage_targets SET config = \'{"secret": "s3cr3t"}\' WHERE tenant_id = %s', (tid,))
         t.ids["user"] = q(
             "INSERT INTO dlw.users (tenant_id, issuer, subject, email, role)"
             " VALUES (%s, 'https://idp.test', %s, %s, 'tenant_admin') RETURNING id",
-            (tid, f"{slug}-admin", f"admin@{slug}.test")).fetchone()[0]
+            (tid, f"{slug}-admin", f"admin@{slug}.test"),
+        ).fetchone()[0]
         t.ids["service_account"] = q(
             "INSERT INTO dlw.service_accounts (tenant_id, issuer, client_id, role)"
             " VALUES (%s, 'https://idp.test', %s, 'tenant_operator') RETURNING id",
-            (tid, f"{slug}-robot")).fetchone()[0]
+            (tid, f"{slug}-robot"),
+        ).fetchone()[0]
         t.ids["task"] = q(
             "INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision,"
             " file_count, total_bytes) VALUES (%s, %s, %s, %s, 'main', 1, 10) RETURNING id",
-            (tid, t.ids["project"], t.ids["storage_target"], f"{slug}/model")).fetchone()[0]
+            (tid, t.ids["project"], t.ids["storage_target"], f"{slug}/model"),
+        ).fetchone()[0]
         t.ids["task_file"] = q(
             "INSERT INTO dlw.task_files (tenant_id, task_id, path, size, assignment_token)"
             " VALUES (%s, %s, 'weights.bin', 10, gen_random_uuid()) RETURNING id",
-            (tid, t.ids["task"])).fetchone()[0]
-        q("INSERT INTO dlw.idempotency_keys (tenant_id, key, request_hash, task_id)"
-          " VALUES (%s, %s, '\\x00', %s)", (tid, f"key-{slug}", t.ids["task"]))
-        q("INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id)"
-          " VALUES (%s, 'bytes_month', 10, %s, %s, %s)",
-          (tid, f"file:{t.ids['task_file']}", t.ids["task"], t.ids["task_file"]))
-        q("INSERT INTO dlw.quota_snapshots (tenant_id, period, metric, amount)"
-          " VALUES (%s, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 'bytes_month', 10)", (tid,))
+            (tid, t.ids["task"]),
+        ).fetchone()[0]
+        q(
+            "INSERT INTO dlw.idempotency_keys (tenant_id, key, request_hash, task_id) VALUES (%s, %s, '\\x00', %s)",
+            (tid, f"key-{slug}", t.ids["task"]),
+        )
+        q(
+            "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id)"
+            " VALUES (%s, 'bytes_month', 10, %s, %s, %s)",
+            (tid, f"file:{t.ids['task_file']}", t.ids["task"], t.ids["task_file"]),
+        )
+        q(
+            "INSERT INTO dlw.quota_snapshots (tenant_id, period, metric, amount)"
+            " VALUES (%s, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 'bytes_month', 10)",
+            (tid,),
+        )
         q("INSERT INTO dlw.audit_log (tenant_id, actor, action) VALUES (%s, 'seed', 'seeded')", (tid,))
         if reporting_login:
             t.login = f"rep_{slug}_{secrets.token_hex(4)}"
             t.password = secrets.token_urlsafe(12)
-            q(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_reporting").format(
-                sql.Identifier(t.login), sql.Literal(t.password)))
+            q(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_reporting").format(
+                    sql.Identifier(t.login), sql.Literal(t.password)
+                )
+            )
             q("INSERT INTO dlw.reporting_logins (tenant_id, login) VALUES (%s, %s)", (tid, t.login))
         return t
 

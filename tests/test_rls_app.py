@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -57,7 +56,7 @@ def test_the_owner_sees_both_tenants_in_every_table(db, tenants, tables):
 
 
 def test_context_shows_only_own_rows_in_every_table(db, tenants, tables):
-    a, b = tenants
+    a, _ = tenants
     with as_app(db) as conn:
         set_ctx(conn, a.tenant_id)
         for table in tables:
@@ -65,14 +64,15 @@ def test_context_shows_only_own_rows_in_every_table(db, tenants, tables):
             assert rows == [(a.tenant_id,)], table
 
 
-def _insert_copy_for(db: MigratedDb, conn: psycopg.Connection, table: str, source_tenant: int,
-                     target_tenant: int) -> None:
+def _insert_copy_for(
+    db: MigratedDb, conn: psycopg.Connection, table: str, source_tenant: int, target_tenant: int
+) -> None:
     """On conn, insert a copy of one of source_tenant's rows (read by the owner), re-labelled
     with target_tenant and with fresh unique values."""
     with db.owner() as owner:
         found = owner.execute(
-            sql.SQL("SELECT to_jsonb(r) FROM {} r WHERE r.tenant_id = %s LIMIT 1").format(t(table)),
-            (source_tenant,)).fetchone()
+            sql.SQL("SELECT to_jsonb(r) FROM {} r WHERE r.tenant_id = %s LIMIT 1").format(t(table)), (source_tenant,)
+        ).fetchone()
     assert found is not None, f"no seed row in {table}"
     row = dict(found[0])
     row.update(tenant_id=target_tenant)
@@ -81,7 +81,8 @@ def _insert_copy_for(db: MigratedDb, conn: psycopg.Connection, table: str, sourc
             row[unique_col] = str(uuid.uuid4()) if unique_col in ("id",) else "p" + uuid.uuid4().hex[:12]
     conn.execute(
         sql.SQL("INSERT INTO {t} SELECT (jsonb_populate_record(NULL::{t}, %s::jsonb)).*").format(t=t(table)),
-        (Jsonb(row),))
+        (Jsonb(row),),
+    )
 
 
 @pytest.mark.parametrize("role", ["tenant_admin", "tenant_operator", "tenant_viewer", "system_admin"])
@@ -100,8 +101,10 @@ def test_moving_a_row_to_another_tenant_is_refused(db, tenants, tables):
         with as_app(db) as conn:
             set_ctx(conn, a.tenant_id)
             with pytest.raises(errors.InsufficientPrivilege):
-                conn.execute(sql.SQL("UPDATE {} SET tenant_id = %s WHERE tenant_id = %s").format(t(table)),
-                             (b.tenant_id, a.tenant_id))
+                conn.execute(
+                    sql.SQL("UPDATE {} SET tenant_id = %s WHERE tenant_id = %s").format(t(table)),
+                    (b.tenant_id, a.tenant_id),
+                )
 
 
 def test_updates_and_deletes_never_reach_another_tenants_rows(db, tenants, tables):
@@ -109,8 +112,10 @@ def test_updates_and_deletes_never_reach_another_tenants_rows(db, tenants, table
     with db.owner() as conn:
         before = {tb: counts(conn, tb) for tb in tables}
     for table in tables:
-        for statement in ("UPDATE {} SET tenant_id = tenant_id WHERE tenant_id = %s",
-                          "DELETE FROM {} WHERE tenant_id = %s"):
+        for statement in (
+            "UPDATE {} SET tenant_id = tenant_id WHERE tenant_id = %s",
+            "DELETE FROM {} WHERE tenant_id = %s",
+        ):
             with as_app(db) as conn:
                 set_ctx(conn, a.tenant_id)
                 try:
@@ -159,8 +164,11 @@ def test_without_context_every_table_is_empty_and_writes_are_refused(db, tenants
 
 def test_usage_records_are_append_only_for_the_app(db, tenants):
     a, _ = tenants
-    for statement in ("UPDATE dlw.usage_records SET amount = 0", "DELETE FROM dlw.usage_records",
-                      "TRUNCATE dlw.usage_records"):
+    for statement in (
+        "UPDATE dlw.usage_records SET amount = 0",
+        "DELETE FROM dlw.usage_records",
+        "TRUNCATE dlw.usage_records",
+    ):
         with as_app(db) as conn:
             set_ctx(conn, a.tenant_id, "system_admin")
             with pytest.raises(errors.InsufficientPrivilege):
@@ -184,11 +192,13 @@ def test_unique_keys_without_tenant_id_are_not_writable_by_the_app(db):
         global_keys = [(table, index, cols) for table, index, cols in rows if "tenant_id" not in cols]
         assert global_keys, "expected the identity keys of users and reporting_logins"
         for table, _index, cols in global_keys:
-            assert not conn.execute("SELECT has_table_privilege('dlw_app', %s, 'INSERT')",
-                                    (f"dlw.{table}",)).fetchone()[0], table
+            assert not conn.execute(
+                "SELECT has_table_privilege('dlw_app', %s, 'INSERT')", (f"dlw.{table}",)
+            ).fetchone()[0], table
             for col in cols:
-                assert not conn.execute("SELECT has_column_privilege('dlw_app', %s, %s, 'UPDATE')",
-                                        (f"dlw.{table}", col)).fetchone()[0], (table, col)
+                assert not conn.execute(
+                    "SELECT has_column_privilege('dlw_app', %s, %s, 'UPDATE')", (f"dlw.{table}", col)
+                ).fetchone()[0], (table, col)
 
 
 def test_key_probes_land_in_the_callers_own_key_space(db, tenants):
@@ -197,8 +207,9 @@ def test_key_probes_land_in_the_callers_own_key_space(db, tenants):
     with as_app(db) as conn:
         set_ctx(conn, a.tenant_id)
         # Same project name as B's and B's project id reused as the key: no conflict, A's own row.
-        conn.execute("INSERT INTO dlw.projects (tenant_id, id, name) VALUES (%s, %s, 'probe')",
-                     (a.tenant_id, b.ids["project"]))
+        conn.execute(
+            "INSERT INTO dlw.projects (tenant_id, id, name) VALUES (%s, %s, 'probe')", (a.tenant_id, b.ids["project"])
+        )
         conn.execute("INSERT INTO dlw.storage_targets (tenant_id, name) VALUES (%s, 'default-2')", (a.tenant_id,))
         conn.rollback()
 
@@ -208,7 +219,8 @@ def test_key_probes_land_in_the_callers_own_key_space(db, tenants):
                 conn.execute(
                     "INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision)"
                     " VALUES (%s, %s, %s, 'x/y', 'main')",
-                    (a.tenant_id, project_id, a.ids["storage_target"]))
+                    (a.tenant_id, project_id, a.ids["storage_target"]),
+                )
             except errors.ForeignKeyViolation as exc:
                 conn.rollback()
                 return str(exc.diag.message_detail).replace(str(project_id), "<id>")

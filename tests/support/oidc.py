@@ -171,8 +171,7 @@ def start_oidc_provider(
             reader.join(timeout=1)
         state = "was killed" if timed_out else f"exited with code {process.returncode}"
         raise OidcProviderError(
-            f"OIDC provider {state} before printing READY (timeout {timeout}s):\n"
-            + "\n".join(output)
+            f"OIDC provider {state} before printing READY (timeout {timeout}s):\n" + "\n".join(output)
         )
     return OidcProvider(process, issuer, audience, output)
 
@@ -219,8 +218,7 @@ def complete_login(
             response = http.post(action, data=form, follow_redirects=False)
         if not response.is_redirect:
             raise OidcProviderError(
-                f"unexpected {response.status_code} from {response.request.url}: "
-                f"{response.text[:500]}"
+                f"unexpected {response.status_code} from {response.request.url}: {response.text[:500]}"
             )
         url = urljoin(str(response.request.url), response.headers["location"])
         if is_rp(url):
@@ -240,7 +238,5 @@ def client_credentials_token(issuer: str, client_id: str, client_secret: str, au
             data={"grant_type": "client_credentials", "resource": resource_indicator(audience)},
         )
     if response.status_code != 200:
-        raise OidcProviderError(
-            f"client_credentials failed: {response.status_code} {response.text}"
-        )
+        raise OidcProviderError(f"client_credentials failed: {response.status_code} {response.text}")
     return str(response.json()["access_token"])

@@ -1,0 +1,48 @@
+"""The API's health endpoints and its refusal to run with an RLS-defeating database role."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import StartupRefused, create_app
+from tests.harness import MigratedDb
+
+
+def settings_for(url: str, **extra: object) -> Settings:
+    return Settings(database_url=url, db_pool_min_size=1, db_pool_max_size=2, **extra)  # type: ignore[arg-type]
+
+
+def test_healthz_and_readyz_on_a_migrated_database(db: MigratedDb):
+    with TestClient(create_app(settings_for(db.app_url))) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json() == {"status": "ready"}
+
+
+def test_readyz_reports_a_schema_that_does_not_match_the_code(db: MigratedDb):
+    with db.owner() as conn:
+        conn.execute("UPDATE dlw.schema_program SET program_sha256 = 'stale'")
+    try:
+        with TestClient(create_app(settings_for(db.app_url))) as client:
+            response = client.get("/readyz")
+            assert response.status_code == 503
+            assert response.json() == {"detail": {"code": "NOT_MIGRATED"}}
+            assert client.get("/healthz").status_code == 200
+    finally:
+        from app.migrate import migrate
+
+        migrate(db.owner_url, force_program=True)
+
+
+def test_the_api_refuses_a_superuser_connection_outside_dev_mode(db: MigratedDb):
+    app = create_app(settings_for(db.owner_url))
+    with pytest.raises(StartupRefused, match="superuser"), TestClient(app):
+        pass
+
+
+def test_dev_mode_warns_about_an_unsafe_role_but_starts(db: MigratedDb):
+    with TestClient(create_app(settings_for(db.owner_url, auth_dev_mode=True))) as client:
+        assert client.get("/healthz").status_code == 200
