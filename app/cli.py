@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.config import Settings, get_settings
+from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
+from app.principal import ROLES
 
 
 def _migration_url(args: argparse.Namespace, settings: Settings) -> str:
@@ -46,11 +47,45 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refusals(settings: Settings) -> list[str]:
+    """Everything that makes this configuration unsafe to serve, one line each."""
+    import asyncio
+
+    import asyncpg
+
+    from app.db import role_safety_problem
+    from app.startup import configuration_problems
+
+    problems = configuration_problems(settings)
+    if not settings.database_url:
+        return [*problems, "DLW_DATABASE_URL is not set (the API connects as dlw_app)"]
+
+    async def check_role(url: str) -> str | None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return await role_safety_problem(conn)
+        finally:
+            await conn.close()
+
+    try:
+        role_problem = asyncio.run(check_role(settings.database_url))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return [*problems, f"DLW_DATABASE_URL: cannot connect ({exc.__class__.__name__}: {exc})"]
+    if role_problem and not settings.auth_dev_mode:
+        problems.append(f"DLW_DATABASE_URL: {role_problem}")
+    return problems
+
+
 def _serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from app.main import create_app
 
+    problems = _refusals(settings)
+    if problems:
+        for line in problems:
+            print(f"dlw: refusing to start: {line}", file=sys.stderr)
+        return 2
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     return 0
 
@@ -60,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from app.dev import data_cluster, prepare_database
+    from app.dev import DEV_TENANT_RULES, data_cluster, dev_secret, login_instructions, prepare_database
 
     base = get_settings()
     data_dir = Path(args.data_dir or base.data_dir)
@@ -72,13 +107,55 @@ def cmd_dev(args: argparse.Namespace) -> int:
     cluster.start()
     try:
         app_url = prepare_database(cluster)
-        settings = base.model_copy(update={"database_url": app_url, "auth_dev_mode": True})
+        update: dict[str, object] = {"database_url": app_url, "auth_dev_mode": True}
+        if base.system_jwt_secret == DEFAULT_JWT_SECRET:
+            update["system_jwt_secret"] = dev_secret(data_dir)
+        if base.auth_tenant_rules_json.strip() in ("", "[]"):
+            update["auth_tenant_rules_json"] = DEV_TENANT_RULES
+        settings = base.model_copy(update=update)
         print(f"dlw dev: migrated; connect as superuser with: psql '{cluster.url('dlw')}'")
         print(f"dlw dev: API on http://{args.host}:{args.port} (dev mode, database role dlw_app)")
+        print(login_instructions(args.host, args.port))
         return _serve(settings, args.host, args.port)
     finally:
         if not args.keep_db_running:
             cluster.stop()
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from app import system_jwt
+    from app.principal import Principal
+    from app.startup import MIN_SECRET_BYTES
+
+    settings = get_settings()
+    secret = settings.system_jwt_secret
+    if not settings.auth_dev_mode and (secret == DEFAULT_JWT_SECRET or len(secret.encode()) < MIN_SECRET_BYTES):
+        print(f"dlw: DLW_SYSTEM_JWT_SECRET is the default or shorter than {MIN_SECRET_BYTES} bytes", file=sys.stderr)
+        return 2
+    if args.tenant is None:
+        if args.role != "executor":
+            print("dlw: --tenant is required (only executor tokens may span all tenants)", file=sys.stderr)
+            return 2
+        tenant_id = 0  # a system-wide executor: its tenant context matches no tenant's rows
+    else:
+        url = args.database_url or settings.database_url or settings.migration_database_url
+        if not url:
+            print(
+                "dlw: no database to resolve the tenant: pass --database-url or set DLW_DATABASE_URL", file=sys.stderr
+            )
+            return 2
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT tenant_id, active FROM dlw.resolve_tenant(%s)", (args.tenant,)).fetchone()
+        if row is None:
+            print(f"dlw: no tenant {args.tenant!r}", file=sys.stderr)
+            return 2
+        tenant_id = int(row[0])
+    user = args.user or f"cli:{args.role}"
+    principal = Principal(user_id=user, tenant_id=tenant_id, role=args.role, is_service=args.user is None)
+    print(system_jwt.issue(secret, principal, args.ttl or settings.system_jwt_ttl_seconds))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the embedded database lives (default: DLW_DATA_DIR or .dlw)")
     p.add_argument("--keep-db-running", action="store_true", help="leave PostgreSQL running on exit")
     p.set_defaults(func=cmd_dev)
+
+    token = sub.add_parser("token", help="system JWTs").add_subparsers(dest="token_command", required=True)
+    p = token.add_parser("issue", help="mint a system JWT and print only the token")
+    p.add_argument("--tenant", help="tenant slug or id (optional only for --role executor: all tenants)")
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--user", help="subject of the token (default: cli:<role>, marked as a service)")
+    p.add_argument("--ttl", type=int, help="lifetime in seconds (default: DLW_SYSTEM_JWT_TTL_SECONDS)")
+    p.add_argument("--database-url", help="to resolve the tenant (default: DLW_DATABASE_URL)")
+    p.set_defaults(func=cmd_token_issue)
 
     for name, func, text in (
         ("migrate", cmd_migrate, "apply pending migrations, then the sql/ program"),

@@ -6,6 +6,7 @@ migrations, two demo tenants, and the API on 127.0.0.1 connected as dlw_app in d
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -17,6 +18,33 @@ from app.migrate import migrate
 
 DEV_DATABASE = "dlw"
 DEMO_TENANTS = (("acme", "Acme Corporation"), ("globex", "Globex Corporation"))
+# Dev-mode placement of new users: one email domain per demo tenant, dev@local into default.
+DEV_TENANT_RULES = json.dumps(
+    [
+        {"email_domain": "acme.test", "tenant": "acme", "role": "tenant_admin"},
+        {"email_domain": "globex.test", "tenant": "globex", "role": "tenant_admin"},
+        {"email_domain": "local", "tenant": "default", "role": "tenant_admin"},
+    ]
+)
+LOGIN_EXAMPLES = (("acme", "alice@acme.test"), ("globex", "bob@globex.test"), ("default", "dev@local"))
+
+
+def dev_secret(data_dir: Path) -> str:
+    """A random system-JWT secret kept beside the dev database, so tokens survive restarts."""
+    path = data_dir / "dev-jwt-secret"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+def login_instructions(host: str, port: int) -> str:
+    lines = ["dlw dev: log in as a demo tenant's admin (dev mode, no identity provider needed):"]
+    for slug, email in LOGIN_EXAMPLES:
+        lines.append(f"  {slug:8} curl -sL 'http://{host}:{port}/api/v1/auth/login?email={email}'")
+    lines.append("  then call the API with: -H 'Authorization: Bearer <system_jwt>'")
+    return "\n".join(lines)
 
 
 def prepare_database(cluster: LocalCluster, dbname: str = DEV_DATABASE) -> str:

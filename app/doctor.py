@@ -10,7 +10,14 @@ import psycopg
 
 # SECURITY DEFINER functions that are allowed to exist (they run with their owner's rights,
 # typically dlw_system which bypasses RLS). Adding one here is a security review decision.
-DEFINER_ALLOWLIST: frozenset[str] = frozenset()
+DEFINER_ALLOWLIST: frozenset[str] = frozenset(
+    {
+        # identity lookups before a tenant is known (sql/60_identity.sql)
+        "dlw.login_user(text,text,text,text,text)",
+        "dlw.find_service_account(text,text)",
+        "dlw.resolve_tenant(text)",
+    }
+)
 
 APP_ROLE = "dlw_app"
 REPORTING_ROLE = "dlw_reporting"

@@ -13,6 +13,10 @@ from fastapi.responses import JSONResponse
 from app import db
 from app.config import Settings, get_settings
 from app.migrate import migration_ids, program_files, program_sha256
+from app.oidc import OidcClient
+from app.routes import auth as auth_routes
+from app.startup import configuration_problems
+from app.tenant_rules import parse_rules
 
 log = logging.getLogger("dlw")
 
@@ -23,6 +27,9 @@ class StartupRefused(RuntimeError):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    problems = configuration_problems(settings)
+    if problems:
+        raise StartupRefused(problems[0])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,6 +54,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="DLW", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.tenant_rules = parse_rules(settings.auth_tenant_rules_json)
+    app.state.oidc = (
+        OidcClient(
+            issuer=settings.oidc_issuer,
+            client_id=settings.oidc_client_id,
+            client_secret=settings.oidc_client_secret,
+            redirect_url=settings.oidc_redirect_url,
+            audience=settings.oidc_audience,
+        )
+        if settings.oidc_issuer
+        else None
+    )
+    app.include_router(auth_routes.router)
     expected_program = program_sha256(program_files())
     expected_migrations = set(migration_ids())
 

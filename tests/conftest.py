@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -9,9 +12,14 @@ from tests.harness import MigratedDb, PgServer, create_database, drop_database, 
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    with start_server(tmp_path_factory.mktemp("pg")) as server:
-        yield server
+def pg_server() -> Iterator[PgServer]:
+    # Not pytest's tmp_path: concurrent pytest runs prune each other's numbered tmp dirs.
+    workdir = Path(tempfile.mkdtemp(prefix="dlw-test-pg-"))
+    try:
+        with start_server(workdir) as server:
+            yield server
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

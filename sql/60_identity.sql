@@ -1,0 +1,95 @@
+-- Identity lookups that must cross tenants because the tenant is not known yet: a login
+-- finds a returning user by (issuer, subject); a machine token finds its service account;
+-- the service token may name a tenant. SECURITY DEFINER, owned by dlw_system (BYPASSRLS),
+-- search_path pinned, EXECUTE for dlw_app only, and listed in app/doctor.py's allowlist.
+
+SET ROLE dlw_system;
+
+CREATE OR REPLACE FUNCTION dlw.login_user(
+    p_issuer text, p_subject text, p_email text, p_rule_tenant text, p_rule_role text
+) RETURNS TABLE (outcome text, tenant_id bigint, user_id uuid, role text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_actor  text := format('oidc:%s#%s', p_issuer, p_subject);
+    v_user   dlw.users%ROWTYPE;
+    v_tenant dlw.tenants%ROWTYPE;
+BEGIN
+    -- A returning user keeps the tenant and role they were given; rules are not re-applied.
+    SELECT * INTO v_user FROM dlw.users u WHERE u.issuer = p_issuer AND u.subject = p_subject;
+    IF FOUND THEN
+        SELECT * INTO STRICT v_tenant FROM dlw.tenants t WHERE t.tenant_id = v_user.tenant_id;
+        IF NOT v_tenant.active THEN
+            INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
+            VALUES (v_tenant.tenant_id, v_actor, 'auth.login_denied', v_user.id::text,
+                    jsonb_build_object('reason', 'TENANT_INACTIVE'));
+            RETURN QUERY SELECT 'TENANT_INACTIVE'::text, v_tenant.tenant_id, v_user.id, v_user.role;
+            RETURN;
+        END IF;
+        UPDATE dlw.users u SET last_login_at = now(), email = coalesce(p_email, u.email)
+        WHERE u.tenant_id = v_user.tenant_id AND u.id = v_user.id;
+        INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
+        VALUES (v_user.tenant_id, v_actor, 'auth.login', v_user.id::text, jsonb_build_object('first_login', false));
+        RETURN QUERY SELECT 'ok'::text, v_user.tenant_id, v_user.id, v_user.role;
+        RETURN;
+    END IF;
+
+    IF p_rule_tenant IS NOT NULL THEN
+        SELECT * INTO v_tenant FROM dlw.tenants t WHERE t.slug = p_rule_tenant AND t.active;
+    END IF;
+    IF p_rule_tenant IS NULL OR v_tenant.tenant_id IS NULL THEN
+        -- No tenant to hold the row: denied logins without one go to the platform tenant (1).
+        INSERT INTO dlw.audit_log (tenant_id, actor, action, detail)
+        VALUES (1, v_actor, 'auth.login_denied', jsonb_build_object(
+            'reason', 'TENANT_UNRESOLVED', 'email', p_email, 'rule_tenant', p_rule_tenant));
+        RETURN QUERY SELECT 'TENANT_UNRESOLVED'::text, NULL::bigint, NULL::uuid, NULL::text;
+        RETURN;
+    END IF;
+
+    INSERT INTO dlw.users AS u (tenant_id, issuer, subject, email, role, last_login_at)
+    VALUES (v_tenant.tenant_id, p_issuer, p_subject, p_email, p_rule_role, now())
+    ON CONFLICT (issuer, subject) DO NOTHING
+    RETURNING * INTO v_user;
+    IF v_user.id IS NULL THEN
+        -- A concurrent first login of the same identity won the race: use its row.
+        SELECT * INTO STRICT v_user FROM dlw.users u WHERE u.issuer = p_issuer AND u.subject = p_subject;
+    END IF;
+    INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
+    VALUES (v_user.tenant_id, v_actor, 'auth.login', v_user.id::text,
+            jsonb_build_object('first_login', true, 'role', v_user.role));
+    RETURN QUERY SELECT 'ok'::text, v_user.tenant_id, v_user.id, v_user.role;
+END
+$$;
+COMMENT ON FUNCTION dlw.login_user(text, text, text, text, text) IS
+    'Login of a verified OIDC identity: a known (issuer, subject) keeps its tenant and role; a new one is placed in the tenant and role its first matching rule named, if that tenant exists and is active. Outcome ok | TENANT_UNRESOLVED | TENANT_INACTIVE; audited either way.';
+
+CREATE OR REPLACE FUNCTION dlw.find_service_account(p_issuer text, p_client_id text)
+RETURNS TABLE (tenant_id bigint, account_id uuid, role text, tenant_active boolean)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.tenant_id, s.id, s.role, t.active
+    FROM dlw.service_accounts s JOIN dlw.tenants t ON t.tenant_id = s.tenant_id
+    WHERE s.issuer = p_issuer AND s.client_id = p_client_id
+$$;
+COMMENT ON FUNCTION dlw.find_service_account(text, text) IS
+    'Service accounts registered for an identity-provider client; the API accepts the token only when exactly one matches.';
+
+CREATE OR REPLACE FUNCTION dlw.resolve_tenant(p_ref text)
+RETURNS TABLE (tenant_id bigint, slug text, active boolean)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.tenant_id, t.slug, t.active FROM dlw.tenants t
+    WHERE CASE WHEN p_ref ~ '^[0-9]{1,18}$' THEN t.tenant_id = p_ref::bigint ELSE t.slug = p_ref END
+$$;
+COMMENT ON FUNCTION dlw.resolve_tenant(text) IS
+    'Finds a tenant by id or slug. The API calls it only for system_admin principals (X-DLW-Tenant) and the token CLI.';
+
+REVOKE ALL ON FUNCTION dlw.login_user(text, text, text, text, text), dlw.find_service_account(text, text),
+    dlw.resolve_tenant(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.login_user(text, text, text, text, text), dlw.find_service_account(text, text),
+    dlw.resolve_tenant(text) TO dlw_app;
+
+SET ROLE dlw_owner;
