@@ -151,11 +151,21 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         if row is None:
             print(f"dlw: no tenant {args.tenant!r}", file=sys.stderr)
             return 2
+        if not row[1]:
+            print(f"dlw: tenant {args.tenant!r} is deactivated", file=sys.stderr)
+            return 2
         tenant_id = int(row[0])
     user = args.user or f"cli:{args.role}"
     principal = Principal(user_id=user, tenant_id=tenant_id, role=args.role, is_service=args.user is None)
     print(system_jwt.issue(secret, principal, args.ttl or settings.system_jwt_ttl_seconds))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", help="tenant slug or id (optional only for --role executor: all tenants)")
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--user", help="subject of the token (default: cli:<role>, marked as a service)")
-    p.add_argument("--ttl", type=int, help="lifetime in seconds (default: DLW_SYSTEM_JWT_TTL_SECONDS)")
-    p.add_argument("--database-url", help="to resolve the tenant (default: DLW_DATABASE_URL)")
+    p.add_argument("--ttl", type=_positive_int, help="lifetime in seconds (default: DLW_SYSTEM_JWT_TTL_SECONDS)")
+    p.add_argument("--database-url", help="to resolve the tenant (default: DLW_DATABASE_URL, then the migration URL)")
     p.set_defaults(func=cmd_token_issue)
 
     for name, func, text in (

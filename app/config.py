@@ -22,7 +22,7 @@ class Settings(BaseSettings):
 
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=20, ge=1)
-    # Seconds a task creation waits for its tenant's quota lock before answering 503.
+    # Milliseconds a task creation waits for its tenant's quota lock before answering 503.
     quota_lock_timeout_ms: int = Field(default=2000, ge=1)
 
     system_jwt_secret: str = DEFAULT_JWT_SECRET

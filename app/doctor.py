@@ -16,6 +16,9 @@ DEFINER_ALLOWLIST: frozenset[str] = frozenset(
         "dlw.login_user(text,text,text,text,text)",
         "dlw.find_service_account(text,text)",
         "dlw.resolve_tenant(text)",
+        # platform administration by a system_admin (sql/70_administration.sql)
+        "dlw.platform_create_tenant(text,text,integer,bigint,integer)",
+        "dlw.platform_update_tenant(bigint,integer,bigint,integer,boolean,text)",
     }
 )
 

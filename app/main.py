@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,9 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app import db
-from app.config import Settings, get_settings
+from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
 from app.migrate import migration_ids, program_files, program_sha256
 from app.oidc import OidcClient
+from app.rbac.authorizer import Authorizer
+from app.routes import administration
 from app.routes import auth as auth_routes
 from app.startup import configuration_problems
 from app.tenant_rules import parse_rules
@@ -29,7 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     problems = configuration_problems(settings)
     if problems:
-        raise StartupRefused(problems[0])
+        raise StartupRefused("; ".join(problems))
+    if settings.auth_dev_mode and settings.system_jwt_secret == DEFAULT_JWT_SECRET:
+        # Never sign with a publicly known secret, even in dev mode: use one for this process.
+        log.warning("dev mode: DLW_SYSTEM_JWT_SECRET unset; tokens are signed with a random per-process secret")
+        settings = settings.model_copy(update={"system_jwt_secret": secrets.token_urlsafe(48)})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,7 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if problem:
                 log.warning("dev mode: %s", problem)
             app.state.pool = pool
-            yield
+            app.state.authz = Authorizer(pool)
+            await app.state.authz.start(settings.database_url)
+            try:
+                yield
+            finally:
+                await app.state.authz.stop()
         finally:
             await pool.close()
 
@@ -67,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else None
     )
     app.include_router(auth_routes.router)
+    app.include_router(administration.router)
     expected_program = program_sha256(program_files())
     expected_migrations = set(migration_ids())
 

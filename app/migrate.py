@@ -77,6 +77,7 @@ def migrate(url: str, *, force_program: bool = False) -> MigrateResult:
                     program_applied = force_program or row is None or row[0] != sha
                     if program_applied:
                         apply_program(conn, files)
+                    conn.execute("SELECT dlw.secure_database()")
                     if program_applied or row is None or list(row[1]) != ids:
                         conn.execute(
                             "INSERT INTO dlw.schema_program (program_sha256, migrations)"

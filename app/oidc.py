@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ class OidcUpstreamError(Exception):
 
 class OidcTokenError(Exception):
     """A token or code from the provider was not accepted; the reason stays in the logs."""
+
+
+class OidcNonceMismatch(OidcTokenError):
+    """A valid id_token that was not issued for this login attempt (replay or mix-up)."""
 
 
 @dataclass
@@ -157,9 +162,10 @@ class OidcClient:
                 "sub": {"essential": True},
                 "exp": {"essential": True},
                 "iat": {"essential": True},
-                "nonce": {"essential": True, "value": nonce},
             },
         )
+        if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
+            raise OidcNonceMismatch("id_token nonce does not match this login")
         aud = claims["aud"]
         if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.client_id:
             raise OidcTokenError("id_token for several audiences without azp = our client")

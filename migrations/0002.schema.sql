@@ -2,7 +2,7 @@
 --   * has tenant_id bigint NOT NULL, leading its primary key, unique keys and foreign keys
 --     (a key without tenant_id would let one tenant probe another's rows through key errors);
 --   * has an index leading with tenant_id (its primary key);
---   * has row-level security ENABLED and FORCED; its policies live in sql/policies.sql.
+--   * has row-level security ENABLED and FORCED; its policies live in sql/10_policies.sql.
 -- Tables are owned by dlw_owner, which has no policies of its own: the owner sees nothing.
 
 SET ROLE dlw_owner;
@@ -263,7 +263,7 @@ ALTER TABLE dlw.reporting_logins  ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SEC
 GRANT USAGE ON SCHEMA dlw TO dlw_app, dlw_system, dlw_reporting, dlw_admin;
 GRANT USAGE, CREATE ON SCHEMA dlw TO dlw_system;  -- owns the SECURITY DEFINER functions
 
--- Grants follow the policies in sql/policies.sql: no grant where no policy would admit a row.
+-- Grants follow the policies in sql/10_policies.sql: no grant where no policy would admit a row.
 GRANT SELECT ON dlw.tenants, dlw.reporting_logins, dlw.usage_records TO dlw_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON dlw.projects, dlw.service_accounts, dlw.storage_targets TO dlw_app;
 -- Users are created only by the login function; their identity (issuer, subject) is unique

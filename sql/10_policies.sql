@@ -54,12 +54,12 @@ BEGIN
             EXECUTE format('CREATE POLICY app_insert ON dlw.%I FOR INSERT TO dlw_app WITH CHECK (%s)',
                            spec.tbl, pg_temp.policy_expr(same_tenant, spec.inserters));
         END IF;
-        IF spec.updaters <> nobody THEN
+        IF spec.updaters IS DISTINCT FROM nobody THEN
             EXECUTE format('CREATE POLICY app_update ON dlw.%I FOR UPDATE TO dlw_app USING (%s) WITH CHECK (%s)',
                            spec.tbl, pg_temp.policy_expr(same_tenant, spec.updaters),
                            pg_temp.policy_expr(same_tenant, spec.updaters));
         END IF;
-        IF spec.deleters <> nobody THEN
+        IF spec.deleters IS DISTINCT FROM nobody THEN
             EXECUTE format('CREATE POLICY app_delete ON dlw.%I FOR DELETE TO dlw_app USING (%s)',
                            spec.tbl, pg_temp.policy_expr(same_tenant, spec.deleters));
         END IF;
@@ -75,3 +75,9 @@ BEGIN
     END LOOP;
 END
 $policies$;
+
+-- The platform operator (system_admin) lists and reads every tenant's row; every other
+-- role sees only its own tenant. Creating and changing tenants goes through the definer
+-- functions in sql/70_administration.sql.
+CREATE POLICY app_platform_select ON dlw.tenants FOR SELECT TO dlw_app
+    USING ((SELECT dlw.ctx_role()) = 'system_admin');

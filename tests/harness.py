@@ -141,7 +141,10 @@ def create_database(server: PgServer, label: str) -> MigratedDb:
     server.execute(
         sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(server.template))
     )  # type: ignore[attr-defined]
-    return MigratedDb(server, name)
+    database = MigratedDb(server, name)
+    with database.owner() as conn:
+        conn.execute("SELECT dlw.secure_database()")  # database-level grants are not cloned
+    return database
 
 
 def drop_database(db: MigratedDb) -> None:

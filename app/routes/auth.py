@@ -12,15 +12,15 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel
 
 from app import login_state, system_jwt
-from app.auth import current_principal
+from app.authz import PermissionFirstRoute, require_perm
 from app.config import Settings
 from app.errors import ApiError
-from app.oidc import OidcClient, OidcTokenError, OidcUpstreamError
+from app.oidc import OidcClient, OidcNonceMismatch, OidcTokenError, OidcUpstreamError
 from app.principal import Principal
 from app.tenant_rules import first_match
 
 log = logging.getLogger("dlw.auth")
-router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+router = APIRouter(prefix="/api/v1/auth", tags=["auth"], route_class=PermissionFirstRoute)
 
 DEV_ISSUER = "dev"
 DEV_CODE_PREFIX = "dev:"
@@ -95,10 +95,12 @@ async def _verified_identity(request: Request, settings: Settings, code: str, st
     except OidcUpstreamError as exc:
         log.warning("callback: provider unavailable: %s", exc)
         raise ApiError(503, "OIDC_UPSTREAM", headers={"Retry-After": "5"}) from exc
+    except OidcNonceMismatch as exc:
+        log.info("callback: %s", exc)
+        raise ApiError(400, "OIDC_NONCE_MISMATCH") from exc
     except OidcTokenError as exc:
         log.info("callback: %s", exc)
-        code_name = "OIDC_NONCE_MISMATCH" if "nonce" in str(exc) else "OIDC_INVALID_CODE"
-        raise ApiError(400, code_name) from exc
+        raise ApiError(400, "OIDC_INVALID_CODE") from exc
     return claims
 
 
@@ -121,7 +123,8 @@ async def callback(
         raise ApiError(400, "OIDC_PROVIDER_ERROR" if error else "OIDC_INVALID_CODE")
     claims = await _verified_identity(request, settings, code, state)
     email = claims.get("email") if isinstance(claims.get("email"), str) else None
-    groups = [g for g in claims.get("groups") or [] if isinstance(g, str)]
+    raw_groups = claims.get("groups")
+    groups = [g for g in raw_groups if isinstance(g, str)] if isinstance(raw_groups, list) else []
     rule = first_match(request.app.state.tenant_rules, email, claims.get("email_verified") is True, groups)
     row = await request.app.state.pool.fetchrow(
         "SELECT * FROM dlw.login_user($1, $2, $3, $4, $5)",
@@ -145,6 +148,6 @@ async def callback(
 
 
 @router.get("/me", response_model=Me)
-async def me(principal: Principal = Depends(current_principal)) -> Me:
+async def me(principal: Principal = Depends(require_perm("/api/v1/auth/me", "GET"))) -> Me:
     """The calling principal."""
     return Me(**principal.as_dict())  # type: ignore[arg-type]
