@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse
 
 from app import db
 from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
+from app.limits import BodySizeLimit
 from app.migrate import migration_ids, program_files, program_sha256
 from app.oidc import OidcClient
 from app.rbac.authorizer import Authorizer
-from app.routes import administration
+from app.routes import administration, tasks
 from app.routes import auth as auth_routes
 from app.startup import configuration_problems
 from app.tenant_rules import parse_rules
@@ -80,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(auth_routes.router)
     app.include_router(administration.router)
+    app.include_router(tasks.router)
+    app.add_middleware(BodySizeLimit)
     expected_program = program_sha256(program_files())
     expected_migrations = set(migration_ids())
 

@@ -42,7 +42,7 @@ COMMENT ON TABLE dlw.tenants IS 'One row per tenant: identity, active flag and q
 COMMENT ON COLUMN dlw.tenants.slug IS 'Stable URL-safe name, unique across the platform';
 COMMENT ON COLUMN dlw.tenants.active IS 'false: logins and new tasks are refused; data stays readable';
 COMMENT ON COLUMN dlw.tenants.quota_concurrent IS 'Max live (non-terminal) tasks; 0 = unlimited';
-COMMENT ON COLUMN dlw.tenants.quota_bytes_month IS 'Max downloaded plus admitted bytes per UTC calendar month; 0 = unlimited';
+COMMENT ON COLUMN dlw.tenants.quota_bytes_month IS 'Bytes per UTC calendar month: a task is admitted while usage this month plus its own declared bytes stays within this; 0 = unlimited';
 COMMENT ON COLUMN dlw.tenants.quota_storage_gb IS 'Storage allowance in GB across the tenant''s targets; 0 = unlimited';
 
 CREATE TABLE dlw.projects (

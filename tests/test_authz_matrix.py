@@ -31,6 +31,11 @@ class World:
     ids: dict[str, dict[str, Any]] = field(default_factory=dict)
     db: MigratedDb | None = None
 
+    def fresh_task(self, tenant: str) -> str:
+        assert self.db is not None
+        with self.db.owner() as conn:
+            return str(conn.execute(*_task_sql(self.ids[tenant]["tenant_id"])).fetchone()[0])
+
     def fresh_service_account(self, tenant: str) -> str:
         assert self.db is not None
         with self.db.owner() as conn:
@@ -41,6 +46,15 @@ class World:
                     (self.ids[tenant]["tenant_id"], secrets.token_hex(6)),
                 ).fetchone()[0]
             )
+
+
+def _task_sql(tenant_id: int) -> tuple[str, tuple[object, ...]]:
+    return (
+        "INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision)"
+        " SELECT %s, p.id, s.id, 'org/model', 'main' FROM dlw.projects p, dlw.storage_targets s"
+        " WHERE p.tenant_id = %s AND s.tenant_id = %s AND p.is_default AND s.name = 'default' RETURNING id",
+        (tenant_id, tenant_id, tenant_id),
+    )
 
 
 def _tenant_body(_w: World, _t: str) -> dict[str, Any]:
@@ -63,6 +77,8 @@ def ids(**keys: str) -> Callable[[World, str], dict[str, str]]:
 EVERYONE = frozenset(ROLES)
 ADMIN = frozenset(ADMINS)
 SYSTEM = frozenset({"system_admin"})
+WRITERS = frozenset({"system_admin", "tenant_admin", "tenant_operator"})
+READERS = frozenset({"system_admin", "tenant_admin", "tenant_operator", "tenant_viewer"})
 
 MATRIX: dict[tuple[str, str], Expect] = {
     ("GET", "/api/v1/auth/me"): Expect(EVERYONE, 200),
@@ -84,6 +100,19 @@ MATRIX: dict[tuple[str, str], Expect] = {
         ADMIN, 204, other=404, path_ids=lambda w, t: {"account_id": w.fresh_service_account(t)}
     ),
     ("GET", "/api/v1/audit"): Expect(ADMIN, 200),
+    ("POST", "/api/v1/tasks"): Expect(
+        WRITERS,
+        201,
+        body=lambda w, t: {"repo_id": "org/model", "revision": "main", "files": [{"path": "a.bin", "size": 1}]},
+    ),
+    ("GET", "/api/v1/tasks"): Expect(READERS, 200),
+    ("GET", "/api/v1/tasks/{task_id}"): Expect(READERS, 200, other=404, path_ids=ids(task_id="task")),
+    ("POST", "/api/v1/tasks/{task_id}/cancel"): Expect(
+        WRITERS, 202, other=404, path_ids=lambda w, t: {"task_id": w.fresh_task(t)}
+    ),
+    ("GET", "/api/v1/quota/current"): Expect(READERS, 200),
+    ("GET", "/api/v1/storage-targets"): Expect(READERS, 200),
+    ("POST", "/api/v1/storage-targets"): Expect(ADMIN, 201, body=lambda w, t: {"name": "t-" + secrets.token_hex(4)}),
 }
 
 
@@ -98,7 +127,9 @@ def world(db: MigratedDb) -> World:
                 " 'tenant_viewer') RETURNING id",
                 (tid, f"viewer-{name}"),
             ).fetchone()[0]
-            w.ids[name] = {"tenant_id": tid, "viewer_user": viewer}
+            task = conn.execute(*_task_sql(tid)).fetchone()[0]
+            conn.execute("UPDATE dlw.tenants SET quota_concurrent = 0 WHERE tenant_id = %s", (tid,))
+            w.ids[name] = {"tenant_id": tid, "viewer_user": viewer, "task": task}
     return w
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 
 import asyncpg
@@ -15,8 +12,9 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.rbac.authorizer import Authorizer
-from tests.apphelpers import SECRET, UNUSED_ISSUER, app_settings, bearer, token
+from tests.apphelpers import app_settings, bearer, token
 from tests.harness import MigratedDb, free_port
+from tests.support import server
 
 
 @pytest.fixture(scope="module")
@@ -121,31 +119,6 @@ def test_denials_are_audited_even_when_the_request_is_malformed(db: MigratedDb):
     assert rows == [(1, "POST /api/v1/tenants", "tenant_operator"), (1, "GET /api/v1/users", "tenant_operator")]
 
 
-def _serve(db: MigratedDb, port: int) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")}
-    env.update(DLW_DATABASE_URL=db.app_url, DLW_SYSTEM_JWT_SECRET=SECRET, DLW_OIDC_ISSUER=UNUSED_ISSUER)
-    return subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_ready(proc: subprocess.Popen[str], port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become ready")
-
-
 def _time_until(url: str, headers: dict[str, str], status: int, limit: float = 5.0) -> float:
     started = time.monotonic()
     while time.monotonic() - started < limit:
@@ -157,10 +130,10 @@ def _time_until(url: str, headers: dict[str, str], status: int, limit: float = 5
 
 def test_a_grant_in_sql_reaches_running_instances_within_a_second(db: MigratedDb):
     ports = [free_port(), free_port()]
-    procs = [_serve(db, port) for port in ports]
+    procs = [server.start(server.serve_env(db), port) for port in ports]
     try:
         for proc, port in zip(procs, ports, strict=True):
-            _wait_ready(proc, port)
+            server.wait_ready(proc, port)
         viewer = bearer(token(1, "tenant_viewer", user_id="promoted-user"))
         urls = [f"http://127.0.0.1:{port}/api/v1/users" for port in ports]
         assert all(httpx.get(url, headers=viewer).status_code == 403 for url in urls)
@@ -178,15 +151,14 @@ def test_a_grant_in_sql_reaches_running_instances_within_a_second(db: MigratedDb
         assert max(revoked) < 1.0, revoked
     finally:
         for proc in procs:
-            proc.terminate()
-            proc.communicate(timeout=30)
+            server.stop(proc)
 
 
 def test_the_listener_reconnects_after_its_connection_is_killed(db: MigratedDb):
     port = free_port()
-    proc = _serve(db, port)
+    proc = server.start(server.serve_env(db), port)
     try:
-        _wait_ready(proc, port)
+        server.wait_ready(proc, port)
         with db.owner() as conn:
             killed = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -200,5 +172,4 @@ def test_the_listener_reconnects_after_its_connection_is_killed(db: MigratedDb):
             conn.execute("INSERT INTO dlw.casbin_rule (ptype, v0, v1) VALUES ('g', 'user:late-user', 'tenant_admin')")
         assert _time_until(url, viewer, 200, limit=10) < 10
     finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
+        server.stop(proc)

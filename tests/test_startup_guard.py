@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from tests.apphelpers import SECRET, UNUSED_ISSUER
 from tests.harness import MigratedDb, free_port
+from tests.support import server
 
 
 def serve(env_overrides: dict[str, str | None], port: int = 0) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")}
-    env.update({k: v for k, v in env_overrides.items() if v is not None})
-    return subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port or free_port())],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return server.start(server.serve_env(None, **env_overrides), port or free_port(), stdout=subprocess.PIPE)
 
 
 def secure_env(db: MigratedDb) -> dict[str, str | None]:
@@ -71,19 +61,5 @@ def test_bypassrls_app_role_stops_serve(db: MigratedDb):
 
 
 def test_a_secure_configuration_serves(db: MigratedDb):
-    port = free_port()
-    proc = serve(secure_env(db), port)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError("dlw serve did not become ready")
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
+    with server.running_server(db) as base:
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}

@@ -1,0 +1,449 @@
+-- Tasks: the state machine (enforced by triggers, whoever writes), quota admission
+-- (dlw.create_task, "insert-then-lock"), cancellation and the current quota figures.
+--
+-- Everything here is invoker rights: the API calls it as dlw_app inside a transaction whose
+-- tenant context dlw.set_context() has set, so row-level security applies to every statement
+-- (a viewer, or a caller without context, is refused by the policies themselves).
+--
+-- Clock. "This month" is always dlw.month_start(now()): the UTC calendar month of the
+-- transaction's start time, from the server clock. There is deliberately no test clock
+-- setting: dlw_app can set any custom setting (set_config is not privileged), so a clock
+-- read from a setting would let an API client move itself into an empty month. Tests
+-- exercise the month boundary through dlw.month_start() itself and by writing usage rows
+-- just before and exactly at the start of the current UTC month.
+--
+-- Lock order (for every writer of dlw.quota_snapshots, e.g. the snapshot refresher): lock a
+-- tenant's rows in ascending (tenant_id, period) order, and never hold them while waiting for
+-- something slow. Task admission locks the rows of the previous and the current month.
+
+-- ---------------------------------------------------------------------------------------
+-- Calendar helpers
+-- ---------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION dlw.month_start(p_at timestamptz) RETURNS date
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT date_trunc('month', p_at AT TIME ZONE 'UTC')::date $$;
+COMMENT ON FUNCTION dlw.month_start(timestamptz) IS
+    'First day of the UTC calendar month containing the instant p_at (independent of the session TimeZone). Quota periods and quota_snapshots.period use it.';
+
+CREATE OR REPLACE FUNCTION dlw.bytes_used_month(p_tenant_id bigint, p_period date) RETURNS bigint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- PL/pgSQL rather than SQL so the plan is cached per session (it is on the admission path).
+    -- One statement, so the snapshot amount and the fold cursor are read from one snapshot
+    -- (a STABLE function runs on its caller's snapshot): a refresh that commits concurrently
+    -- is seen either entirely or not at all. A missing cursor row counts every usage row as
+    -- unfolded: it may over-count (refuse too early), never under-count (admit too much).
+    RETURN (coalesce((SELECT q.amount FROM dlw.quota_snapshots q
+                      WHERE q.tenant_id = p_tenant_id AND q.period = p_period AND q.metric = 'bytes_month'), 0)
+          + coalesce((SELECT sum(u.amount) FROM dlw.usage_records u
+                      WHERE u.tenant_id = p_tenant_id
+                        AND u.xid >= coalesce((SELECT s.folded_below FROM dlw.snapshot_state s), '0'::xid8)
+                        AND u.metric = 'bytes_month'
+                        AND u.occurred_at >= (p_period::timestamp AT TIME ZONE 'UTC')
+                        AND u.occurred_at < ((p_period + interval '1 month') AT TIME ZONE 'UTC')), 0)
+           )::bigint;
+END
+$$;
+COMMENT ON FUNCTION dlw.bytes_used_month(bigint, date) IS
+    'Exact bytes a tenant used in the UTC month starting p_period: the folded amount in quota_snapshots plus the usage_records of that month not folded yet (xid >= snapshot_state.folded_below). Row-level security applies: another tenant reads 0.';
+
+-- ---------------------------------------------------------------------------------------
+-- State machine
+-- ---------------------------------------------------------------------------------------
+-- Tasks:  pending -> running | cancelled;  running -> succeeded | failed | cancelled.
+-- Files:  pending -> assigned | cancelled;  assigned -> pending | running | succeeded | failed | cancelled;
+--         running -> pending | succeeded | failed | cancelled.
+-- Terminal: succeeded, failed, cancelled. An update that keeps the status is always allowed.
+-- Rows are inserted as pending. Violations raise SQLSTATE DLW01, for every role, superusers
+-- included (only session_replication_role = replica skips triggers).
+
+CREATE OR REPLACE FUNCTION dlw.task_status_guard() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status THEN
+        IF NOT coalesce(CASE OLD.status
+                            WHEN 'pending' THEN NEW.status IN ('running', 'cancelled')
+                            WHEN 'running' THEN NEW.status IN ('succeeded', 'failed', 'cancelled')
+                            ELSE false
+                        END, false) THEN
+            RAISE EXCEPTION 'illegal task transition: % -> %', OLD.status, coalesce(NEW.status, 'NULL')
+                USING ERRCODE = 'DLW01',
+                      DETAIL = format('task %s', OLD.id),
+                      HINT = 'legal: pending -> running | cancelled; running -> succeeded | failed | cancelled';
+        END IF;
+        IF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
+            NEW.finished_at := now();
+        END IF;
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION dlw.task_status_guard() IS
+    'BEFORE UPDATE trigger of dlw.tasks: refuses an illegal status change (SQLSTATE DLW01, "illegal task transition: X -> Y"), sets updated_at, and finished_at on entering a terminal status.';
+
+CREATE OR REPLACE FUNCTION dlw.task_file_status_guard() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status THEN
+        IF NOT coalesce(CASE OLD.status
+                            WHEN 'pending'  THEN NEW.status IN ('assigned', 'cancelled')
+                            WHEN 'assigned' THEN NEW.status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')
+                            WHEN 'running'  THEN NEW.status IN ('pending', 'succeeded', 'failed', 'cancelled')
+                            ELSE false
+                        END, false) THEN
+            RAISE EXCEPTION 'illegal file transition: % -> %', OLD.status, coalesce(NEW.status, 'NULL')
+                USING ERRCODE = 'DLW01',
+                      DETAIL = format('file %s of task %s', OLD.id, OLD.task_id),
+                      HINT = 'legal: pending -> assigned | cancelled; assigned -> pending | running | succeeded | failed | cancelled; running -> pending | succeeded | failed | cancelled';
+        END IF;
+        IF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
+            NEW.finished_at := now();
+        END IF;
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION dlw.task_file_status_guard() IS
+    'BEFORE UPDATE trigger of dlw.task_files: refuses an illegal status change (SQLSTATE DLW01, "illegal file transition: X -> Y"), sets updated_at, and finished_at on entering a terminal status.';
+
+CREATE OR REPLACE FUNCTION dlw.initial_status_guard() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- Fired only for rows whose status is not pending (see the triggers' WHEN clauses), so a
+    -- normal insert never enters PL/pgSQL.
+    RAISE EXCEPTION 'illegal % transition: (insert) -> %',
+            CASE TG_TABLE_NAME WHEN 'tasks' THEN 'task' ELSE 'file' END, coalesce(NEW.status, 'NULL')
+        USING ERRCODE = 'DLW01',
+              HINT = 'tasks and files are inserted as pending';
+END
+$$;
+COMMENT ON FUNCTION dlw.initial_status_guard() IS
+    'BEFORE INSERT trigger of dlw.tasks and dlw.task_files, fired only when status is not pending: refuses the row (SQLSTATE DLW01).';
+
+CREATE OR REPLACE TRIGGER tasks_status_guard
+    BEFORE UPDATE ON dlw.tasks
+    FOR EACH ROW EXECUTE FUNCTION dlw.task_status_guard();
+CREATE OR REPLACE TRIGGER tasks_initial_status
+    BEFORE INSERT ON dlw.tasks
+    FOR EACH ROW WHEN (NEW.status IS DISTINCT FROM 'pending') EXECUTE FUNCTION dlw.initial_status_guard();
+CREATE OR REPLACE TRIGGER task_files_status_guard
+    BEFORE UPDATE ON dlw.task_files
+    FOR EACH ROW EXECUTE FUNCTION dlw.task_file_status_guard();
+CREATE OR REPLACE TRIGGER task_files_initial_status
+    BEFORE INSERT ON dlw.task_files
+    FOR EACH ROW WHEN (NEW.status IS DISTINCT FROM 'pending') EXECUTE FUNCTION dlw.initial_status_guard();
+COMMENT ON TRIGGER tasks_status_guard ON dlw.tasks IS 'Task state machine: see dlw.task_status_guard()';
+COMMENT ON TRIGGER tasks_initial_status ON dlw.tasks IS 'Tasks are inserted as pending: see dlw.initial_status_guard()';
+COMMENT ON TRIGGER task_files_status_guard ON dlw.task_files IS 'File state machine: see dlw.task_file_status_guard()';
+COMMENT ON TRIGGER task_files_initial_status ON dlw.task_files IS 'Files are inserted as pending: see dlw.initial_status_guard()';
+
+-- ---------------------------------------------------------------------------------------
+-- Admission
+-- ---------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION dlw.create_task(
+    p_project_id uuid,
+    p_storage_target text,
+    p_repo_id text,
+    p_revision text,
+    p_priority integer,
+    p_files jsonb,
+    p_idempotency_key text DEFAULT NULL,
+    p_request_hash bytea DEFAULT NULL,
+    p_lock_timeout_ms integer DEFAULT NULL,
+    OUT outcome text,
+    OUT task_id uuid,
+    OUT metric text,
+    OUT detail jsonb
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_tenant       bigint := dlw.ctx_tenant_id();
+    v_period       date := dlw.month_start(now());
+    v_prev_period  date := (dlw.month_start(now()) - interval '1 month')::date;
+    v_active       boolean;
+    v_project      uuid;
+    v_target       uuid;
+    v_target_id    uuid;
+    v_key_hash     bytea;
+    v_key_task     uuid;
+    v_requested    bigint;
+    v_file_count   integer;
+    v_limit_tasks  integer;
+    v_limit_bytes  bigint;
+    v_live         bigint;
+    v_used         bigint;
+    v_lock_timeout text;
+BEGIN
+    IF v_tenant IS NULL THEN
+        RAISE EXCEPTION 'dlw.create_task: no tenant context (call dlw.set_context first)' USING ERRCODE = '42501';
+    END IF;
+    -- The check below must see rivals that committed while this call waited for the lock:
+    -- only READ COMMITTED takes a fresh snapshot per statement.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'dlw.create_task must run at READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = '25000';
+    END IF;
+    IF p_files IS NULL OR jsonb_typeof(p_files) <> 'array' THEN
+        RAISE EXCEPTION 'dlw.create_task: files must be a JSON array' USING ERRCODE = '22023';
+    END IF;
+    IF p_idempotency_key IS NOT NULL AND p_request_hash IS NULL THEN
+        RAISE EXCEPTION 'dlw.create_task: an idempotency key needs a request hash' USING ERRCODE = '22004';
+    END IF;
+    IF p_storage_target ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$' THEN
+        v_target_id := p_storage_target::uuid;
+    END IF;
+
+    -- 1. Before any lock: the tenant, a previous result for this idempotency key, and the
+    --    project and storage target (RLS hides every other tenant's: they read as unknown).
+    SELECT t.active, k.request_hash, k.task_id,
+           CASE WHEN p_project_id IS NULL
+                THEN (SELECT p.id FROM dlw.projects p WHERE p.tenant_id = v_tenant AND p.is_default)
+                ELSE (SELECT p.id FROM dlw.projects p WHERE p.tenant_id = v_tenant AND p.id = p_project_id)
+           END,
+           (SELECT s.id FROM dlw.storage_targets s
+            WHERE s.tenant_id = v_tenant
+              AND (s.id = v_target_id OR s.name = coalesce(p_storage_target, 'default'))
+            ORDER BY s.id = v_target_id DESC NULLS LAST
+            LIMIT 1)
+      INTO v_active, v_key_hash, v_key_task, v_project, v_target
+      FROM dlw.tenants t
+      LEFT JOIN dlw.idempotency_keys k ON k.tenant_id = t.tenant_id AND k.key = p_idempotency_key
+     WHERE t.tenant_id = v_tenant;
+
+    -- A committed key never changes (no UPDATE or DELETE grant), so this answer is final.
+    IF v_key_task IS NOT NULL THEN
+        IF v_key_hash = p_request_hash THEN
+            outcome := 'existing'; task_id := v_key_task;
+        ELSE
+            outcome := 'IDEMPOTENCY_CONFLICT';
+        END IF;
+        RETURN;
+    END IF;
+    IF NOT coalesce(v_active, false) THEN
+        outcome := 'TENANT_INACTIVE';
+        RETURN;
+    END IF;
+    IF v_project IS NULL THEN
+        outcome := 'UNKNOWN_PROJECT';
+        RETURN;
+    END IF;
+    IF v_target IS NULL THEN
+        outcome := 'UNKNOWN_STORAGE_TARGET';
+        RETURN;
+    END IF;
+
+    SELECT coalesce(sum((f ->> 'size')::bigint), 0), count(*)
+      INTO v_requested, v_file_count
+      FROM jsonb_array_elements(p_files) AS f;
+
+    -- 2. Insert-then-lock. The quota rows always exist to be locked, even for a tenant created
+    --    a second ago (a concurrent first insert makes this one wait, then do nothing). Both the
+    --    previous and the current month's rows are locked, in period order: two creates whose
+    --    transactions straddle a month boundary then still share a row and serialise.
+    --    lock_timeout bounds every wait here (SQLSTATE 55P03) and is restored afterwards.
+    IF p_lock_timeout_ms IS NOT NULL THEN
+        v_lock_timeout := current_setting('lock_timeout');
+        PERFORM set_config('lock_timeout', p_lock_timeout_ms::text, true);
+    END IF;
+    INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount)
+    VALUES (v_tenant, v_prev_period, 'bytes_month', 0), (v_tenant, v_period, 'bytes_month', 0)
+    ON CONFLICT DO NOTHING;
+    PERFORM 1
+       FROM dlw.quota_snapshots q
+      WHERE q.tenant_id = v_tenant AND q.metric = 'bytes_month' AND q.period IN (v_prev_period, v_period)
+      ORDER BY q.period
+        FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'dlw.create_task: quota row of tenant % not lockable', v_tenant USING ERRCODE = '42501';
+    END IF;
+    IF p_lock_timeout_ms IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+    END IF;
+
+    -- 3. A later statement, hence a fresh snapshot: every rival that committed before the lock
+    --    was granted is visible. Exact figures, no caches.
+    SELECT t.quota_concurrent, t.quota_bytes_month, k.request_hash, k.task_id,
+           CASE WHEN t.quota_concurrent > 0 THEN
+               (SELECT count(*) FROM dlw.tasks x
+                 WHERE x.tenant_id = v_tenant AND x.status IN ('pending', 'running'))
+           END,
+           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_used_month(v_tenant, v_period) END
+      INTO v_limit_tasks, v_limit_bytes, v_key_hash, v_key_task, v_live, v_used
+      FROM dlw.tenants t
+      LEFT JOIN dlw.idempotency_keys k ON k.tenant_id = t.tenant_id AND k.key = p_idempotency_key
+     WHERE t.tenant_id = v_tenant;
+
+    -- A concurrent call with the same key committed while this one waited.
+    IF v_key_task IS NOT NULL THEN
+        IF v_key_hash = p_request_hash THEN
+            outcome := 'existing'; task_id := v_key_task;
+        ELSE
+            outcome := 'IDEMPOTENCY_CONFLICT';
+        END IF;
+        RETURN;
+    END IF;
+
+    -- 4. Refuse (concurrency is checked first) or admit.
+    IF v_limit_tasks > 0 AND v_live + 1 > v_limit_tasks THEN
+        metric := 'concurrent_tasks';
+        detail := jsonb_build_object('metric', metric, 'limit', v_limit_tasks, 'current', v_live, 'requested', 1);
+    ELSIF v_limit_bytes > 0 AND v_used + v_requested > v_limit_bytes THEN
+        metric := 'bytes_month';
+        detail := jsonb_build_object('metric', metric, 'limit', v_limit_bytes, 'current', v_used,
+                                     'requested', v_requested);
+    END IF;
+    IF metric IS NOT NULL THEN
+        INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
+        VALUES (v_tenant, dlw.ctx_user_id(), 'quota.exceeded', p_repo_id, detail);
+        outcome := 'QUOTA_EXCEEDED';
+        RETURN;
+    END IF;
+
+    WITH new_task AS (
+        INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision, priority,
+                               file_count, total_bytes, created_by)
+        VALUES (v_tenant, v_project, v_target, p_repo_id, p_revision, coalesce(p_priority, 0),
+                v_file_count, v_requested, dlw.ctx_user_id())
+        RETURNING id
+    ), new_files AS (
+        INSERT INTO dlw.task_files (tenant_id, task_id, path, size, sha256, priority)
+        SELECT v_tenant, n.id, f.path, f.size, f.sha256, coalesce(p_priority, 0)
+          FROM new_task n, jsonb_to_recordset(p_files) AS f(path text, size bigint, sha256 text)
+    ), new_key AS (
+        INSERT INTO dlw.idempotency_keys (tenant_id, key, request_hash, task_id)
+        SELECT v_tenant, p_idempotency_key, p_request_hash, n.id
+          FROM new_task n
+         WHERE p_idempotency_key IS NOT NULL
+    ), new_audit AS (
+        INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
+        SELECT v_tenant, dlw.ctx_user_id(), 'task.created', n.id::text,
+               jsonb_build_object('repo_id', p_repo_id, 'revision', p_revision, 'file_count', v_file_count,
+                                  'total_bytes', v_requested, 'idempotency_key', p_idempotency_key)
+          FROM new_task n
+    )
+    SELECT n.id INTO task_id FROM new_task n;
+    outcome := 'created';
+END
+$$;
+COMMENT ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer) IS
+$c$Creates a task for the current tenant with quota admission ("insert-then-lock"); call as dlw_app at READ COMMITTED after dlw.set_context(). Arguments: project (NULL = default project), storage target (id or name; NULL = "default"), repo, revision, priority, files (jsonb array of {path, size, sha256?}), idempotency key (NULL = none), request hash (required with a key), lock_timeout in ms (NULL = leave the setting alone).
+Returns one row (outcome, task_id, metric, detail). outcome: created | existing (same key and hash: the first task) | IDEMPOTENCY_CONFLICT (same key, other hash) | QUOTA_EXCEEDED (metric concurrent_tasks or bytes_month; detail {metric, limit, current, requested}; a quota.exceeded audit row is written and must be committed) | UNKNOWN_PROJECT | UNKNOWN_STORAGE_TARGET | TENANT_INACTIVE.
+Bytes check: bytes used this UTC month (folded snapshot + unfolded usage events) + the new task's declared bytes > quota_bytes_month refuses; declared bytes of other live tasks are not counted. 0 = unlimited for both limits.
+Raises: 55P03 lock timeout; 42501 no context or a role that may not write (RLS); 25000 not READ COMMITTED; 22023 files not an array; 22004 key without hash; 23505 duplicate file path; 23502/23514/22P02 malformed files.$c$;
+
+-- ---------------------------------------------------------------------------------------
+-- Cancellation
+-- ---------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION dlw.cancel_task(p_task_id uuid) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant bigint := dlw.ctx_tenant_id();
+    v_status text;
+    v_files  bigint;
+BEGIN
+    IF v_tenant IS NULL THEN
+        RAISE EXCEPTION 'dlw.cancel_task: no tenant context (call dlw.set_context first)' USING ERRCODE = '42501';
+    END IF;
+    -- FOR UPDATE also applies the UPDATE policies: a role that may not write sees nothing here.
+    SELECT x.status INTO v_status
+      FROM dlw.tasks x
+     WHERE x.tenant_id = v_tenant AND x.id = p_task_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM 1 FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
+        IF FOUND THEN
+            RAISE EXCEPTION 'dlw.cancel_task: role % may not cancel tasks', dlw.ctx_role() USING ERRCODE = '42501';
+        END IF;
+        RETURN 'NOT_FOUND';
+    END IF;
+    IF v_status NOT IN ('pending', 'running') THEN
+        RETURN 'TASK_TERMINAL';
+    END IF;
+
+    UPDATE dlw.tasks x SET status = 'cancelled' WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
+    -- Clearing the token and lease invalidates every executor lease on the task's files.
+    UPDATE dlw.task_files f
+       SET status = 'cancelled', assignment_token = NULL, lease_expires_at = NULL
+     WHERE f.tenant_id = v_tenant AND f.task_id = p_task_id AND f.status IN ('pending', 'assigned', 'running');
+    GET DIAGNOSTICS v_files = ROW_COUNT;
+    INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
+    VALUES (v_tenant, dlw.ctx_user_id(), 'task.cancelled', p_task_id::text,
+            jsonb_build_object('previous_status', v_status, 'files_cancelled', v_files));
+    RETURN 'cancelled';
+END
+$$;
+COMMENT ON FUNCTION dlw.cancel_task(uuid) IS
+    'Cancels a pending or running task of the current tenant and its non-terminal files (clearing their assignment tokens and leases), with a task.cancelled audit row. Returns cancelled | NOT_FOUND (also for another tenant''s id) | TASK_TERMINAL. Raises 42501 without context or for a role that may not write.';
+
+-- ---------------------------------------------------------------------------------------
+-- Current quota
+-- ---------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION dlw.quota_current()
+RETURNS TABLE (
+    tenant_id              bigint,
+    period                 date,
+    bytes_used_month       bigint,
+    bytes_quota_month      bigint,
+    storage_gb_used        bigint,
+    storage_gb_quota       integer,
+    concurrent_tasks       integer,
+    concurrent_quota       integer,
+    snapshot_refreshed_at  timestamptz,
+    snapshot_age_seconds   double precision
+)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT t.tenant_id,
+           m.period,
+           dlw.bytes_used_month(t.tenant_id, m.period),
+           t.quota_bytes_month,
+           0::bigint,  -- no storage accounting exists yet
+           t.quota_storage_gb,
+           (SELECT count(*)::integer FROM dlw.tasks x
+             WHERE x.tenant_id = t.tenant_id AND x.status IN ('pending', 'running')),
+           t.quota_concurrent,
+           s.refreshed_at,
+           extract(epoch FROM now() - s.refreshed_at)::double precision
+      FROM dlw.tenants t
+     CROSS JOIN (SELECT dlw.month_start(now()) AS period) m
+      LEFT JOIN dlw.snapshot_state s ON true
+     WHERE t.tenant_id = dlw.ctx_tenant_id();
+END
+$$;
+COMMENT ON FUNCTION dlw.quota_current() IS
+    'Limits and exact usage of the current tenant (no row without context): bytes used this UTC month (folded snapshot + unfolded usage), live (pending/running) tasks, limits (0 = unlimited), and when the usage fold last ran (snapshot_refreshed_at, age in seconds; NULL = never). storage_gb_used is 0: no storage accounting exists yet.';
+
+-- ---------------------------------------------------------------------------------------
+-- Privileges: the API role only. Trigger functions need no EXECUTE to fire.
+-- ---------------------------------------------------------------------------------------
+
+REVOKE ALL ON FUNCTION dlw.month_start(timestamptz), dlw.bytes_used_month(bigint, date),
+    dlw.task_status_guard(), dlw.task_file_status_guard(), dlw.initial_status_guard(),
+    dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
+    dlw.cancel_task(uuid), dlw.quota_current() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.month_start(timestamptz), dlw.bytes_used_month(bigint, date) TO dlw_app, dlw_system;
+GRANT EXECUTE ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
+    dlw.cancel_task(uuid), dlw.quota_current() TO dlw_app;

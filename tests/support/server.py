@@ -1,0 +1,71 @@
+"""Real API server processes (`python -m app serve`) for tests that need more than one
+instance, real concurrency, or the process's own startup behaviour."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from tests.apphelpers import SECRET, UNUSED_ISSUER
+from tests.harness import MigratedDb, free_port
+
+
+def serve_env(db: MigratedDb | None, **overrides: str | None) -> dict[str, str]:
+    """The environment of a server: this process's, minus any DLW_ setting, plus a secure config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")}
+    if db is not None:
+        env.update(DLW_DATABASE_URL=db.app_url, DLW_SYSTEM_JWT_SECRET=SECRET, DLW_OIDC_ISSUER=UNUSED_ISSUER)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def start(env: dict[str, str], port: int, *, stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_ready(proc: subprocess.Popen[str], port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.communicate()[1]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become ready")
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    proc.communicate(timeout=30)
+
+
+@contextmanager
+def running_server(db: MigratedDb, **overrides: str | None) -> Iterator[str]:
+    """A ready server on a free port; yields its base URL."""
+    port = free_port()
+    proc = start(serve_env(db, **overrides), port)
+    try:
+        wait_ready(proc, port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
