@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -30,9 +29,7 @@ async def audit_denial(request: Request, principal: Principal, obj: str, act: st
     detail = {"role": principal.role, "method": request.method, "path": request.url.path}
     try:
         async with db.tenant_transaction(request.app.state.pool, tenant, principal.user_id, principal.role) as conn:
-            await conn.execute(
-                "SELECT dlw.audit('permission_denied', $1, $2::jsonb)", f"{act} {obj}", json.dumps(detail)
-            )
+            await db.audit(conn, "permission_denied", f"{act} {obj}", detail)
     except (OSError, asyncpg.PostgresError):
         log.exception("could not audit a permission denial: %s %s by %s", act, obj, principal.user_id)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+
+from app.errors import ApiError
 
 
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
@@ -43,3 +47,20 @@ async def tenant_transaction(
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT dlw.set_context($1, $2, $3)", tenant_id, user_id, role)
         yield conn
+
+
+async def audit(conn: asyncpg.Connection, action: str, target: str, detail: dict[str, Any]) -> None:
+    """Append a row to the current tenant's audit trail, in the caller's transaction."""
+    await conn.execute("SELECT dlw.audit($1, $2, $3::jsonb)", action, target, json.dumps(detail))
+
+
+async def insert_unique(conn: asyncpg.Connection, conflict_code: str, query: str, *args: Any) -> asyncpg.Record:
+    """Run an INSERT ... RETURNING; a duplicate key (always within the tenant's own key
+    space) is answered 409 with conflict_code, leaving the request transaction usable."""
+    try:
+        async with conn.transaction():
+            row = await conn.fetchrow(query, *args)
+    except asyncpg.UniqueViolationError as exc:
+        raise ApiError(409, conflict_code) from exc
+    assert row is not None
+    return row

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import psycopg
 
 from app.embedded import LocalCluster
 from tests.harness import free_port
+from tests.support import server
 
 
 def start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
@@ -27,21 +26,6 @@ def start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
     )
 
 
-def wait_ready(proc: subprocess.Popen[str], port: int, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"dlw dev exited {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("dlw dev did not become ready")
-
-
 def stop(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -53,7 +37,7 @@ def test_dev_serves_as_dlw_app_and_keeps_its_data_across_restarts(tmp_path: Path
     cluster = LocalCluster(data_dir / "pgdata")
     proc = start_dev(data_dir, port)
     try:
-        wait_ready(proc, port)
+        server.wait_ready(proc, port, timeout=90)
         with psycopg.connect(cluster.url("dlw"), autocommit=True) as conn:
             slugs = {r[0] for r in conn.execute("SELECT slug FROM dlw.tenants")}
             assert {"default", "acme", "globex"} <= slugs
@@ -69,7 +53,7 @@ def test_dev_serves_as_dlw_app_and_keeps_its_data_across_restarts(tmp_path: Path
 
     proc = start_dev(data_dir, port)
     try:
-        wait_ready(proc, port)
+        server.wait_ready(proc, port, timeout=90)
         with psycopg.connect(cluster.url("dlw"), autocommit=True) as conn:
             assert conn.execute("SELECT 1 FROM dlw.tenants WHERE slug = 'marker'").fetchone()
     finally:

@@ -12,7 +12,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from app import pagination
+from app import db, pagination
 from app.authz import PermissionFirstRoute, acting, require_perm
 from app.errors import ApiError
 from app.principal import Principal
@@ -229,19 +229,17 @@ async def create_service_account(
     if not issuer:
         raise ApiError(422, "OIDC_NOT_CONFIGURED")
     async with acting(request, principal) as conn:
-        try:
-            async with conn.transaction():
-                row = await conn.fetchrow(
-                    f"INSERT INTO dlw.service_accounts (tenant_id, issuer, client_id, role, description)"
-                    f" VALUES (dlw.ctx_tenant_id(), $1, $2, $3, $4) RETURNING {SA_COLUMNS}",
-                    issuer,
-                    body.client_id,
-                    body.role,
-                    body.description,
-                )
-        except asyncpg.UniqueViolationError as exc:
-            raise ApiError(409, "SERVICE_ACCOUNT_EXISTS") from exc
-        await _audit(
+        row = await db.insert_unique(
+            conn,
+            "SERVICE_ACCOUNT_EXISTS",
+            f"INSERT INTO dlw.service_accounts (tenant_id, issuer, client_id, role, description)"
+            f" VALUES (dlw.ctx_tenant_id(), $1, $2, $3, $4) RETURNING {SA_COLUMNS}",
+            issuer,
+            body.client_id,
+            body.role,
+            body.description,
+        )
+        await db.audit(
             conn,
             "service_account.created",
             str(row["id"]),
@@ -271,7 +269,7 @@ async def delete_service_account(
         )
         if client_id is None:
             raise ApiError(404, "SERVICE_ACCOUNT_NOT_FOUND")
-        await _audit(conn, "service_account.deleted", str(account_id), {"client_id": client_id})
+        await db.audit(conn, "service_account.deleted", str(account_id), {"client_id": client_id})
     return Response(status_code=204)
 
 
@@ -314,7 +312,3 @@ async def audit_trail(
     items = [AuditEntry(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]
     next_cursor = pagination.encode(rows[-1]["at"], rows[-1]["id"]) if len(rows) == limit else None
     return AuditPage(items=items, next_cursor=next_cursor)
-
-
-async def _audit(conn: asyncpg.Connection, action: str, target: str, detail: dict[str, Any]) -> None:
-    await conn.execute("SELECT dlw.audit($1, $2, $3::jsonb)", action, target, json.dumps(detail))

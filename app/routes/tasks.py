@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app import pagination
+from app import db, pagination
 from app.authz import PermissionFirstRoute, acting, require_perm
 from app.errors import ApiError
 from app.principal import Principal
@@ -281,20 +281,14 @@ async def create_storage_target(
     principal: Principal = Depends(require_perm("/api/v1/storage-targets", "POST")),
 ) -> StorageTarget:
     async with acting(request, principal) as conn:
-        try:
-            async with conn.transaction():
-                row = await conn.fetchrow(
-                    "INSERT INTO dlw.storage_targets (tenant_id, name, kind, config)"
-                    " VALUES (dlw.ctx_tenant_id(), $1, $2, $3::jsonb) RETURNING id, name, kind, created_at",
-                    body.name,
-                    body.kind,
-                    json.dumps(body.config),
-                )
-        except asyncpg.UniqueViolationError as exc:
-            raise ApiError(409, "STORAGE_TARGET_EXISTS") from exc
-        await conn.execute(
-            "SELECT dlw.audit('storage_target.created', $1, $2::jsonb)",
-            str(row["id"]),
-            json.dumps({"name": body.name, "kind": body.kind}),
+        row = await db.insert_unique(
+            conn,
+            "STORAGE_TARGET_EXISTS",
+            "INSERT INTO dlw.storage_targets (tenant_id, name, kind, config)"
+            " VALUES (dlw.ctx_tenant_id(), $1, $2, $3::jsonb) RETURNING id, name, kind, created_at",
+            body.name,
+            body.kind,
+            json.dumps(body.config),
         )
+        await db.audit(conn, "storage_target.created", str(row["id"]), {"name": body.name, "kind": body.kind})
     return StorageTarget(**dict(row))

@@ -43,7 +43,8 @@ def wait_ready(proc: subprocess.Popen[str], port: int, timeout: float = 30) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.communicate()[1]}")
+            out, err = proc.communicate()
+            raise AssertionError(f"server exited {proc.returncode}: {err or out}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return
