@@ -6,6 +6,7 @@ import base64
 import json
 import uuid
 from datetime import datetime
+from typing import Any
 
 from app.errors import ApiError
 
@@ -25,3 +26,10 @@ def decode(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
         return datetime.fromisoformat(at), uuid.UUID(row_id)
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise ApiError(422, "INVALID_CURSOR") from exc
+
+
+def next_cursor(rows: list[Any], limit: int, time_column: str) -> str | None:
+    """The cursor after a full page (rows ordered by time_column DESC, id DESC), else None."""
+    if len(rows) < limit:
+        return None
+    return encode(rows[-1][time_column], rows[-1]["id"])

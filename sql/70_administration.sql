@@ -62,11 +62,16 @@ BEGIN
     IF dlw.ctx_role() IS DISTINCT FROM 'system_admin' THEN
         RAISE EXCEPTION 'only a system_admin creates tenants' USING ERRCODE = '42501';
     END IF;
-    IF EXISTS (SELECT 1 FROM dlw.tenants t WHERE t.slug = p_slug) THEN
+    -- Claim the slug first: of two concurrent creates of one slug, exactly one inserts.
+    INSERT INTO dlw.tenants AS t (slug, display_name, quota_concurrent, quota_bytes_month, quota_storage_gb)
+    VALUES (p_slug, p_display_name, p_quota_concurrent, p_quota_bytes_month, p_quota_storage_gb)
+    ON CONFLICT (slug) DO NOTHING
+    RETURNING t.tenant_id INTO v_id;
+    IF v_id IS NULL THEN
         RETURN QUERY SELECT 'TENANT_EXISTS'::text, NULL::bigint;
         RETURN;
     END IF;
-    v_id := dlw.provision_tenant(p_slug, p_display_name, p_quota_concurrent, p_quota_bytes_month, p_quota_storage_gb);
+    PERFORM dlw.provision_tenant(p_slug, p_display_name);  -- adds the default project and target
     INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
     VALUES (v_id, dlw.ctx_user_id(), 'tenant.created', v_id::text,
             jsonb_build_object('slug', p_slug, 'by_tenant', dlw.ctx_tenant_id()));
@@ -94,6 +99,9 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'NOT_FOUND';
     END IF;
+    IF p_tenant_id = 1 AND p_active IS FALSE THEN
+        RETURN 'PLATFORM_TENANT';  -- the service token acts in tenant 1; it cannot be switched off
+    END IF;
     UPDATE dlw.tenants t SET
         quota_concurrent  = coalesce(p_quota_concurrent, t.quota_concurrent),
         quota_bytes_month = coalesce(p_quota_bytes_month, t.quota_bytes_month),
@@ -111,7 +119,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.platform_update_tenant(bigint, integer, bigint, integer, boolean, text) IS
-    'system_admin only: changes a tenant''s limits (0 = unlimited), active flag or display name; NULL keeps a value. Returns ok | NOT_FOUND.';
+    'system_admin only: changes a tenant''s limits (0 = unlimited), active flag or display name; NULL keeps a value. Returns ok | NOT_FOUND | PLATFORM_TENANT (tenant 1 cannot be deactivated).';
 
 SET ROLE dlw_owner;
 

@@ -94,7 +94,7 @@ def test_tenant_admin_manages_roles_but_never_above_tenant_admin(client: TestCli
     admin_id = add_user(db, tid, "richard", "tenant_admin")
     viewer_id = add_user(db, tid, "jared", "tenant_viewer")
     admin = bearer(token(tid, "tenant_admin", user_id=admin_id))
-    users = client.get("/api/v1/users", headers=admin).json()
+    users = client.get("/api/v1/users", headers=admin).json()["items"]
     assert {u["subject"] for u in users} == {"richard", "jared"}
 
     promoted = client.patch(f"/api/v1/users/{viewer_id}", headers=admin, json={"role": "tenant_operator"})
@@ -201,10 +201,53 @@ def test_tenant_admin_cannot_reach_another_tenant(client: TestClient, db: Migrat
     b_user = add_user(db, b, "b-user", "tenant_viewer")
     admin_a = bearer(token(a, "tenant_admin"))
     assert client.patch(f"/api/v1/users/{b_user}", headers=admin_a, json={"role": "tenant_admin"}).status_code == 404
-    assert b_user not in {u["id"] for u in client.get("/api/v1/users", headers=admin_a).json()}
+    assert b_user not in {u["id"] for u in client.get("/api/v1/users", headers=admin_a).json()["items"]}
     assert client.get(f"/api/v1/tenants/{b}", headers=admin_a).status_code == 403
     assert client.get(f"/api/v1/tenants/{a}", headers=admin_a).status_code == 403
     with db.owner() as conn:
         assert conn.execute("SELECT role FROM dlw.users WHERE id = %s", (uuid.UUID(b_user),)).fetchone() == (
             "tenant_viewer",
         )
+
+
+def test_users_page_with_a_cursor(client: TestClient, db: MigratedDb):
+    tid = new_tenant(client, "pagers")["tenant_id"]
+    ids = [add_user(db, tid, f"user-{i}", "tenant_viewer") for i in range(5)]
+    admin = bearer(token(tid, "tenant_admin"))
+    seen, cursor = [], None
+    while True:
+        page = client.get("/api/v1/users", headers=admin, params={"limit": 2} | ({"cursor": cursor} if cursor else {}))
+        seen += [u["id"] for u in page.json()["items"]]
+        cursor = page.json()["next_cursor"]
+        if not cursor:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
+
+
+def test_concurrent_creates_of_one_slug_give_one_tenant(client: TestClient):
+    import concurrent.futures
+
+    def create() -> int:
+        return client.post("/api/v1/tenants", headers=SYSTEM, json={"slug": "racer", "display_name": "R"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(lambda _: create(), range(4)))
+    assert codes == [201, 409, 409, 409]
+
+
+def test_the_platform_tenant_cannot_be_deactivated(client: TestClient):
+    response = client.patch("/api/v1/tenants/1", headers=SYSTEM, json={"active": False})
+    assert response.status_code == 409 and response.json() == {"detail": {"code": "PLATFORM_TENANT"}}
+
+
+@pytest.mark.parametrize("role", ["tenant_admin", "tenant_operator", "tenant_viewer", "executor", None])
+def test_platform_functions_refuse_every_other_role_in_sql(db: MigratedDb, role: str | None):
+    """Defense in depth: the definer functions check the acting role themselves."""
+    with psycopg.connect(db.app_url) as conn:
+        conn.execute("SELECT dlw.set_context(1, 'x', %s)", (role,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM dlw.platform_create_tenant('sneaky', 'S', 1, 1, 1)")
+    with psycopg.connect(db.app_url) as conn:
+        conn.execute("SELECT dlw.set_context(1, 'x', %s)", (role,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT dlw.platform_update_tenant(1, 0, 0, 0, true, 'x')")

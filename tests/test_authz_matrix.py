@@ -15,6 +15,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from app.authz import PermissionFirstRoute
 from app.main import create_app
 from tests.apphelpers import app_settings, bearer, token
 from tests.harness import MigratedDb
@@ -164,6 +165,7 @@ def test_every_non_public_route_declares_a_permission(client: TestClient):
         assert len(declared) == 1, route.path
         obj, act = declared[0]
         assert obj == route.path and {act} == route.methods, route.path
+        assert isinstance(route, PermissionFirstRoute), f"{route.path}: authorize before the body is read"
 
 
 CASES = [

@@ -157,3 +157,29 @@ def test_doctor_flags_an_rls_bypassing_app_role(pg_server: PgServer, db: Migrate
         assert "dlw_app is a superuser or bypasses RLS: dlw_app" in audit(db.owner_url)
     finally:
         pg_server.execute("ALTER ROLE dlw_app NOBYPASSRLS")
+
+
+def test_database_privileges_admit_only_dlw_roles(db: MigratedDb, pg_server: PgServer):
+    """dlw.secure_database(): CONNECT for DLW's roles only; no TEMP or CREATE for anybody else."""
+    import secrets
+
+    stranger, password = f"stranger_{secrets.token_hex(3)}", secrets.token_urlsafe(12)
+    pg_server.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(stranger), sql.Literal(password))
+    )
+    try:
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(db.url(stranger, password)).close()
+        with db.owner() as conn:
+            acl = {
+                r[0]: r[1]
+                for r in conn.execute(
+                    "SELECT r, has_database_privilege(r, current_database(), 'TEMPORARY')"
+                    " FROM unnest(ARRAY['dlw_app', 'dlw_reporting', 'dlw_admin']) r"
+                )
+            }
+        assert acl == {"dlw_app": False, "dlw_reporting": False, "dlw_admin": False}
+        with psycopg.connect(db.app_url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TEMP TABLE t (x int)")
+    finally:
+        pg_server.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(stranger)))

@@ -19,6 +19,7 @@ logging.getLogger("casbin").setLevel(logging.WARNING)  # it logs the whole model
 MODEL_FILE = Path(__file__).with_name("model.conf")
 CHANNEL = "dlw_casbin_rule"
 GRANT_SUBJECT_PREFIX = "user:"
+MAX_CACHED_SUBJECTS = 100_000
 # Most privileged first: the database role a principal acts with is the first it holds.
 ROLE_RANK = ("system_admin", "tenant_admin", "tenant_operator", "tenant_viewer", "executor")
 
@@ -49,6 +50,8 @@ class Authorizer:
         subject = GRANT_SUBJECT_PREFIX + principal.user_id
         granted = self._grants.get(subject)
         if granted is None:
+            if len(self._grants) >= MAX_CACHED_SUBJECTS:
+                self._grants.clear()  # bounded: one entry per subject seen since the last reload
             granted = tuple(self.enforcer.get_role_manager().get_roles(subject))
             self._grants[subject] = granted
         return (principal.role, *granted)

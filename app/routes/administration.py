@@ -136,6 +136,8 @@ async def update_tenant(
         )
         if outcome == "NOT_FOUND":
             raise ApiError(404, "TENANT_NOT_FOUND")
+        if outcome == "PLATFORM_TENANT":
+            raise ApiError(409, "PLATFORM_TENANT")
         return await _tenant(conn, tenant_id)
 
 
@@ -150,6 +152,11 @@ class User(BaseModel):
     last_login_at: datetime | None
 
 
+class UserPage(BaseModel):
+    items: list[User]
+    next_cursor: str | None
+
+
 class UserPatch(Strict):
     role: TenantRole
 
@@ -157,13 +164,13 @@ class UserPatch(Strict):
 USER_COLUMNS = "id, email, role, issuer, subject, created_at, last_login_at"
 
 
-@router.get("/users", response_model=list[User])
+@router.get("/users", response_model=UserPage)
 async def list_users(
     request: Request,
     limit: Limit = 100,
     cursor: str | None = None,
     principal: Principal = Depends(require_perm("/api/v1/users", "GET")),
-) -> list[User]:
+) -> UserPage:
     """The tenant's users, newest first."""
     after = pagination.decode(cursor)
     async with acting(request, principal) as conn:
@@ -175,7 +182,9 @@ async def list_users(
             after[1] if after else None,
             limit,
         )
-    return [User(**dict(r)) for r in rows]
+    return UserPage(
+        items=[User(**dict(r)) for r in rows], next_cursor=pagination.next_cursor(rows, limit, "created_at")
+    )
 
 
 @router.patch("/users/{user_id}", response_model=User)
@@ -310,5 +319,4 @@ async def audit_trail(
             limit,
         )
     items = [AuditEntry(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]
-    next_cursor = pagination.encode(rows[-1]["at"], rows[-1]["id"]) if len(rows) == limit else None
-    return AuditPage(items=items, next_cursor=next_cursor)
+    return AuditPage(items=items, next_cursor=pagination.next_cursor(rows, limit, "at"))

@@ -193,8 +193,7 @@ async def list_tasks(
             limit,
         )
     items = [Task(**dict(r)) for r in rows]
-    next_cursor = pagination.encode(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
-    return TaskPage(items=items, next_cursor=next_cursor)
+    return TaskPage(items=items, next_cursor=pagination.next_cursor(rows, limit, "created_at"))
 
 
 @router.get("/tasks/{task_id}", response_model=Task)
