@@ -333,16 +333,19 @@ BEGIN
         INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
         SELECT v_tenant, dlw.ctx_user_id(), 'task.created', n.id::text,
                jsonb_build_object('repo_id', p_repo_id, 'revision', p_revision, 'file_count', v_file_count,
-                                  'total_bytes', v_requested, 'idempotency_key', p_idempotency_key)
+                                  'total_bytes', v_requested, 'idempotent', p_idempotency_key IS NOT NULL)
           FROM new_task n
     )
     SELECT n.id INTO task_id FROM new_task n;
     outcome := 'created';
+    -- What the caller needs to describe the new task without reading it back.
+    detail := jsonb_build_object('project_id', v_project, 'storage_target_id', v_target, 'file_count', v_file_count,
+                                 'total_bytes', v_requested, 'created_at', now());
 END
 $$;
 COMMENT ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer) IS
 $c$Creates a task for the current tenant with quota admission ("insert-then-lock"); call as dlw_app at READ COMMITTED after dlw.set_context(). Arguments: project (NULL = default project), storage target (id or name; NULL = "default"), repo, revision, priority, files (jsonb array of {path, size, sha256?}), idempotency key (NULL = none), request hash (required with a key), lock_timeout in ms (NULL = leave the setting alone).
-Returns one row (outcome, task_id, metric, detail). outcome: created | existing (same key and hash: the first task) | IDEMPOTENCY_CONFLICT (same key, other hash) | QUOTA_EXCEEDED (metric concurrent_tasks or bytes_month; detail {metric, limit, current, requested}; a quota.exceeded audit row is written and must be committed) | UNKNOWN_PROJECT | UNKNOWN_STORAGE_TARGET | TENANT_INACTIVE.
+Returns one row (outcome, task_id, metric, detail). outcome: created (detail {project_id, storage_target_id, file_count, total_bytes, created_at}) | existing (same key and hash: the first task) | IDEMPOTENCY_CONFLICT (same key, other hash) | QUOTA_EXCEEDED (metric concurrent_tasks or bytes_month; detail {metric, limit, current, requested}; a quota.exceeded audit row is written and must be committed) | UNKNOWN_PROJECT | UNKNOWN_STORAGE_TARGET | TENANT_INACTIVE.
 Bytes check: bytes used this UTC month (folded snapshot + unfolded usage events) + the new task's declared bytes > quota_bytes_month refuses; declared bytes of other live tasks are not counted. 0 = unlimited for both limits.
 Raises: 55P03 lock timeout; 42501 no context or a role that may not write (RLS); 25000 not READ COMMITTED; 22023 files not an array; 22004 key without hash; 23505 duplicate file path; 23502/23514/22P02 malformed files.$c$;
 

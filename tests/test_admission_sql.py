@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -460,7 +461,19 @@ def test_created_task_and_files_carry_the_request(db):
             CREATE_SQL, (None, "default", "org/m", "v1", 7, Jsonb(FILES), None, None, None)
         ).fetchone()
         conn.commit()
-    assert (outcome, metric, detail) == ("created", None, None)
+    assert (outcome, metric) == ("created", None)
+    with db.owner() as owner:
+        project, target, created_at = owner.execute(
+            "SELECT project_id, storage_target_id, created_at FROM dlw.tasks WHERE id = %s", (task,)
+        ).fetchone()
+    assert detail == {
+        "project_id": str(project),
+        "storage_target_id": str(target),
+        "file_count": 2,
+        "total_bytes": 100,
+        "created_at": detail["created_at"],
+    }
+    assert datetime.fromisoformat(detail["created_at"]) == created_at
     with db.owner() as owner:
         assert owner.execute(
             "SELECT status, repo_id, revision, priority, file_count, total_bytes, created_by, finished_at"

@@ -148,3 +148,24 @@ def test_a_login_without_mapping_sees_nothing(db, tenants):
                 assert tenant_ids_seen(conn, relation, cols) == set(), relation
     finally:
         drop_login(db, login)
+
+
+def test_audit_rows_do_not_carry_idempotency_keys(db: MigratedDb):
+    """Reporting logins read the audit trail; a task's idempotency key is a secret, so the
+    task.created audit row records only whether one was used."""
+    import psycopg as pg
+    from psycopg.types.json import Jsonb
+
+    with db.owner() as conn:
+        tid = conn.execute("SELECT dlw.provision_tenant('keyed', 'Keyed')").fetchone()[0]
+    with pg.connect(db.app_url) as conn:
+        conn.execute("SELECT dlw.set_context(%s, 'u', 'tenant_operator')", (tid,))
+        conn.execute(
+            "SELECT * FROM dlw.create_task(NULL, 'default', 'o/r', 'main', 0, %s, 'secret-key-123', '\\x01')",
+            (Jsonb([{"path": "a", "size": 1}]),),
+        )
+    with db.owner() as conn:
+        detail = conn.execute(
+            "SELECT detail::text FROM dlw.audit_log WHERE tenant_id = %s AND action = 'task.created'", (tid,)
+        ).fetchone()[0]
+    assert "secret-key-123" not in detail and '"idempotent": true' in detail

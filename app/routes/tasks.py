@@ -155,9 +155,9 @@ async def create_task(
                 body.request_hash() if idempotency_key else None,
                 lock_timeout,
             )
-            task = None
-            if result["outcome"] in ("created", "existing"):
-                task = await conn.fetchrow(f"SELECT {TASK_COLUMNS} FROM dlw.tasks WHERE id = $1", result["task_id"])
+            existing = None
+            if result["outcome"] == "existing":  # a retry answers with the task as it is now
+                existing = await conn.fetchrow(f"SELECT {TASK_COLUMNS} FROM dlw.tasks WHERE id = $1", result["task_id"])
     except asyncpg.LockNotAvailableError as exc:
         raise ApiError(503, "QUOTA_LOCK_TIMEOUT", headers={"Retry-After": "1"}) from exc
     # Refusals are answered after the transaction committed: a quota refusal's audit row stays.
@@ -166,9 +166,27 @@ async def create_task(
         raise ApiError(429, "QUOTA_EXCEEDED", metric=result["metric"])
     if outcome in REFUSALS:
         raise ApiError(REFUSALS[outcome], outcome)
-    assert task is not None, outcome
-    status = 201 if outcome == "created" else 200
-    return JSONResponse(Task(**dict(task)).model_dump(mode="json"), status_code=status)
+    if existing is not None:
+        return JSONResponse(Task(**dict(existing)).model_dump(mode="json"), status_code=200)
+    assert outcome == "created", outcome
+    made = json.loads(result["detail"])
+    task = Task(
+        id=result["task_id"],
+        project_id=made["project_id"],
+        storage_target_id=made["storage_target_id"],
+        repo_id=body.repo_id,
+        revision=body.revision,
+        status="pending",
+        priority=body.priority,
+        file_count=made["file_count"],
+        total_bytes=made["total_bytes"],
+        created_by=principal.user_id,
+        error=None,
+        created_at=made["created_at"],
+        updated_at=made["created_at"],
+        finished_at=None,
+    )
+    return JSONResponse(task.model_dump(mode="json"), status_code=201)
 
 
 @router.get("/tasks", response_model=TaskPage)
