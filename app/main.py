@@ -25,6 +25,18 @@ from app.tenant_rules import parse_rules
 log = logging.getLogger("dlw")
 
 
+# Errors that mean "the database cannot serve right now", answered 503 rather than 500.
+DB_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+)
+
+
 class StartupRefused(RuntimeError):
     """The configuration is unsafe; the message names the setting to fix."""
 
@@ -89,6 +101,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         # Never a stack trace or a library message to the client; the log keeps the details.
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            # Row-level security refused what the route allowed: defense in depth at work.
+            log.warning("database refused %s %s: %s", request.method, request.url.path, exc)
+            return JSONResponse(status_code=403, content={"detail": {"code": "DB_FORBIDDEN"}})
+        if isinstance(exc, DB_UNAVAILABLE):
+            log.warning("database unavailable on %s %s: %r", request.method, request.url.path, exc)
+            return JSONResponse(
+                status_code=503, content={"detail": {"code": "DB_UNAVAILABLE"}}, headers={"Retry-After": "2"}
+            )
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(status_code=500, content={"detail": {"code": "INTERNAL_ERROR"}})
 
