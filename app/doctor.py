@@ -19,6 +19,36 @@ DEFINER_ALLOWLIST: frozenset[str] = frozenset(
         # platform administration by a system_admin (sql/70_administration.sql)
         "dlw.platform_create_tenant(text,text,integer,bigint,integer)",
         "dlw.platform_update_tenant(bigint,integer,bigint,integer,boolean,text)",
+        # executors: claims and reports across tenants, scoped by the executor's context (sql/40_executor.sql)
+        "dlw.executor_claim(integer,integer,text,integer)",
+        "dlw.executor_heartbeat(uuid,uuid,bigint)",
+        "dlw.executor_complete(uuid,uuid,bigint,text)",
+        "dlw.executor_fail(uuid,uuid,text,boolean,integer)",
+        "dlw.executor_release(uuid,uuid)",
+        # the usage fold and its drift check read every tenant's usage (sql/50_snapshots.sql)
+        "dlw.refresh_quota_snapshots()",
+        "dlw.quota_drift()",
+        # reporting: when the usage fold last ran, without granting the platform table (sql/80_reporting.sql)
+        "dlw.reporting_snapshot_refreshed_at()",
+        # login roles, owned by dlw_login_manager (CREATEROLE), callable by dlw_system only (sql/90_dlw_admin.sql)
+        "dlw.create_login_role(text,text)",
+        "dlw.set_login_role_password(text,text)",
+        "dlw.drop_login_role(text)",
+        # DBA administration for members of dlw_admin, each call audited (sql/90_dlw_admin.sql)
+        "dlw_admin.create_tenant(text,text,integer,bigint,integer)",
+        "dlw_admin.rename_tenant(text,text,text)",
+        "dlw_admin.deactivate_tenant(text,text)",
+        "dlw_admin.reactivate_tenant(text)",
+        "dlw_admin.set_quota(text,integer,bigint,integer)",
+        "dlw_admin.list_tenants()",
+        "dlw_admin.create_reporting_login(text,text,text)",
+        "dlw_admin.set_reporting_login_password(text,text)",
+        "dlw_admin.drop_reporting_login(text)",
+        "dlw_admin.list_reporting_logins(text)",
+        "dlw_admin.list_users(text)",
+        "dlw_admin.grant_role(text,text,text)",
+        "dlw_admin.revoke_role(text,text,text)",
+        "dlw_admin.view_as_tenant(text,anyelement)",
     }
 )
 
@@ -65,6 +95,16 @@ CHECKS: dict[str, str] = {
           AND NOT EXISTS (SELECT 1 FROM pg_depend d
                           WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
           AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS cfg WHERE cfg LIKE 'search_path=%')
+        ORDER BY 1""",
+    "SECURITY DEFINER function executable by PUBLIC": """
+        SELECT p.oid::regprocedure::text
+        FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.prosecdef
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+          AND has_function_privilege('public', p.oid, 'EXECUTE')
         ORDER BY 1""",
     "dlw_app is a superuser or bypasses RLS": """
         SELECT rolname FROM pg_roles

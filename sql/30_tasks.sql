@@ -277,13 +277,13 @@ BEGIN
 
     -- 3. A later statement, hence a fresh snapshot: every rival that committed before the lock
     --    was granted is visible. Exact figures, no caches.
-    SELECT t.quota_concurrent, t.quota_bytes_month, k.request_hash, k.task_id,
+    SELECT t.active, t.quota_concurrent, t.quota_bytes_month, k.request_hash, k.task_id,
            CASE WHEN t.quota_concurrent > 0 THEN
                (SELECT count(*) FROM dlw.tasks x
                  WHERE x.tenant_id = v_tenant AND x.status IN ('pending', 'running'))
            END,
            CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_used_month(v_tenant, v_period) END
-      INTO v_limit_tasks, v_limit_bytes, v_key_hash, v_key_task, v_live, v_used
+      INTO v_active, v_limit_tasks, v_limit_bytes, v_key_hash, v_key_task, v_live, v_used
       FROM dlw.tenants t
       LEFT JOIN dlw.idempotency_keys k ON k.tenant_id = t.tenant_id AND k.key = p_idempotency_key
      WHERE t.tenant_id = v_tenant;
@@ -295,6 +295,12 @@ BEGIN
         ELSE
             outcome := 'IDEMPOTENCY_CONFLICT';
         END IF;
+        RETURN;
+    END IF;
+
+    -- Deactivated while this call waited for the lock (deactivation takes the same lock).
+    IF NOT v_active THEN
+        outcome := 'TENANT_INACTIVE';
         RETURN;
     END IF;
 

@@ -121,14 +121,15 @@ $$;
 COMMENT ON FUNCTION dlw.platform_update_tenant(bigint, integer, bigint, integer, boolean, text) IS
     'system_admin only: changes a tenant''s limits (0 = unlimited), active flag or display name; NULL keeps a value. Returns ok | NOT_FOUND | PLATFORM_TENANT (tenant 1 cannot be deactivated).';
 
+REVOKE ALL ON FUNCTION dlw.platform_create_tenant(text, text, integer, bigint, integer),
+    dlw.platform_update_tenant(bigint, integer, bigint, integer, boolean, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.platform_create_tenant(text, text, integer, bigint, integer),
+    dlw.platform_update_tenant(bigint, integer, bigint, integer, boolean, text) TO dlw_app;
+
 SET ROLE dlw_owner;
 
-REVOKE ALL ON FUNCTION dlw.audit(text, text, jsonb), dlw.set_user_role(uuid, text),
-    dlw.platform_create_tenant(text, text, integer, bigint, integer),
-    dlw.platform_update_tenant(bigint, integer, bigint, integer, boolean, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.audit(text, text, jsonb), dlw.set_user_role(uuid, text),
-    dlw.platform_create_tenant(text, text, integer, bigint, integer),
-    dlw.platform_update_tenant(bigint, integer, bigint, integer, boolean, text) TO dlw_app;
+REVOKE ALL ON FUNCTION dlw.audit(text, text, jsonb), dlw.set_user_role(uuid, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.audit(text, text, jsonb), dlw.set_user_role(uuid, text) TO dlw_app;
 
 -- Grants reach running API instances through NOTIFY: each instance LISTENs and reloads.
 CREATE OR REPLACE FUNCTION dlw.notify_casbin_rule_changed() RETURNS trigger

@@ -129,6 +129,11 @@ def test_doctor_cli_exit_codes(db: MigratedDb):
             "SECURITY DEFINER function without a pinned search_path: dlw.sneaky()",
         ),
         (
+            "CREATE FUNCTION dlw.open_door() RETURNS int LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog"
+            " AS 'SELECT 1'; GRANT EXECUTE ON FUNCTION dlw.open_door() TO PUBLIC",
+            "SECURITY DEFINER function executable by PUBLIC: dlw.open_door()",
+        ),
+        (
             "CREATE VIEW dlw.leaky AS SELECT tenant_id FROM dlw.tasks; GRANT SELECT ON dlw.leaky TO dlw_reporting",
             "view readable by dlw_reporting without security_invoker: dlw.leaky",
         ),

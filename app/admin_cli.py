@@ -1,0 +1,246 @@
+"""`dlw tenant …` and `dlw reporting-login …`: thin wrappers over the dlw_admin SQL functions.
+
+Every command is one call of one dlw_admin function (sql/90_dlw_admin.sql) in its own
+transaction, so the CLI, psql and the docs (docs/dba.md) do exactly the same thing and
+write the same audit rows. The connection is --database-url, by default
+DLW_MIGRATION_DATABASE_URL; any login that is a member of dlw_admin works, no superuser needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors
+
+from app.config import get_settings
+
+# Transient conflicts worth one more try: the whole call rolled back, nothing was written.
+RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
+ATTEMPTS = 3
+
+
+class CommandError(Exception):
+    """A refusal to report on stderr with exit code 1."""
+
+
+def _url(args: argparse.Namespace) -> str:
+    url = args.database_url or get_settings().migration_database_url
+    if not url:
+        raise CommandError("no database URL: pass --database-url or set DLW_MIGRATION_DATABASE_URL")
+    return str(url)
+
+
+def _print_notice(diag: psycopg.errors.Diagnostic) -> None:
+    print(f"dlw: notice: {diag.message_primary}", file=sys.stderr)
+
+
+def _call(args: argparse.Namespace, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run one dlw_admin call in its own transaction; retry a deadlock or serialization failure."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            with psycopg.connect(_url(args)) as conn:
+                conn.add_notice_handler(_print_notice)
+                return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+        except RETRYABLE:
+            if attempt == ATTEMPTS:
+                raise
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- tenant -----------------------------------------------------------------------------------
+def cmd_tenant_create(args: argparse.Namespace) -> int:
+    rows = _call(
+        args,
+        "SELECT dlw_admin.create_tenant(%s, %s, %s, %s, %s)",
+        (
+            args.slug,
+            args.display_name or args.slug,
+            args.quota_concurrent,
+            args.quota_bytes_month,
+            args.quota_storage_gb,
+        ),
+    )
+    print(f"created tenant {args.slug} (id {rows[0][0]})")
+    return 0
+
+
+TENANT_LIST_COLUMNS = (
+    "tenant_id",
+    "slug",
+    "display_name",
+    "active",
+    "live_tasks",
+    "quota_concurrent",
+    "bytes_used_month",
+    "quota_bytes_month",
+    "bytes_used_pct",
+    "quota_storage_gb",
+    "reporting_logins",
+)
+
+
+def cmd_tenant_list(args: argparse.Namespace) -> int:
+    rows = _call(args, f"SELECT {', '.join(TENANT_LIST_COLUMNS)} FROM dlw_admin.list_tenants()", ())
+    _print_table(TENANT_LIST_COLUMNS, rows)
+    return 0
+
+
+def cmd_tenant_set_quota(args: argparse.Namespace) -> int:
+    if args.concurrent is None and args.bytes_month is None and args.storage_gb is None:
+        raise CommandError("nothing to set: give --concurrent, --bytes-month and/or --storage-gb")
+    rows = _call(
+        args,
+        "SELECT concurrent_limit, bytes_month_limit, storage_gb_limit FROM dlw_admin.set_quota(%s, %s, %s, %s)",
+        (args.slug, args.concurrent, args.bytes_month, args.storage_gb),
+    )
+    concurrent, bytes_month, storage_gb = rows[0]
+    print(
+        f"tenant {args.slug}: concurrent={concurrent} bytes_month={bytes_month} storage_gb={storage_gb} (0 = unlimited)"
+    )
+    return 0
+
+
+def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
+    rows = _call(
+        args,
+        "SELECT tasks_cancelled, files_cancelled FROM dlw_admin.deactivate_tenant(%s, %s)",
+        (args.slug, args.reason),
+    )
+    tasks, files = rows[0]
+    print(f"deactivated tenant {args.slug}: {tasks} task(s) and {files} file(s) cancelled")
+    return 0
+
+
+# -- reporting-login ----------------------------------------------------------------------------
+def _password(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(password to set, password to print once)."""
+    if args.no_password:
+        return None, None
+    if args.generate_password:
+        generated = secrets.token_urlsafe(24)
+        return generated, generated
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        raise CommandError("--password-stdin: no password on standard input")
+    return line, None
+
+
+def cmd_login_create(args: argparse.Namespace) -> int:
+    password, shown = _password(args)
+    _call(args, "SELECT dlw_admin.create_reporting_login(%s, %s, %s)", (args.login, args.tenant, password))
+    how = "password" if password is not None else "certificate/peer authentication (no password)"
+    print(f"created reporting login {args.login} for tenant {args.tenant} ({how})")
+    if shown is not None:
+        print(f"password: {shown}")
+    return 0
+
+
+def cmd_login_drop(args: argparse.Namespace) -> int:
+    _call(args, "SELECT dlw_admin.drop_reporting_login(%s)", (args.login,))
+    print(f"dropped reporting login {args.login}")
+    return 0
+
+
+# -- registration ---------------------------------------------------------------------------------
+def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn database refusals into one line on stderr and exit code 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CommandError as exc:
+            print(f"dlw: {exc}", file=sys.stderr)
+            return 1
+        except psycopg.Error as exc:
+            diag = exc.diag
+            message = diag.message_primary or str(exc).strip()
+            code = f" [{diag.sqlstate}]" if diag.sqlstate else ""
+            hint = f"\n  hint: {diag.message_hint}" if diag.message_hint else ""
+            print(f"dlw: {message}{code}{hint}", file=sys.stderr)
+            return 1
+
+    run.__name__ = func.__name__
+    run.__doc__ = func.__doc__
+    return run
+
+
+def _database_url_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        help="a superuser or dlw_admin member login (default: DLW_MIGRATION_DATABASE_URL)",
+    )
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0 = unlimited)")
+    return value
+
+
+def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `tenant create|list|set-quota|deactivate` and `reporting-login create|drop`."""
+    tenant = subparsers.add_parser("tenant", help="tenants: create, list, set quotas, deactivate (dlw_admin.*)")
+    tsub = tenant.add_subparsers(dest="tenant_command", required=True)
+
+    p = tsub.add_parser("create", help="create a tenant with its default project and storage target")
+    p.add_argument("slug", help="short name: a lowercase letter, then lowercase letters, digits or hyphens")
+    p.add_argument("--display-name", help="human-readable name (default: the slug)")
+    p.add_argument("--quota-concurrent", type=_non_negative, help="max live tasks (default 10; 0 = unlimited)")
+    p.add_argument("--quota-bytes-month", type=_non_negative, help="max bytes per UTC month (default 1 TiB)")
+    p.add_argument("--quota-storage-gb", type=_non_negative, help="storage allowance in GB (default 1024)")
+    _database_url_option(p)
+    p.set_defaults(func=_guarded(cmd_tenant_create))
+
+    p = tsub.add_parser("list", help="every tenant with its usage against its limits")
+    _database_url_option(p)
+    p.set_defaults(func=_guarded(cmd_tenant_list))
+
+    p = tsub.add_parser("set-quota", help="change a tenant's limits (omitted ones are kept; 0 = unlimited)")
+    p.add_argument("slug")
+    p.add_argument("--concurrent", type=_non_negative, help="max live (pending or running) tasks")
+    p.add_argument("--bytes-month", type=_non_negative, help="max bytes per UTC month")
+    p.add_argument("--storage-gb", type=_non_negative, help="storage allowance in GB")
+    _database_url_option(p)
+    p.set_defaults(func=_guarded(cmd_tenant_set_quota))
+
+    p = tsub.add_parser(
+        "deactivate", help="refuse the tenant's logins and new tasks and cancel its live tasks; data stays readable"
+    )
+    p.add_argument("slug")
+    p.add_argument("--reason", help="recorded in the tenant's audit trail")
+    _database_url_option(p)
+    p.set_defaults(func=_guarded(cmd_tenant_deactivate))
+
+    login = subparsers.add_parser("reporting-login", help="database logins for BI tools, one tenant each")
+    lsub = login.add_subparsers(dest="login_command", required=True)
+
+    p = lsub.add_parser("create", help="create a login that sees only one tenant's rows (schema reporting)")
+    p.add_argument("login", help="the database role name to create")
+    p.add_argument("--tenant", required=True, help="tenant slug")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    how.add_argument("--generate-password", action="store_true", help="generate a password and print it once")
+    how.add_argument("--no-password", action="store_true", help="no password: certificate or peer authentication")
+    _database_url_option(p)
+    p.set_defaults(func=_guarded(cmd_login_create))
+
+    p = lsub.add_parser("drop", help="remove a reporting login (and its role, if DLW created it)")
+    p.add_argument("login")
+    _database_url_option(p)
+    p.set_defaults(func=_guarded(cmd_login_drop))

@@ -1,0 +1,267 @@
+-- The reporting schema: what BI tools (Metabase, Grafana) and analysts in psql read.
+--
+-- Every view is security_invoker: it runs with the privileges and the row-level security of
+-- whoever queries it, so a reporting login sees exactly its own tenant's rows (the
+-- reporting_select policies take the tenant from the login, dlw.reporting_tenant_id()), and
+-- a login that is mapped to no tenant sees nothing. That is also why dlw_reporting holds
+-- SELECT on the base columns these views read (migrations/0002.schema.sql): RLS, not hiding
+-- the tables, keeps tenants apart. No view reads a secret column (task_files.assignment_token,
+-- storage_targets.config, usage_records.xid, users, service_accounts, idempotency_keys).
+--
+-- Column names are an interface (dashboards depend on them): CREATE OR REPLACE VIEW refuses to
+-- drop, rename or retype a column, so only new columns can be appended. Times are timestamptz;
+-- "day" and "month" are UTC calendar dates, like the quota periods.
+
+-- The fold cursor (dlw.snapshot_state) is platform data without a tenant_id, so reporting
+-- logins are not granted the table; they may learn when the fold last ran, and nothing else.
+SET ROLE dlw_system;
+
+CREATE OR REPLACE FUNCTION dlw.reporting_snapshot_refreshed_at() RETURNS timestamptz
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT s.refreshed_at FROM dlw.snapshot_state s $$;
+COMMENT ON FUNCTION dlw.reporting_snapshot_refreshed_at() IS
+    'When the usage fold (snapshot refresh) last ran, platform-wide (dlw.snapshot_state.refreshed_at); NULL = never. Read by reporting.quota_status.';
+REVOKE ALL ON FUNCTION dlw.reporting_snapshot_refreshed_at() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.reporting_snapshot_refreshed_at() TO dlw_reporting;
+
+SET ROLE dlw_owner;
+
+-- ---------------------------------------------------------------------------------------
+-- reporting.tasks
+-- ---------------------------------------------------------------------------------------
+-- File figures are correlated subqueries on the (tenant_id, task_id, path) key: a query that
+-- does not select them does not compute them (the view is flattened into the query).
+CREATE OR REPLACE VIEW reporting.tasks WITH (security_invoker = true) AS
+SELECT t.tenant_id,
+       t.id AS task_id,
+       t.project_id,
+       p.name AS project_name,
+       t.storage_target_id,
+       s.name AS storage_target_name,
+       t.repo_id,
+       t.revision,
+       t.status,
+       t.priority,
+       t.file_count,
+       t.total_bytes,
+       (SELECT count(*) FROM dlw.task_files f
+         WHERE f.tenant_id = t.tenant_id AND f.task_id = t.id AND f.status = 'succeeded') AS files_succeeded,
+       (SELECT count(*) FROM dlw.task_files f
+         WHERE f.tenant_id = t.tenant_id AND f.task_id = t.id AND f.status = 'failed') AS files_failed,
+       (SELECT count(*) FROM dlw.task_files f
+         WHERE f.tenant_id = t.tenant_id AND f.task_id = t.id
+           AND f.status IN ('pending', 'assigned', 'running')) AS files_remaining,
+       (SELECT coalesce(sum(f.bytes_done), 0)::bigint FROM dlw.task_files f
+         WHERE f.tenant_id = t.tenant_id AND f.task_id = t.id) AS bytes_done,
+       t.created_by,
+       t.error,
+       t.created_at,
+       t.updated_at,
+       t.finished_at,
+       extract(epoch FROM t.finished_at - t.created_at)::double precision AS duration_seconds
+  FROM dlw.tasks t
+  LEFT JOIN dlw.projects p ON p.tenant_id = t.tenant_id AND p.id = t.project_id
+  LEFT JOIN dlw.storage_targets s ON s.tenant_id = t.tenant_id AND s.id = t.storage_target_id;
+
+COMMENT ON VIEW reporting.tasks IS
+    'One row per download task of your tenant: what was asked (repository, revision, files, declared bytes), where it goes, its status and its progress.';
+COMMENT ON COLUMN reporting.tasks.tenant_id IS 'Your tenant''s id (every row of every reporting view carries it)';
+COMMENT ON COLUMN reporting.tasks.task_id IS 'Task id (the id in the REST API: /api/v1/tasks/{task_id})';
+COMMENT ON COLUMN reporting.tasks.project_id IS 'Project the task belongs to';
+COMMENT ON COLUMN reporting.tasks.project_name IS 'Name of that project';
+COMMENT ON COLUMN reporting.tasks.storage_target_id IS 'Storage target the files are written to';
+COMMENT ON COLUMN reporting.tasks.storage_target_name IS 'Name of that storage target';
+COMMENT ON COLUMN reporting.tasks.repo_id IS 'Model repository requested, e.g. org/model';
+COMMENT ON COLUMN reporting.tasks.revision IS 'Revision requested (branch, tag or commit)';
+COMMENT ON COLUMN reporting.tasks.status IS 'pending, running, succeeded, failed or cancelled (the last three are final)';
+COMMENT ON COLUMN reporting.tasks.priority IS 'Scheduling priority; higher runs first';
+COMMENT ON COLUMN reporting.tasks.file_count IS 'Number of files in the task''s manifest';
+COMMENT ON COLUMN reporting.tasks.total_bytes IS 'Sum of the declared file sizes; what admission counted against the monthly byte quota';
+COMMENT ON COLUMN reporting.tasks.files_succeeded IS 'Files downloaded and verified';
+COMMENT ON COLUMN reporting.tasks.files_failed IS 'Files that failed for good';
+COMMENT ON COLUMN reporting.tasks.files_remaining IS 'Files not finished yet: pending, assigned to an executor, or running';
+COMMENT ON COLUMN reporting.tasks.bytes_done IS 'Bytes the executors reported as downloaded so far, over all files';
+COMMENT ON COLUMN reporting.tasks.created_by IS 'Who created the task: a user id or a service principal';
+COMMENT ON COLUMN reporting.tasks.error IS 'Why the task failed or was cancelled, when known';
+COMMENT ON COLUMN reporting.tasks.created_at IS 'When the task was admitted';
+COMMENT ON COLUMN reporting.tasks.updated_at IS 'Last change of the task row';
+COMMENT ON COLUMN reporting.tasks.finished_at IS 'When the task reached a final status; NULL while live';
+COMMENT ON COLUMN reporting.tasks.duration_seconds IS 'finished_at - created_at in seconds; NULL while live';
+
+-- ---------------------------------------------------------------------------------------
+-- reporting.task_files
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE VIEW reporting.task_files WITH (security_invoker = true) AS
+SELECT f.tenant_id,
+       f.id AS file_id,
+       f.task_id,
+       f.path,
+       f.size,
+       f.sha256,
+       f.status,
+       f.priority,
+       f.attempts,
+       f.executor_id,
+       f.bytes_done,
+       f.error,
+       f.lease_expires_at,
+       f.created_at,
+       f.updated_at,
+       f.finished_at,
+       f.lease_seconds
+  FROM dlw.task_files f;
+
+COMMENT ON VIEW reporting.task_files IS
+    'One row per file of a task of your tenant: the unit executors claim, download and verify.';
+COMMENT ON COLUMN reporting.task_files.tenant_id IS 'Your tenant''s id';
+COMMENT ON COLUMN reporting.task_files.file_id IS 'File id';
+COMMENT ON COLUMN reporting.task_files.task_id IS 'Task the file belongs to (reporting.tasks.task_id)';
+COMMENT ON COLUMN reporting.task_files.path IS 'Path of the file inside the repository';
+COMMENT ON COLUMN reporting.task_files.size IS 'Declared size in bytes';
+COMMENT ON COLUMN reporting.task_files.sha256 IS 'Declared SHA-256 (hex), when the manifest had one';
+COMMENT ON COLUMN reporting.task_files.status IS 'pending, assigned (claimed by an executor), running, succeeded, failed or cancelled';
+COMMENT ON COLUMN reporting.task_files.priority IS 'Scheduling priority (the task''s)';
+COMMENT ON COLUMN reporting.task_files.attempts IS 'How many times an executor claimed the file';
+COMMENT ON COLUMN reporting.task_files.executor_id IS 'Executor that holds or last held the file';
+COMMENT ON COLUMN reporting.task_files.bytes_done IS 'Bytes downloaded so far, as reported by the executor';
+COMMENT ON COLUMN reporting.task_files.error IS 'Last error reported for the file';
+COMMENT ON COLUMN reporting.task_files.lease_expires_at IS 'While assigned or running: when the executor''s lease runs out and the file returns to the queue';
+COMMENT ON COLUMN reporting.task_files.created_at IS 'When the file was queued (with its task)';
+COMMENT ON COLUMN reporting.task_files.updated_at IS 'Last change of the file row';
+COMMENT ON COLUMN reporting.task_files.finished_at IS 'When the file reached a final status';
+COMMENT ON COLUMN reporting.task_files.lease_seconds IS 'Length of the current executor lease in seconds (each heartbeat extends lease_expires_at by this much)';
+
+-- ---------------------------------------------------------------------------------------
+-- reporting.usage_daily / reporting.usage_monthly
+-- ---------------------------------------------------------------------------------------
+-- From the append-only usage log (dlw.usage_records), the source of truth of the quota: each
+-- completed file appends one event with the bytes actually downloaded.
+CREATE OR REPLACE VIEW reporting.usage_daily WITH (security_invoker = true) AS
+SELECT u.tenant_id,
+       (u.occurred_at AT TIME ZONE 'UTC')::date AS day,
+       u.metric,
+       count(*) AS events,
+       count(DISTINCT u.task_id) AS tasks,
+       sum(u.amount)::bigint AS amount
+  FROM dlw.usage_records u
+ GROUP BY u.tenant_id, (u.occurred_at AT TIME ZONE 'UTC')::date, u.metric;
+
+COMMENT ON VIEW reporting.usage_daily IS
+    'Usage of your tenant per UTC day and metric, summed from the append-only usage log. Days without usage have no row.';
+COMMENT ON COLUMN reporting.usage_daily.tenant_id IS 'Your tenant''s id';
+COMMENT ON COLUMN reporting.usage_daily.day IS 'UTC calendar day the usage happened';
+COMMENT ON COLUMN reporting.usage_daily.metric IS 'What is measured: bytes_month = bytes downloaded (the metric of the monthly byte quota)';
+COMMENT ON COLUMN reporting.usage_daily.events IS 'Number of usage events (one per completed file)';
+COMMENT ON COLUMN reporting.usage_daily.tasks IS 'Number of distinct tasks those events belong to';
+COMMENT ON COLUMN reporting.usage_daily.amount IS 'Sum of the events'' amounts (bytes for bytes_month)';
+
+CREATE OR REPLACE VIEW reporting.usage_monthly WITH (security_invoker = true) AS
+SELECT m.tenant_id,
+       m.month,
+       m.metric,
+       m.events,
+       m.tasks,
+       m.amount,
+       t.quota_bytes_month,
+       CASE WHEN t.quota_bytes_month > 0 THEN round(100.0 * m.amount / t.quota_bytes_month, 2) END AS quota_used_pct
+  FROM (SELECT u.tenant_id,
+               date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date AS month,
+               u.metric,
+               count(*) AS events,
+               count(DISTINCT u.task_id) AS tasks,
+               sum(u.amount)::bigint AS amount
+          FROM dlw.usage_records u
+         GROUP BY u.tenant_id, date_trunc('month', u.occurred_at AT TIME ZONE 'UTC')::date, u.metric) m
+  JOIN dlw.tenants t ON t.tenant_id = m.tenant_id;
+
+COMMENT ON VIEW reporting.usage_monthly IS
+    'Usage of your tenant per UTC calendar month (the quota period) and metric, with the current monthly byte limit.';
+COMMENT ON COLUMN reporting.usage_monthly.tenant_id IS 'Your tenant''s id';
+COMMENT ON COLUMN reporting.usage_monthly.month IS 'First day of the UTC calendar month';
+COMMENT ON COLUMN reporting.usage_monthly.metric IS 'What is measured: bytes_month = bytes downloaded';
+COMMENT ON COLUMN reporting.usage_monthly.events IS 'Number of usage events (one per completed file)';
+COMMENT ON COLUMN reporting.usage_monthly.tasks IS 'Number of distinct tasks those events belong to';
+COMMENT ON COLUMN reporting.usage_monthly.amount IS 'Sum of the events'' amounts (bytes for bytes_month)';
+COMMENT ON COLUMN reporting.usage_monthly.quota_bytes_month IS 'The tenant''s monthly byte limit as it is now (not as it was in that month); 0 = unlimited';
+COMMENT ON COLUMN reporting.usage_monthly.quota_used_pct IS 'amount as a percentage of quota_bytes_month; NULL when unlimited';
+
+-- ---------------------------------------------------------------------------------------
+-- reporting.quota_status
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE VIEW reporting.quota_status WITH (security_invoker = true) AS
+SELECT t.tenant_id,
+       t.slug,
+       t.display_name,
+       t.active,
+       m.period,
+       u.bytes_used_month,
+       t.quota_bytes_month,
+       CASE WHEN t.quota_bytes_month > 0 THEN greatest(t.quota_bytes_month - u.bytes_used_month, 0) END
+           AS bytes_remaining_month,
+       CASE WHEN t.quota_bytes_month > 0 THEN round(100.0 * u.bytes_used_month / t.quota_bytes_month, 2) END
+           AS bytes_used_pct,
+       (SELECT count(*) FROM dlw.tasks x
+         WHERE x.tenant_id = t.tenant_id AND x.status IN ('pending', 'running')) AS concurrent_tasks,
+       t.quota_concurrent,
+       t.quota_storage_gb,
+       (SELECT q.amount FROM dlw.quota_snapshots q
+         WHERE q.tenant_id = t.tenant_id AND q.period = m.period AND q.metric = 'bytes_month') AS snapshot_bytes_month,
+       r.refreshed_at AS snapshot_refreshed_at,
+       extract(epoch FROM now() - r.refreshed_at)::double precision AS snapshot_age_seconds
+  FROM dlw.tenants t
+ CROSS JOIN LATERAL (SELECT date_trunc('month', now() AT TIME ZONE 'UTC')::date AS period) m
+ CROSS JOIN LATERAL (SELECT coalesce(sum(x.amount), 0)::bigint AS bytes_used_month
+                       FROM dlw.usage_records x
+                      WHERE x.tenant_id = t.tenant_id AND x.metric = 'bytes_month'
+                        AND x.occurred_at >= (m.period::timestamp AT TIME ZONE 'UTC')
+                        AND x.occurred_at < ((m.period + interval '1 month') AT TIME ZONE 'UTC')) u
+ CROSS JOIN LATERAL (SELECT dlw.reporting_snapshot_refreshed_at() AS refreshed_at) r;
+
+COMMENT ON VIEW reporting.quota_status IS
+    'One row: your tenant, its limits, its usage this UTC month and its live concurrency, as task admission checks them, and how fresh the usage snapshot is.';
+COMMENT ON COLUMN reporting.quota_status.tenant_id IS 'Your tenant''s id';
+COMMENT ON COLUMN reporting.quota_status.slug IS 'Your tenant''s short name';
+COMMENT ON COLUMN reporting.quota_status.display_name IS 'Your tenant''s display name';
+COMMENT ON COLUMN reporting.quota_status.active IS 'false: the tenant is deactivated (no logins, no new tasks; data stays readable)';
+COMMENT ON COLUMN reporting.quota_status.period IS 'Current quota period: first day of the current UTC month';
+COMMENT ON COLUMN reporting.quota_status.bytes_used_month IS 'Bytes downloaded this UTC month (every usage event of the month, folded into the snapshot or not: the figure admission checks)';
+COMMENT ON COLUMN reporting.quota_status.quota_bytes_month IS 'Monthly byte limit; 0 = unlimited. Admission refuses a task whose declared bytes would exceed it';
+COMMENT ON COLUMN reporting.quota_status.bytes_remaining_month IS 'quota_bytes_month - bytes_used_month (not below 0); NULL when unlimited';
+COMMENT ON COLUMN reporting.quota_status.bytes_used_pct IS 'bytes_used_month as a percentage of quota_bytes_month; NULL when unlimited';
+COMMENT ON COLUMN reporting.quota_status.concurrent_tasks IS 'Live tasks now (pending or running)';
+COMMENT ON COLUMN reporting.quota_status.quota_concurrent IS 'Limit on live tasks; 0 = unlimited';
+COMMENT ON COLUMN reporting.quota_status.quota_storage_gb IS 'Storage allowance in GB; 0 = unlimited (not enforced yet)';
+COMMENT ON COLUMN reporting.quota_status.snapshot_bytes_month IS 'Bytes of this month already folded into the usage snapshot; NULL when no snapshot row exists yet';
+COMMENT ON COLUMN reporting.quota_status.snapshot_refreshed_at IS 'When the usage fold (snapshot refresh) last ran, platform-wide; NULL = never';
+COMMENT ON COLUMN reporting.quota_status.snapshot_age_seconds IS 'Seconds since snapshot_refreshed_at; NULL = never refreshed';
+
+-- ---------------------------------------------------------------------------------------
+-- reporting.audit_log
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE VIEW reporting.audit_log WITH (security_invoker = true) AS
+SELECT a.tenant_id,
+       a.id AS audit_id,
+       a.at,
+       a.actor,
+       a.action,
+       a.target,
+       a.detail
+  FROM dlw.audit_log a;
+
+COMMENT ON VIEW reporting.audit_log IS
+    'Your tenant''s audit trail, append-only: logins and denied logins, permission denials, quota refusals, task creation and cancellation, and every administration action (including DBA support access).';
+COMMENT ON COLUMN reporting.audit_log.tenant_id IS 'Your tenant''s id';
+COMMENT ON COLUMN reporting.audit_log.audit_id IS 'Entry id (time-ordered)';
+COMMENT ON COLUMN reporting.audit_log.at IS 'When it happened';
+COMMENT ON COLUMN reporting.audit_log.actor IS 'Who did it: a user id, oidc:<issuer>#<subject>, sa:<service account>, service:system-admin, or the database login of a DBA';
+COMMENT ON COLUMN reporting.audit_log.action IS 'What happened, e.g. task.created, task.cancelled, quota.exceeded, auth.login, tenant.deactivated';
+COMMENT ON COLUMN reporting.audit_log.target IS 'What it happened to (a task id, a user id, a login name, ...)';
+COMMENT ON COLUMN reporting.audit_log.detail IS 'Details of the action as JSON';
+
+-- ---------------------------------------------------------------------------------------
+-- Privileges: reporting logins read the views (and, through them, the granted base
+-- columns); dlw_system reads them for dlw_admin.view_as_tenant. Nobody writes.
+-- ---------------------------------------------------------------------------------------
+REVOKE ALL ON ALL TABLES IN SCHEMA reporting FROM PUBLIC;
+GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO dlw_reporting, dlw_system;
