@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from functools import lru_cache
 
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -20,8 +22,19 @@ class InvalidToken(Exception):
     """Any reason a token is not accepted; the reason is logged, never sent to the client."""
 
 
+LEEWAY_SECONDS = 30
+VERIFIED_CACHE_SIZE = 10_000
+
+
+@lru_cache(maxsize=8)
 def _key(secret: str) -> OctKey:
     return OctKey.import_key(secret.encode())
+
+
+# Verified tokens, keyed by (secret, token): a client sends the same token on every request,
+# and checking an HMAC and seven claims each time is most of the request's authentication
+# cost. A hit still re-checks expiry; the cache is bounded and forgets the oldest first.
+_verified: OrderedDict[tuple[str, str], tuple[Principal, int]] = OrderedDict()
 
 
 def issue(secret: str, principal: Principal, ttl_seconds: int, *, now: int | None = None) -> str:
@@ -40,10 +53,26 @@ def issue(secret: str, principal: Principal, ttl_seconds: int, *, now: int | Non
 
 
 def decode(secret: str, token: str) -> Principal:
+    key = (secret, token)
+    hit = _verified.get(key)
+    if hit is not None:
+        principal, expires = hit
+        if time.time() < expires + LEEWAY_SECONDS:
+            return principal
+        del _verified[key]
+        raise InvalidToken("system JWT rejected: ExpiredTokenError")
+    principal, expires = _verify(secret, token)
+    _verified[key] = (principal, expires)
+    if len(_verified) > VERIFIED_CACHE_SIZE:
+        _verified.popitem(last=False)
+    return principal
+
+
+def _verify(secret: str, token: str) -> tuple[Principal, int]:
     try:
         parsed = jwt.decode(token, _key(secret), algorithms=ALGORITHMS)
         registry = jwt.JWTClaimsRegistry(
-            leeway=30,
+            leeway=LEEWAY_SECONDS,
             iss={"essential": True, "value": ISSUER},
             # pids is checked below: joserfc counts an empty list as a missing essential claim.
             **{name: {"essential": True} for name in _REQUIRED if name not in ("iss", "pids")},  # type: ignore[arg-type]
@@ -61,10 +90,11 @@ def decode(secret: str, token: str) -> Principal:
         raise InvalidToken("system JWT rejected: role/sub")
     if not isinstance(pids, list) or not all(isinstance(p, str) for p in pids):
         raise InvalidToken("system JWT rejected: pids")
-    return Principal(
+    principal = Principal(
         user_id=sub,
         tenant_id=tid,
         role=role,
         project_ids=tuple(pids),
         is_service=bool(claims.get("svc", False)),
     )
+    return principal, int(claims["exp"])

@@ -189,6 +189,20 @@ async def create_task(
     return JSONResponse(task.model_dump(mode="json"), status_code=201)
 
 
+def task_list_query(*, status: bool, cursor: bool) -> str:
+    """The list query for one filter shape. One SQL text per shape (not `$n IS NULL OR ...`)
+    keeps each a cheap generic plan; row-level security adds the tenant condition, which the
+    index (tenant_id, created_at DESC, id DESC) serves. Parameters: limit, [status], [cursor]."""
+    conditions = []
+    if status:
+        conditions.append("status = $2")
+    if cursor:
+        n = 3 if status else 2
+        conditions.append(f"(created_at, id) < (${n}, ${n + 1})")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    return f"SELECT {TASK_COLUMNS} FROM dlw.tasks{where} ORDER BY created_at DESC, id DESC LIMIT $1"
+
+
 @router.get("/tasks", response_model=TaskPage)
 async def list_tasks(
     request: Request,
@@ -199,17 +213,9 @@ async def list_tasks(
 ) -> TaskPage:
     """The tenant's tasks, newest first (page with next_cursor)."""
     after = pagination.decode(cursor)
+    args: list[Any] = [limit, *([status] if status else []), *(after or ())]
     async with acting(request, principal) as conn:
-        rows = await conn.fetch(
-            f"SELECT {TASK_COLUMNS} FROM dlw.tasks"
-            " WHERE ($1::text IS NULL OR status = $1)"
-            "   AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))"
-            " ORDER BY created_at DESC, id DESC LIMIT $4",
-            status,
-            after[0] if after else None,
-            after[1] if after else None,
-            limit,
-        )
+        rows = await conn.fetch(task_list_query(status=status is not None, cursor=after is not None), *args)
     items = [Task(**dict(r)) for r in rows]
     return TaskPage(items=items, next_cursor=pagination.next_cursor(rows, limit, "created_at"))
 
