@@ -161,6 +161,12 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_executor_run(args: argparse.Namespace) -> int:
+    from app.reference_executor import run_command
+
+    return run_command(args, get_settings())
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -192,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_positive_int, help="lifetime in seconds (default: DLW_SYSTEM_JWT_TTL_SECONDS)")
     p.add_argument("--database-url", help="to resolve the tenant (default: DLW_DATABASE_URL, then the migration URL)")
     p.set_defaults(func=cmd_token_issue)
+
+    executor = sub.add_parser("executor", help="the reference executor").add_subparsers(
+        dest="executor_command", required=True
+    )
+    p = executor.add_parser("run", help="claim, download and report files until SIGTERM (see docs/executors.md)")
+    from app.reference_executor import add_run_arguments
+
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_executor_run)
+
+    from app.admin_cli import add_admin_commands
+
+    add_admin_commands(sub)  # tenant ..., reporting-login ... (DBA functions, sql/90_dlw_admin.sql)
 
     for name, func, text in (
         ("migrate", cmd_migrate, "apply pending migrations, then the sql/ program"),

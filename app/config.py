@@ -36,6 +36,22 @@ class Settings(BaseSettings):
     oidc_audience: str | None = None
     auth_tenant_rules_json: str = "[]"
 
+    # Executors (API side): claims a file gets before a retryable failure or an expired lease
+    # fails it for good.
+    executor_max_attempts: int = Field(default=5, ge=1, le=100)
+    # Usage snapshots, when the API runs them (no pg_cron job): seconds between two refreshes
+    # by the leader, and between two attempts of the other instances to become leader (a dead
+    # leader is replaced within this plus the time the database takes to drop its session).
+    snapshot_interval_seconds: float = Field(default=60.0, gt=0)
+    snapshot_leader_retry_seconds: float = Field(default=5.0, gt=0, le=10)
+
+    # The reference executor (`dlw executor run`); each is also a command-line option.
+    executor_base_url: str = "http://127.0.0.1:8000"
+    executor_token: str | None = None
+    executor_storage: str | None = None
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: str | None = None
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -17,8 +17,9 @@ from app.limits import BodySizeLimit
 from app.migrate import migration_ids, program_files, program_sha256
 from app.oidc import OidcClient
 from app.rbac.authorizer import Authorizer
-from app.routes import administration, tasks
+from app.routes import administration, executor, tasks
 from app.routes import auth as auth_routes
+from app.snapshot_runner import SnapshotRunner
 from app.startup import configuration_problems
 from app.tenant_rules import parse_rules
 
@@ -70,9 +71,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.pool = pool
             app.state.authz = Authorizer(pool)
             await app.state.authz.start(settings.database_url)
+            # Usage snapshots: nothing to run under pg_cron, else compete for leadership.
+            app.state.snapshot_runner = SnapshotRunner(
+                settings.database_url,
+                interval=settings.snapshot_interval_seconds,
+                retry=settings.snapshot_leader_retry_seconds,
+            )
             try:
+                await app.state.snapshot_runner.start(pool)
                 yield
             finally:
+                await app.state.snapshot_runner.stop()
                 await app.state.authz.stop()
         finally:
             await pool.close()
@@ -91,9 +100,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.oidc_issuer
         else None
     )
+    app.include_router(tasks.router)  # the busiest routes first: FastAPI matches in order
     app.include_router(auth_routes.router)
     app.include_router(administration.router)
-    app.include_router(tasks.router)
+    app.include_router(executor.router)
     app.add_middleware(BodySizeLimit)
     expected_program = program_sha256(program_files())
     expected_migrations = set(migration_ids())

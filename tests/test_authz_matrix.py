@@ -114,6 +114,37 @@ MATRIX: dict[tuple[str, str], Expect] = {
     ("GET", "/api/v1/quota/current"): Expect(READERS, 200),
     ("GET", "/api/v1/storage-targets"): Expect(READERS, 200),
     ("POST", "/api/v1/storage-targets"): Expect(ADMIN, 201, body=lambda w, t: {"name": "t-" + secrets.token_hex(4)}),
+    # Executor routes: only executors pass RBAC. The matrix's executor token is limited to tenant a:
+    # with a made-up assignment token its own tenant's file is LEASE_LOST (409, the route ran and
+    # checked the lease), and the other tenant's file does not exist for it (404).
+    ("POST", "/api/v1/executor/claim"): Expect(
+        frozenset({"executor"}), 200, body=lambda w, t: {"max_files": 1, "lease_seconds": 60}
+    ),
+    **{
+        ("POST", f"/api/v1/executor/files/{{file_id}}/{action}"): Expect(
+            frozenset({"executor"}),
+            409,
+            other=404,
+            path_ids=lambda w, t: {
+                "file_id": str(
+                    w.db.owner()
+                    .execute(
+                        "INSERT INTO dlw.task_files (tenant_id, task_id, path, size)"
+                        " VALUES (%s, %s, gen_random_uuid()::text, 1) RETURNING id",
+                        (w.ids[t]["tenant_id"], w.ids[t]["task"]),
+                    )
+                    .fetchone()[0]
+                )
+            },
+            body=lambda w, t, extra=extra: {"assignment_token": str(uuid.uuid4()), **extra},
+        )
+        for action, extra in (
+            ("heartbeat", {"bytes_done": 0}),
+            ("complete", {"bytes": 1, "sha256": "0" * 64}),
+            ("fail", {"error": "matrix", "retryable": True}),
+            ("release", {}),
+        )
+    },
 }
 
 

@@ -1,0 +1,136 @@
+"""Who calls dlw.refresh_quota_snapshots() every minute.
+
+Where the database preloads pg_cron, `dlw migrate` schedules a cron job and records it in
+dlw.snapshot_state.runner; the API then runs nothing. Otherwise every API instance competes for
+leadership: each keeps one dedicated connection (not from the pool) and tries the session-level
+advisory lock LEADER_LOCK_KEY on it every `retry` seconds. The holder refreshes on that same
+connection every `interval` seconds, and probes it in between. So:
+
+- a dead leader's lock disappears with its session (at once when its process dies and the
+  socket closes; within ~11 s through TCP keepalives when its host vanishes), and another
+  instance takes it at its next try: a handover within 15 s;
+- a leader that loses its connection stops acting as leader at once (the probe or the refresh
+  fails): it never refreshes on another connection without holding the lock, and competes again
+  only after reconnecting;
+- runs never overlap in any case: the refresh itself takes a transaction advisory lock and
+  returns at once (ran = false) while another run holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+
+import asyncpg
+
+log = logging.getLogger("dlw.snapshots")
+
+LEADER_LOCK_KEY = 28266757846557028  # "dlwlead"; the refresh's own lock is "dlwsnap" (sql/50_snapshots.sql)
+# The server drops the session of a client that vanished without closing its socket after
+# idle 5 s + 3 probes 2 s apart; any role may set these.
+KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
+
+
+async def configured_runner(pool: asyncpg.Pool) -> tuple[str, str | None]:
+    """(runner, detail) as `dlw migrate` recorded them: "pg_cron" or "leader"."""
+    try:
+        row = await pool.fetchrow("SELECT runner, runner_detail FROM dlw.snapshot_state")
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+        return "leader", "schema not migrated yet"  # /readyz says NOT_MIGRATED meanwhile
+    if row is None:
+        return "leader", "no snapshot_state row"
+    return str(row["runner"]), row["runner_detail"]
+
+
+class SnapshotRunner:
+    """The API's side of the snapshot refresh: nothing under pg_cron, else the leader loop."""
+
+    def __init__(self, database_url: str, *, interval: float = 60.0, retry: float = 5.0) -> None:
+        self.database_url = database_url
+        self.interval = interval
+        self.retry = retry
+        self.probe = min(5.0, interval, retry)
+        self.mode = "stopped"
+        self.is_leader = False
+        self.refreshes = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, pool: asyncpg.Pool) -> None:
+        runner, detail = await configured_runner(pool)
+        if runner == "pg_cron":
+            self.mode = "pg_cron"
+            log.info("usage snapshots are refreshed by pg_cron (%s); this instance runs no refresh loop", detail)
+            return
+        self.mode = "leader"
+        self._task = asyncio.create_task(self._compete(), name="dlw-snapshot-leader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.mode = "stopped"
+
+    async def _compete(self) -> None:
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("snapshot runner: %s: %s (competing again in %.0f s)", type(exc).__name__, exc, self.retry)
+            except Exception:
+                log.exception("snapshot runner failed (competing again in %.0f s)", self.retry)
+            await asyncio.sleep(self.retry)
+
+    async def _session(self) -> None:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self.database_url,
+            timeout=10,
+            server_settings={"application_name": f"dlw-snapshot-runner:{os.getpid()}", **KEEPALIVES},
+        )
+        try:
+            while True:
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY, timeout=self.probe + 5):
+                    break
+                await asyncio.sleep(self.retry)  # someone else leads; a dead leader's lock vanishes with it
+            self.is_leader = True
+            log.info("snapshot runner: this instance (pid %s) is the leader", os.getpid())
+            while True:
+                await self._refresh(conn)
+                deadline = time.monotonic() + self.interval
+                while (left := deadline - time.monotonic()) > 0:
+                    await asyncio.sleep(min(self.probe, left))
+                    # A lost connection ends the leadership here, not at the next refresh.
+                    await conn.fetchval("SELECT 1", timeout=self.probe + 5)
+        finally:
+            if self.is_leader:
+                log.warning("snapshot runner: pid %s is no longer the leader", os.getpid())
+            self.is_leader = False
+            # Dropping the session releases the lock (no round trip that could hang).
+            conn.terminate()
+
+    async def _refresh(self, conn: asyncpg.Connection) -> None:
+        started = time.monotonic()
+        row = await conn.fetchrow(
+            "SELECT ran, events, tenants, periods, folded_below::text AS folded_below"
+            " FROM dlw.refresh_quota_snapshots()",
+            timeout=max(60.0, self.interval),
+        )
+        assert row is not None
+        self.refreshes += 1
+        elapsed = (time.monotonic() - started) * 1000
+        if not row["ran"]:
+            log.info("snapshot refresh skipped: another run holds the refresh lock")
+        elif row["events"]:
+            log.info(
+                "snapshot refresh: %s events of %s tenants folded in %.1f ms (cursor %s)",
+                row["events"],
+                row["tenants"],
+                elapsed,
+                row["folded_below"],
+            )

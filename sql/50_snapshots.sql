@@ -1,0 +1,139 @@
+-- Usage snapshots: fold the append-only usage log into quota_snapshots, incrementally.
+--
+-- The cursor is dlw.snapshot_state.folded_below, a transaction id (xid8): every usage row whose
+-- inserting transaction is below it is included in quota_snapshots.amount, none at or above it.
+-- A run folds the rows with folded_below <= xid < H and moves the cursor to H, where H is the
+-- xmin of a snapshot taken at the start of the run: every transaction below H had finished by
+-- then, so no row below H can still appear later. A bigserial or timestamp watermark has no
+-- such horizon: a transaction that took its number early and commits late lands behind the
+-- watermark and is never counted. Here a long transaction merely holds the cursor back until
+-- it ends (its rows and every later one are still counted exactly by dlw.bytes_used_month).
+--
+-- Cost follows the new events: the rows are found through usage_records_xid, a range scan of
+-- the index over [folded_below, H); history below the cursor is never read.
+--
+-- Runs never overlap: a run takes a transaction-scoped advisory lock (key 28266757964587376,
+-- "dlwsnap") and a second concurrent run returns at once, reporting ran = false. The runner is
+-- a pg_cron job (scheduled by `dlw migrate` where pg_cron is preloaded) or the API instance that
+-- holds the leader lock (app/snapshot_runner.py); a DBA may also call it in psql.
+--
+-- Lock order (see sql/30_tasks.sql): quota_snapshots rows are locked in ascending
+-- (tenant_id, period) order. Missing rows are first inserted (ON CONFLICT DO NOTHING, before any
+-- row is locked), so task admission, which inserts its tenant's rows and then locks them, never
+-- waits for this function while holding a row this function waits for.
+
+SET ROLE dlw_system;
+
+CREATE OR REPLACE FUNCTION dlw.refresh_quota_snapshots(
+    OUT ran boolean,
+    OUT events bigint,
+    OUT tenants integer,
+    OUT periods integer,
+    OUT folded_from xid8,
+    OUT folded_below xid8
+)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_from     xid8;
+    v_upto     xid8;
+    v_tenant   bigint[];
+    v_period   date[];
+    v_metric   text[];
+    v_amount   bigint[];
+BEGIN
+    ran := false; events := 0; tenants := 0; periods := 0;
+    IF NOT pg_try_advisory_xact_lock(28266757964587376) THEN
+        RETURN;  -- another run is in progress: it folds what this one would have
+    END IF;
+    SELECT s.folded_below INTO v_from FROM dlw.snapshot_state s WHERE s.singleton FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'dlw.snapshot_state has no row' USING ERRCODE = '55000';
+    END IF;
+
+    -- 1. The horizon, in its own statement: the xmin of the snapshot taken now. Every usage row
+    --    below it belongs to a transaction that had finished by now, so the next statement
+    --    (a later snapshot at READ COMMITTED, the same one at REPEATABLE READ) sees all of them.
+    v_upto := greatest(pg_snapshot_xmin(pg_current_snapshot()), v_from);
+    folded_from := v_from;
+    folded_below := v_upto;
+
+    -- 2. The new events per (tenant, UTC month, metric), through the xid index.
+    SELECT coalesce(array_agg(d.tenant_id ORDER BY d.tenant_id, d.period, d.metric), '{}'),
+           coalesce(array_agg(d.period ORDER BY d.tenant_id, d.period, d.metric), '{}'),
+           coalesce(array_agg(d.metric ORDER BY d.tenant_id, d.period, d.metric), '{}'),
+           coalesce(array_agg(d.amount ORDER BY d.tenant_id, d.period, d.metric), '{}'),
+           coalesce(sum(d.n), 0), count(DISTINCT d.tenant_id), count(*)
+      INTO v_tenant, v_period, v_metric, v_amount, events, tenants, periods
+      FROM (SELECT u.tenant_id, dlw.month_start(u.occurred_at) AS period, u.metric,
+                   sum(u.amount)::bigint AS amount, count(*) AS n
+              FROM dlw.usage_records u
+             WHERE u.xid >= v_from AND u.xid < v_upto
+             GROUP BY 1, 2, 3) d;
+
+    IF periods > 0 THEN
+        -- 3. Rows that do not exist yet, before any lock is held (ascending order).
+        INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount)
+        SELECT d.t, d.p, d.m, 0
+          FROM unnest(v_tenant, v_period, v_metric) WITH ORDINALITY AS d(t, p, m, i)
+         ORDER BY d.i
+        ON CONFLICT DO NOTHING;
+        -- 4. Lock them in ascending (tenant_id, period) order, then add the deltas.
+        PERFORM 1
+           FROM dlw.quota_snapshots q
+           JOIN unnest(v_tenant, v_period, v_metric) AS d(t, p, m)
+             ON q.tenant_id = d.t AND q.period = d.p AND q.metric = d.m
+          ORDER BY q.tenant_id, q.period, q.metric
+            FOR UPDATE OF q;
+        UPDATE dlw.quota_snapshots q
+           SET amount = q.amount + d.a, refreshed_at = now()
+          FROM unnest(v_tenant, v_period, v_metric, v_amount) AS d(t, p, m, a)
+         WHERE q.tenant_id = d.t AND q.period = d.p AND q.metric = d.m;
+    END IF;
+
+    -- 5. The cursor moves in the same transaction: readers see the fold entirely or not at all.
+    UPDATE dlw.snapshot_state s SET folded_below = v_upto, refreshed_at = now() WHERE s.singleton;
+    ran := true;
+END
+$$;
+COMMENT ON FUNCTION dlw.refresh_quota_snapshots() IS
+$c$Folds the usage events committed since the last run into quota_snapshots (per tenant, UTC month of occurred_at, metric) and advances dlw.snapshot_state.folded_below to the xmin of the run's snapshot, in one transaction. Incremental (reads only rows with folded_below <= xid < the new cursor, through usage_records_xid) and exact under out-of-order commits.
+Returns (ran, events, tenants, periods, folded_from, folded_below). ran = false: another run held the lock (pg_try_advisory_xact_lock 28266757964587376) and nothing was done.
+Called every minute by the pg_cron job or the API leader; safe to call by hand at any time and at any isolation level.$c$;
+
+CREATE OR REPLACE FUNCTION dlw.quota_drift()
+RETURNS TABLE (
+    tenant_id        bigint,
+    period           date,
+    metric           text,
+    snapshot_amount  bigint,
+    log_amount       bigint,
+    difference       bigint
+)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- One statement, one snapshot: the cursor, the snapshots and the log are read consistently
+    -- even while a refresh commits.
+    WITH folded AS (
+        SELECT u.tenant_id, dlw.month_start(u.occurred_at) AS period, u.metric, sum(u.amount)::bigint AS amount
+          FROM dlw.usage_records u
+         WHERE u.xid < (SELECT s.folded_below FROM dlw.snapshot_state s)
+         GROUP BY 1, 2, 3
+    )
+    SELECT coalesce(q.tenant_id, f.tenant_id), coalesce(q.period, f.period), coalesce(q.metric, f.metric),
+           coalesce(q.amount, 0), coalesce(f.amount, 0), coalesce(q.amount, 0) - coalesce(f.amount, 0)
+      FROM dlw.quota_snapshots q
+      FULL JOIN folded f ON f.tenant_id = q.tenant_id AND f.period = q.period AND f.metric = q.metric
+     WHERE coalesce(q.amount, 0) <> coalesce(f.amount, 0)
+     ORDER BY 1, 2, 3
+$$;
+COMMENT ON FUNCTION dlw.quota_drift() IS
+    'Drift check: recomputes every (tenant, UTC month, metric) from the usage log below the fold cursor and returns the rows whose quota_snapshots.amount differs (difference = snapshot - log). No rows = the snapshots are exact. Reads the whole log (cost follows history): for DBAs and monitoring, not for the request path. Repairs nothing.';
+
+REVOKE ALL ON FUNCTION dlw.refresh_quota_snapshots(), dlw.quota_drift() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.refresh_quota_snapshots() TO dlw_app, dlw_admin;
+GRANT EXECUTE ON FUNCTION dlw.quota_drift() TO dlw_admin;
+
+SET ROLE dlw_owner;
