@@ -13,7 +13,6 @@ with the reason, except under CI=true, where it fails.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from app.main import create_app
 from app.migrate import CRON_COMMAND, CRON_JOB, migrate
 from tests.apphelpers import app_settings
 from tests.harness import MigratedDb, PgServer, free_port
+from tests.support.requirements import require
 
 CRON_DB = "dlw_cron"
 OTHER_DB = "dlw_cron_other"
@@ -48,11 +48,7 @@ def missing_pg_cron() -> str | None:
 
 @pytest.fixture(scope="module")
 def cron_server() -> Iterator[PgServer]:
-    reason = missing_pg_cron()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"pg_cron runner test cannot run under CI: {reason}")
-        pytest.skip(f"pg_cron runner test NOT RUN: {reason}; it fails instead of skipping under CI=true")
+    require(missing_pg_cron(), "the pg_cron runner test")
     bindir = debian_bindir(15)
     assert bindir is not None
     workdir = Path(tempfile.mkdtemp(prefix="dlw-cron-"))
