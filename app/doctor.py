@@ -49,6 +49,8 @@ DEFINER_ALLOWLIST: frozenset[str] = frozenset(
         "dlw_admin.grant_role(text,text,text)",
         "dlw_admin.revoke_role(text,text,text)",
         "dlw_admin.view_as_tenant(text,anyelement)",
+        "dlw_admin.refresh_quota_snapshots()",
+        "dlw_admin.quota_drift()",
     }
 )
 

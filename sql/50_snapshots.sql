@@ -133,7 +133,7 @@ COMMENT ON FUNCTION dlw.quota_drift() IS
     'Drift check: recomputes every (tenant, UTC month, metric) from the usage log below the fold cursor and returns the rows whose quota_snapshots.amount differs (difference = snapshot - log). No rows = the snapshots are exact. Reads the whole log (cost follows history): for DBAs and monitoring, not for the request path. Repairs nothing.';
 
 REVOKE ALL ON FUNCTION dlw.refresh_quota_snapshots(), dlw.quota_drift() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.refresh_quota_snapshots() TO dlw_app, dlw_admin;
-GRANT EXECUTE ON FUNCTION dlw.quota_drift() TO dlw_admin;
+GRANT EXECUTE ON FUNCTION dlw.refresh_quota_snapshots() TO dlw_app;
+-- DBAs use the audited wrappers dlw_admin.refresh_quota_snapshots() and dlw_admin.quota_drift().
 
 SET ROLE dlw_owner;

@@ -50,6 +50,26 @@ $$;
 COMMENT ON FUNCTION dlw.create_login_role(text, text) IS
     'Internal (dlw_system only): CREATE ROLE <login> LOGIN ... IN ROLE dlw_reporting, with a password or none (certificate/peer authentication). Raises 22023 bad name, DLWA3 name taken.';
 
+CREATE OR REPLACE FUNCTION dlw.is_plain_reporting_login(p_login text) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- No attributes, a member of dlw_reporting and of nothing else, and nobody a member of it
+    -- but dlw_login_manager (which PostgreSQL 16 makes its admin on creation).
+    SELECT NOT EXISTS (SELECT 1 FROM pg_roles r
+                        WHERE r.rolname = p_login
+                          AND (r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls))
+       AND NOT EXISTS (SELECT 1 FROM pg_auth_members m
+                        WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = p_login)
+                          AND m.roleid <> 'dlw_reporting'::regrole)
+       AND NOT EXISTS (SELECT 1 FROM pg_auth_members m
+                        WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = p_login)
+                          AND m.member <> 'dlw_login_manager'::regrole)
+$$;
+COMMENT ON FUNCTION dlw.is_plain_reporting_login(text) IS
+    'Internal (dlw_login_manager): true when a role is a plain reporting login that DLW may re-password or drop (on PostgreSQL 15 CREATEROLE alone would reach any non-superuser role).';
+REVOKE ALL ON FUNCTION dlw.is_plain_reporting_login(text) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION dlw.set_login_role_password(p_login text, p_password text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -57,6 +77,12 @@ AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = p_login) THEN
         RAISE EXCEPTION 'role % does not exist', quote_ident(p_login) USING ERRCODE = 'DLWA4';
+    END IF;
+    -- The same guard as dlw.drop_login_role: on PostgreSQL 15 CREATEROLE could change any
+    -- non-superuser role's password, so refuse anything but a plain reporting login.
+    IF NOT dlw.is_plain_reporting_login(p_login) THEN
+        RAISE EXCEPTION 'role % is not a plain reporting login; password not changed', quote_ident(p_login)
+            USING ERRCODE = 'DLWA7';
     END IF;
     BEGIN
         EXECUTE format('ALTER ROLE %I PASSWORD %s', p_login, coalesce(quote_literal(p_password), 'NULL'));
@@ -77,17 +103,7 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = p_login) THEN
         RETURN;
     END IF;
-    -- Only a plain reporting login: no attributes, member of dlw_reporting and of nothing else,
-    -- nobody a member of it (but this role, which PostgreSQL 16 makes its admin on creation).
-    IF EXISTS (SELECT 1 FROM pg_roles r
-                WHERE r.rolname = p_login
-                  AND (r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls))
-       OR EXISTS (SELECT 1 FROM pg_auth_members m
-                   WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = p_login)
-                     AND m.roleid <> 'dlw_reporting'::regrole)
-       OR EXISTS (SELECT 1 FROM pg_auth_members m
-                   WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = p_login)
-                     AND m.member <> 'dlw_login_manager'::regrole) THEN
+    IF NOT dlw.is_plain_reporting_login(p_login) THEN
         RAISE EXCEPTION 'role % is not a plain reporting login; not dropped', quote_ident(p_login)
             USING ERRCODE = 'DLWA7';
     END IF;
@@ -676,6 +692,35 @@ $$;
 COMMENT ON FUNCTION dlw_admin.view_as_tenant(text, anyelement) IS
 $c$Support access, read-only: the rows a tenant's reporting logins see in one reporting view, e.g. SELECT * FROM dlw_admin.view_as_tenant('acme', NULL::reporting.quota_status). Filter, sort and limit outside the call. Audited in that tenant's own trail as support.viewed_as_tenant (the tenant can see that support looked).
 Raises DLWA1 (no such tenant), 22023 (not a reporting view).$c$;
+
+-- ---------------------------------------------------------------------------------------
+-- Usage snapshots: a forced refresh and the drift check, audited in the platform tenant's trail.
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dlw_admin.refresh_quota_snapshots()
+RETURNS TABLE (ran boolean, events bigint, tenants integer, periods integer, folded_from xid8, folded_below xid8)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM dlw.refresh_quota_snapshots();
+    PERFORM dlw.admin_audit(1, 'snapshots.refreshed', NULL, jsonb_build_object('via', 'dlw_admin.refresh_quota_snapshots'));
+END
+$$;
+COMMENT ON FUNCTION dlw_admin.refresh_quota_snapshots() IS
+    'Folds new usage into quota_snapshots now (what the per-minute job does; skipped, ran = false, if a run is in progress). Audited as snapshots.refreshed in tenant 1''s trail.';
+
+CREATE OR REPLACE FUNCTION dlw_admin.quota_drift()
+RETURNS TABLE (tenant_id bigint, period date, metric text, snapshot_amount bigint, log_amount bigint, difference bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM dlw.quota_drift();
+    PERFORM dlw.admin_audit(1, 'snapshots.drift_checked', NULL, jsonb_build_object('via', 'dlw_admin.quota_drift'));
+END
+$$;
+COMMENT ON FUNCTION dlw_admin.quota_drift() IS
+    'Recomputes every tenant''s folded usage from the log and returns the (tenant, month) rows whose snapshot differs; no rows = no drift. Read-only apart from its audit row (snapshots.drift_checked, tenant 1).';
 
 -- ---------------------------------------------------------------------------------------
 -- Privileges: members of dlw_admin call every dlw_admin function; nobody else does.

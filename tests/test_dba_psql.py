@@ -618,3 +618,23 @@ def test_cli_wraps_the_same_functions(db: MigratedDb, dba: Dba):
     code, out, _ = cli(dba, "tenant", "deactivate", "cli-co", "--reason", "test")
     assert code == 0 and out.strip() == "deactivated tenant cli-co: 0 task(s) and 0 file(s) cancelled"
     assert {r[0] for r in audit_rows(db, "cli-co")} == {dba.login}
+
+
+# -- hardening -----------------------------------------------------------------------------------
+def test_snapshot_refresh_and_drift_check_are_audited_wrappers(db: MigratedDb, dba: Dba):
+    out = dba.run("SELECT ran FROM dlw_admin.refresh_quota_snapshots(); SELECT count(*) FROM dlw_admin.quota_drift();")
+    assert "t" in out.split()
+    actions = [(actor, action) for actor, action, _, _ in audit_rows(db, "default") if action.startswith("snapshots.")]
+    assert (dba.login, "snapshots.refreshed") in actions and (dba.login, "snapshots.drift_checked") in actions
+    # The unaudited functions underneath are not theirs to call.
+    assert dba.fails("SELECT * FROM dlw.quota_drift();") == "42501"
+    assert dba.fails("SELECT * FROM dlw.refresh_quota_snapshots();") == "42501"
+
+
+def test_a_stale_mapping_cannot_re_password_a_role_that_is_not_a_plain_reporting_login(db: MigratedDb, dba: Dba):
+    login = dba.new_login("rep_stale")
+    dba.run(f"SELECT dlw_admin.create_reporting_login('{login}', 'default', 'pw-{secrets.token_hex(4)}');")
+    # Someone with superuser drops the login outside DLW and reuses the name for another role.
+    db.server.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
+    db.server.execute(sql.SQL("CREATE ROLE {} LOGIN BYPASSRLS PASSWORD 'orig'").format(sql.Identifier(login)))
+    assert dba.fails(f"SELECT dlw_admin.set_reporting_login_password('{login}', 'hijack');") in ("DLWA7", "42501")

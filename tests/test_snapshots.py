@@ -198,7 +198,10 @@ def test_privileges_of_the_fold(db):
         assert conn.execute(check, ("dlw_app", "dlw.refresh_quota_snapshots()")).fetchone()[0]
         assert not conn.execute(check, ("dlw_reporting", "dlw.refresh_quota_snapshots()")).fetchone()[0]
         assert not conn.execute(check, ("dlw_app", "dlw.quota_drift()")).fetchone()[0]
-        assert conn.execute(check, ("dlw_admin", "dlw.quota_drift()")).fetchone()[0]
+        # DBAs go through the audited wrappers, not these.
+        assert not conn.execute(check, ("dlw_admin", "dlw.quota_drift()")).fetchone()[0]
+        assert conn.execute(check, ("dlw_admin", "dlw_admin.quota_drift()")).fetchone()[0]
+        assert conn.execute(check, ("dlw_admin", "dlw_admin.refresh_quota_snapshots()")).fetchone()[0]
         # Usage stays append-only for every application role, the fold's owner included.
         for role in ("dlw_app", "dlw_system", "dlw_reporting"):
             for action in ("UPDATE", "DELETE"):
