@@ -57,55 +57,45 @@ DEFINER_ALLOWLIST: frozenset[str] = frozenset(
 APP_ROLE = "dlw_app"
 REPORTING_ROLE = "dlw_reporting"
 
-CHECKS: dict[str, str] = {
-    "tenant table without RLS enabled and forced": """
+# The tenant tables (every table in schema dlw with a tenant_id column), and the non-extension
+# SECURITY DEFINER functions: each check below adds one condition to one of these.
+_TENANT_TABLES = """
         SELECT format('%I.%I', n.nspname, c.relname)
         FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'dlw' AND c.relkind IN ('r', 'p')
           AND EXISTS (SELECT 1 FROM pg_attribute a
-                      WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped)
+                      WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped)"""
+_DEFINER_FUNCTIONS = """
+        SELECT p.oid::regprocedure::text
+        FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE p.prosecdef
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')"""
+
+CHECKS: dict[str, str] = {
+    "tenant table without RLS enabled and forced": _TENANT_TABLES
+    + """
           AND NOT (c.relrowsecurity AND c.relforcerowsecurity)
         ORDER BY 1""",
-    "tenant table without a policy for dlw_app": """
-        SELECT format('%I.%I', n.nspname, c.relname)
-        FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'dlw' AND c.relkind IN ('r', 'p')
-          AND EXISTS (SELECT 1 FROM pg_attribute a
-                      WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped)
+    "tenant table without a policy for dlw_app": _TENANT_TABLES
+    + """
           AND NOT EXISTS (SELECT 1 FROM pg_policy p
                           WHERE p.polrelid = c.oid
                             AND (SELECT oid FROM pg_roles WHERE rolname = 'dlw_app') = ANY (p.polroles))
         ORDER BY 1""",
-    "SECURITY DEFINER function not on the allowlist": """
-        SELECT p.oid::regprocedure::text
-        FROM pg_proc p
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE p.prosecdef
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+    "SECURITY DEFINER function not on the allowlist": _DEFINER_FUNCTIONS
+    + """
           AND NOT (p.oid::regprocedure::text = ANY (%(allowlist)s))
         ORDER BY 1""",
-    "SECURITY DEFINER function without a pinned search_path": """
-        SELECT p.oid::regprocedure::text
-        FROM pg_proc p
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE p.prosecdef
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+    "SECURITY DEFINER function without a pinned search_path": _DEFINER_FUNCTIONS
+    + """
           AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS cfg WHERE cfg LIKE 'search_path=%')
         ORDER BY 1""",
-    "SECURITY DEFINER function executable by PUBLIC": """
-        SELECT p.oid::regprocedure::text
-        FROM pg_proc p
-        JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE p.prosecdef
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+    "SECURITY DEFINER function executable by PUBLIC": _DEFINER_FUNCTIONS
+    + """
           AND has_function_privilege('public', p.oid, 'EXECUTE')
         ORDER BY 1""",
     "dlw_app is a superuser or bypasses RLS": """
