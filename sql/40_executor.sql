@@ -35,6 +35,15 @@
 -- Internal helpers (EXECUTE for dlw_system only: they run inside the definer functions)
 -- ---------------------------------------------------------------------------------------
 
+CREATE OR REPLACE FUNCTION dlw.lease_held(
+    p_status text, p_token uuid, p_lease_expires_at timestamptz, p_given_token uuid, p_now timestamptz
+) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+RETURN p_status IN ('assigned', 'running') AND p_given_token IS NOT NULL
+       AND p_token IS NOT DISTINCT FROM p_given_token AND NOT (p_lease_expires_at < p_now);
+COMMENT ON FUNCTION dlw.lease_held(text, uuid, timestamptz, uuid, timestamptz) IS
+    'Whether a report with p_given_token still holds the file''s lease at p_now: the file is assigned or running, the token is exactly the file''s, and the lease has not expired. Anything else is LEASE_LOST.';
+
 CREATE OR REPLACE FUNCTION dlw.executor_scope() RETURNS bigint
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -334,8 +343,8 @@ BEGIN
         RETURN QUERY SELECT 'NOT_FOUND'::text, NULL::timestamptz;
         RETURN;
     END IF;
-    IF v_file.status NOT IN ('assigned', 'running') OR v_file.assignment_token IS DISTINCT FROM p_assignment_token
-       OR p_assignment_token IS NULL OR v_file.lease_expires_at < v_now THEN
+    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
+                          p_assignment_token, v_now) THEN
         RETURN QUERY SELECT 'LEASE_LOST'::text, NULL::timestamptz;
         RETURN;
     END IF;
@@ -392,8 +401,8 @@ BEGIN
         RETURN QUERY SELECT 'already_completed'::text, v_status;
         RETURN;
     END IF;
-    IF v_file.status NOT IN ('assigned', 'running') OR p_assignment_token IS NULL
-       OR v_file.assignment_token IS DISTINCT FROM p_assignment_token OR v_file.lease_expires_at < v_now THEN
+    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
+                          p_assignment_token, v_now) THEN
         RETURN QUERY SELECT 'LEASE_LOST'::text, v_status;
         RETURN;
     END IF;
@@ -462,8 +471,8 @@ BEGIN
       FROM dlw.task_files f
      WHERE f.tenant_id = v_tenant AND f.id = p_file_id
        FOR UPDATE;
-    IF v_file.status NOT IN ('assigned', 'running') OR p_assignment_token IS NULL
-       OR v_file.assignment_token IS DISTINCT FROM p_assignment_token OR v_file.lease_expires_at < v_now THEN
+    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
+                          p_assignment_token, v_now) THEN
         RETURN QUERY SELECT 'LEASE_LOST'::text, v_status;
         RETURN;
     END IF;
@@ -503,8 +512,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'NOT_FOUND';
     END IF;
-    IF v_file.status NOT IN ('assigned', 'running') OR p_assignment_token IS NULL
-       OR v_file.assignment_token IS DISTINCT FROM p_assignment_token OR v_file.lease_expires_at < v_now THEN
+    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
+                          p_assignment_token, v_now) THEN
         RETURN 'LEASE_LOST';
     END IF;
     UPDATE dlw.task_files f
@@ -523,9 +532,11 @@ SET ROLE dlw_owner;
 -- Privileges: the API role calls the definer functions; the helpers run only inside them.
 -- ---------------------------------------------------------------------------------------
 
-REVOKE ALL ON FUNCTION dlw.executor_scope(), dlw.executor_fail_final(bigint, uuid, text),
+REVOKE ALL ON FUNCTION dlw.lease_held(text, uuid, timestamptz, uuid, timestamptz),
+    dlw.executor_scope(), dlw.executor_fail_final(bigint, uuid, text),
     dlw.executor_requeue_expired(bigint, integer, integer) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.executor_scope(), dlw.executor_fail_final(bigint, uuid, text),
+GRANT EXECUTE ON FUNCTION dlw.lease_held(text, uuid, timestamptz, uuid, timestamptz),
+    dlw.executor_scope(), dlw.executor_fail_final(bigint, uuid, text),
     dlw.executor_requeue_expired(bigint, integer, integer) TO dlw_system;
 
 SET ROLE dlw_system;
