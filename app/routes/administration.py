@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app import db, pagination
 from app.authz import PermissionFirstRoute, acting, require_perm
-from app.errors import ApiError
+from app.errors import ApiError, refuse
 from app.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["administration"], route_class=PermissionFirstRoute)
@@ -134,10 +134,7 @@ async def update_tenant(
             body.active,
             body.display_name,
         )
-        if outcome == "NOT_FOUND":
-            raise ApiError(404, "TENANT_NOT_FOUND")
-        if outcome == "PLATFORM_TENANT":
-            raise ApiError(409, "PLATFORM_TENANT")
+        refuse(outcome, {"NOT_FOUND": (404, "TENANT_NOT_FOUND"), "PLATFORM_TENANT": (409, "PLATFORM_TENANT")})
         return await _tenant(conn, tenant_id)
 
 
@@ -197,10 +194,7 @@ async def update_user(
     """Change a user's role within the tenant (never above tenant_admin)."""
     async with acting(request, principal) as conn:
         outcome = await conn.fetchval("SELECT dlw.set_user_role($1, $2)", user_id, body.role)
-        if outcome == "NOT_FOUND":
-            raise ApiError(404, "USER_NOT_FOUND")
-        if outcome == "LAST_TENANT_ADMIN":
-            raise ApiError(409, "LAST_TENANT_ADMIN")
+        refuse(outcome, {"NOT_FOUND": (404, "USER_NOT_FOUND"), "LAST_TENANT_ADMIN": (409, "LAST_TENANT_ADMIN")})
         if outcome != "ok":
             raise ApiError(422, outcome)
         row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM dlw.users WHERE id = $1", user_id)

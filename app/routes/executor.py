@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.authz import PermissionFirstRoute, acting, require_perm
-from app.errors import ApiError
+from app.errors import ApiError, refuse
 from app.principal import Principal
 
 router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
@@ -90,12 +90,7 @@ class Report(BaseModel):
     task_status: str | None
 
 
-def _refused(outcome: str) -> ApiError | None:
-    if outcome == "NOT_FOUND":
-        return ApiError(404, "FILE_NOT_FOUND")
-    if outcome == "LEASE_LOST":
-        return ApiError(409, "LEASE_LOST")
-    return None
+LEASE_REFUSALS = {"NOT_FOUND": (404, "FILE_NOT_FOUND"), "LEASE_LOST": (409, "LEASE_LOST")}
 
 
 @asynccontextmanager
@@ -161,9 +156,7 @@ async def heartbeat(
             "SELECT * FROM dlw.executor_heartbeat($1, $2, $3)", file_id, body.assignment_token, body.bytes_done
         )
     assert row is not None
-    refusal = _refused(row["outcome"])
-    if refusal:
-        raise refusal
+    refuse(row["outcome"], LEASE_REFUSALS)
     return HeartbeatResponse(lease_expires_at=row["lease_expires_at"])
 
 
@@ -185,9 +178,7 @@ async def complete(
         )
     assert row is not None
     # Refusals are answered after the commit: a sha256 mismatch has failed the file (and task).
-    refusal = _refused(row["outcome"])
-    if refusal:
-        raise refusal
+    refuse(row["outcome"], LEASE_REFUSALS)
     if row["outcome"] == "SHA256_MISMATCH":
         raise ApiError(422, "SHA256_MISMATCH", task_status=row["task_status"])
     return Report(outcome=row["outcome"], task_status=row["task_status"])
@@ -212,9 +203,7 @@ async def fail(
             max_attempts,
         )
     assert row is not None
-    refusal = _refused(row["outcome"])
-    if refusal:
-        raise refusal
+    refuse(row["outcome"], LEASE_REFUSALS)
     return Report(outcome=row["outcome"], task_status=row["task_status"])
 
 
@@ -228,7 +217,5 @@ async def release(
     """Give the file back untouched (the executor is stopping): queued again, no attempt used."""
     async with _executor_transaction(request, principal) as conn:
         outcome = await conn.fetchval("SELECT dlw.executor_release($1, $2)", file_id, body.assignment_token)
-    refusal = _refused(outcome)
-    if refusal:
-        raise refusal
+    refuse(outcome, LEASE_REFUSALS)
     return Report(outcome=outcome, task_status=None)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app import db, pagination
 from app.authz import PermissionFirstRoute, acting, require_perm
-from app.errors import ApiError
+from app.errors import ApiError, refuse
 from app.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirstRoute)
@@ -117,12 +117,13 @@ TASK_COLUMNS = (
     " created_by, error, created_at, updated_at, finished_at"
 )
 FILE_COLUMNS = "id, path, size, sha256, status, attempts, bytes_done, error, finished_at"
-REFUSALS = {
-    "IDEMPOTENCY_CONFLICT": 409,
-    "UNKNOWN_PROJECT": 422,
-    "UNKNOWN_STORAGE_TARGET": 422,
-    "TENANT_INACTIVE": 403,
+CREATE_REFUSALS = {
+    "IDEMPOTENCY_CONFLICT": (409, "IDEMPOTENCY_CONFLICT"),
+    "UNKNOWN_PROJECT": (422, "UNKNOWN_PROJECT"),
+    "UNKNOWN_STORAGE_TARGET": (422, "UNKNOWN_STORAGE_TARGET"),
+    "TENANT_INACTIVE": (403, "TENANT_INACTIVE"),
 }
+CANCEL_REFUSALS = {"NOT_FOUND": (404, "TASK_NOT_FOUND"), "TASK_TERMINAL": (409, "TASK_TERMINAL")}
 
 
 @router.post(
@@ -164,8 +165,7 @@ async def create_task(
     outcome = result["outcome"]
     if outcome == "QUOTA_EXCEEDED":
         raise ApiError(429, "QUOTA_EXCEEDED", metric=result["metric"])
-    if outcome in REFUSALS:
-        raise ApiError(REFUSALS[outcome], outcome)
+    refuse(outcome, CREATE_REFUSALS)
     if existing is not None:
         return JSONResponse(Task(**dict(existing)).model_dump(mode="json"), status_code=200)
     assert outcome == "created", outcome
@@ -242,10 +242,7 @@ async def cancel_task(
     """Cancel a pending or running task (its executors' leases are lost)."""
     async with acting(request, principal) as conn:
         outcome = await conn.fetchval("SELECT dlw.cancel_task($1)", task_id)
-    if outcome == "NOT_FOUND":
-        raise ApiError(404, "TASK_NOT_FOUND")
-    if outcome == "TASK_TERMINAL":
-        raise ApiError(409, "TASK_TERMINAL")
+    refuse(outcome, CANCEL_REFUSALS)
     return Response(status_code=202)
 
 
