@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
-from app.principal import ROLES
+from app.identity.principal import ROLES
 
 
 def _migration_url(args: argparse.Namespace, settings: Settings) -> str:
@@ -22,7 +22,7 @@ def _migration_url(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from app.migrate import migrate
+    from app.ops.migrate import migrate
 
     result = migrate(_migration_url(args, get_settings()), force_program=args.reapply_sql)
     applied = ", ".join(result.applied) or "none pending"
@@ -32,7 +32,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from app.doctor import audit
+    from app.ops.catalog_check import audit
 
     problems = audit(_migration_url(args, get_settings()))
     if problems:
@@ -53,8 +53,8 @@ def _refusals(settings: Settings) -> list[str]:
 
     import asyncpg
 
-    from app.db import role_safety_problem
-    from app.startup import configuration_problems
+    from app.api.startup_guard import configuration_problems
+    from app.db.pool import role_safety_problem
 
     problems = configuration_problems(settings)
     if not settings.database_url:
@@ -79,7 +79,7 @@ def _refusals(settings: Settings) -> list[str]:
 def _serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
-    from app.main import create_app
+    from app.api.factory import create_app
 
     problems = _refusals(settings)
     if problems:
@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from app.dev import DEV_TENANT_RULES, data_cluster, dev_secret, login_instructions, prepare_database
+    from app.ops.dev import DEV_TENANT_RULES, data_cluster, dev_secret, login_instructions, prepare_database
 
     base = get_settings()
     data_dir = Path(args.data_dir or base.data_dir)
@@ -125,9 +125,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_token_issue(args: argparse.Namespace) -> int:
     import psycopg
 
-    from app import system_jwt
-    from app.principal import Principal
-    from app.startup import MIN_SECRET_BYTES
+    from app.api.startup_guard import MIN_SECRET_BYTES
+    from app.identity import system_jwt
+    from app.identity.principal import Principal
 
     settings = get_settings()
     secret = settings.system_jwt_secret
@@ -162,7 +162,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_executor_run(args: argparse.Namespace) -> int:
-    from app.reference_executor import run_command
+    from app.executor.reference import run_command
 
     return run_command(args, get_settings())
 
@@ -203,12 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="executor_command", required=True
     )
     p = executor.add_parser("run", help="claim, download and report files until SIGTERM (see docs/executors.md)")
-    from app.reference_executor import add_run_arguments
+    from app.executor.reference import add_run_arguments
 
     add_run_arguments(p)
     p.set_defaults(func=cmd_executor_run)
 
-    from app.admin_cli import add_admin_commands
+    from app.ops.admin_cli import add_admin_commands
 
     add_admin_commands(sub)  # tenant ..., reporting-login ... (DBA functions, sql/90_dlw_admin.sql)
 

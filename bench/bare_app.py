@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app import db
+from app.db import pool as db
 
 CREATE_SQL = "SELECT * FROM dlw.create_task($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)"
 LOCK_TIMEOUT_MS = 2000  # the API's default DLW_QUOTA_LOCK_TIMEOUT_MS

@@ -27,10 +27,10 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from app import system_jwt
-from app.embedded import LocalCluster
-from app.migrate import migrate
-from app.principal import Principal
+from app.identity import system_jwt
+from app.identity.principal import Principal
+from app.ops.embedded import LocalCluster
+from app.ops.migrate import migrate
 from bench.load import build_request, summarize
 
 BENCH_DIR = Path(__file__).resolve().parent

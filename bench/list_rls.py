@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import psycopg
 
-from app.routes import tasks as task_routes
+from app.api.routes import tasks as task_routes
 from bench.create_path import BenchCluster
 from bench.load import percentile
 

@@ -32,8 +32,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from app.embedded import LocalCluster
-from app.migrate import migrate
+from app.ops.embedded import LocalCluster
+from app.ops.migrate import migrate
 
 PG_SETTINGS = {
     "fsync": "off",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import MigratedDb, PgServer, create_database, drop_database, start_server
+from tests.support.database import MigratedDb, PgServer, create_database, drop_database, start_server
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import httpx
 
-from tests.apphelpers import SECRET, UNUSED_ISSUER
-from tests.harness import MigratedDb, free_port
+from tests.support.app import SECRET, UNUSED_ISSUER
+from tests.support.database import MigratedDb, free_port
 
 
 def serve_env(db: MigratedDb | None, **overrides: str | None) -> dict[str, str]:

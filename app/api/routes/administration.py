@@ -1,0 +1,317 @@
+"""Administration: tenants (system_admin), users, service accounts and the audit trail
+(tenant_admin, within their tenant; row-level security keeps every query in it)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api import pagination
+from app.api.errors import ApiError, refuse
+from app.authz.require import PermissionFirstRoute, acting, require_perm
+from app.db import pool as db
+from app.identity.principal import Principal
+
+router = APIRouter(prefix="/api/v1", tags=["administration"], route_class=PermissionFirstRoute)
+
+Slug = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{1,62}$")]
+Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
+TenantRole = Literal["tenant_admin", "tenant_operator", "tenant_viewer"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- tenants (system_admin) ----------------------------------------------------------------
+class TenantCreate(Strict):
+    slug: Slug
+    display_name: str = Field(min_length=1, max_length=200)
+    quota_concurrent: int = Field(10, ge=0, le=1_000_000)
+    quota_bytes_month: int = Field(1 << 40, ge=0, le=1 << 62)
+    quota_storage_gb: int = Field(1024, ge=0, le=1 << 30)
+
+
+class TenantPatch(Strict):
+    display_name: str | None = Field(None, min_length=1, max_length=200)
+    quota_concurrent: int | None = Field(None, ge=0, le=1_000_000)
+    quota_bytes_month: int | None = Field(None, ge=0, le=1 << 62)
+    quota_storage_gb: int | None = Field(None, ge=0, le=1 << 30)
+    active: bool | None = None
+
+
+class Tenant(BaseModel):
+    tenant_id: int
+    slug: str
+    display_name: str
+    active: bool
+    quota_concurrent: int
+    quota_bytes_month: int
+    quota_storage_gb: int
+    created_at: datetime
+    updated_at: datetime
+
+
+TENANT_COLUMNS = (
+    "tenant_id, slug, display_name, active, quota_concurrent, quota_bytes_month, quota_storage_gb,"
+    " created_at, updated_at"
+)
+
+
+async def _tenant(conn: asyncpg.Connection, tenant_id: int) -> Tenant:
+    row = await conn.fetchrow(f"SELECT {TENANT_COLUMNS} FROM dlw.tenants WHERE tenant_id = $1", tenant_id)
+    if row is None:
+        raise ApiError(404, "TENANT_NOT_FOUND")
+    return Tenant(**dict(row))
+
+
+@router.post("/tenants", status_code=201, response_model=Tenant)
+async def create_tenant(
+    request: Request, body: TenantCreate, principal: Principal = Depends(require_perm("/api/v1/tenants", "POST"))
+) -> Tenant:
+    """Create a tenant with its default project and `default` storage target."""
+    async with acting(request, principal) as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM dlw.platform_create_tenant($1, $2, $3, $4, $5)",
+            body.slug,
+            body.display_name,
+            body.quota_concurrent,
+            body.quota_bytes_month,
+            body.quota_storage_gb,
+        )
+        if row["outcome"] == "TENANT_EXISTS":
+            raise ApiError(409, "TENANT_EXISTS")
+        return await _tenant(conn, row["tenant_id"])
+
+
+@router.get("/tenants", response_model=list[Tenant])
+async def list_tenants(
+    request: Request,
+    after_id: int = Query(0, ge=0),
+    limit: Limit = 100,
+    principal: Principal = Depends(require_perm("/api/v1/tenants", "GET")),
+) -> list[Tenant]:
+    """Every tenant, by id (page with after_id)."""
+    async with acting(request, principal) as conn:
+        rows = await conn.fetch(
+            f"SELECT {TENANT_COLUMNS} FROM dlw.tenants WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2",
+            after_id,
+            limit,
+        )
+    return [Tenant(**dict(r)) for r in rows]
+
+
+@router.get("/tenants/{tenant_id}", response_model=Tenant)
+async def get_tenant(
+    request: Request,
+    tenant_id: int,
+    principal: Principal = Depends(require_perm("/api/v1/tenants/{tenant_id}", "GET", tenant_path_param="tenant_id")),
+) -> Tenant:
+    async with acting(request, principal) as conn:
+        return await _tenant(conn, tenant_id)
+
+
+@router.patch("/tenants/{tenant_id}", response_model=Tenant)
+async def update_tenant(
+    request: Request,
+    tenant_id: int,
+    body: TenantPatch,
+    principal: Principal = Depends(require_perm("/api/v1/tenants/{tenant_id}", "PATCH", tenant_path_param="tenant_id")),
+) -> Tenant:
+    """Change limits (0 = unlimited), the active flag or the display name."""
+    async with acting(request, principal) as conn:
+        outcome = await conn.fetchval(
+            "SELECT dlw.platform_update_tenant($1, $2, $3, $4, $5, $6)",
+            tenant_id,
+            body.quota_concurrent,
+            body.quota_bytes_month,
+            body.quota_storage_gb,
+            body.active,
+            body.display_name,
+        )
+        refuse(outcome, {"NOT_FOUND": (404, "TENANT_NOT_FOUND"), "PLATFORM_TENANT": (409, "PLATFORM_TENANT")})
+        return await _tenant(conn, tenant_id)
+
+
+# -- users (tenant_admin) ------------------------------------------------------------------
+class User(BaseModel):
+    id: uuid.UUID
+    email: str | None
+    role: str
+    issuer: str
+    subject: str
+    created_at: datetime
+    last_login_at: datetime | None
+
+
+class UserPage(BaseModel):
+    items: list[User]
+    next_cursor: str | None
+
+
+class UserPatch(Strict):
+    role: TenantRole
+
+
+USER_COLUMNS = "id, email, role, issuer, subject, created_at, last_login_at"
+
+
+@router.get("/users", response_model=UserPage)
+async def list_users(
+    request: Request,
+    limit: Limit = 100,
+    cursor: str | None = None,
+    principal: Principal = Depends(require_perm("/api/v1/users", "GET")),
+) -> UserPage:
+    """The tenant's users, newest first."""
+    after = pagination.decode(cursor)
+    async with acting(request, principal) as conn:
+        rows = await conn.fetch(
+            f"SELECT {USER_COLUMNS} FROM dlw.users"
+            " WHERE ($1::timestamptz IS NULL OR (created_at, id) < ($1, $2))"
+            " ORDER BY created_at DESC, id DESC LIMIT $3",
+            after[0] if after else None,
+            after[1] if after else None,
+            limit,
+        )
+    return UserPage(
+        items=[User(**dict(r)) for r in rows], next_cursor=pagination.next_cursor(rows, limit, "created_at")
+    )
+
+
+@router.patch("/users/{user_id}", response_model=User)
+async def update_user(
+    request: Request,
+    user_id: uuid.UUID,
+    body: UserPatch,
+    principal: Principal = Depends(require_perm("/api/v1/users/{user_id}", "PATCH")),
+) -> User:
+    """Change a user's role within the tenant (never above tenant_admin)."""
+    async with acting(request, principal) as conn:
+        outcome = await conn.fetchval("SELECT dlw.set_user_role($1, $2)", user_id, body.role)
+        refuse(outcome, {"NOT_FOUND": (404, "USER_NOT_FOUND"), "LAST_TENANT_ADMIN": (409, "LAST_TENANT_ADMIN")})
+        if outcome != "ok":
+            raise ApiError(422, outcome)
+        row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM dlw.users WHERE id = $1", user_id)
+    return User(**dict(row))
+
+
+# -- service accounts (tenant_admin) -------------------------------------------------------
+class ServiceAccountCreate(Strict):
+    client_id: str = Field(min_length=1, max_length=255)
+    role: Literal["tenant_admin", "tenant_operator", "tenant_viewer", "executor"]
+    description: str = Field("", max_length=500)
+    issuer: str | None = Field(None, min_length=1, max_length=500, description="default: DLW_OIDC_ISSUER")
+
+
+class ServiceAccount(BaseModel):
+    id: uuid.UUID
+    issuer: str
+    client_id: str
+    role: str
+    description: str
+    created_at: datetime
+
+
+SA_COLUMNS = "id, issuer, client_id, role, description, created_at"
+
+
+@router.post("/service-accounts", status_code=201, response_model=ServiceAccount)
+async def create_service_account(
+    request: Request,
+    body: ServiceAccountCreate,
+    principal: Principal = Depends(require_perm("/api/v1/service-accounts", "POST")),
+) -> ServiceAccount:
+    """Let an identity-provider client (client-credentials tokens) act in this tenant."""
+    issuer = body.issuer or request.app.state.settings.oidc_issuer
+    if not issuer:
+        raise ApiError(422, "OIDC_NOT_CONFIGURED")
+    async with acting(request, principal) as conn:
+        row = await db.insert_unique(
+            conn,
+            "SERVICE_ACCOUNT_EXISTS",
+            f"INSERT INTO dlw.service_accounts (tenant_id, issuer, client_id, role, description)"
+            f" VALUES (dlw.ctx_tenant_id(), $1, $2, $3, $4) RETURNING {SA_COLUMNS}",
+            issuer,
+            body.client_id,
+            body.role,
+            body.description,
+        )
+        await db.audit(
+            conn,
+            "service_account.created",
+            str(row["id"]),
+            {"client_id": body.client_id, "role": body.role, "issuer": issuer},
+        )
+    return ServiceAccount(**dict(row))
+
+
+@router.get("/service-accounts", response_model=list[ServiceAccount])
+async def list_service_accounts(
+    request: Request, principal: Principal = Depends(require_perm("/api/v1/service-accounts", "GET"))
+) -> list[ServiceAccount]:
+    async with acting(request, principal) as conn:
+        rows = await conn.fetch(f"SELECT {SA_COLUMNS} FROM dlw.service_accounts ORDER BY created_at, id")
+    return [ServiceAccount(**dict(r)) for r in rows]
+
+
+@router.delete("/service-accounts/{account_id}", status_code=204, response_class=Response)
+async def delete_service_account(
+    request: Request,
+    account_id: uuid.UUID,
+    principal: Principal = Depends(require_perm("/api/v1/service-accounts/{account_id}", "DELETE")),
+) -> Response:
+    async with acting(request, principal) as conn:
+        client_id = await conn.fetchval(
+            "DELETE FROM dlw.service_accounts WHERE id = $1 RETURNING client_id", account_id
+        )
+        if client_id is None:
+            raise ApiError(404, "SERVICE_ACCOUNT_NOT_FOUND")
+        await db.audit(conn, "service_account.deleted", str(account_id), {"client_id": client_id})
+    return Response(status_code=204)
+
+
+# -- audit trail (tenant_admin) ------------------------------------------------------------
+class AuditEntry(BaseModel):
+    id: uuid.UUID
+    at: datetime
+    actor: str | None
+    action: str
+    target: str | None
+    detail: dict[str, Any]
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEntry]
+    next_cursor: str | None
+
+
+@router.get("/audit", response_model=AuditPage)
+async def audit_trail(
+    request: Request,
+    limit: Limit = 50,
+    cursor: str | None = None,
+    action: str | None = Query(None, max_length=100),
+    principal: Principal = Depends(require_perm("/api/v1/audit", "GET")),
+) -> AuditPage:
+    """The tenant's audit rows, newest first."""
+    after = pagination.decode(cursor)
+    async with acting(request, principal) as conn:
+        rows = await conn.fetch(
+            "SELECT id, at, actor, action, target, detail FROM dlw.audit_log"
+            " WHERE tenant_id = dlw.ctx_tenant_id() AND ($1::timestamptz IS NULL OR (at, id) < ($1, $2))"
+            " AND ($3::text IS NULL OR action = $3)"
+            " ORDER BY at DESC, id DESC LIMIT $4",
+            after[0] if after else None,
+            after[1] if after else None,
+            action,
+            limit,
+        )
+    items = [AuditEntry(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]
+    return AuditPage(items=items, next_cursor=pagination.next_cursor(rows, limit, "at"))

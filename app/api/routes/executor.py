@@ -1,0 +1,221 @@
+"""The executor API: claim files under a lease, heartbeat, complete, fail or release them.
+
+Executors hold `executor` tokens, limited to one tenant or system-wide (tid 0). Each route runs
+one transaction in the executor's context (dlw.set_context(<tid>, <subject>, 'executor'),
+exactly like every other route) and calls one SECURITY DEFINER function of sql/40_executor.sql.
+Those functions cross tenants (owned by dlw_system), so isolation does not come from row-level
+security here but from the functions themselves: they take the executor's scope from that
+context (tid 0 = every tenant), refuse any other role, and never read or change a file outside
+the scope. The context is set only by the API from a verified token, and only dlw_app may
+EXECUTE the functions; casbin admits only the executor role to these routes in the first place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated
+
+import asyncpg
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.errors import ApiError, refuse
+from app.authz.require import PermissionFirstRoute, acting, require_perm
+from app.identity.principal import Principal
+
+router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
+
+MAX_CLAIM = 100
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha256 of the content")]
+
+
+class ClaimRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_files: int = Field(1, ge=1, le=MAX_CLAIM)
+    lease_seconds: int = Field(60, ge=5, le=3600, description="lease length; every heartbeat extends it by as much")
+    executor: str | None = Field(
+        None, max_length=100, pattern=r"^[A-Za-z0-9_.:@/-]+$", description="instance label, recorded with the lease"
+    )
+
+
+class ClaimedFile(BaseModel):
+    id: uuid.UUID
+    task_id: uuid.UUID
+    tenant_id: int
+    tenant: str = Field(description="tenant slug: files land in <storage>/<tenant>/<repo_id>/<revision>/<path>")
+    repo_id: str
+    revision: str
+    path: str
+    size: int
+    sha256: str | None
+    priority: int
+    attempt: int
+    assignment_token: uuid.UUID
+    lease_seconds: int
+    lease_expires_at: datetime
+
+
+class ClaimResponse(BaseModel):
+    files: list[ClaimedFile]
+
+
+class LeaseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    assignment_token: uuid.UUID
+
+
+class HeartbeatBody(LeaseBody):
+    bytes_done: int | None = Field(None, ge=0, le=1 << 62)
+
+
+class HeartbeatResponse(BaseModel):
+    lease_expires_at: datetime
+
+
+class CompleteBody(LeaseBody):
+    bytes: int = Field(ge=0, le=1 << 62, description="bytes actually downloaded (the usage counted)")
+    sha256: Sha256
+
+
+class FailBody(LeaseBody):
+    error: str = Field(min_length=1, max_length=2000)
+    retryable: bool = False
+
+
+class Report(BaseModel):
+    outcome: str
+    task_status: str | None
+
+
+LEASE_REFUSALS = {"NOT_FOUND": (404, "FILE_NOT_FOUND"), "LEASE_LOST": (409, "LEASE_LOST")}
+
+
+@asynccontextmanager
+async def _executor_transaction(request: Request, principal: Principal) -> AsyncIterator[asyncpg.Connection]:
+    # Claims never wait for locks and reports lock a task before its files, so a deadlock is not
+    # expected; should PostgreSQL still abort one, the executor is told to retry.
+    try:
+        async with acting(request, principal) as conn:
+            yield conn
+    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+        raise ApiError(503, "EXECUTOR_RETRY", headers={"Retry-After": "1"}) from exc
+
+
+@router.post("/claim", response_model=ClaimResponse)
+async def claim(
+    request: Request,
+    body: ClaimRequest,
+    principal: Principal = Depends(require_perm("/api/v1/executor/claim", "POST")),
+) -> ClaimResponse:
+    """Claim up to max_files files (possibly none), fairly across the tenants the token covers."""
+    max_attempts = request.app.state.settings.executor_max_attempts
+    async with _executor_transaction(request, principal) as conn:
+        rows = await conn.fetch(
+            "SELECT * FROM dlw.executor_claim($1, $2, $3, $4)",
+            body.max_files,
+            body.lease_seconds,
+            body.executor,
+            max_attempts,
+        )
+    return ClaimResponse(
+        files=[
+            ClaimedFile(
+                id=r["file_id"],
+                task_id=r["task_id"],
+                tenant_id=r["tenant_id"],
+                tenant=r["tenant_slug"],
+                repo_id=r["repo_id"],
+                revision=r["revision"],
+                path=r["path"],
+                size=r["size"],
+                sha256=r["sha256"],
+                priority=r["priority"],
+                attempt=r["attempts"],
+                assignment_token=r["assignment_token"],
+                lease_seconds=r["lease_seconds"],
+                lease_expires_at=r["lease_expires_at"],
+            )
+            for r in rows
+        ]
+    )
+
+
+@router.post("/files/{file_id}/heartbeat", response_model=HeartbeatResponse)
+async def heartbeat(
+    request: Request,
+    file_id: uuid.UUID,
+    body: HeartbeatBody,
+    principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/heartbeat", "POST")),
+) -> HeartbeatResponse:
+    """Extend the lease (and record progress); 409 LEASE_LOST means stop working on the file."""
+    async with _executor_transaction(request, principal) as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM dlw.executor_heartbeat($1, $2, $3)", file_id, body.assignment_token, body.bytes_done
+        )
+    assert row is not None
+    refuse(row["outcome"], LEASE_REFUSALS)
+    return HeartbeatResponse(lease_expires_at=row["lease_expires_at"])
+
+
+@router.post("/files/{file_id}/complete", response_model=Report)
+async def complete(
+    request: Request,
+    file_id: uuid.UUID,
+    body: CompleteBody,
+    principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/complete", "POST")),
+) -> Report:
+    """Report the file downloaded; its usage is counted once, however often this is repeated."""
+    async with _executor_transaction(request, principal) as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM dlw.executor_complete($1, $2, $3, $4)",
+            file_id,
+            body.assignment_token,
+            body.bytes,
+            body.sha256.lower(),
+        )
+    assert row is not None
+    # Refusals are answered after the commit: a sha256 mismatch has failed the file (and task).
+    refuse(row["outcome"], LEASE_REFUSALS)
+    if row["outcome"] == "SHA256_MISMATCH":
+        raise ApiError(422, "SHA256_MISMATCH", task_status=row["task_status"])
+    return Report(outcome=row["outcome"], task_status=row["task_status"])
+
+
+@router.post("/files/{file_id}/fail", response_model=Report)
+async def fail(
+    request: Request,
+    file_id: uuid.UUID,
+    body: FailBody,
+    principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/fail", "POST")),
+) -> Report:
+    """Report a failure: retryable ones requeue the file while it has attempts left."""
+    max_attempts = request.app.state.settings.executor_max_attempts
+    async with _executor_transaction(request, principal) as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5)",
+            file_id,
+            body.assignment_token,
+            body.error,
+            body.retryable,
+            max_attempts,
+        )
+    assert row is not None
+    refuse(row["outcome"], LEASE_REFUSALS)
+    return Report(outcome=row["outcome"], task_status=row["task_status"])
+
+
+@router.post("/files/{file_id}/release", response_model=Report)
+async def release(
+    request: Request,
+    file_id: uuid.UUID,
+    body: LeaseBody,
+    principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/release", "POST")),
+) -> Report:
+    """Give the file back untouched (the executor is stopping): queued again, no attempt used."""
+    async with _executor_transaction(request, principal) as conn:
+        outcome = await conn.fetchval("SELECT dlw.executor_release($1, $2)", file_id, body.assignment_token)
+    refuse(outcome, LEASE_REFUSALS)
+    return Report(outcome=outcome, task_status=None)

@@ -1,0 +1,124 @@
+"""Decisions for require_perm: casbin evaluates a (role, obj, act, same-tenant) question once,
+then the answer is cached until the policy reloads, so a check costs a dict lookup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import asyncpg
+import casbin
+
+from app.authz.adapter import PgPolicyAdapter
+from app.identity.principal import Principal
+
+log = logging.getLogger("dlw.rbac")
+logging.getLogger("casbin").setLevel(logging.WARNING)  # it logs the whole model and policy at INFO
+MODEL_FILE = Path(__file__).with_name("model.conf")
+CHANNEL = "dlw_casbin_rule"
+GRANT_SUBJECT_PREFIX = "user:"
+MAX_CACHED_SUBJECTS = 100_000
+# Most privileged first: the database role a principal acts with is the first it holds.
+ROLE_RANK = ("system_admin", "tenant_admin", "tenant_operator", "tenant_viewer", "executor")
+
+
+class Authorizer:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.enforcer = casbin.AsyncEnforcer(str(MODEL_FILE), PgPolicyAdapter(pool))
+        self._decisions: dict[tuple[str, str, str, bool], bool] = {}
+        self._grants: dict[str, tuple[str, ...]] = {}
+        self.reloads = 0
+        self._reload_wanted = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- decisions ----------------------------------------------------------------------
+    def decide(self, role: str, obj: str, act: str, same_tenant: bool) -> bool:
+        key = (role, obj, act, same_tenant)
+        decision = self._decisions.get(key)
+        if decision is None:
+            rtenant = "t" if same_tenant else "other"
+            decision = bool(self.enforcer.enforce(role, "t", obj, act, rtenant))
+            self._decisions[key] = decision
+        return decision
+
+    def roles_of(self, principal: Principal) -> tuple[str, ...]:
+        """The principal's own role plus any granted to it by a g row `g, user:<user_id>, <role>`
+        (the prefix keeps subjects and role names apart)."""
+        subject = GRANT_SUBJECT_PREFIX + principal.user_id
+        granted = self._grants.get(subject)
+        if granted is None:
+            if len(self._grants) >= MAX_CACHED_SUBJECTS:
+                self._grants.clear()  # bounded: one entry per subject seen since the last reload
+            granted = tuple(self.enforcer.get_role_manager().get_roles(subject))
+            self._grants[subject] = granted
+        return (principal.role, *granted)
+
+    def acting_role(self, principal: Principal, obj: str, act: str, same_tenant: bool) -> str | None:
+        """The most privileged of the principal's roles that allows act on obj, or None."""
+        allowed = [r for r in self.roles_of(principal) if self.decide(r, obj, act, same_tenant)]
+        if not allowed:
+            return None
+        return min(allowed, key=lambda r: ROLE_RANK.index(r) if r in ROLE_RANK else len(ROLE_RANK))
+
+    # -- loading and live reload --------------------------------------------------------
+    async def reload(self) -> None:
+        await self.enforcer.load_policy()
+        self._decisions.clear()
+        self._grants.clear()
+        self.reloads += 1
+        log.info("authorization policy loaded (reload %d)", self.reloads)
+
+    async def start(self, listen_dsn: str) -> None:
+        """Load the policy now (AsyncEnforcer does not in its constructor), then follow changes."""
+        await self.reload()
+        self._tasks = [asyncio.create_task(self._listen(listen_dsn)), asyncio.create_task(self._reloader())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _reloader(self) -> None:
+        # Bursts of notifications collapse into one reload.
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            try:
+                await self.reload()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("policy reload failed, retrying: %s", exc)
+                await asyncio.sleep(1)
+                self._reload_wanted.set()
+
+    async def _listen(self, dsn: str) -> None:
+        """A dedicated connection LISTENs for grant changes; when it drops, reconnect and
+        reload (changes may have been missed meanwhile)."""
+        backoff = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(dsn, server_settings={"application_name": "dlw-api-listen"})
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, lambda *_args: self._reload_wanted.set())
+                self._reload_wanted.set()
+                backoff = 0.5
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), timeout=5)
+                    if not lost.is_set():
+                        await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)  # detect silent drops
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: the loop reconnects
+                log.warning("policy listener lost its connection (%s); reconnecting", exc.__class__.__name__)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)

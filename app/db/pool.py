@@ -1,0 +1,66 @@
+"""asyncpg access for the API: the pool, and the tenant-scoped transaction every request uses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from app.api.errors import ApiError
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        # Nothing request-scoped may survive on a pooled connection: settings are set with
+        # set_config(..., true) inside the request transaction, and reset anyway on release.
+        server_settings={"application_name": "dlw-api", "timezone": "UTC"},
+    )
+    assert pool is not None
+    return pool
+
+
+async def role_safety_problem(conn: asyncpg.Connection) -> str | None:
+    """Why this connection's role would defeat row-level security, or None when it is safe."""
+    row = await conn.fetchrow(
+        "SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
+    )
+    assert row is not None
+    if row["rolsuper"]:
+        return f"database role {row['name']} is a superuser (row-level security would not apply)"
+    if row["rolbypassrls"]:
+        return f"database role {row['name']} has BYPASSRLS (row-level security would not apply)"
+    return None
+
+
+@asynccontextmanager
+async def tenant_transaction(
+    pool: asyncpg.Pool, tenant_id: int, user_id: str, role: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """One transaction acting for one tenant: the context is set first, in one statement,
+    transaction-locally, so it cannot leak to the next user of the pooled connection."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT dlw.set_context($1, $2, $3)", tenant_id, user_id, role)
+        yield conn
+
+
+async def audit(conn: asyncpg.Connection, action: str, target: str, detail: dict[str, Any]) -> None:
+    """Append a row to the current tenant's audit trail, in the caller's transaction."""
+    await conn.execute("SELECT dlw.audit($1, $2, $3::jsonb)", action, target, json.dumps(detail))
+
+
+async def insert_unique(conn: asyncpg.Connection, conflict_code: str, query: str, *args: Any) -> asyncpg.Record:
+    """Run an INSERT ... RETURNING; a duplicate key (always within the tenant's own key
+    space) is answered 409 with conflict_code, leaving the request transaction usable."""
+    try:
+        async with conn.transaction():
+            row = await conn.fetchrow(query, *args)
+    except asyncpg.UniqueViolationError as exc:
+        raise ApiError(409, conflict_code) from exc
+    assert row is not None
+    return row

@@ -1,0 +1,178 @@
+"""`dlw migrate`: apply pending yoyo migrations, then (re-)apply the SQL program in sql/.
+
+Both steps run while holding a PostgreSQL advisory lock and yoyo's own lock, so concurrent
+runs against one database queue up instead of interleaving. The SQL program is re-applied
+only when its content changed (or when forced), so a second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from yoyo import get_backend, read_migrations
+
+from app.ops.paths import migrations_dir, sql_dir
+
+# Arbitrary but fixed key for pg_advisory_lock: "dlw migrate" in one bigint.
+MIGRATE_LOCK_KEY = 0x646C_776D_6967
+
+log = logging.getLogger("dlw.migrate")
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    applied: list[str]
+    program_applied: bool
+    program_sha256: str
+    snapshot_runner: str = "leader"
+
+
+def yoyo_url(url: str) -> str:
+    """yoyo needs its psycopg 3 scheme; accept ordinary postgresql:// URLs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def program_files(directory: Path | None = None) -> list[Path]:
+    return sorted((directory or sql_dir()).glob("*.sql"))
+
+
+def program_sha256(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def migration_ids() -> list[str]:
+    return [m.id for m in read_migrations(str(migrations_dir()))]
+
+
+def apply_program(conn: psycopg.Connection, files: list[Path]) -> None:
+    """Run every sql/ file in one transaction, as dlw_owner unless a file switches role."""
+    with conn.transaction():
+        for path in files:
+            conn.execute("SET LOCAL ROLE dlw_owner")
+            conn.execute(path.read_text())  # type: ignore[arg-type]
+        conn.execute("RESET ROLE")
+
+
+def migrate(url: str, *, force_program: bool = False) -> MigrateResult:
+    files = program_files()
+    sha = program_sha256(files)
+    with psycopg.connect(url, autocommit=True) as lock_conn:
+        lock_conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK_KEY,))
+        backend = get_backend(yoyo_url(url))
+        try:
+            with backend.lock(timeout=600):
+                migrations = read_migrations(str(migrations_dir()))
+                pending = backend.to_apply(migrations)
+                backend.apply_migrations(pending)
+                applied = [m.id for m in pending]
+                with psycopg.connect(url) as conn:
+                    row = conn.execute("SELECT program_sha256, migrations FROM dlw.schema_program").fetchone()
+                    ids = [m.id for m in migrations]
+                    program_applied = force_program or row is None or row[0] != sha
+                    if program_applied:
+                        apply_program(conn, files)
+                    conn.execute("SELECT dlw.secure_database()")
+                    if program_applied or row is None or list(row[1]) != ids:
+                        conn.execute(
+                            "INSERT INTO dlw.schema_program (program_sha256, migrations)"
+                            " VALUES (%s, %s) ON CONFLICT (singleton) DO UPDATE"
+                            " SET program_sha256 = excluded.program_sha256,"
+                            "     migrations = excluded.migrations, applied_at = now()",
+                            (sha, ids),
+                        )
+                    conn.commit()
+                runner = schedule_snapshot_refresh(url)
+        finally:
+            backend.connection.close()
+            lock_conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK_KEY,))
+    return MigrateResult(
+        applied=applied, program_applied=program_applied, program_sha256=sha, snapshot_runner=runner.runner
+    )
+
+
+# -- Snapshot runner: a pg_cron job where the server preloads pg_cron ---------------------------
+# Kept apart from the migrations above: it depends on the server's configuration, not on the
+# schema, and is re-checked on every run. The choice is recorded in dlw.snapshot_state (runner,
+# runner_detail); the API reads it at startup and runs its own leader loop only for "leader".
+
+CRON_JOB = "dlw-refresh-quota-snapshots"
+CRON_SCHEDULE = "* * * * *"  # every minute (pg_cron 1.4 schedules in GMT; irrelevant at this granularity)
+CRON_COMMAND = "SELECT dlw.refresh_quota_snapshots()"
+
+
+@dataclass(frozen=True)
+class RunnerChoice:
+    runner: str  # "pg_cron" or "leader"
+    detail: str
+
+
+def _pg_cron_preloaded(conn: psycopg.Connection) -> bool | None:
+    """Whether shared_preload_libraries names pg_cron; None when this role may not read it."""
+    try:
+        with conn.transaction():
+            value = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+    libraries = str(value[0] if value else "")
+    return "pg_cron" in [part.strip().strip('"') for part in libraries.split(",")]
+
+
+def _choose_runner(url: str) -> RunnerChoice:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT current_database(),"
+            "       EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pg_cron'),"
+            "       current_setting('cron.database_name', true)"
+        ).fetchone()
+        assert row is not None
+        dbname, available, cron_db = str(row[0]), bool(row[1]), row[2]
+        preloaded = _pg_cron_preloaded(conn)
+        # pg_cron defines cron.database_name only when it is loaded, i.e. preloaded.
+        if not available or not cron_db or preloaded is False:
+            why = "not installed" if not available else "not in shared_preload_libraries"
+            return RunnerChoice("leader", f"pg_cron {why}: the API leader refreshes")
+        job = CRON_JOB if cron_db == dbname else f"{CRON_JOB}:{dbname}"
+        try:
+            if cron_db == dbname:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+                jobid = conn.execute("SELECT cron.schedule(%s, %s, %s)", (job, CRON_SCHEDULE, CRON_COMMAND)).fetchone()
+            else:
+                # pg_cron keeps its jobs in the database named by cron.database_name; from there
+                # a job may run in another database.
+                with psycopg.connect(psycopg.conninfo.make_conninfo(url, dbname=cron_db), autocommit=True) as cron:
+                    cron.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+                    jobid = cron.execute(
+                        "SELECT cron.schedule_in_database(%s, %s, %s, %s)", (job, CRON_SCHEDULE, CRON_COMMAND, dbname)
+                    ).fetchone()
+        except (psycopg.Error, OSError) as exc:
+            log.warning("pg_cron is preloaded but the refresh job could not be scheduled: %s", exc)
+            return RunnerChoice(
+                "leader", f"pg_cron job not scheduled ({exc.__class__.__name__}): the API leader refreshes"
+            )
+        jobid_text = jobid[0] if jobid else "?"
+        return RunnerChoice("pg_cron", f"pg_cron job {job} (id {jobid_text}) in database {cron_db}, every minute")
+
+
+def schedule_snapshot_refresh(url: str) -> RunnerChoice:
+    """Schedule dlw.refresh_quota_snapshots() every minute with pg_cron when the server preloads
+    it (idempotent: pg_cron upserts the job by name), else leave it to the API's leader; record
+    which in dlw.snapshot_state."""
+    choice = _choose_runner(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE dlw.snapshot_state SET runner = %s, runner_detail = %s"
+            " WHERE runner IS DISTINCT FROM %s OR runner_detail IS DISTINCT FROM %s",
+            (choice.runner, choice.detail, choice.runner, choice.detail),
+        )
+    log.info("snapshot runner: %s (%s)", choice.runner, choice.detail)
+    return choice

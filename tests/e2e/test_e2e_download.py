@@ -1,0 +1,374 @@
+"""End to end with real processes: the API server (`dlw serve`), a local Hugging Face-compatible
+file server written here (generated files with known sha256, optionally slow), and reference
+executors (`dlw executor run`). Tasks of several tenants are downloaded and verified on disk,
+usage is folded and shown by the quota API, the byte quota then refuses the next task; an
+executor stopped by SIGTERM gives its file back, one killed mid-download loses its lease and
+another downloads the file again, counted once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import pytest
+
+from app.executor.reference import Claimed, UnsafePath, destination, file_url
+from tests.support import server
+from tests.support.app import bearer, token
+from tests.support.database import MigratedDb
+
+CHUNK = 64 * 1024
+
+
+@dataclass
+class HubServer:
+    """Serves {repo_id}/resolve/{revision}/{path} like the Hugging Face hub; counts requests and
+    the bytes sent per path; `slow[path]` seconds of sleep between 64 KiB chunks."""
+
+    files: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
+    slow: dict[str, float] = field(default_factory=dict)
+    requests: Counter[str] = field(default_factory=Counter)
+    sent: Counter[str] = field(default_factory=Counter)
+
+    def add(self, repo: str, revision: str, path: str, content: bytes) -> dict[str, Any]:
+        self.files[(repo, revision, path)] = content
+        return {"path": path, "size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+
+    def start(self) -> None:
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                parts = self.path.split("?", 1)[0].split("/")
+                # /{org}/{name}/resolve/{revision}/{path...}
+                if len(parts) < 6 or parts[3] != "resolve":
+                    self.send_error(404)
+                    return
+                repo, revision, path = f"{parts[1]}/{parts[2]}", unquote(parts[4]), unquote("/".join(parts[5:]))
+                content = hub.files.get((repo, revision, path))
+                hub.requests[path] += 1
+                if content is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                try:
+                    for offset in range(0, len(content), CHUNK):
+                        self.wfile.write(content[offset : offset + CHUNK])
+                        self.wfile.flush()
+                        hub.sent[path] += len(content[offset : offset + CHUNK])
+                        if path in hub.slow:
+                            time.sleep(hub.slow[path])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A private directory (not pytest's tmp_path: concurrent pytest runs prune each other's)."""
+    path = Path(tempfile.mkdtemp(prefix="dlw-e2e-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[HubServer]:
+    h = HubServer()
+    h.start()
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def api(db: MigratedDb) -> Iterator[str]:
+    with server.running_server(db, DLW_SNAPSHOT_INTERVAL_SECONDS="1") as url:
+        yield url
+
+
+def provision(db: MigratedDb, slug: str, bytes_month: int = 0) -> int:
+    with db.owner() as conn:
+        return int(
+            conn.execute("SELECT dlw.provision_tenant(%s, %s, 0, %s, 0)", (slug, slug, bytes_month)).fetchone()[0]
+        )
+
+
+def start_executor(api: str, hub: HubServer, storage: Path, label: str, *extra: str) -> subprocess.Popen[str]:
+    env = server.serve_env(
+        None, DLW_EXECUTOR_TOKEN=token(0, "executor", user_id="e2e-executor"), DLW_EXECUTOR_BASE_URL=api
+    )
+    command = [sys.executable, "-m", "app", "executor", "run", "--storage", str(storage), "--hf-endpoint", hub.url]
+    return subprocess.Popen(
+        [*command, "--label", label, "--poll-seconds", "0.2", *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_executor(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=20)
+    return proc.returncode, err
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, executors: tuple[subprocess.Popen[str], ...] = ()
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    logs = [stop_executor(proc, signal.SIGKILL) for proc in executors]
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; executors (exit code, log): {logs}")
+
+
+def create_task(api: str, tid: int, repo: str, revision: str, files: list[dict[str, Any]]) -> httpx.Response:
+    return httpx.post(
+        f"{api}/api/v1/tasks",
+        headers=bearer(token(tid, "tenant_operator")),
+        json={"repo_id": repo, "revision": revision, "files": files},
+        timeout=10,
+    )
+
+
+def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
+    return dict(response.json())
+
+
+def test_several_tenants_downloaded_by_two_executors_metered_and_limited(db, api, hub, workdir):
+    rng = random.Random(6)
+    plan = {
+        "e2e-alpha": [("org/alpha", "main", ["config.json", "model-00001.safetensors", "model-00002.safetensors"])],
+        "e2e-beta": [("org/beta", "v1.0", ["tokenizer.json", "sub/dir/weights.bin", "empty.txt"])],
+        "e2e-gamma": [("team/gamma", "refs/pr/1", ["README.md", "data/train.parquet"]), ("org/alpha", "main", ["x"])],
+    }
+    tasks: list[tuple[int, str, str, list[dict[str, Any]]]] = []
+    totals: dict[str, int] = {}
+    for slug, repos in plan.items():
+        specs_by_repo = []
+        for repo, revision, paths in repos:
+            specs = [
+                hub.add(repo, revision, path, b"" if path == "empty.txt" else rng.randbytes(rng.randint(1, 600_000)))
+                for path in paths
+            ]
+            specs_by_repo.append((repo, revision, specs))
+        totals[slug] = sum(f["size"] for _, _, specs in specs_by_repo for f in specs)
+        # alpha's monthly byte quota is exactly what it downloads.
+        tid = provision(db, slug, bytes_month=totals[slug] if slug == "e2e-alpha" else 0)
+        for repo, revision, specs in specs_by_repo:
+            created = create_task(api, tid, repo, revision, specs)
+            assert created.status_code == 201, created.text
+            tasks.append((tid, slug, created.json()["id"], specs))
+
+    storage = workdir / "storage"
+    executors = [start_executor(api, hub, storage, f"exec-{i}", "--concurrency", "2") for i in (1, 2)]
+    try:
+        for tid, _, task_id, _ in tasks:
+            wait_for(lambda tid=tid, task_id=task_id: task_of(api, tid, task_id)["status"] == "succeeded", 60, task_id)
+    finally:
+        codes = [stop_executor(proc) for proc in executors]
+    assert [code for code, _ in codes] == [0, 0], codes  # SIGTERM: a clean stop
+
+    # Every file is on disk where it belongs, with its sha256; no temporary file is left.
+    for tid, slug, task_id, specs in tasks:
+        task = task_of(api, tid, task_id)
+        for spec in specs:
+            on_disk = storage / slug / task["repo_id"] / task["revision"] / spec["path"]
+            assert hashlib.sha256(on_disk.read_bytes()).hexdigest() == spec["sha256"], on_disk
+        assert {f["status"] for f in task["files"]} == {"succeeded"}
+        assert {f["path"]: f["bytes_done"] for f in task["files"]} == {s["path"]: s["size"] for s in specs}
+    assert not [p for p in storage.rglob("*.part")]
+
+    # After a refresh (the API leader runs one every second here) the quota shows exactly the
+    # downloaded bytes, all of it folded into the snapshot.
+    with db.owner() as conn:
+        newest = conn.execute("SELECT max(xid)::text::bigint FROM dlw.usage_records").fetchone()[0]
+    wait_for(lambda: _folded_past(db, newest), 15, "a snapshot refresh")
+    for tid, slug, _, _ in tasks:
+        quota = httpx.get(f"{api}/api/v1/quota/current", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
+        assert quota.json()["bytes_used_month"] == totals[slug], slug
+        assert quota.json()["snapshot_refreshed_at"] is not None
+        with db.owner() as conn:
+            folded = conn.execute(
+                "SELECT amount FROM dlw.quota_snapshots WHERE tenant_id = %s AND period = dlw.month_start(now())",
+                (tid,),
+            ).fetchone()[0]
+        assert folded == totals[slug], slug
+    with db.owner() as conn:
+        assert conn.execute("SELECT count(*) FROM dlw.quota_drift()").fetchone()[0] == 0
+
+    # alpha has used its whole month: the next task is refused for bytes_month.
+    alpha = tasks[0][0]
+    refused = create_task(api, alpha, "org/alpha", "main", [{"path": "more.bin", "size": 1}])
+    assert refused.status_code == 429
+    assert refused.json() == {"detail": {"code": "QUOTA_EXCEEDED", "metric": "bytes_month"}}
+
+
+def _folded_past(db: MigratedDb, xid: int) -> bool:
+    with db.owner() as conn:
+        return bool(
+            conn.execute("SELECT folded_below::text::bigint > %s FROM dlw.snapshot_state", (xid,)).fetchone()[0]
+        )
+
+
+def _file(db: MigratedDb, file_id: str) -> dict[str, Any]:
+    with db.owner() as conn:
+        row = conn.execute(
+            "SELECT status, attempts, executor_id, assignment_token IS NOT NULL, bytes_done FROM dlw.task_files"
+            " WHERE id = %s",
+            (file_id,),
+        ).fetchone()
+    return dict(zip(("status", "attempts", "executor", "has_token", "bytes_done"), row, strict=True))
+
+
+def test_stopped_and_killed_executors_lose_their_leases_and_the_file_is_downloaded_again(db, api, hub, workdir):
+    tid = provision(db, "e2e-killed")
+    spec = hub.add("org/slow", "main", "big.bin", random.Random(7).randbytes(40 * CHUNK))
+    hub.slow["big.bin"] = 0.05  # ~2 s for the whole file
+    created = create_task(api, tid, "org/slow", "main", [spec])
+    assert created.status_code == 201, created.text
+    task_id = created.json()["id"]
+    file_id = task_of(api, tid, task_id)["files"][0]["id"]
+    storage = workdir / "storage"
+
+    # SIGTERM mid-download: the executor gives the file back at once (no attempt used) and exits 0.
+    first = start_executor(api, hub, storage, "stopped", "--lease-seconds", "5")
+    wait_for(lambda: hub.sent["big.bin"] > 0, 20, "the first download to start", (first,))
+    code, err = stop_executor(first)
+    assert code == 0, err
+    assert _file(db, file_id) == {
+        "status": "pending",
+        "attempts": 0,
+        "executor": "e2e-executor/stopped",
+        "has_token": False,
+        "bytes_done": 0,
+    }
+
+    # SIGKILL mid-download: nothing is given back; the lease expires (5 s) and another executor
+    # downloads the file again.
+    sent_before = hub.sent["big.bin"]
+    killed = start_executor(api, hub, storage, "killed", "--lease-seconds", "5")
+    wait_for(lambda: hub.sent["big.bin"] > sent_before, 20, "the second download to start", (killed,))
+    stop_executor(killed, signal.SIGKILL)
+    assert _file(db, file_id)["status"] in ("assigned", "running")
+    survivor = start_executor(api, hub, storage, "survivor", "--lease-seconds", "5")
+    try:
+        wait_for(
+            lambda: task_of(api, tid, task_id)["status"] == "succeeded", 30, "the survivor's download", (survivor,)
+        )
+    finally:
+        code, err = stop_executor(survivor)
+    assert code == 0, err
+
+    final = _file(db, file_id)
+    assert final == {
+        "status": "succeeded",
+        "attempts": 2,
+        "executor": "e2e-executor/survivor",
+        "has_token": True,
+        "bytes_done": spec["size"],
+    }
+    assert hub.requests["big.bin"] == 3
+    target = storage / "e2e-killed" / "org" / "slow" / "main" / "big.bin"
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == spec["sha256"]
+    # Counted once, for the bytes actually downloaded.
+    with db.owner() as conn:
+        rows = conn.execute("SELECT event_key, amount FROM dlw.usage_records WHERE tenant_id = %s", (tid,)).fetchall()
+    assert rows == [(f"file:{file_id}", spec["size"])]
+    # Only the killed executor's partial file can be left behind (the stopped one cleaned up).
+    assert len([p for p in target.parent.iterdir() if p.name.endswith(".part")]) <= 1
+
+
+def test_the_executor_refuses_to_write_outside_its_storage(workdir):
+    def item(**overrides: str) -> Claimed:
+        values: dict[str, Any] = {
+            "id": "f",
+            "tenant": "acme",
+            "repo_id": "org/model",
+            "revision": "main",
+            "path": "a/b.bin",
+            "size": 1,
+            "sha256": None,
+            "token": "t",
+            "lease_seconds": 60,
+        }
+        return Claimed(**{**values, **overrides})
+
+    assert destination(workdir, item()) == workdir.resolve() / "acme" / "org" / "model" / "main" / "a" / "b.bin"
+    for bad in (
+        {"path": "../../../etc/passwd"},
+        {"path": "/etc/passwd"},
+        {"path": "a//b"},
+        {"revision": ".."},
+        {"tenant": ".."},
+        {"repo_id": "org/.."},
+        {"path": "a\\..\\b"},
+    ):
+        with pytest.raises(UnsafePath):
+            destination(workdir, item(**bad))
+    # A symlink inside the storage that points outside it does not let a file escape.
+    (workdir / "acme").mkdir()
+    os.symlink("/tmp", workdir / "acme" / "org")
+    with pytest.raises(UnsafePath):
+        destination(workdir, item())
+    assert (
+        file_url("http://hub/", item(revision="refs/pr/1", path="dir/a b.bin"))
+        == "http://hub/org/model/resolve/refs%2Fpr%2F1/dir/a%20b.bin"
+    )
+
+
+def test_the_executor_needs_a_token_and_a_storage_directory_and_stops_on_a_refused_token(api, hub, workdir):
+    env = server.serve_env(None)
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "executor", "run"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "DLW_EXECUTOR_TOKEN" in result.stderr and "DLW_EXECUTOR_STORAGE" in result.stderr
+    # A token the API refuses (here: a viewer's) stops the executor with exit code 3.
+    env = server.serve_env(None, DLW_EXECUTOR_TOKEN=token(1, "tenant_viewer"), DLW_EXECUTOR_BASE_URL=api)
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "executor", "run", "--storage", str(workdir), "--hf-endpoint", hub.url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "refuses this executor's token" in result.stderr

@@ -1,0 +1,35 @@
+"""Building the real app for tests: secure settings, tokens, and clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.config import Settings
+from app.identity import system_jwt
+from app.identity.principal import Principal
+from tests.support.database import MigratedDb
+
+SECRET = "test-system-jwt-secret-0123456789abcdef"  # >= 32 bytes, as the startup guard demands
+ADMIN_TOKEN = "test-service-token-0123456789abcdefghij"
+UNUSED_ISSUER = "http://127.0.0.1:9/no-provider"  # the discard port: nothing answers
+
+
+def app_settings(db: MigratedDb, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": db.app_url,
+        "system_jwt_secret": SECRET,
+        "system_admin_token": ADMIN_TOKEN,
+        "oidc_issuer": UNUSED_ISSUER,
+        "db_pool_min_size": 1,
+        "db_pool_max_size": 4,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def token(tenant_id: int, role: str, user_id: str = "test-user", ttl: int = 600) -> str:
+    return system_jwt.issue(SECRET, Principal(user_id=user_id, tenant_id=tenant_id, role=role), ttl)
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}

@@ -1,0 +1,93 @@
+"""Test data: tenants with at least one row in every tenant table, written as the owner."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from tests.support.database import MigratedDb
+
+TENANT_TABLES_SQL = """
+    SELECT c.relname
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'dlw' AND c.relkind IN ('r', 'p')
+      AND EXISTS (SELECT 1 FROM pg_attribute a
+                  WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped)
+    ORDER BY 1"""
+
+
+def tenant_tables(conn: psycopg.Connection) -> list[str]:
+    return [r[0] for r in conn.execute(TENANT_TABLES_SQL).fetchall()]
+
+
+@dataclass
+class SeededTenant:
+    tenant_id: int
+    slug: str
+    ids: dict[str, Any] = field(default_factory=dict)
+    login: str = ""
+    password: str = ""
+
+
+def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> SeededTenant:
+    """A tenant with one row in each tenant table (and a reporting login mapped to it)."""
+    with db.owner() as conn:
+        tid = conn.execute("SELECT dlw.provision_tenant(%s, %s)", (slug, slug.title())).fetchone()[0]
+        t = SeededTenant(tid, slug)
+        q = conn.execute
+        t.ids["project"] = q("SELECT id FROM dlw.projects WHERE tenant_id = %s", (tid,)).fetchone()[0]
+        t.ids["storage_target"] = q("SELECT id FROM dlw.storage_targets WHERE tenant_id = %s", (tid,)).fetchone()[0]
+        q('UPDATE dlw.storage_targets SET config = \'{"secret": "s3cr3t"}\' WHERE tenant_id = %s', (tid,))
+        t.ids["user"] = q(
+            "INSERT INTO dlw.users (tenant_id, issuer, subject, email, role)"
+            " VALUES (%s, 'https://idp.test', %s, %s, 'tenant_admin') RETURNING id",
+            (tid, f"{slug}-admin", f"admin@{slug}.test"),
+        ).fetchone()[0]
+        t.ids["service_account"] = q(
+            "INSERT INTO dlw.service_accounts (tenant_id, issuer, client_id, role)"
+            " VALUES (%s, 'https://idp.test', %s, 'tenant_operator') RETURNING id",
+            (tid, f"{slug}-robot"),
+        ).fetchone()[0]
+        t.ids["task"] = q(
+            "INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision,"
+            " file_count, total_bytes) VALUES (%s, %s, %s, %s, 'main', 1, 10) RETURNING id",
+            (tid, t.ids["project"], t.ids["storage_target"], f"{slug}/model"),
+        ).fetchone()[0]
+        t.ids["task_file"] = q(
+            "INSERT INTO dlw.task_files (tenant_id, task_id, path, size, assignment_token)"
+            " VALUES (%s, %s, 'weights.bin', 10, gen_random_uuid()) RETURNING id",
+            (tid, t.ids["task"]),
+        ).fetchone()[0]
+        q(
+            "INSERT INTO dlw.idempotency_keys (tenant_id, key, request_hash, task_id) VALUES (%s, %s, '\\x00', %s)",
+            (tid, f"key-{slug}", t.ids["task"]),
+        )
+        q(
+            "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id)"
+            " VALUES (%s, 'bytes_month', 10, %s, %s, %s)",
+            (tid, f"file:{t.ids['task_file']}", t.ids["task"], t.ids["task_file"]),
+        )
+        q(
+            "INSERT INTO dlw.quota_snapshots (tenant_id, period, metric, amount)"
+            " VALUES (%s, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 'bytes_month', 10)",
+            (tid,),
+        )
+        q("INSERT INTO dlw.audit_log (tenant_id, actor, action) VALUES (%s, 'seed', 'seeded')", (tid,))
+        if reporting_login:
+            t.login = f"rep_{slug}_{secrets.token_hex(4)}"
+            t.password = secrets.token_urlsafe(12)
+            q(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_reporting").format(
+                    sql.Identifier(t.login), sql.Literal(t.password)
+                )
+            )
+            q("INSERT INTO dlw.reporting_logins (tenant_id, login) VALUES (%s, %s)", (tid, t.login))
+        return t
+
+
+def drop_login(db: MigratedDb, login: str) -> None:
+    db.server.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(login)))
