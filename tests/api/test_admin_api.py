@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from app.api.factory import create_app
 from tests.support.app import ADMIN_TOKEN, app_settings, bearer, token
 from tests.support.database import MigratedDb
+from tests.support.tenants import as_tenant
 
 SYSTEM = bearer(ADMIN_TOKEN)
 
@@ -117,13 +118,13 @@ def test_two_admins_demoting_each_other_at_once_leave_one_admin(client: TestClie
     tid = new_tenant(client, "aviato")["tenant_id"]
     a, b = add_user(db, tid, "erlich", "tenant_admin"), add_user(db, tid, "big-head", "tenant_admin")
     first = psycopg.connect(db.app_url)
-    first.execute("SELECT dlw.set_context(%s, %s, 'tenant_admin')", (tid, a))
+    as_tenant(first, tid, "tenant_admin", user=a)
     assert first.execute("SELECT dlw.set_user_role(%s, 'tenant_viewer')", (b,)).fetchone() == ("ok",)
     results: list[str] = []
 
     def second() -> None:
         with psycopg.connect(db.app_url) as conn:
-            conn.execute("SELECT dlw.set_context(%s, %s, 'tenant_admin')", (tid, b))
+            as_tenant(conn, tid, "tenant_admin", user=b)
             results.append(conn.execute("SELECT dlw.set_user_role(%s, 'tenant_viewer')", (a,)).fetchone()[0])
 
     th = threading.Thread(target=second)
@@ -244,10 +245,10 @@ def test_the_platform_tenant_cannot_be_deactivated(client: TestClient):
 def test_platform_functions_refuse_every_other_role_in_sql(db: MigratedDb, role: str | None):
     """Defense in depth: the definer functions check the acting role themselves."""
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(1, 'x', %s)", (role,))
+        as_tenant(conn, 1, role, user="x")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM dlw.platform_create_tenant('sneaky', 'S', 1, 1, 1)")
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(1, 'x', %s)", (role,))
+        as_tenant(conn, 1, role, user="x")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT dlw.platform_update_tenant(1, 0, 0, 0, true, 'x')")

@@ -12,6 +12,7 @@ from app.identity import login_state
 from tests.support.app import SECRET, app_settings, bearer
 from tests.support.database import MigratedDb
 from tests.support.jwks_server import JwksServer
+from tests.support.tenants import tenant
 
 RULES = (
     '[{"email_domain": "acme.test", "tenant": "acme", "role": "tenant_operator"},'
@@ -22,9 +23,9 @@ RULES = (
 
 @pytest.fixture(scope="module")
 def acme(db: MigratedDb) -> int:
-    with db.owner() as conn:
+    with db.owner() as conn:  # a bare inactive tenant row
         conn.execute("INSERT INTO dlw.tenants (slug, display_name, active) VALUES ('sleepy', 'Inactive', false)")
-        return int(conn.execute("SELECT dlw.provision_tenant('acme', 'Acme')").fetchone()[0])
+    return tenant(db, "acme", name="Acme")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from app.api.factory import create_app
 from tests.support.app import ADMIN_TOKEN, SECRET, app_settings, bearer, token
 from tests.support.database import MigratedDb
 from tests.support.jwks_server import JwksServer
+from tests.support.tenants import tenant
 
 AUDIENCE = "dlw-api"
 
@@ -31,11 +32,8 @@ def idp() -> Iterator[JwksServer]:
 
 @pytest.fixture(scope="module")
 def tenants(db: MigratedDb) -> dict[str, int]:
-    with db.owner() as conn:
-        ids = {
-            slug: conn.execute("SELECT dlw.provision_tenant(%s, %s)", (slug, slug)).fetchone()[0]
-            for slug in ("acme", "globex")
-        }
+    ids = {slug: tenant(db, slug) for slug in ("acme", "globex")}
+    with db.owner() as conn:  # a bare inactive tenant row
         conn.execute("INSERT INTO dlw.tenants (slug, display_name, active) VALUES ('sleepy', 'Inactive', false)")
     return ids
 

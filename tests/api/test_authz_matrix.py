@@ -19,6 +19,7 @@ from app.api.factory import create_app
 from app.authz.require import PermissionFirstRoute
 from tests.support.app import app_settings, bearer, token
 from tests.support.database import MigratedDb
+from tests.support.tenants import tenant
 
 ROLES = ("system_admin", "tenant_admin", "tenant_operator", "tenant_viewer", "executor")
 ADMINS = {"system_admin", "tenant_admin"}
@@ -151,9 +152,9 @@ MATRIX: dict[tuple[str, str], Expect] = {
 @pytest.fixture(scope="module")
 def world(db: MigratedDb) -> World:
     w = World(db=db)
-    with db.owner() as conn:
-        for name in ("a", "b"):
-            tid = conn.execute("SELECT dlw.provision_tenant(%s, %s)", (f"matrix-{name}", name)).fetchone()[0]
+    for name in ("a", "b"):
+        tid = tenant(db, f"matrix-{name}", name=name)
+        with db.owner() as conn:
             viewer = conn.execute(
                 "INSERT INTO dlw.users (tenant_id, issuer, subject, role) VALUES (%s, 'https://idp', %s,"
                 " 'tenant_viewer') RETURNING id",

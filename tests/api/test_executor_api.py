@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from app.api.factory import create_app
 from tests.support.app import app_settings, bearer, token
 from tests.support.database import MigratedDb
+from tests.support.tenants import UNLIMITED, tenant
 
 SHA = "ab" * 32
 
@@ -21,11 +22,6 @@ SHA = "ab" * 32
 def client(db: MigratedDb) -> Iterator[TestClient]:
     with TestClient(create_app(app_settings(db, executor_max_attempts=2))) as c:
         yield c
-
-
-def tenant(db: MigratedDb, slug: str) -> int:
-    with db.owner() as conn:
-        return int(conn.execute("SELECT dlw.provision_tenant(%s, %s, 0, 0, 0)", (slug, slug)).fetchone()[0])
 
 
 def create(client: TestClient, tid: int, files: list[dict[str, Any]], repo: str = "org/model") -> dict[str, Any]:
@@ -63,7 +59,7 @@ def empty_queue(db: MigratedDb) -> None:
 
 
 def test_claim_download_and_complete_through_the_api(client, db):
-    tid = tenant(db, "api-flow")
+    tid = tenant(db, "api-flow", **UNLIMITED)
     task = create(client, tid, [{"path": "config.json", "size": 5, "sha256": SHA}, {"path": "w/m.bin", "size": 9}])
     executor = bearer(token(0, "executor", user_id="exec-api"))
     files = claim(client, executor, max_files=5, lease_seconds=30, executor="host-1")
@@ -104,7 +100,7 @@ def test_claim_download_and_complete_through_the_api(client, db):
 
 
 def test_refusals_have_stable_codes(client, db):
-    tid = tenant(db, "api-codes")
+    tid = tenant(db, "api-codes", **UNLIMITED)
     create(client, tid, [{"path": "a", "size": 1, "sha256": SHA}, {"path": "b", "size": 1}])
     executor = bearer(token(tid, "executor"))
     files = {f["path"]: f for f in claim(client, executor, max_files=2)}
@@ -138,7 +134,7 @@ def test_refusals_have_stable_codes(client, db):
 
 
 def test_failures_retry_up_to_the_configured_limit_and_release_uses_no_attempt(client, db):
-    tid = tenant(db, "api-retry")
+    tid = tenant(db, "api-retry", **UNLIMITED)
     task = create(client, tid, [{"path": "a", "size": 1}])
     executor = bearer(token(tid, "executor"))
     (file,) = claim(client, executor)
@@ -157,7 +153,7 @@ def test_failures_retry_up_to_the_configured_limit_and_release_uses_no_attempt(c
 
 
 def test_tokens_limited_to_a_tenant_and_system_wide(client, db):
-    a, b = tenant(db, "api-scope-a"), tenant(db, "api-scope-b")
+    a, b = tenant(db, "api-scope-a", **UNLIMITED), tenant(db, "api-scope-b", **UNLIMITED)
     create(client, a, [{"path": "x", "size": 1}])
     create(client, b, [{"path": "y", "size": 1}])
     only_b = claim(client, bearer(token(b, "executor")), max_files=10)
@@ -172,7 +168,7 @@ def test_tokens_limited_to_a_tenant_and_system_wide(client, db):
 
 
 def test_other_roles_are_refused_before_the_body_is_read(client, db):
-    tid = tenant(db, "api-roles")
+    tid = tenant(db, "api-roles", **UNLIMITED)
     for role in ("tenant_admin", "tenant_operator", "tenant_viewer", "system_admin"):
         response = client.post("/api/v1/executor/claim", headers=bearer(token(tid, role)), content=b"not json")
         assert response.status_code == 403 and response.json() == {"detail": {"code": "RBAC_DENIED"}}

@@ -16,15 +16,7 @@ from app.api.factory import create_app
 from tests.support import server
 from tests.support.app import app_settings, bearer, token
 from tests.support.database import MigratedDb
-
-
-def tenant(db: MigratedDb, slug: str, concurrent: int = 10, bytes_month: int = 1 << 40) -> int:
-    with db.owner() as conn:
-        return int(
-            conn.execute(
-                "SELECT dlw.provision_tenant(%s, %s, %s, %s, 10)", (slug, slug, concurrent, bytes_month)
-            ).fetchone()[0]
-        )
+from tests.support.tenants import tenant
 
 
 def body(**overrides: Any) -> dict[str, Any]:

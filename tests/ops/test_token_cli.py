@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from app.api.factory import create_app
 from tests.support.app import SECRET, app_settings, bearer
 from tests.support.database import MigratedDb
+from tests.support.tenants import tenant
 
 
 def issue(db: MigratedDb, *args: str, secret: str | None = SECRET) -> subprocess.CompletedProcess[str]:
@@ -24,8 +25,7 @@ def issue(db: MigratedDb, *args: str, secret: str | None = SECRET) -> subprocess
 
 
 def test_token_issue_for_a_tenant_role_and_user(db: MigratedDb):
-    with db.owner() as conn:
-        acme = conn.execute("SELECT dlw.provision_tenant('acme', 'Acme')").fetchone()[0]
+    acme = tenant(db, "acme", name="Acme")
     result = issue(db, "--tenant", "acme", "--role", "tenant_operator", "--user", "u-42", "--ttl", "120")
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()

@@ -26,7 +26,7 @@ from app.ops.catalog_check import DEFINER_ALLOWLIST, audit
 from tests.support.app import app_settings, bearer, token
 from tests.support.database import MigratedDb
 from tests.support.psql import lit, ok, psql, sqlstates
-from tests.support.tenants import drop_login
+from tests.support.tenants import as_tenant, drop_login
 
 PASSWORD = secrets.token_urlsafe(16)
 
@@ -428,7 +428,7 @@ def seed_live_work(db: MigratedDb, slug: str) -> dict[str, Any]:
 
 def create_task_as_app(db: MigratedDb, tid: int) -> str:
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'someone', 'tenant_operator')", (tid,))
+        as_tenant(conn, tid, "tenant_operator", user="someone")
         return str(
             conn.execute(
                 "SELECT outcome FROM dlw.create_task(NULL, NULL, 'r/new', 'main', 0,"
@@ -532,7 +532,7 @@ def test_an_admission_in_flight_finishes_first_and_its_task_is_cancelled(db: Mig
     tid = tenant_id(db, "vlock")
     results: list[Any] = []
     with psycopg.connect(db.app_url) as app:
-        app.execute("SELECT dlw.set_context(%s, 'someone', 'tenant_operator')", (tid,))
+        as_tenant(app, tid, "tenant_operator", user="someone")
         outcome = app.execute(
             "SELECT outcome FROM dlw.create_task(NULL, NULL, 'r/x', 'main', 0, '[{\"path\": \"x\", \"size\": 1}]')"
         ).fetchone()

@@ -10,7 +10,7 @@ from psycopg import errors, sql
 
 from tests.support.catalog import readable_columns, readable_tables
 from tests.support.database import MigratedDb
-from tests.support.tenants import SeededTenant, drop_login, seed_tenant
+from tests.support.tenants import SeededTenant, as_tenant, drop_login, seed_tenant, tenant
 
 SECRET_COLUMNS = [
     ("task_files", "assignment_token"),
@@ -65,7 +65,7 @@ def test_reporting_sees_only_its_tenant_in_everything_it_can_read(db, tenants):
 def test_reporting_cannot_use_the_apps_context_function(db, tenants):
     a, b = tenants
     with as_login(db, a) as conn, pytest.raises(errors.InsufficientPrivilege):
-        conn.execute("SELECT dlw.set_context(%s, 'x', 'system_admin')", (b.tenant_id,))
+        as_tenant(conn, b.tenant_id, "system_admin", user="x")
 
 
 def test_reporting_cannot_write_anything(db, tenants):
@@ -129,10 +129,9 @@ def test_audit_rows_do_not_carry_idempotency_keys(db: MigratedDb):
     import psycopg as pg
     from psycopg.types.json import Jsonb
 
-    with db.owner() as conn:
-        tid = conn.execute("SELECT dlw.provision_tenant('keyed', 'Keyed')").fetchone()[0]
+    tid = tenant(db, "keyed", name="Keyed")
     with pg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'u', 'tenant_operator')", (tid,))
+        as_tenant(conn, tid, "tenant_operator", user="u")
         conn.execute(
             "SELECT * FROM dlw.create_task(NULL, 'default', 'o/r', 'main', 0, %s, 'secret-key-123', '\\x01')",
             (Jsonb([{"path": "a", "size": 1}]),),

@@ -21,18 +21,14 @@ from psycopg.types.json import Jsonb
 
 from app.ops.catalog_check import audit
 from tests.support.database import MigratedDb
+from tests.support.tenants import as_tenant, tenant
 
 CREATE_SQL = "SELECT outcome, task_id, metric, detail FROM dlw.create_task(%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 FILES = [{"path": "config.json", "size": 10}, {"path": "model.safetensors", "size": 90, "sha256": "ab" * 32}]
 
 
 def provision(db: MigratedDb, slug: str, concurrent: int = 10, bytes_month: int = 0) -> int:
-    with db.owner() as conn:
-        row = conn.execute(
-            "SELECT dlw.provision_tenant(%s, %s, %s, %s, %s)", (slug, slug.title(), concurrent, bytes_month, 100)
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
+    return tenant(db, slug, name=slug.title(), concurrent=concurrent, bytes_month=bytes_month, storage_gb=100)
 
 
 def create(
@@ -49,7 +45,7 @@ def create(
     commit: bool = True,
 ) -> tuple[str, uuid.UUID | None, str | None, dict[str, Any] | None]:
     """One API request: set the context, create, commit (unless told not to)."""
-    conn.execute("SELECT dlw.set_context(%s, 'user-1', %s)", (tenant_id, role))
+    as_tenant(conn, tenant_id, role, user="user-1")
     row = conn.execute(
         CREATE_SQL,
         (
@@ -181,7 +177,7 @@ def test_a_cancelled_task_frees_its_slot(db):
         outcome, first, _, _ = create(conn, tid)
         assert outcome == "created"
         assert create(conn, tid)[0] == "QUOTA_EXCEEDED"
-        conn.execute("SELECT dlw.set_context(%s, 'user-1', 'tenant_operator')", (tid,))
+        as_tenant(conn, tid, "tenant_operator", user="user-1")
         assert conn.execute("SELECT dlw.cancel_task(%s)", (first,)).fetchone() == ("cancelled",)
         conn.commit()
         assert create(conn, tid)[0] == "created"
@@ -297,7 +293,7 @@ def fold_everything(db: MigratedDb) -> None:
 
 def bytes_used(db: MigratedDb, tenant_id: int) -> int:
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'user-1', 'tenant_viewer')", (tenant_id,))
+        as_tenant(conn, tenant_id, "tenant_viewer", user="user-1")
         row = conn.execute("SELECT bytes_used_month FROM dlw.quota_current()").fetchone()
         assert row is not None
         return int(row[0])
@@ -383,7 +379,7 @@ def test_the_api_role_cannot_move_the_quota_month(db):
             "SELECT set_config('dlw.test_now', '2000-01-01', false), set_config('dlw.now', '2000-01-01', false)"
         )
         assert create(conn, tid, files=one_file(1))[0] == "QUOTA_EXCEEDED"
-        conn.execute("SELECT dlw.set_context(%s, 'user-1', 'tenant_viewer')", (tid,))
+        as_tenant(conn, tid, "tenant_viewer", user="user-1")
         assert conn.execute("SELECT period = dlw.month_start(now()) FROM dlw.quota_current()").fetchone() == (True,)
 
 
@@ -418,7 +414,7 @@ def test_same_key_other_body_is_a_conflict_and_a_retry_survives_a_full_quota(db)
         other = provision(db, "idem-c", concurrent=1)
         assert create(conn, other, key="k", request_hash=b"two")[0] == "created"
         with pytest.raises(errors.NullValueNotAllowed):
-            conn.execute("SELECT dlw.set_context(%s, 'u', 'tenant_admin')", (tid,))
+            as_tenant(conn, tid, "tenant_admin", user="u")
             conn.execute(CREATE_SQL, (None, None, "r", "main", 0, Jsonb([]), "k2", None, None))
         conn.rollback()
 
@@ -456,7 +452,7 @@ def test_projects_and_targets_resolve_only_within_the_tenant(db):
 def test_created_task_and_files_carry_the_request(db):
     tid = provision(db, "shape")
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'user-42', 'tenant_admin')", (tid,))
+        as_tenant(conn, tid, "tenant_admin", user="user-42")
         outcome, task, metric, detail = conn.execute(
             CREATE_SQL, (None, "default", "org/m", "v1", 7, Jsonb(FILES), None, None, None)
         ).fetchone()
@@ -535,7 +531,7 @@ def test_quota_current_reports_limits_and_exact_usage(db):
     with psycopg.connect(db.app_url) as conn:
         for _ in range(3):
             create(conn, tid)
-        conn.execute("SELECT dlw.set_context(%s, 'user-1', 'tenant_viewer')", (tid,))
+        as_tenant(conn, tid, "tenant_viewer", user="user-1")
         row = conn.execute("SELECT * FROM dlw.quota_current()").fetchone()
         names = [d.name for d in conn.execute("SELECT * FROM dlw.quota_current()").description]
     got = dict(zip(names, row, strict=True))

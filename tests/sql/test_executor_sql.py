@@ -17,14 +17,14 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tests.support.database import MigratedDb
+from tests.support.tenants import UNLIMITED, as_tenant, tenant
 
 SHA = "ab" * 32
 FILE_COLUMNS = "status, attempts, assignment_token, lease_expires_at, executor_id, bytes_done, error"
 
 
 def provision(db: MigratedDb, slug: str) -> int:
-    with db.owner() as conn:
-        return int(conn.execute("SELECT dlw.provision_tenant(%s, %s, 0, 0, 0)", (slug, slug)).fetchone()[0])
+    return tenant(db, slug, **UNLIMITED)
 
 
 def make_task(
@@ -33,7 +33,7 @@ def make_task(
     """A task created through dlw.create_task as an operator; returns it and its file ids (by path)."""
     specs = files if isinstance(files, list) else [{"path": f"f{i:03d}", "size": 10} for i in range(files)]
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'op', 'tenant_operator')", (tenant_id,))
+        as_tenant(conn, tenant_id, "tenant_operator", user="op")
         outcome, task = conn.execute(
             "SELECT outcome, task_id FROM dlw.create_task(NULL, 'default', %s, 'main', %s, %s)",
             (repo, priority, Jsonb(specs)),
@@ -52,7 +52,7 @@ class Executor:
 
     def call(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         with self.conn.transaction():
-            self.conn.execute("SELECT dlw.set_context(%s, %s, 'executor')", (self.tenant, self.subject))
+            as_tenant(self.conn, self.tenant, "executor", user=self.subject)
             return self.conn.execute(sql, args).fetchall()
 
     def claim(self, n: int = 10, lease: int = 60, attempts: int = 5) -> list[dict[str, Any]]:
@@ -170,7 +170,7 @@ def test_concurrent_claims_get_disjoint_files_and_never_wait(db, owner):
     try:
         assert len(a.claim(1)) == 1  # the task is running now
         a.conn.execute("BEGIN")
-        a.conn.execute("SELECT dlw.set_context(0, 'a', 'executor')")
+        as_tenant(a.conn, 0, "executor", user="a")
         first = a.conn.execute("SELECT * FROM dlw.executor_claim(5, 60)").fetchall()
         # While a's claim is uncommitted (its files locked), b neither waits nor gets the same files.
         b.conn.execute("SET lock_timeout = '200ms'")
@@ -285,7 +285,7 @@ def test_concurrent_completions_of_the_last_files_roll_up_once(db, owner):
     try:
         tokens = {r["file_id"]: r["assignment_token"] for r in a.claim(2)}
         a.conn.execute("BEGIN")
-        a.conn.execute("SELECT dlw.set_context(0, 'a', 'executor')")
+        as_tenant(a.conn, 0, "executor", user="a")
         a.conn.execute("SELECT * FROM dlw.executor_complete(%s, %s, 10, %s)", (files[0], tokens[files[0]], SHA))
         result: list[tuple[str, str]] = []
         other = threading.Thread(target=lambda: result.append(b.complete(files[1], tokens[files[1]])))
@@ -388,7 +388,7 @@ def test_cancelling_a_task_makes_its_leases_lost(db, owner, ex):
     held = list(tokens)
     assert ex.heartbeat(held[0], tokens[held[0]]) == "ok"
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'op', 'tenant_operator')", (tid,))
+        as_tenant(conn, tid, "tenant_operator", user="op")
         assert conn.execute("SELECT dlw.cancel_task(%s)", (task,)).fetchone()[0] == "cancelled"
     for file in held:
         assert ex.heartbeat(file, tokens[file]) == "LEASE_LOST"
@@ -404,13 +404,13 @@ def test_a_cancel_racing_a_claim_still_wins(db, owner, ex):
     task, _ = make_task(db, tid, 4)
     ex.claim(1)
     ex.conn.execute("BEGIN")
-    ex.conn.execute("SELECT dlw.set_context(0, 'exec-1', 'executor')")
+    as_tenant(ex.conn, 0, "executor", user="exec-1")
     claimed = ex.conn.execute("SELECT * FROM dlw.executor_claim(2, 60)").fetchall()
     outcome: list[str] = []
 
     def cancel() -> None:
         with psycopg.connect(db.app_url) as conn:
-            conn.execute("SELECT dlw.set_context(%s, 'op', 'tenant_operator')", (tid,))
+            as_tenant(conn, tid, "tenant_operator", user="op")
             outcome.append(conn.execute("SELECT dlw.cancel_task(%s)", (task,)).fetchone()[0])
 
     thread = threading.Thread(target=cancel)
@@ -459,7 +459,7 @@ def test_only_an_executor_context_may_call_the_executor_functions(db):
                 (role,),
             ).fetchone()[0]
         with pytest.raises(psycopg.errors.InvalidParameterValue), conn.transaction():
-            conn.execute("SELECT dlw.set_context(0, 'x', 'executor')")
+            as_tenant(conn, 0, "executor", user="x")
             conn.execute("SELECT * FROM dlw.executor_claim(0, 60)")
 
 

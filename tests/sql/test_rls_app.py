@@ -11,7 +11,7 @@ from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
 from tests.support.database import MigratedDb
-from tests.support.tenants import SeededTenant, drop_login, seed_tenant, tenant_tables
+from tests.support.tenants import SeededTenant, as_tenant, drop_login, seed_tenant, tenant_tables
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def as_app(db: MigratedDb) -> psycopg.Connection:
 
 
 def set_ctx(conn: psycopg.Connection, tenant_id: int | None, role: str = "tenant_admin") -> None:
-    conn.execute("SELECT dlw.set_context(%s, 'test-user', %s)", (tenant_id, role))
+    as_tenant(conn, tenant_id, role)
 
 
 def t(name: str) -> sql.Composed:

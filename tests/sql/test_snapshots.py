@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tests.support.database import MigratedDb
+from tests.support.tenants import as_tenant, tenant
 
 REFRESH = (
     "SELECT ran, events, tenants, periods, folded_from::text, folded_below::text FROM dlw.refresh_quota_snapshots()"
@@ -31,10 +32,7 @@ def owner(db: MigratedDb) -> Iterator[psycopg.Connection]:
 
 
 def provision(db: MigratedDb, slug: str, bytes_month: int = 0) -> int:
-    with db.owner() as conn:
-        return int(
-            conn.execute("SELECT dlw.provision_tenant(%s, %s, 0, %s, 0)", (slug, slug, bytes_month)).fetchone()[0]
-        )
+    return tenant(db, slug, concurrent=0, bytes_month=bytes_month, storage_gb=0)
 
 
 def add_usage(conn: psycopg.Connection, tenant: int, amount: int, at: str = "now()") -> None:
@@ -61,7 +59,7 @@ def snapshot(owner: psycopg.Connection, tenant: int, period: str = "dlw.month_st
 
 def used(db: MigratedDb, tenant: int) -> int:
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'viewer', 'tenant_viewer')", (tenant,))
+        as_tenant(conn, tenant, "tenant_viewer", user="viewer")
         return int(conn.execute("SELECT bytes_used_month FROM dlw.quota_current()").fetchone()[0])
 
 
@@ -220,7 +218,7 @@ def test_a_refresh_at_repeatable_read_is_exact_too(db, owner):
 
 
 def create_task(conn: psycopg.Connection, tenant: int, size: int) -> str:
-    conn.execute("SELECT dlw.set_context(%s, 'op', 'tenant_operator')", (tenant,))
+    as_tenant(conn, tenant, "tenant_operator", user="op")
     return str(
         conn.execute(
             "SELECT outcome FROM dlw.create_task(NULL, 'default', 'org/m', 'main', 0, %s, NULL, NULL, 5000)",
@@ -294,10 +292,10 @@ def test_refresh_and_admission_wait_for_each_other_without_deadlock(db, owner):
     assert errors == []
     refresh(db)
     assert drift(owner) == []
-    for tenant in tenants:
+    for tid in tenants:
         log = owner.execute(
             "SELECT coalesce(sum(amount), 0) AS s FROM dlw.usage_records WHERE tenant_id = %s"
             " AND occurred_at >= dlw.month_start(now())::timestamp AT TIME ZONE 'UTC'",
-            (tenant,),
+            (tid,),
         ).fetchone()["s"]
-        assert used(db, tenant) == log == snapshot(owner, tenant)
+        assert used(db, tid) == log == snapshot(owner, tid)

@@ -14,6 +14,7 @@ from psycopg import errors
 from psycopg.types.json import Jsonb
 
 from tests.support.database import MigratedDb
+from tests.support.tenants import UNLIMITED, as_tenant, tenant
 
 TASK_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
 FILE_STATUSES = ("pending", "assigned", "running", "succeeded", "failed", "cancelled")
@@ -58,10 +59,7 @@ FILE_PATH = {
 
 @pytest.fixture(scope="module")
 def tenants(db: MigratedDb) -> tuple[int, int]:
-    with db.owner() as conn:
-        a = conn.execute("SELECT dlw.provision_tenant('states-a', 'A', 0, 0, 0)").fetchone()[0]
-        b = conn.execute("SELECT dlw.provision_tenant('states-b', 'B', 0, 0, 0)").fetchone()[0]
-    return a, b
+    return tenant(db, "states-a", name="A", **UNLIMITED), tenant(db, "states-b", name="B", **UNLIMITED)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +185,7 @@ def test_updates_stamp_updated_at_and_a_plain_update_keeps_finished_at(owner, te
 def test_the_app_role_hits_the_same_wall(db, owner, tenants):
     task, _ = new_task(owner, tenants[0])
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'u', 'tenant_admin')", (tenants[0],))
+        as_tenant(conn, tenants[0], "tenant_admin", user="u")
         with pytest.raises(psycopg.Error) as exc_info:
             conn.execute("UPDATE dlw.tasks SET status = 'succeeded' WHERE id = %s", (task,))
         assert exc_info.value.sqlstate == "DLW01"
@@ -201,7 +199,7 @@ def test_the_app_role_hits_the_same_wall(db, owner, tenants):
 def cancel(db: MigratedDb, tenant_id: int | None, task: uuid.UUID, role: str = "tenant_operator") -> str:
     with psycopg.connect(db.app_url) as conn:
         if tenant_id is not None:
-            conn.execute("SELECT dlw.set_context(%s, 'canceller', %s)", (tenant_id, role))
+            as_tenant(conn, tenant_id, role, user="canceller")
         outcome = conn.execute("SELECT dlw.cancel_task(%s)", (task,)).fetchone()[0]
         conn.commit()
         return str(outcome)
@@ -211,7 +209,7 @@ def created_task(db: MigratedDb, tenant_id: int) -> tuple[uuid.UUID, list[uuid.U
     """A task created through dlw.create_task, with four files."""
     files = [{"path": f"f{i}", "size": 1} for i in range(4)]
     with psycopg.connect(db.app_url) as conn:
-        conn.execute("SELECT dlw.set_context(%s, 'creator', 'tenant_operator')", (tenant_id,))
+        as_tenant(conn, tenant_id, "tenant_operator", user="creator")
         outcome, task = conn.execute(
             "SELECT outcome, task_id FROM dlw.create_task(NULL, NULL, 'org/m', 'main', 0, %s)", (Jsonb(files),)
         ).fetchone()

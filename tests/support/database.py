@@ -51,6 +51,7 @@ class PgServer:
     superuser_url: str  # to its maintenance database
     kind: str
     app_password: str
+    template: str = ""  # the migrated database every module's database is cloned from
 
     def url(self, dbname: str, user: str | None = None, password: str | None = None) -> str:
         return replace_url(self.superuser_url, user=user, password=password, dbname=dbname)
@@ -132,7 +133,7 @@ def _prepared(server: PgServer) -> PgServer:
     server.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(template)))
     migrate(server.url(template))
     server.execute(sql.SQL("ALTER ROLE dlw_app PASSWORD {}").format(sql.Literal(server.app_password)))
-    server.template = template  # type: ignore[attr-defined]
+    server.template = template
     return server
 
 
@@ -140,7 +141,7 @@ def create_database(server: PgServer, label: str) -> MigratedDb:
     name = f"dlw_t{os.getpid()}_{next(_counter)}_{label}"[:63]
     server.execute(
         sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(server.template))
-    )  # type: ignore[attr-defined]
+    )
     database = MigratedDb(server, name)
     with database.owner() as conn:
         conn.execute("SELECT dlw.secure_database()")  # database-level grants are not cloned

@@ -20,6 +20,39 @@ TENANT_TABLES_SQL = """
     ORDER BY 1"""
 
 
+# Quotas of 0 mean unlimited: for tests about something other than admission.
+UNLIMITED: dict[str, int] = {"concurrent": 0, "bytes_month": 0, "storage_gb": 0}
+
+
+def tenant(
+    db: MigratedDb,
+    slug: str,
+    *,
+    name: str | None = None,
+    concurrent: int | None = None,
+    bytes_month: int | None = None,
+    storage_gb: int | None = None,
+) -> int:
+    """A tenant (with its default project and storage target) created as the owner; quotas left
+    None take the database's defaults, 0 means unlimited. Returns its id."""
+    with db.owner() as conn:
+        row = conn.execute(
+            "SELECT dlw.provision_tenant(%s, %s, %s, %s, %s)",
+            (slug, slug if name is None else name, concurrent, bytes_month, storage_gb),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def as_tenant(
+    conn: psycopg.Connection, tenant: int | SeededTenant, role: str = "tenant_operator", *, user: str = "test-user"
+) -> None:
+    """Act for a tenant in the connection's current transaction, exactly as the API's request
+    transaction does first: dlw.set_context(tenant, user, acting role), transaction-local."""
+    tenant_id = tenant if isinstance(tenant, int) else tenant.tenant_id
+    conn.execute("SELECT dlw.set_context(%s, %s, %s)", (tenant_id, user, role))
+
+
 def tenant_tables(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in conn.execute(TENANT_TABLES_SQL).fetchall()]
 
@@ -35,33 +68,39 @@ class SeededTenant:
 
 def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> SeededTenant:
     """A tenant with one row in each tenant table (and a reporting login mapped to it)."""
+    tid = tenant(db, slug, name=slug.title())
+    t = SeededTenant(tid, slug)
     with db.owner() as conn:
-        tid = conn.execute("SELECT dlw.provision_tenant(%s, %s)", (slug, slug.title())).fetchone()[0]
-        t = SeededTenant(tid, slug)
-        q = conn.execute
-        t.ids["project"] = q("SELECT id FROM dlw.projects WHERE tenant_id = %s", (tid,)).fetchone()[0]
-        t.ids["storage_target"] = q("SELECT id FROM dlw.storage_targets WHERE tenant_id = %s", (tid,)).fetchone()[0]
+
+        def q(query: str | sql.Composable, params: tuple[Any, ...] = ()) -> Any:
+            """The first column of the statement's first row, if it returns rows."""
+            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            row = cur.fetchone() if cur.description else None
+            return None if row is None else row[0]
+
+        t.ids["project"] = q("SELECT id FROM dlw.projects WHERE tenant_id = %s", (tid,))
+        t.ids["storage_target"] = q("SELECT id FROM dlw.storage_targets WHERE tenant_id = %s", (tid,))
         q('UPDATE dlw.storage_targets SET config = \'{"secret": "s3cr3t"}\' WHERE tenant_id = %s', (tid,))
         t.ids["user"] = q(
             "INSERT INTO dlw.users (tenant_id, issuer, subject, email, role)"
             " VALUES (%s, 'https://idp.test', %s, %s, 'tenant_admin') RETURNING id",
             (tid, f"{slug}-admin", f"admin@{slug}.test"),
-        ).fetchone()[0]
+        )
         t.ids["service_account"] = q(
             "INSERT INTO dlw.service_accounts (tenant_id, issuer, client_id, role)"
             " VALUES (%s, 'https://idp.test', %s, 'tenant_operator') RETURNING id",
             (tid, f"{slug}-robot"),
-        ).fetchone()[0]
+        )
         t.ids["task"] = q(
             "INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision,"
             " file_count, total_bytes) VALUES (%s, %s, %s, %s, 'main', 1, 10) RETURNING id",
             (tid, t.ids["project"], t.ids["storage_target"], f"{slug}/model"),
-        ).fetchone()[0]
+        )
         t.ids["task_file"] = q(
             "INSERT INTO dlw.task_files (tenant_id, task_id, path, size, assignment_token)"
             " VALUES (%s, %s, 'weights.bin', 10, gen_random_uuid()) RETURNING id",
             (tid, t.ids["task"]),
-        ).fetchone()[0]
+        )
         q(
             "INSERT INTO dlw.idempotency_keys (tenant_id, key, request_hash, task_id) VALUES (%s, %s, '\\x00', %s)",
             (tid, f"key-{slug}", t.ids["task"]),
