@@ -170,9 +170,11 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
             hint = f"\n  hint: {exc.hint}" if exc.hint else ""
             print(f"dlw: {message}{code}{hint}", file=sys.stderr)
             return 1
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            # No server answer: unreachable, bad URL, or a value the driver cannot send.
-            print(f"dlw: {str(exc).strip() or type(exc).__name__}", file=sys.stderr)
+        except (OSError, TimeoutError) as exc:
+            print(f"dlw: cannot connect to the database: {str(exc).strip() or type(exc).__name__}", file=sys.stderr)
+            return 1
+        except asyncpg.InterfaceError as exc:  # the driver refused before the server saw anything
+            print(f"dlw: {str(exc).strip()}", file=sys.stderr)
             return 1
 
     run.__name__ = func.__name__
