@@ -45,12 +45,8 @@ class Settings(BaseSettings):
     snapshot_interval_seconds: float = Field(default=60.0, gt=0)
     snapshot_leader_retry_seconds: float = Field(default=5.0, gt=0, le=10)
 
-    # The reference executor (`dlw executor run`); each is also a command-line option.
-    executor_base_url: str = "http://127.0.0.1:8000"
-    executor_token: str | None = None
-    executor_storage: str | None = None
-    hf_endpoint: str = "https://huggingface.co"
-    hf_token: str | None = None
+    # The reference executor (`dlw executor run`) reads its own DLW_EXECUTOR_* settings:
+    # app/executor/settings.py.
 
 
 @lru_cache(maxsize=1)

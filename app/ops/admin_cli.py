@@ -9,19 +9,19 @@ DLW_MIGRATION_DATABASE_URL; any login that is a member of dlw_admin works, no su
 from __future__ import annotations
 
 import argparse
+import asyncio
 import secrets
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import psycopg
-from psycopg import errors
+import asyncpg
 
 from app.config import get_settings
+from app.ops.queries import query
 
 # Transient conflicts worth one more try: the whole call rolled back, nothing was written.
-RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
+RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 ATTEMPTS = 3
 
 
@@ -36,22 +36,38 @@ def _url(args: argparse.Namespace) -> str:
     return str(url)
 
 
-def _print_notice(diag: psycopg.errors.Diagnostic) -> None:
-    print(f"dlw: notice: {diag.message_primary}", file=sys.stderr)
+def _print_notice(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+    print(f"dlw: notice: {message.message}", file=sys.stderr)
 
 
-def _call(args: argparse.Namespace, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Run one dlw_admin call in its own transaction; retry a deadlock or serialization failure."""
+async def _call_once(url: str, name: str, params: Sequence[Any]) -> tuple[list[str], list[asyncpg.Record]]:
+    conn = await asyncpg.connect(url)
+    try:
+        conn.add_log_listener(_print_notice)
+        async with conn.transaction():
+            statement = await conn.prepare(query(name))
+            rows = await statement.fetch(*params)
+        await asyncio.sleep(0)  # asyncpg hands notices to listeners via the loop: let them print
+        return [a.name for a in statement.get_attributes()], rows
+    finally:
+        await conn.close()
+
+
+async def _call_retrying(url: str, name: str, params: Sequence[Any]) -> tuple[list[str], list[asyncpg.Record]]:
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            with psycopg.connect(_url(args)) as conn:
-                conn.add_notice_handler(_print_notice)
-                return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+            return await _call_once(url, name, params)
         except RETRYABLE:
             if attempt == ATTEMPTS:
                 raise
-            time.sleep(0.1 * attempt)
+            await asyncio.sleep(0.1 * attempt)
     raise AssertionError("unreachable")
+
+
+def _call(args: argparse.Namespace, name: str, params: Sequence[Any] = ()) -> tuple[list[str], list[asyncpg.Record]]:
+    """Run the named query (app/ops/queries.sql) in its own transaction; retry a deadlock or
+    serialization failure. Returns the column names and the rows."""
+    return asyncio.run(_call_retrying(_url(args), name, params))
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -64,9 +80,9 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 # -- tenant -----------------------------------------------------------------------------------
 def cmd_tenant_create(args: argparse.Namespace) -> int:
-    rows = _call(
+    _, rows = _call(
         args,
-        "SELECT dlw_admin.create_tenant(%s, %s, %s, %s, %s)",
+        "admin_create_tenant",
         (
             args.slug,
             args.display_name or args.slug,
@@ -79,33 +95,18 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
     return 0
 
 
-TENANT_LIST_COLUMNS = (
-    "tenant_id",
-    "slug",
-    "display_name",
-    "active",
-    "live_tasks",
-    "quota_concurrent",
-    "bytes_used_month",
-    "quota_bytes_month",
-    "bytes_used_pct",
-    "quota_storage_gb",
-    "reporting_logins",
-)
-
-
 def cmd_tenant_list(args: argparse.Namespace) -> int:
-    rows = _call(args, f"SELECT {', '.join(TENANT_LIST_COLUMNS)} FROM dlw_admin.list_tenants()", ())
-    _print_table(TENANT_LIST_COLUMNS, rows)
+    columns, rows = _call(args, "admin_list_tenants")
+    _print_table(columns, rows)
     return 0
 
 
 def cmd_tenant_set_quota(args: argparse.Namespace) -> int:
     if args.concurrent is None and args.bytes_month is None and args.storage_gb is None:
         raise CommandError("nothing to set: give --concurrent, --bytes-month and/or --storage-gb")
-    rows = _call(
+    _, rows = _call(
         args,
-        "SELECT concurrent_limit, bytes_month_limit, storage_gb_limit FROM dlw_admin.set_quota(%s, %s, %s, %s)",
+        "admin_set_quota",
         (args.slug, args.concurrent, args.bytes_month, args.storage_gb),
     )
     concurrent, bytes_month, storage_gb = rows[0]
@@ -116,11 +117,7 @@ def cmd_tenant_set_quota(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
-    rows = _call(
-        args,
-        "SELECT tasks_cancelled, files_cancelled FROM dlw_admin.deactivate_tenant(%s, %s)",
-        (args.slug, args.reason),
-    )
+    _, rows = _call(args, "admin_deactivate_tenant", (args.slug, args.reason))
     tasks, files = rows[0]
     print(f"deactivated tenant {args.slug}: {tasks} task(s) and {files} file(s) cancelled")
     return 0
@@ -142,7 +139,7 @@ def _password(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def cmd_login_create(args: argparse.Namespace) -> int:
     password, shown = _password(args)
-    _call(args, "SELECT dlw_admin.create_reporting_login(%s, %s, %s)", (args.login, args.tenant, password))
+    _call(args, "admin_create_reporting_login", (args.login, args.tenant, password))
     how = "password" if password is not None else "certificate/peer authentication (no password)"
     print(f"created reporting login {args.login} for tenant {args.tenant} ({how})")
     if shown is not None:
@@ -151,7 +148,7 @@ def cmd_login_create(args: argparse.Namespace) -> int:
 
 
 def cmd_login_drop(args: argparse.Namespace) -> int:
-    _call(args, "SELECT dlw_admin.drop_reporting_login(%s)", (args.login,))
+    _call(args, "admin_drop_reporting_login", (args.login,))
     print(f"dropped reporting login {args.login}")
     return 0
 
@@ -166,12 +163,18 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         except CommandError as exc:
             print(f"dlw: {exc}", file=sys.stderr)
             return 1
-        except psycopg.Error as exc:
-            diag = exc.diag
-            message = diag.message_primary or str(exc).strip()
-            code = f" [{diag.sqlstate}]" if diag.sqlstate else ""
-            hint = f"\n  hint: {diag.message_hint}" if diag.message_hint else ""
+        except asyncpg.PostgresError as exc:
+            # The server's own words: primary message, SQLSTATE, hint (as psql shows them).
+            message = exc.message or str(exc).strip()
+            code = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+            hint = f"\n  hint: {exc.hint}" if exc.hint else ""
             print(f"dlw: {message}{code}{hint}", file=sys.stderr)
+            return 1
+        except (OSError, TimeoutError) as exc:
+            print(f"dlw: cannot connect to the database: {str(exc).strip() or type(exc).__name__}", file=sys.stderr)
+            return 1
+        except asyncpg.InterfaceError as exc:  # the driver refused before the server saw anything
+            print(f"dlw: {str(exc).strip()}", file=sys.stderr)
             return 1
 
     run.__name__ = func.__name__

@@ -6,15 +6,21 @@ migrations, two demo tenants, and the API on 127.0.0.1 connected as dlw_app in d
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import secrets
+import signal
+import sys
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
+import asyncpg
 
+from app.config import DEFAULT_JWT_SECRET, get_settings
 from app.ops.embedded import LocalCluster
 from app.ops.migrate import migrate
+from app.ops.queries import query
+from app.ops.serve import serve
 
 DEV_DATABASE = "dlw"
 DEMO_TENANTS = (("acme", "Acme Corporation"), ("globex", "Globex Corporation"))
@@ -47,22 +53,61 @@ def login_instructions(host: str, port: int) -> str:
     return "\n".join(lines)
 
 
+async def _create_database(server_url: str, dbname: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        if not await conn.fetchval(query("database_exists"), dbname):
+            await conn.execute(await conn.fetchval(query("create_database_statement"), dbname))
+    finally:
+        await conn.close()
+
+
+async def _seed(owner_url: str, app_password: str) -> None:
+    conn = await asyncpg.connect(owner_url)
+    try:
+        for slug, name in DEMO_TENANTS:
+            await conn.execute(query("provision_tenant"), slug, name)
+        # A fresh random password on each start: only this process knows it.
+        await conn.execute(await conn.fetchval(query("app_password_statement"), app_password))
+    finally:
+        await conn.close()
+
+
 def prepare_database(cluster: LocalCluster, dbname: str = DEV_DATABASE) -> str:
     """Create, migrate and seed the dev database; return the dlw_app URL for the API."""
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
-        if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    asyncio.run(_create_database(cluster.url(), dbname))
     owner_url = cluster.url(dbname)
-    migrate(owner_url)
+    migrate(owner_url)  # yoyo brings its own driver (psycopg); everything else here is asyncpg
     password = secrets.token_urlsafe(24)
-    with psycopg.connect(owner_url, autocommit=True) as conn:
-        for slug, name in DEMO_TENANTS:
-            conn.execute("SELECT dlw.provision_tenant(%s, %s)", (slug, name))
-        # A fresh random password on each start: only this process knows it.
-        conn.execute(sql.SQL("ALTER ROLE dlw_app PASSWORD {}").format(sql.Literal(password)))
+    asyncio.run(_seed(owner_url, password))
     return cluster.url(dbname, user="dlw_app", password=password)
 
 
 def data_cluster(data_dir: Path) -> LocalCluster:
     return LocalCluster(data_dir / "pgdata")
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    base = get_settings()
+    data_dir = Path(args.data_dir or base.data_dir)
+    cluster = data_cluster(data_dir)
+    print(f"dlw dev: embedded PostgreSQL in {cluster.datadir}")
+    # uvicorn re-raises the signal that stopped it; turn SIGTERM into SystemExit so the
+    # embedded PostgreSQL below is still stopped cleanly (SIGINT already raises).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    cluster.start()
+    try:
+        app_url = prepare_database(cluster)
+        update: dict[str, object] = {"database_url": app_url, "auth_dev_mode": True}
+        if base.system_jwt_secret == DEFAULT_JWT_SECRET:
+            update["system_jwt_secret"] = dev_secret(data_dir)
+        if base.auth_tenant_rules_json.strip() in ("", "[]"):
+            update["auth_tenant_rules_json"] = DEV_TENANT_RULES
+        settings = base.model_copy(update=update)
+        print(f"dlw dev: migrated; connect as superuser with: psql '{cluster.url('dlw')}'")
+        print(f"dlw dev: API on http://{args.host}:{args.port} (dev mode, database role dlw_app)")
+        print(login_instructions(args.host, args.port))
+        return serve(settings, args.host, args.port)
+    finally:
+        if not args.keep_db_running:
+            cluster.stop()

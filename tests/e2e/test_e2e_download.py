@@ -28,7 +28,8 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from app.executor.reference import Claimed, UnsafePath, destination, file_url
+from app.executor.client import Claimed
+from app.executor.download import UnsafePath, destination, file_url
 from tests.support import server
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb

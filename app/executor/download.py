@@ -1,0 +1,106 @@
+"""One file's bytes: where it may go on disk, where it comes from, and the streamed download
+through a temporary file whose sha256 and size are computed on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import quote
+
+import httpx
+
+from app.executor.client import Claimed
+
+CHUNK = 1 << 20
+
+
+class UnsafePath(ValueError):
+    """A file whose destination would leave the storage directory."""
+
+
+class Upstream(Exception):
+    """The file endpoint answered with an error status."""
+
+    def __init__(self, status: int, url: str) -> None:
+        super().__init__(f"HTTP {status} from {url}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A finished download, not yet in place: `tmp` becomes `target` once verified."""
+
+    target: Path
+    tmp: Path
+    sha256: str
+    size: int
+
+
+def destination(storage: Path, item: Claimed) -> Path:
+    """<storage>/<tenant>/<repo_id>/<revision>/<path>, refusing anything that would escape it.
+    The server validated these names; this does not rely on it."""
+    parts = [item.tenant, *item.repo_id.split("/"), *item.revision.split("/"), *item.path.split("/")]
+    for part in parts:
+        if part in ("", ".", "..") or "\\" in part or "\x00" in part or part.startswith("~"):
+            raise UnsafePath(f"unsafe path segment {part!r} in {item.repo_id}@{item.revision}:{item.path}")
+    root = storage.resolve()
+    target = root.joinpath(*parts).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise UnsafePath(f"{item.path!r} resolves outside the storage directory")
+    return target
+
+
+def file_url(endpoint: str, item: Claimed) -> str:
+    return f"{endpoint.rstrip('/')}/{item.repo_id}/resolve/{quote(item.revision, safe='')}/{quote(item.path, safe='/')}"
+
+
+def _flush_and_sync(out: BinaryIO) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+async def download(
+    hub: httpx.AsyncClient, storage: Path, endpoint: str, item: Claimed, on_bytes: Callable[[int], None]
+) -> Downloaded:
+    """Stream the file next to its destination, counting item.bytes_done; the partial file is
+    removed on any failure or cancellation."""
+    target = destination(storage, item)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The lease token in the name keeps two holders of the same file (an expired lease and its
+    # successor) from writing into one temporary file.
+    tmp = target.parent / f".{target.name}.{item.token}.part"
+    digest = hashlib.sha256()
+    url = file_url(endpoint, item)
+    try:
+        async with hub.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise Upstream(response.status_code, url)
+            out = await asyncio.to_thread(open, tmp, "wb")
+            try:
+                async for chunk in response.aiter_bytes(CHUNK):
+                    await asyncio.to_thread(out.write, chunk)
+                    digest.update(chunk)
+                    item.bytes_done += len(chunk)
+                    on_bytes(len(chunk))
+                await asyncio.to_thread(_flush_and_sync, out)
+            finally:
+                out.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Downloaded(target, tmp, digest.hexdigest(), item.bytes_done)
+
+
+def mismatch(item: Claimed, result: Downloaded) -> str | None:
+    """Why the bytes are not the file the claim described, or None. The sha256 decides when the
+    task gave one; otherwise only the size can be checked."""
+    if item.sha256 and result.sha256 != item.sha256.lower():
+        return f"sha256 mismatch: expected {item.sha256}, got {result.sha256}"
+    if not item.sha256 and result.size != item.size:
+        return f"size mismatch: expected {item.size} bytes, got {result.size}"
+    return None

@@ -1,0 +1,196 @@
+"""The run loop of the reference executor (behaviour in app/executor/__init__.py): claim while
+slots are free, one task per file with its heartbeats, and a clean stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import httpx
+
+from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
+from app.executor.download import Downloaded, UnsafePath, Upstream, download, mismatch
+from app.executor.progress import Progress, route_logs_around
+from app.executor.settings import Config, config_from
+
+log = logging.getLogger("dlw.executor")
+
+USER_AGENT = "dlw-reference-executor"
+
+
+class ReferenceExecutor:
+    def __init__(self, config: Config, *, progress: bool | None = None) -> None:
+        self.config = config
+        self.progress = Progress(sys.stderr.isatty() if progress is None else progress)
+        self.stopping = asyncio.Event()
+        self.active: dict[str, tuple[Claimed, asyncio.Task[None]]] = {}
+        self._api: ExecutorApi | None = None
+        self._hub: httpx.AsyncClient | None = None
+        self.exit_code = 0
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("stopping: no more claims; giving back %d file(s) in flight", len(self.active))
+            self.stopping.set()
+
+    @property
+    def api(self) -> ExecutorApi:
+        assert self._api is not None, "only while run() holds the clients"
+        return self._api
+
+    # -- the loop --------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        headers = {"Authorization": f"Bearer {self.config.token}", "User-Agent": USER_AGENT}
+        hub_headers = {"User-Agent": USER_AGENT}
+        if self.config.hf_token:
+            hub_headers["Authorization"] = f"Bearer {self.config.hf_token}"  # httpx drops it on cross-origin redirects
+        self.config.storage.mkdir(parents=True, exist_ok=True)
+        async with (
+            httpx.AsyncClient(base_url=self.config.base_url, headers=headers, timeout=30, trust_env=False) as api,
+            httpx.AsyncClient(headers=hub_headers, follow_redirects=True, timeout=httpx.Timeout(60, connect=10)) as hub,
+        ):
+            self._api, self._hub = ExecutorApi(api), hub
+            log.info(
+                "executor %s: claiming from %s, files from %s, into %s",
+                self.config.label,
+                self.config.base_url,
+                self.config.hf_endpoint,
+                self.config.storage,
+            )
+            try:
+                await self._loop()
+            finally:
+                await self._shutdown()
+                self.progress.clear()
+        return self.exit_code
+
+    async def _loop(self) -> None:
+        stop_wait = asyncio.ensure_future(self.stopping.wait())
+        try:
+            while not self.stopping.is_set():
+                claimed = 0
+                free = self.config.concurrency - len(self.active)
+                if free > 0:
+                    try:
+                        claimed = await self._claim(free)
+                    except TokenRefused as exc:
+                        log.error("the API refuses this executor's token (%s): mint a new one; stopping", exc)
+                        self.exit_code = 3
+                        self.stop()
+                        break
+                    except (httpx.HTTPError, ValueError) as exc:
+                        log.warning("claim failed: %s", exc)
+                # Wait for a free slot, a stop, or (when the queue was empty) the poll interval.
+                waiting: set[asyncio.Future[Any]] = {stop_wait, *(task for _, task in self.active.values())}
+                timeout = 0 if claimed and len(self.active) < self.config.concurrency else self.config.poll_seconds
+                if timeout:
+                    await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                self._draw()
+        finally:
+            stop_wait.cancel()
+
+    async def _claim(self, free: int) -> int:
+        files = await self.api.claim(free, self.config.lease_seconds, self.config.label)
+        for claimed in files:
+            task = asyncio.create_task(self._work(claimed), name=f"download {claimed.id}")
+            self.active[claimed.id] = (claimed, task)
+            task.add_done_callback(functools.partial(self._forget, claimed.id))
+        return len(files)
+
+    def _forget(self, file_id: str, _task: asyncio.Task[None]) -> None:
+        self.active.pop(file_id, None)
+
+    def _draw(self) -> None:
+        self.progress.draw([c for c, _ in self.active.values()])
+
+    def _on_bytes(self, n: int) -> None:
+        self.progress.add_bytes(n)
+        self._draw()
+
+    async def _shutdown(self) -> None:
+        tasks = [task for _, task in self.active.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- one file --------------------------------------------------------------------------
+    async def _work(self, item: Claimed) -> None:
+        assert self._hub is not None
+        fetch = asyncio.create_task(
+            download(self._hub, self.config.storage, self.config.hf_endpoint, item, self._on_bytes)
+        )
+        lost = asyncio.Event()
+        beats = asyncio.create_task(self._heartbeats(item, fetch, lost))
+        try:
+            result: Downloaded = await fetch
+        except asyncio.CancelledError:
+            if lost.is_set():  # our own heartbeat stopped it: the lease is gone, report nothing
+                log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", item.path)
+                return
+            await self.api.report(item, "release", {})  # shutting down: back to the queue at once
+            raise
+        except UnsafePath as exc:
+            await self._fail(item, str(exc), retryable=False)
+            return
+        except Upstream as exc:
+            await self._fail(item, str(exc), retryable=exc.status >= 500 or exc.status == 429)
+            return
+        except (httpx.HTTPError, OSError) as exc:
+            await self._fail(item, f"{type(exc).__name__}: {exc}", retryable=True)
+            return
+        finally:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+        problem = mismatch(item, result)
+        if problem:
+            result.tmp.unlink(missing_ok=True)
+            await self._fail(item, problem, retryable=False)
+            return
+        os.replace(result.tmp, result.target)  # on disk before the server hears "succeeded"
+        outcome = await self.api.report(item, "complete", {"bytes": result.size, "sha256": result.sha256})
+        if outcome in ("completed", "already_completed"):
+            self.progress.done += 1
+            log.info("%s/%s@%s:%s done (%d bytes)", item.tenant, item.repo_id, item.revision, item.path, result.size)
+
+    async def _heartbeats(self, item: Claimed, fetch: asyncio.Task[Any], lost: asyncio.Event) -> None:
+        interval = max(item.lease_seconds / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.api.report(item, "heartbeat", {"bytes_done": item.bytes_done}, raise_lost=True)
+            except LeaseLost:
+                lost.set()
+                fetch.cancel()
+                return
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("%s: heartbeat failed (%s); retrying", item.path, exc)
+
+    async def _fail(self, item: Claimed, error: str, *, retryable: bool) -> None:
+        self.progress.failed += 1
+        log.warning("%s: %s (%s)", item.path, error, "retryable" if retryable else "final")
+        await self.api.report(item, "fail", {"error": error[:2000], "retryable": retryable})
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`dlw executor run`: exit 2 on a configuration problem, else run until stopped."""
+    config = config_from(args)
+    if isinstance(config, list):
+        for line in config:
+            print(f"dlw executor: {line}", file=sys.stderr)
+        return 2
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll is noise
+    executor = ReferenceExecutor(config)
+    route_logs_around(executor.progress)
+    return asyncio.run(executor.run())

@@ -1,0 +1,99 @@
+"""The executor's own configuration: command-line flags over DLW_EXECUTOR_* variables over
+defaults. It is a separate program from the API, so it reads none of the server's settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ExecutorSettings(BaseSettings):
+    """The environment: DLW_EXECUTOR_<FIELD>, except the file endpoint's DLW_HF_* names."""
+
+    model_config = SettingsConfigDict(env_prefix="DLW_EXECUTOR_", extra="ignore", populate_by_name=True)
+
+    base_url: str = "http://127.0.0.1:8000"
+    token: str | None = None
+    storage: str | None = None
+    hf_endpoint: str = Field(
+        default="https://huggingface.co", validation_alias=AliasChoices("DLW_HF_ENDPOINT", "hf_endpoint")
+    )
+    hf_token: str | None = Field(default=None, validation_alias=AliasChoices("DLW_HF_TOKEN", "hf_token"))
+    concurrency: int = 2
+    lease_seconds: int = 60
+    poll_seconds: float = 2.0
+    label: str | None = None
+
+
+def _default_label() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """What one executor run works with, validated."""
+
+    base_url: str
+    token: str
+    storage: Path
+    hf_endpoint: str
+    hf_token: str | None = None
+    concurrency: int = 2
+    lease_seconds: int = 60
+    poll_seconds: float = 2.0
+    label: str = field(default_factory=_default_label)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    # Numeric defaults are None here so that an unset flag falls back to the environment.
+    parser.add_argument("--base-url", help="the DLW API (default: DLW_EXECUTOR_BASE_URL)")
+    parser.add_argument("--token", help="executor token (default: DLW_EXECUTOR_TOKEN; prefer the variable)")
+    parser.add_argument("--storage", help="download root directory (default: DLW_EXECUTOR_STORAGE)")
+    parser.add_argument("--hf-endpoint", help="Hugging Face-compatible file endpoint (default: DLW_HF_ENDPOINT)")
+    parser.add_argument("--concurrency", type=int, help="files downloaded at once (default 2)")
+    parser.add_argument("--lease-seconds", type=int, help="lease asked for each file (default 60)")
+    parser.add_argument("--poll-seconds", type=float, help="wait when the queue is empty (default 2)")
+    parser.add_argument("--label", help="instance label recorded with each lease (default: host-pid)")
+
+
+def config_from(args: argparse.Namespace) -> Config | list[str]:
+    """The run's configuration, or the problems that prevent it (one line each)."""
+    try:
+        env = ExecutorSettings()
+    except ValidationError as exc:
+        return [
+            f"invalid {'/'.join(str(p) for p in err['loc'])} in the environment: {err['msg']}" for err in exc.errors()
+        ]
+    token = args.token or env.token
+    storage = args.storage or env.storage
+    concurrency: int = env.concurrency if args.concurrency is None else args.concurrency
+    lease_seconds: int = env.lease_seconds if args.lease_seconds is None else args.lease_seconds
+    poll_seconds: float = env.poll_seconds if args.poll_seconds is None else args.poll_seconds
+    problems = []
+    if not token:
+        problems.append("no executor token: pass --token or set DLW_EXECUTOR_TOKEN")
+    if not storage:
+        problems.append("no storage directory: pass --storage or set DLW_EXECUTOR_STORAGE")
+    if concurrency < 1 or not 5 <= lease_seconds <= 3600 or poll_seconds <= 0:
+        problems.append("--concurrency must be >= 1, --lease-seconds 5..3600, --poll-seconds > 0")
+    if problems:
+        return problems
+    assert token and storage
+    label = args.label or env.label
+    return Config(
+        base_url=args.base_url or env.base_url,
+        token=token,
+        storage=Path(storage),
+        hf_endpoint=args.hf_endpoint or env.hf_endpoint,
+        hf_token=env.hf_token,
+        concurrency=concurrency,
+        lease_seconds=lease_seconds,
+        poll_seconds=poll_seconds,
+        **({"label": label} if label else {}),
+    )

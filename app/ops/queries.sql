@@ -1,0 +1,41 @@
+-- Application SQL of the command-line tools (asyncpg, $n placeholders), one `-- name:` block
+-- each, loaded by app/ops/queries.py. The API's SQL lives with its routes; the database
+-- program itself in sql/.
+
+-- name: database_exists
+SELECT 1 FROM pg_database WHERE datname = $1
+
+-- Statements that take an identifier or a literal are built by the server's format(), so
+-- quoting is PostgreSQL's own.
+-- name: create_database_statement
+SELECT format('CREATE DATABASE %I', $1::text)
+
+-- name: app_password_statement
+SELECT format('ALTER ROLE dlw_app PASSWORD %L', $1::text)
+
+-- name: provision_tenant
+SELECT dlw.provision_tenant($1, $2)
+
+-- name: resolve_tenant
+SELECT tenant_id, active FROM dlw.resolve_tenant($1)
+
+-- name: admin_create_tenant
+SELECT dlw_admin.create_tenant($1, $2, $3, $4, $5)
+
+-- The column order is the order `dlw tenant list` prints.
+-- name: admin_list_tenants
+SELECT tenant_id, slug, display_name, active, live_tasks, quota_concurrent, bytes_used_month,
+       quota_bytes_month, bytes_used_pct, quota_storage_gb, reporting_logins
+FROM dlw_admin.list_tenants()
+
+-- name: admin_set_quota
+SELECT concurrent_limit, bytes_month_limit, storage_gb_limit FROM dlw_admin.set_quota($1, $2, $3, $4)
+
+-- name: admin_deactivate_tenant
+SELECT tasks_cancelled, files_cancelled FROM dlw_admin.deactivate_tenant($1, $2)
+
+-- name: admin_create_reporting_login
+SELECT dlw_admin.create_reporting_login($1, $2, $3)
+
+-- name: admin_drop_reporting_login
+SELECT dlw_admin.drop_reporting_login($1)
