@@ -15,6 +15,8 @@ import time
 import traceback
 from typing import Any
 
+from bench.load import print_table_head
+
 PARTS = ("create", "list", "refresh")
 CREATE_MIN_VS_BARE = 0.8
 CREATE_MIN_VS_PGBENCH = 0.3
@@ -65,12 +67,10 @@ def report_create(cells: list[Any]) -> list[dict[str, Any]]:
     print("PostgreSQL (autovacuum, WAL writer, ...), client = load generator or pgbench;")
     print("busy = share of the machine's cores busy during the cell, other = of which outside this benchmark.")
     print("Each row is the system's best round (the progress lines above show every round).\n")
-    head = (
+    print_table_head(
         f"{'tenancy':7} {'conc':>4} {'system':8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}"
         f" {'api':>6} {'pg':>6} {'pg bg':>6} {'client':>6} {'busy':>5} {'other':>5}"
     )
-    print(head)
-    print("-" * len(head))
     for c in cells:
         print(
             f"{c.tenancy:7} {c.concurrency:>4} {c.system:8} {c.rps:>8.0f} {c.p50_ms:>7.2f} {c.p99_ms:>7.2f}"
@@ -82,12 +82,10 @@ def report_create(cells: list[Any]) -> list[dict[str, Any]]:
     print(f"\nRatios of req/s (targets: full/bare >= {CREATE_MIN_VS_BARE}, full/pgbench >= {CREATE_MIN_VS_PGBENCH})")
     print("cpu columns (informational, less sensitive to other load): the same ratios from CPU per request,")
     print("(api + pg) of the other system / (api + pg) of full: what full would reach if CPU were the only limit.")
-    head = (
+    print_table_head(
         f"{'tenancy':7} {'conc':>4} {'full/bare':>9} {'':6} {'full/pgbench':>12} {'':6} {'bare/pgbench':>12}"
         f" {'cpu full/bare':>13} {'cpu full/pgbench':>16}"
     )
-    print(head)
-    print("-" * len(head))
     for tenancy, conc, system in by_key:
         if system != "full":
             continue
@@ -131,9 +129,7 @@ def report_list(result: dict[str, Any]) -> list[dict[str, Any]]:
     print(f"route SQL ({result['route_sql_source']}):\n  {result['route_sql']}")
     print(f"explicit SQL (superuser, RLS not applied):\n  {result['explicit_sql']}")
     print(f"{s['rls_query']['n']} executions each, random tenants, prepared statements, one connection each\n")
-    head = f"{'':58} {'mean µs':>8} {'p50 µs':>8} {'p99 µs':>8}"
-    print(head)
-    print("-" * len(head))
+    print_table_head(f"{'':58} {'mean µs':>8} {'p50 µs':>8} {'p99 µs':>8}")
     labels = {
         "rls_query": "query, RLS (dlw_app after set_context)",
         "plain_query": "query, explicit WHERE tenant_id (superuser)",
@@ -186,9 +182,7 @@ def run_refresh(quick: bool) -> list[dict[str, Any]] | None:
 
 def print_summary(rows: list[dict[str, Any]], refresh_rows: list[dict[str, Any]] | None) -> None:
     print("\n== Summary: DESIGN.md §6 targets ==")
-    head = f"{'measure':44} {'ratio':>6} {'target':>8}  result"
-    print(head)
-    print("-" * len(head))
+    print_table_head(f"{'measure':44} {'ratio':>6} {'target':>8}  result")
     for row in rows:
         met = row["met"]
         result = "-" if met is None else _verdict(bool(met))

@@ -28,6 +28,12 @@ def build_request(host: str, port: int, method: str, path: str, headers: dict[st
     return "\r\n".join(lines) + body.decode("latin-1")
 
 
+def print_table_head(head: str) -> None:
+    """A table header and its rule."""
+    print(head)
+    print("-" * len(head))
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")

@@ -34,6 +34,7 @@ from psycopg import sql
 
 from app.ops.embedded import LocalCluster
 from app.ops.migrate import migrate
+from bench.load import print_table_head
 
 PG_SETTINGS = {
     "fsync": "off",
@@ -161,12 +162,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         "\nrefresh = dlw.refresh_quota_snapshots() folding the new events; drift = dlw.quota_drift() (full recompute)"
     )
-    head = (
+    print_table_head(
         f"{'history':>11} {'new':>7} {'refresh p50 ms':>14} {'min':>7} {'max':>7} {'vs first':>8}"
         f" {'drift ms':>9} {'table MB':>9} {'load s':>7}"
     )
-    print(head)
-    print("-" * len(head))
     for r in rows:
         print(
             f"{r['history_events']:>11,} {r['new_events']:>7,} {r['refresh_ms_median']:>14.1f}"

@@ -10,7 +10,7 @@ from psycopg import errors, sql
 
 from tests.support.catalog import readable_columns, readable_tables
 from tests.support.database import MigratedDb
-from tests.support.tenants import SeededTenant, as_tenant, drop_login, seed_tenant, tenant
+from tests.support.tenants import SeededTenant, as_tenant, drop_login, seeded_tenants, tenant
 
 SECRET_COLUMNS = [
     ("task_files", "assignment_token"),
@@ -25,10 +25,8 @@ SECRET_COLUMNS = [
 
 @pytest.fixture(scope="module")
 def tenants(db: MigratedDb) -> Iterator[tuple[SeededTenant, SeededTenant]]:
-    a, b = seed_tenant(db, "gamma"), seed_tenant(db, "delta")
-    yield a, b
-    drop_login(db, a.login)
-    drop_login(db, b.login)
+    with seeded_tenants(db, "gamma", "delta") as (a, b):
+        yield a, b
 
 
 def as_login(db: MigratedDb, tenant: SeededTenant) -> psycopg.Connection:

@@ -214,20 +214,26 @@ def test_a_held_quota_lock_times_out_with_55p03_and_blocks_no_other_tenant(db):
     assert live_tasks(db, x) == 1
 
 
-def test_the_quota_row_lock_held_by_someone_else_times_out(db):
-    tid = provision(db, "locked", concurrent=10)
-    with psycopg.connect(db.app_url) as conn:
-        assert create(conn, tid)[0] == "created"  # the quota rows now exist
+def assert_create_waits_for_the_row_lock(db: MigratedDb, tid: int, period_sql: str) -> None:
+    """While another transaction holds the tenant's quota row for `period_sql` FOR UPDATE, a create
+    gives up after its lock_timeout (LockNotAvailable) instead of admitting without the lock."""
     with db.owner() as owner, psycopg.connect(db.app_url) as conn:
         owner.execute("BEGIN")
         owner.execute(
-            "SELECT 1 FROM dlw.quota_snapshots WHERE tenant_id = %s AND period = dlw.month_start(now()) FOR UPDATE",
+            "SELECT 1 FROM dlw.quota_snapshots WHERE tenant_id = %s AND period = " + period_sql + " FOR UPDATE",
             (tid,),
         )
         with pytest.raises(errors.LockNotAvailable):
             create(conn, tid, lock_timeout_ms=200)
         conn.rollback()
         owner.execute("ROLLBACK")
+
+
+def test_the_quota_row_lock_held_by_someone_else_times_out(db):
+    tid = provision(db, "locked", concurrent=10)
+    with psycopg.connect(db.app_url) as conn:
+        assert create(conn, tid)[0] == "created"  # the quota rows now exist
+    assert_create_waits_for_the_row_lock(db, tid, "dlw.month_start(now())")
 
 
 def test_a_create_straddling_the_month_boundary_still_serialises(db):
@@ -236,17 +242,7 @@ def test_a_create_straddling_the_month_boundary_still_serialises(db):
     tid = provision(db, "straddle", concurrent=10)
     with psycopg.connect(db.app_url) as conn:
         assert create(conn, tid)[0] == "created"
-    with db.owner() as owner, psycopg.connect(db.app_url) as conn:
-        owner.execute("BEGIN")
-        owner.execute(
-            "SELECT 1 FROM dlw.quota_snapshots"
-            " WHERE tenant_id = %s AND period = dlw.month_start(now()) - interval '1 month' FOR UPDATE",
-            (tid,),
-        )
-        with pytest.raises(errors.LockNotAvailable):
-            create(conn, tid, lock_timeout_ms=200)
-        conn.rollback()
-        owner.execute("ROLLBACK")
+    assert_create_waits_for_the_row_lock(db, tid, "dlw.month_start(now()) - interval '1 month'")
 
 
 def test_lock_timeout_is_restored_after_admission(db):

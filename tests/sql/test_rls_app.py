@@ -11,15 +11,13 @@ from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
 from tests.support.database import MigratedDb
-from tests.support.tenants import SeededTenant, as_tenant, drop_login, seed_tenant, tenant_tables
+from tests.support.tenants import SeededTenant, as_tenant, seeded_tenants, tenant_tables
 
 
 @pytest.fixture(scope="module")
 def tenants(db: MigratedDb) -> Iterator[tuple[SeededTenant, SeededTenant]]:
-    a, b = seed_tenant(db, "alpha"), seed_tenant(db, "beta")
-    yield a, b
-    drop_login(db, a.login)
-    drop_login(db, b.login)
+    with seeded_tenants(db, "alpha", "beta") as (a, b):
+        yield a, b
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +128,17 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
             )
             q("INSERT INTO dlw.reporting_logins (tenant_id, login) VALUES (%s, %s)", (tid, t.login))
         return t
+
+
+@contextmanager
+def seeded_tenants(db: MigratedDb, *slugs: str) -> Iterator[list[SeededTenant]]:
+    """seed_tenant() for each slug; their reporting logins (cluster-wide roles) dropped after."""
+    seeded = [seed_tenant(db, slug) for slug in slugs]
+    try:
+        yield seeded
+    finally:
+        for t in seeded:
+            drop_login(db, t.login)
 
 
 def drop_login(db: MigratedDb, login: str) -> None:
