@@ -169,10 +169,19 @@ async def create_task(
     return JSONResponse(task.model_dump(mode="json"), status_code=201)
 
 
+# One SQL text per filter shape (status filter?, cursor?), not `$n IS NULL OR ...`: each keeps a
+# cheap generic plan. Parameters: limit, [status], [cursor at, id].
+TASK_LIST_QUERIES = {
+    (False, False): SQL["list_tasks"],
+    (True, False): SQL["list_tasks_by_status"],
+    (False, True): SQL["list_tasks_after"],
+    (True, True): SQL["list_tasks_by_status_after"],
+}
+
+
 def task_list_query(*, status: bool, cursor: bool) -> str:
-    """The list query for one filter shape: one SQL text per shape (app/db/queries.sql), so
-    each keeps a cheap generic plan. Parameters: limit, [status], [cursor at, id]."""
-    return SQL["list_tasks" + ("_by_status" if status else "") + ("_after" if cursor else "")]
+    """The list query for one filter shape."""
+    return TASK_LIST_QUERIES[status, cursor]
 
 
 @router.get("/tasks", response_model=TaskPage, responses=error_responses(INVALID_CURSOR))
