@@ -3,7 +3,7 @@ admission SQL as POST /api/v1/tasks (dlw.set_context, then dlw.create_task, in o
 with no authentication, no RBAC, no request model and no audit of its own.
 
 Run like the real server: `python -m bench.bare_app --port N` (uvicorn, one worker, log level
-info), connecting as dlw_app through the same pool code (app.db.create_pool) and pool sizes.
+info), connecting as dlw_app through the same pool code (app.db.pool.create_pool) and pool sizes.
 Environment: BENCH_DATABASE_URL (dlw_app), BENCH_POOL_MIN_SIZE, BENCH_POOL_MAX_SIZE.
 The tenant comes from the X-Tenant-Id header (trusted: this endpoint exists only to be measured).
 """
@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app.db import pool as db
+from app.db.pool import create_pool, tenant_transaction
 
 CREATE_SQL = "SELECT * FROM dlw.create_task($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)"
 LOCK_TIMEOUT_MS = 2000  # the API's default DLW_QUOTA_LOCK_TIMEOUT_MS
@@ -29,7 +29,7 @@ LOCK_TIMEOUT_MS = 2000  # the API's default DLW_QUOTA_LOCK_TIMEOUT_MS
 def create_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.pool = await db.create_pool(
+        app.state.pool = await create_pool(
             os.environ["BENCH_DATABASE_URL"],
             min_size=int(os.environ.get("BENCH_POOL_MIN_SIZE", "2")),
             max_size=int(os.environ.get("BENCH_POOL_MAX_SIZE", "20")),
@@ -49,7 +49,7 @@ def create_app() -> FastAPI:
     async def create_task(request: Request) -> JSONResponse:
         tenant = int(request.headers["x-tenant-id"])
         body = await request.json()
-        async with db.tenant_transaction(request.app.state.pool, tenant, "bench", "tenant_operator") as conn:
+        async with tenant_transaction(request.app.state.pool, tenant, "bench", "tenant_operator") as conn:
             row = await conn.fetchrow(
                 CREATE_SQL,
                 None,

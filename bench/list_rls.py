@@ -3,7 +3,7 @@
 1,000,000 tasks over 1,000 tenants (by default), loaded as superuser with INSERT ... SELECT
 generate_series, tenants interleaved in time (so one tenant's rows are spread over the heap, as
 in a shared table that grew with every tenant writing). Then the first page of
-GET /api/v1/tasks (the route's exact SQL, from app/routes/tasks.py task_list_query) is timed:
+GET /api/v1/tasks (the route's exact SQL, from app/db/queries.sql list_tasks) is timed:
 
   rls       as dlw_app, BEGIN; dlw.set_context(tenant); <route SQL>; COMMIT
   explicit  as the superuser (RLS does not apply), <route SQL> with `tenant_id = $2` added
@@ -32,7 +32,7 @@ CONTEXT_SQL = "SELECT dlw.set_context($1, $2, $3)"
 
 def route_sql() -> tuple[str, str]:
     """The first-page query of GET /api/v1/tasks, exactly as the route builds it."""
-    return task_routes.task_list_query(status=False, cursor=False), "app/routes/tasks.py task_list_query"
+    return task_routes.task_list_query(status=False, cursor=False), "app/db/queries.sql list_tasks"
 
 
 def explicit_sql(route: str) -> str:

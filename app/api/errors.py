@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException
@@ -13,12 +14,32 @@ class ApiError(HTTPException):
         super().__init__(status_code=status, detail={"code": code, **extra}, headers=headers)
 
 
-def refuse(outcome: str, answers: Mapping[str, tuple[int, str]]) -> None:
-    """Raise the (status, code) answer for a refusal that a SQL function returned as its
-    outcome; any outcome not in `answers` passes."""
-    answer = answers.get(outcome)
-    if answer is not None:
-        raise ApiError(*answer)
+@dataclass(frozen=True)
+class Refusal:
+    """One documented error answer: status, stable code, and what it means.
+
+    fields names columns of the SQL result row copied into the detail (e.g. the quota metric);
+    extra is fixed detail; retry_after adds a Retry-After header."""
+
+    status: int
+    code: str
+    description: str
+    fields: tuple[str, ...] = ()
+    extra: Mapping[str, str] = field(default_factory=dict)
+    retry_after: int | None = None
+
+    def error(self, row: Mapping[str, Any] | None = None) -> ApiError:
+        values = {name: row[name] for name in self.fields} if row is not None else {}
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return ApiError(self.status, self.code, headers=headers, **self.extra, **values)
+
+
+# Answers any route may give, whatever SQL it calls.
+UNAUTHENTICATED = Refusal(401, "UNAUTHENTICATED", "missing, invalid or expired credentials")
+RBAC_DENIED = Refusal(403, "RBAC_DENIED", "the caller's roles do not allow this route")
+DB_FORBIDDEN = Refusal(403, "DB_FORBIDDEN", "the database refused the statement (row-level security, privileges)")
+DB_UNAVAILABLE = Refusal(503, "DB_UNAVAILABLE", "the database cannot serve right now", retry_after=2)
+INTERNAL_ERROR = Refusal(500, "INTERNAL_ERROR", "an unexpected failure (logged, never described)")
 
 
 def unauthenticated() -> ApiError:

@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from app.api.errors import ApiError
+from app.api.refusals import INVALID_CURSOR
 
 MAX_LIMIT = 200
 
@@ -25,7 +25,7 @@ def decode(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
         at, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return datetime.fromisoformat(at), uuid.UUID(row_id)
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise ApiError(422, "INVALID_CURSOR") from exc
+        raise INVALID_CURSOR.error() from exc
 
 
 def next_cursor(rows: list[Any], limit: int, time_column: str) -> str | None:

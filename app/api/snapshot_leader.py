@@ -26,6 +26,8 @@ import time
 
 import asyncpg
 
+from app.db.queries import SQL
+
 log = logging.getLogger("dlw.snapshots")
 
 LEADER_LOCK_KEY = 28266757846557028  # "dlwlead"; the refresh's own lock is "dlwsnap" (sql/50_snapshots.sql)
@@ -37,7 +39,7 @@ KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_k
 async def configured_runner(pool: asyncpg.Pool) -> tuple[str, str | None]:
     """(runner, detail) as `dlw migrate` recorded them: "pg_cron" or "leader"."""
     try:
-        row = await pool.fetchrow("SELECT runner, runner_detail FROM dlw.snapshot_state")
+        row = await pool.fetchrow(SQL["snapshot_runner"])
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
         return "leader", "schema not migrated yet"  # /readyz says NOT_MIGRATED meanwhile
     if row is None:
@@ -95,7 +97,7 @@ class SnapshotRunner:
         )
         try:
             while True:
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY, timeout=self.probe + 5):
+                if await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY, timeout=self.probe + 5):
                     break
                 await asyncio.sleep(self.retry)  # someone else leads; a dead leader's lock vanishes with it
             self.is_leader = True
@@ -106,7 +108,7 @@ class SnapshotRunner:
                 while (left := deadline - time.monotonic()) > 0:
                     await asyncio.sleep(min(self.probe, left))
                     # A lost connection ends the leadership here, not at the next refresh.
-                    await conn.fetchval("SELECT 1", timeout=self.probe + 5)
+                    await conn.fetchval(SQL["probe"], timeout=self.probe + 5)
         finally:
             if self.is_leader:
                 log.warning("snapshot runner: pid %s is no longer the leader", os.getpid())
@@ -117,8 +119,7 @@ class SnapshotRunner:
     async def _refresh(self, conn: asyncpg.Connection) -> None:
         started = time.monotonic()
         row = await conn.fetchrow(
-            "SELECT ran, events, tenants, periods, folded_below::text AS folded_below"
-            " FROM dlw.refresh_quota_snapshots()",
+            SQL["refresh_quota_snapshots"],
             timeout=max(60.0, self.interval),
         )
         assert row is not None

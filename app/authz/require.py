@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -13,7 +12,7 @@ from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError
-from app.db import pool as db
+from app.db.pool import audit, tenant_transaction
 from app.identity.credentials import PLATFORM_TENANT_ID, current_principal
 from app.identity.principal import Principal
 
@@ -28,8 +27,8 @@ async def audit_denial(request: Request, principal: Principal, obj: str, act: st
     tenant = principal.tenant_id or PLATFORM_TENANT_ID  # system-wide executors have no tenant
     detail = {"role": principal.role, "method": request.method, "path": request.url.path}
     try:
-        async with db.tenant_transaction(request.app.state.pool, tenant, principal.user_id, principal.role) as conn:
-            await db.audit(conn, "permission_denied", f"{act} {obj}", detail)
+        async with tenant_transaction(request.app.state.pool, tenant, principal.user_id, principal.role) as conn:
+            await audit(conn, "permission_denied", f"{act} {obj}", detail)
     except (OSError, asyncpg.PostgresError):
         log.exception("could not audit a permission denial: %s %s by %s", act, obj, principal.user_id)
 
@@ -59,15 +58,6 @@ def require_perm(obj: str, act: str, *, tenant_path_param: str | None = None) ->
 
     check.dlw_permission = (obj, act)  # type: ignore[attr-defined]  # read by the route-matrix test
     return check
-
-
-@asynccontextmanager
-async def acting(request: Request, principal: Principal) -> AsyncIterator[asyncpg.Connection]:
-    """The request's one transaction, in the principal's tenant and role."""
-    async with db.tenant_transaction(
-        request.app.state.pool, principal.tenant_id, principal.user_id, principal.role
-    ) as conn:
-        yield conn
 
 
 class PermissionFirstRoute(APIRoute):

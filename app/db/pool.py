@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from app.api.errors import ApiError
+from app.db.queries import SQL
 
 
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
@@ -27,9 +27,7 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asy
 
 async def role_safety_problem(conn: asyncpg.Connection) -> str | None:
     """Why this connection's role would defeat row-level security, or None when it is safe."""
-    row = await conn.fetchrow(
-        "SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
-    )
+    row = await conn.fetchrow(SQL["role_safety"])
     assert row is not None
     if row["rolsuper"]:
         return f"database role {row['name']} is a superuser (row-level security would not apply)"
@@ -45,22 +43,10 @@ async def tenant_transaction(
     """One transaction acting for one tenant: the context is set first, in one statement,
     transaction-locally, so it cannot leak to the next user of the pooled connection."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT dlw.set_context($1, $2, $3)", tenant_id, user_id, role)
+        await conn.execute(SQL["set_context"], tenant_id, user_id, role)
         yield conn
 
 
 async def audit(conn: asyncpg.Connection, action: str, target: str, detail: dict[str, Any]) -> None:
     """Append a row to the current tenant's audit trail, in the caller's transaction."""
-    await conn.execute("SELECT dlw.audit($1, $2, $3::jsonb)", action, target, json.dumps(detail))
-
-
-async def insert_unique(conn: asyncpg.Connection, conflict_code: str, query: str, *args: Any) -> asyncpg.Record:
-    """Run an INSERT ... RETURNING; a duplicate key (always within the tenant's own key
-    space) is answered 409 with conflict_code, leaving the request transaction usable."""
-    try:
-        async with conn.transaction():
-            row = await conn.fetchrow(query, *args)
-    except asyncpg.UniqueViolationError as exc:
-        raise ApiError(409, conflict_code) from exc
-    assert row is not None
-    return row
+    await conn.execute(SQL["audit"], action, target, json.dumps(detail))

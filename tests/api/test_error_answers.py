@@ -6,7 +6,7 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 
 from app.api.factory import create_app
-from app.authz.require import acting
+from app.api.transaction import request_transaction
 from app.identity.principal import Principal
 from tests.support.app import app_settings
 from tests.support.database import MigratedDb
@@ -18,7 +18,7 @@ def test_failures_are_answered_with_stable_codes(db: MigratedDb):
     @app.get("/test/forgot-its-permission-check")
     async def forgot(request: Request) -> None:
         # A (buggy) route that skipped require_perm and lets a viewer write: RLS refuses.
-        async with acting(request, Principal(user_id="v", tenant_id=1, role="tenant_viewer")) as conn:
+        async with request_transaction(request, Principal(user_id="v", tenant_id=1, role="tenant_viewer")) as conn:
             await conn.execute("INSERT INTO dlw.storage_targets (tenant_id, name) VALUES (1, 'sneaky')")
 
     @app.get("/test/bug")

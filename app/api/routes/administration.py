@@ -13,9 +13,12 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api import pagination
-from app.api.errors import ApiError, refuse
-from app.authz.require import PermissionFirstRoute, acting, require_perm
-from app.db import pool as db
+from app.api.openapi_errors import error_responses
+from app.api.refusals import INVALID_CURSOR, OIDC_NOT_CONFIGURED_422, answer_of, found
+from app.api.transaction import request_transaction
+from app.authz.require import PermissionFirstRoute, require_perm
+from app.db.pool import audit
+from app.db.queries import SQL
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["administration"], route_class=PermissionFirstRoute)
@@ -58,39 +61,31 @@ class Tenant(BaseModel):
     updated_at: datetime
 
 
-TENANT_COLUMNS = (
-    "tenant_id, slug, display_name, active, quota_concurrent, quota_bytes_month, quota_storage_gb,"
-    " created_at, updated_at"
-)
-
-
 async def _tenant(conn: asyncpg.Connection, tenant_id: int) -> Tenant:
-    row = await conn.fetchrow(f"SELECT {TENANT_COLUMNS} FROM dlw.tenants WHERE tenant_id = $1", tenant_id)
-    if row is None:
-        raise ApiError(404, "TENANT_NOT_FOUND")
-    return Tenant(**dict(row))
+    return Tenant(**dict(found("tenant_by_id", await conn.fetchrow(SQL["tenant_by_id"], tenant_id))))
 
 
-@router.post("/tenants", status_code=201, response_model=Tenant)
+@router.post(
+    "/tenants", status_code=201, response_model=Tenant, responses=error_responses("dlw.platform_create_tenant")
+)
 async def create_tenant(
     request: Request, body: TenantCreate, principal: Principal = Depends(require_perm("/api/v1/tenants", "POST"))
 ) -> Tenant:
     """Create a tenant with its default project and `default` storage target."""
-    async with acting(request, principal) as conn:
+    async with request_transaction(request, principal) as conn:
         row = await conn.fetchrow(
-            "SELECT * FROM dlw.platform_create_tenant($1, $2, $3, $4, $5)",
+            SQL["platform_create_tenant"],
             body.slug,
             body.display_name,
             body.quota_concurrent,
             body.quota_bytes_month,
             body.quota_storage_gb,
         )
-        if row["outcome"] == "TENANT_EXISTS":
-            raise ApiError(409, "TENANT_EXISTS")
+        answer_of("dlw.platform_create_tenant", row)
         return await _tenant(conn, row["tenant_id"])
 
 
-@router.get("/tenants", response_model=list[Tenant])
+@router.get("/tenants", response_model=list[Tenant], responses=error_responses())
 async def list_tenants(
     request: Request,
     after_id: int = Query(0, ge=0),
@@ -98,26 +93,26 @@ async def list_tenants(
     principal: Principal = Depends(require_perm("/api/v1/tenants", "GET")),
 ) -> list[Tenant]:
     """Every tenant, by id (page with after_id)."""
-    async with acting(request, principal) as conn:
-        rows = await conn.fetch(
-            f"SELECT {TENANT_COLUMNS} FROM dlw.tenants WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2",
-            after_id,
-            limit,
-        )
+    async with request_transaction(request, principal) as conn:
+        rows = await conn.fetch(SQL["list_tenants"], after_id, limit)
     return [Tenant(**dict(r)) for r in rows]
 
 
-@router.get("/tenants/{tenant_id}", response_model=Tenant)
+@router.get("/tenants/{tenant_id}", response_model=Tenant, responses=error_responses("tenant_by_id"))
 async def get_tenant(
     request: Request,
     tenant_id: int,
     principal: Principal = Depends(require_perm("/api/v1/tenants/{tenant_id}", "GET", tenant_path_param="tenant_id")),
 ) -> Tenant:
-    async with acting(request, principal) as conn:
+    async with request_transaction(request, principal) as conn:
         return await _tenant(conn, tenant_id)
 
 
-@router.patch("/tenants/{tenant_id}", response_model=Tenant)
+@router.patch(
+    "/tenants/{tenant_id}",
+    response_model=Tenant,
+    responses=error_responses("dlw.platform_update_tenant", "tenant_by_id"),
+)
 async def update_tenant(
     request: Request,
     tenant_id: int,
@@ -125,9 +120,9 @@ async def update_tenant(
     principal: Principal = Depends(require_perm("/api/v1/tenants/{tenant_id}", "PATCH", tenant_path_param="tenant_id")),
 ) -> Tenant:
     """Change limits (0 = unlimited), the active flag or the display name."""
-    async with acting(request, principal) as conn:
+    async with request_transaction(request, principal) as conn:
         outcome = await conn.fetchval(
-            "SELECT dlw.platform_update_tenant($1, $2, $3, $4, $5, $6)",
+            SQL["platform_update_tenant"],
             tenant_id,
             body.quota_concurrent,
             body.quota_bytes_month,
@@ -135,7 +130,7 @@ async def update_tenant(
             body.active,
             body.display_name,
         )
-        refuse(outcome, {"NOT_FOUND": (404, "TENANT_NOT_FOUND"), "PLATFORM_TENANT": (409, "PLATFORM_TENANT")})
+        answer_of("dlw.platform_update_tenant", outcome)
         return await _tenant(conn, tenant_id)
 
 
@@ -159,10 +154,7 @@ class UserPatch(Strict):
     role: TenantRole
 
 
-USER_COLUMNS = "id, email, role, issuer, subject, created_at, last_login_at"
-
-
-@router.get("/users", response_model=UserPage)
+@router.get("/users", response_model=UserPage, responses=error_responses(INVALID_CURSOR))
 async def list_users(
     request: Request,
     limit: Limit = 100,
@@ -171,11 +163,9 @@ async def list_users(
 ) -> UserPage:
     """The tenant's users, newest first."""
     after = pagination.decode(cursor)
-    async with acting(request, principal) as conn:
+    async with request_transaction(request, principal) as conn:
         rows = await conn.fetch(
-            f"SELECT {USER_COLUMNS} FROM dlw.users"
-            " WHERE ($1::timestamptz IS NULL OR (created_at, id) < ($1, $2))"
-            " ORDER BY created_at DESC, id DESC LIMIT $3",
+            SQL["list_users"],
             after[0] if after else None,
             after[1] if after else None,
             limit,
@@ -185,7 +175,7 @@ async def list_users(
     )
 
 
-@router.patch("/users/{user_id}", response_model=User)
+@router.patch("/users/{user_id}", response_model=User, responses=error_responses("dlw.set_user_role"))
 async def update_user(
     request: Request,
     user_id: uuid.UUID,
@@ -193,12 +183,9 @@ async def update_user(
     principal: Principal = Depends(require_perm("/api/v1/users/{user_id}", "PATCH")),
 ) -> User:
     """Change a user's role within the tenant (never above tenant_admin)."""
-    async with acting(request, principal) as conn:
-        outcome = await conn.fetchval("SELECT dlw.set_user_role($1, $2)", user_id, body.role)
-        refuse(outcome, {"NOT_FOUND": (404, "USER_NOT_FOUND"), "LAST_TENANT_ADMIN": (409, "LAST_TENANT_ADMIN")})
-        if outcome != "ok":
-            raise ApiError(422, outcome)
-        row = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM dlw.users WHERE id = $1", user_id)
+    async with request_transaction(request, principal) as conn:
+        answer_of("dlw.set_user_role", await conn.fetchval(SQL["set_user_role"], user_id, body.role))
+        row = await conn.fetchrow(SQL["user_by_id"], user_id)
     return User(**dict(row))
 
 
@@ -219,10 +206,12 @@ class ServiceAccount(BaseModel):
     created_at: datetime
 
 
-SA_COLUMNS = "id, issuer, client_id, role, description, created_at"
-
-
-@router.post("/service-accounts", status_code=201, response_model=ServiceAccount)
+@router.post(
+    "/service-accounts",
+    status_code=201,
+    response_model=ServiceAccount,
+    responses=error_responses("insert_service_account", OIDC_NOT_CONFIGURED_422),
+)
 async def create_service_account(
     request: Request,
     body: ServiceAccountCreate,
@@ -231,19 +220,12 @@ async def create_service_account(
     """Let an identity-provider client (client-credentials tokens) act in this tenant."""
     issuer = body.issuer or request.app.state.settings.oidc_issuer
     if not issuer:
-        raise ApiError(422, "OIDC_NOT_CONFIGURED")
-    async with acting(request, principal) as conn:
-        row = await db.insert_unique(
-            conn,
-            "SERVICE_ACCOUNT_EXISTS",
-            f"INSERT INTO dlw.service_accounts (tenant_id, issuer, client_id, role, description)"
-            f" VALUES (dlw.ctx_tenant_id(), $1, $2, $3, $4) RETURNING {SA_COLUMNS}",
-            issuer,
-            body.client_id,
-            body.role,
-            body.description,
-        )
-        await db.audit(
+        raise OIDC_NOT_CONFIGURED_422.error()
+    # A client registered twice (within the tenant's own key space) is 409 SERVICE_ACCOUNT_EXISTS.
+    async with request_transaction(request, principal, "insert_service_account") as conn:
+        row = await conn.fetchrow(SQL["insert_service_account"], issuer, body.client_id, body.role, body.description)
+        row = found("insert_service_account", row)
+        await audit(
             conn,
             "service_account.created",
             str(row["id"]),
@@ -252,28 +234,29 @@ async def create_service_account(
     return ServiceAccount(**dict(row))
 
 
-@router.get("/service-accounts", response_model=list[ServiceAccount])
+@router.get("/service-accounts", response_model=list[ServiceAccount], responses=error_responses())
 async def list_service_accounts(
     request: Request, principal: Principal = Depends(require_perm("/api/v1/service-accounts", "GET"))
 ) -> list[ServiceAccount]:
-    async with acting(request, principal) as conn:
-        rows = await conn.fetch(f"SELECT {SA_COLUMNS} FROM dlw.service_accounts ORDER BY created_at, id")
+    async with request_transaction(request, principal) as conn:
+        rows = await conn.fetch(SQL["list_service_accounts"])
     return [ServiceAccount(**dict(r)) for r in rows]
 
 
-@router.delete("/service-accounts/{account_id}", status_code=204, response_class=Response)
+@router.delete(
+    "/service-accounts/{account_id}",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses("delete_service_account"),
+)
 async def delete_service_account(
     request: Request,
     account_id: uuid.UUID,
     principal: Principal = Depends(require_perm("/api/v1/service-accounts/{account_id}", "DELETE")),
 ) -> Response:
-    async with acting(request, principal) as conn:
-        client_id = await conn.fetchval(
-            "DELETE FROM dlw.service_accounts WHERE id = $1 RETURNING client_id", account_id
-        )
-        if client_id is None:
-            raise ApiError(404, "SERVICE_ACCOUNT_NOT_FOUND")
-        await db.audit(conn, "service_account.deleted", str(account_id), {"client_id": client_id})
+    async with request_transaction(request, principal) as conn:
+        row = found("delete_service_account", await conn.fetchrow(SQL["delete_service_account"], account_id))
+        await audit(conn, "service_account.deleted", str(account_id), {"client_id": row["client_id"]})
     return Response(status_code=204)
 
 
@@ -292,7 +275,7 @@ class AuditPage(BaseModel):
     next_cursor: str | None
 
 
-@router.get("/audit", response_model=AuditPage)
+@router.get("/audit", response_model=AuditPage, responses=error_responses(INVALID_CURSOR))
 async def audit_trail(
     request: Request,
     limit: Limit = 50,
@@ -302,12 +285,9 @@ async def audit_trail(
 ) -> AuditPage:
     """The tenant's audit rows, newest first."""
     after = pagination.decode(cursor)
-    async with acting(request, principal) as conn:
+    async with request_transaction(request, principal) as conn:
         rows = await conn.fetch(
-            "SELECT id, at, actor, action, target, detail FROM dlw.audit_log"
-            " WHERE tenant_id = dlw.ctx_tenant_id() AND ($1::timestamptz IS NULL OR (at, id) < ($1, $2))"
-            " AND ($3::text IS NULL OR action = $3)"
-            " ORDER BY at DESC, id DESC LIMIT $4",
+            SQL["audit_trail"],
             after[0] if after else None,
             after[1] if after else None,
             action,

@@ -11,9 +11,19 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel
 
-from app.api.errors import ApiError
+from app.api.openapi_errors import error_responses
+from app.api.refusals import (
+    OIDC_INVALID_CODE,
+    OIDC_NONCE_MISMATCH,
+    OIDC_NOT_CONFIGURED,
+    OIDC_PROVIDER_ERROR,
+    OIDC_STATE_MISMATCH,
+    OIDC_UPSTREAM,
+    answer_of,
+)
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.config import Settings
+from app.db.queries import SQL
 from app.identity import login_state, system_jwt
 from app.identity.oidc import OidcClient, OidcNonceMismatch, OidcTokenError, OidcUpstreamError
 from app.identity.principal import Principal
@@ -44,11 +54,16 @@ class Me(BaseModel):
 def _oidc(request: Request) -> OidcClient:
     oidc: OidcClient | None = getattr(request.app.state, "oidc", None)
     if oidc is None or not oidc.client_id or not oidc.redirect_url:
-        raise ApiError(503, "OIDC_NOT_CONFIGURED")
+        raise OIDC_NOT_CONFIGURED.error()
     return oidc
 
 
-@router.get("/login", response_class=RedirectResponse, status_code=302)
+@router.get(
+    "/login",
+    response_class=RedirectResponse,
+    status_code=302,
+    responses=error_responses(OIDC_NOT_CONFIGURED, OIDC_UPSTREAM, authenticated=False, database=False),
+)
 async def login(request: Request, email: str = Query("dev@local", max_length=254)) -> RedirectResponse:
     """Redirect to the identity provider; in dev mode, straight to the callback."""
     settings: Settings = request.app.state.settings
@@ -63,7 +78,7 @@ async def login(request: Request, email: str = Query("dev@local", max_length=254
             url = await oidc.authorization_url(state, nonce, verifier)
         except OidcUpstreamError as exc:
             log.warning("login: provider unavailable: %s", exc)
-            raise ApiError(503, "OIDC_UPSTREAM", headers={"Retry-After": "5"}) from exc
+            raise OIDC_UPSTREAM.error() from exc
         response = RedirectResponse(url, status_code=302)
         response.set_cookie(
             login_state.COOKIE,
@@ -81,26 +96,26 @@ async def _verified_identity(request: Request, settings: Settings, code: str, st
     """The claims of the person who just logged in, verified end to end."""
     if code.startswith(DEV_CODE_PREFIX):
         if not settings.auth_dev_mode:
-            raise ApiError(400, "OIDC_INVALID_CODE")
+            raise OIDC_INVALID_CODE.error()
         email = code[len(DEV_CODE_PREFIX) :].strip().lower()
         return {"iss": DEV_ISSUER, "sub": email, "email": email, "email_verified": True, "groups": []}
     oidc = _oidc(request)
     cookie = request.cookies.get(login_state.COOKIE)
     saved = login_state.unseal(settings.system_jwt_secret, cookie) if cookie else None
     if saved is None or not state or not _same(saved.state, state):
-        raise ApiError(400, "OIDC_STATE_MISMATCH")
+        raise OIDC_STATE_MISMATCH.error()
     try:
         id_token = await oidc.exchange_code(code, saved.code_verifier)
         claims = await oidc.verify_id_token(id_token, saved.nonce)
     except OidcUpstreamError as exc:
         log.warning("callback: provider unavailable: %s", exc)
-        raise ApiError(503, "OIDC_UPSTREAM", headers={"Retry-After": "5"}) from exc
+        raise OIDC_UPSTREAM.error() from exc
     except OidcNonceMismatch as exc:
         log.info("callback: %s", exc)
-        raise ApiError(400, "OIDC_NONCE_MISMATCH") from exc
+        raise OIDC_NONCE_MISMATCH.error() from exc
     except OidcTokenError as exc:
         log.info("callback: %s", exc)
-        raise ApiError(400, "OIDC_INVALID_CODE") from exc
+        raise OIDC_INVALID_CODE.error() from exc
     return claims
 
 
@@ -110,7 +125,20 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-@router.get("/callback", response_model=LoginResult)
+@router.get(
+    "/callback",
+    response_model=LoginResult,
+    responses=error_responses(
+        "dlw.login_user",
+        OIDC_PROVIDER_ERROR,
+        OIDC_INVALID_CODE,
+        OIDC_STATE_MISMATCH,
+        OIDC_NONCE_MISMATCH,
+        OIDC_NOT_CONFIGURED,
+        OIDC_UPSTREAM,
+        authenticated=False,
+    ),
+)
 async def callback(
     request: Request,
     code: str | None = Query(None, max_length=4096),
@@ -120,24 +148,21 @@ async def callback(
     """Finish the login: verify the identity, place the user in a tenant, mint a system JWT."""
     settings: Settings = request.app.state.settings
     if error or not code:
-        raise ApiError(400, "OIDC_PROVIDER_ERROR" if error else "OIDC_INVALID_CODE")
+        raise (OIDC_PROVIDER_ERROR if error else OIDC_INVALID_CODE).error()
     claims = await _verified_identity(request, settings, code, state)
     email = claims.get("email") if isinstance(claims.get("email"), str) else None
     raw_groups = claims.get("groups")
     groups = [g for g in raw_groups if isinstance(g, str)] if isinstance(raw_groups, list) else []
     rule = first_match(request.app.state.tenant_rules, email, claims.get("email_verified") is True, groups)
     row = await request.app.state.pool.fetchrow(
-        "SELECT * FROM dlw.login_user($1, $2, $3, $4, $5)",
+        SQL["login_user"],
         str(claims["iss"]),
         str(claims["sub"]),
         email,
         rule.tenant if rule else None,
         rule.role if rule else None,
     )
-    if row["outcome"] == "TENANT_INACTIVE":
-        raise ApiError(403, "TENANT_INACTIVE")
-    if row["outcome"] != "ok":
-        raise ApiError(403, "TENANT_UNRESOLVED", message="no tenant rule admits this identity")
+    answer_of("dlw.login_user", row)
     principal = Principal(user_id=str(row["user_id"]), tenant_id=row["tenant_id"], role=row["role"])
     ttl = settings.system_jwt_ttl_seconds
     token = system_jwt.issue(settings.system_jwt_secret, principal, ttl)
@@ -147,7 +172,7 @@ async def callback(
     return response
 
 
-@router.get("/me", response_model=Me)
+@router.get("/me", response_model=Me, responses=error_responses(database=False))
 async def me(principal: Principal = Depends(require_perm("/api/v1/auth/me", "GET"))) -> Me:
     """The calling principal."""
     return Me(**principal.as_dict())  # type: ignore[arg-type]

@@ -13,17 +13,17 @@ EXECUTE the functions; casbin admits only the executor role to these routes in t
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated
 
-import asyncpg
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.errors import ApiError, refuse
-from app.authz.require import PermissionFirstRoute, acting, require_perm
+from app.api.openapi_errors import error_responses
+from app.api.refusals import answer_of
+from app.api.transaction import request_transaction
+from app.authz.require import PermissionFirstRoute, require_perm
+from app.db.queries import SQL
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
@@ -90,21 +90,11 @@ class Report(BaseModel):
     task_status: str | None
 
 
-LEASE_REFUSALS = {"NOT_FOUND": (404, "FILE_NOT_FOUND"), "LEASE_LOST": (409, "LEASE_LOST")}
+# Claims never wait for locks and reports lock a task before its files, so a deadlock is not
+# expected; should PostgreSQL still abort one, the registry answers 503 EXECUTOR_RETRY.
 
 
-@asynccontextmanager
-async def _executor_transaction(request: Request, principal: Principal) -> AsyncIterator[asyncpg.Connection]:
-    # Claims never wait for locks and reports lock a task before its files, so a deadlock is not
-    # expected; should PostgreSQL still abort one, the executor is told to retry.
-    try:
-        async with acting(request, principal) as conn:
-            yield conn
-    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
-        raise ApiError(503, "EXECUTOR_RETRY", headers={"Retry-After": "1"}) from exc
-
-
-@router.post("/claim", response_model=ClaimResponse)
+@router.post("/claim", response_model=ClaimResponse, responses=error_responses("dlw.executor_claim"))
 async def claim(
     request: Request,
     body: ClaimRequest,
@@ -112,9 +102,9 @@ async def claim(
 ) -> ClaimResponse:
     """Claim up to max_files files (possibly none), fairly across the tenants the token covers."""
     max_attempts = request.app.state.settings.executor_max_attempts
-    async with _executor_transaction(request, principal) as conn:
+    async with request_transaction(request, principal, "dlw.executor_claim") as conn:
         rows = await conn.fetch(
-            "SELECT * FROM dlw.executor_claim($1, $2, $3, $4)",
+            SQL["executor_claim"],
             body.max_files,
             body.lease_seconds,
             body.executor,
@@ -143,7 +133,9 @@ async def claim(
     )
 
 
-@router.post("/files/{file_id}/heartbeat", response_model=HeartbeatResponse)
+@router.post(
+    "/files/{file_id}/heartbeat", response_model=HeartbeatResponse, responses=error_responses("dlw.executor_heartbeat")
+)
 async def heartbeat(
     request: Request,
     file_id: uuid.UUID,
@@ -151,16 +143,13 @@ async def heartbeat(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/heartbeat", "POST")),
 ) -> HeartbeatResponse:
     """Extend the lease (and record progress); 409 LEASE_LOST means stop working on the file."""
-    async with _executor_transaction(request, principal) as conn:
-        row = await conn.fetchrow(
-            "SELECT * FROM dlw.executor_heartbeat($1, $2, $3)", file_id, body.assignment_token, body.bytes_done
-        )
-    assert row is not None
-    refuse(row["outcome"], LEASE_REFUSALS)
+    async with request_transaction(request, principal, "dlw.executor_heartbeat") as conn:
+        row = await conn.fetchrow(SQL["executor_heartbeat"], file_id, body.assignment_token, body.bytes_done)
+    answer_of("dlw.executor_heartbeat", row)
     return HeartbeatResponse(lease_expires_at=row["lease_expires_at"])
 
 
-@router.post("/files/{file_id}/complete", response_model=Report)
+@router.post("/files/{file_id}/complete", response_model=Report, responses=error_responses("dlw.executor_complete"))
 async def complete(
     request: Request,
     file_id: uuid.UUID,
@@ -168,23 +157,20 @@ async def complete(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/complete", "POST")),
 ) -> Report:
     """Report the file downloaded; its usage is counted once, however often this is repeated."""
-    async with _executor_transaction(request, principal) as conn:
+    async with request_transaction(request, principal, "dlw.executor_complete") as conn:
         row = await conn.fetchrow(
-            "SELECT * FROM dlw.executor_complete($1, $2, $3, $4)",
+            SQL["executor_complete"],
             file_id,
             body.assignment_token,
             body.bytes,
             body.sha256.lower(),
         )
-    assert row is not None
     # Refusals are answered after the commit: a sha256 mismatch has failed the file (and task).
-    refuse(row["outcome"], LEASE_REFUSALS)
-    if row["outcome"] == "SHA256_MISMATCH":
-        raise ApiError(422, "SHA256_MISMATCH", task_status=row["task_status"])
-    return Report(outcome=row["outcome"], task_status=row["task_status"])
+    outcome = answer_of("dlw.executor_complete", row)
+    return Report(outcome=outcome, task_status=row["task_status"])
 
 
-@router.post("/files/{file_id}/fail", response_model=Report)
+@router.post("/files/{file_id}/fail", response_model=Report, responses=error_responses("dlw.executor_fail"))
 async def fail(
     request: Request,
     file_id: uuid.UUID,
@@ -193,21 +179,20 @@ async def fail(
 ) -> Report:
     """Report a failure: retryable ones requeue the file while it has attempts left."""
     max_attempts = request.app.state.settings.executor_max_attempts
-    async with _executor_transaction(request, principal) as conn:
+    async with request_transaction(request, principal, "dlw.executor_fail") as conn:
         row = await conn.fetchrow(
-            "SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5)",
+            SQL["executor_fail"],
             file_id,
             body.assignment_token,
             body.error,
             body.retryable,
             max_attempts,
         )
-    assert row is not None
-    refuse(row["outcome"], LEASE_REFUSALS)
-    return Report(outcome=row["outcome"], task_status=row["task_status"])
+    outcome = answer_of("dlw.executor_fail", row)
+    return Report(outcome=outcome, task_status=row["task_status"])
 
 
-@router.post("/files/{file_id}/release", response_model=Report)
+@router.post("/files/{file_id}/release", response_model=Report, responses=error_responses("dlw.executor_release"))
 async def release(
     request: Request,
     file_id: uuid.UUID,
@@ -215,7 +200,6 @@ async def release(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/release", "POST")),
 ) -> Report:
     """Give the file back untouched (the executor is stopping): queued again, no attempt used."""
-    async with _executor_transaction(request, principal) as conn:
-        outcome = await conn.fetchval("SELECT dlw.executor_release($1, $2)", file_id, body.assignment_token)
-    refuse(outcome, LEASE_REFUSALS)
-    return Report(outcome=outcome, task_status=None)
+    async with request_transaction(request, principal, "dlw.executor_release") as conn:
+        outcome = await conn.fetchval(SQL["executor_release"], file_id, body.assignment_token)
+    return Report(outcome=answer_of("dlw.executor_release", outcome), task_status=None)

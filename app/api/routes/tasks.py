@@ -1,4 +1,4 @@
-"""Tasks, quota and storage targets: one tenant-scoped transaction per request, calling SQL."""
+"""Tasks: create (admitted against the quota by the database), list, read, cancel."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-import asyncpg
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.api import pagination
-from app.api.errors import ApiError, refuse
-from app.authz.require import PermissionFirstRoute, acting, require_perm
-from app.db import pool as db
+from app.api.openapi_errors import error_responses
+from app.api.refusals import INVALID_CURSOR, answer_of, found
+from app.api.transaction import request_transaction
+from app.authz.require import PermissionFirstRoute, require_perm
+from app.db.queries import SQL
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirstRoute)
@@ -113,25 +114,11 @@ class TaskPage(BaseModel):
     next_cursor: str | None
 
 
-TASK_COLUMNS = (
-    "id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,"
-    " created_by, error, created_at, updated_at, finished_at"
-)
-FILE_COLUMNS = "id, path, size, sha256, status, attempts, bytes_done, error, finished_at"
-CREATE_REFUSALS = {
-    "IDEMPOTENCY_CONFLICT": (409, "IDEMPOTENCY_CONFLICT"),
-    "UNKNOWN_PROJECT": (422, "UNKNOWN_PROJECT"),
-    "UNKNOWN_STORAGE_TARGET": (422, "UNKNOWN_STORAGE_TARGET"),
-    "TENANT_INACTIVE": (403, "TENANT_INACTIVE"),
-}
-CANCEL_REFUSALS = {"NOT_FOUND": (404, "TASK_NOT_FOUND"), "TASK_TERMINAL": (409, "TASK_TERMINAL")}
-
-
 @router.post(
     "/tasks",
     status_code=201,
     response_model=Task,
-    responses={200: {"description": "An Idempotency-Key retry: the first task"}},
+    responses={200: {"description": "An Idempotency-Key retry: the first task"}, **error_responses("dlw.create_task")},
 )
 async def create_task(
     request: Request,
@@ -141,35 +128,27 @@ async def create_task(
 ) -> JSONResponse:
     """Create a task; the database admits it against the tenant's quota (429 when refused)."""
     files = json.dumps([f.model_dump() for f in body.files])
-    storage = str(body.storage_target)
     lock_timeout = request.app.state.settings.quota_lock_timeout_ms
-    try:
-        async with acting(request, principal) as conn:
-            result = await conn.fetchrow(
-                "SELECT * FROM dlw.create_task($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
-                body.project_id,
-                storage,
-                body.repo_id,
-                body.revision,
-                body.priority,
-                files,
-                idempotency_key,
-                body.request_hash() if idempotency_key else None,
-                lock_timeout,
-            )
-            existing = None
-            if result["outcome"] == "existing":  # a retry answers with the task as it is now
-                existing = await conn.fetchrow(f"SELECT {TASK_COLUMNS} FROM dlw.tasks WHERE id = $1", result["task_id"])
-    except asyncpg.LockNotAvailableError as exc:
-        raise ApiError(503, "QUOTA_LOCK_TIMEOUT", headers={"Retry-After": "1"}) from exc
+    async with request_transaction(request, principal, "dlw.create_task") as conn:
+        result = await conn.fetchrow(
+            SQL["create_task"],
+            body.project_id,
+            str(body.storage_target),
+            body.repo_id,
+            body.revision,
+            body.priority,
+            files,
+            idempotency_key,
+            body.request_hash() if idempotency_key else None,
+            lock_timeout,
+        )
+        existing = None
+        if result is not None and result["outcome"] == "existing":  # a retry answers with the task as it is now
+            existing = await conn.fetchrow(SQL["task_by_id"], result["task_id"])
     # Refusals are answered after the transaction committed: a quota refusal's audit row stays.
-    outcome = result["outcome"]
-    if outcome == "QUOTA_EXCEEDED":
-        raise ApiError(429, "QUOTA_EXCEEDED", metric=result["metric"])
-    refuse(outcome, CREATE_REFUSALS)
-    if existing is not None:
-        return JSONResponse(Task(**dict(existing)).model_dump(mode="json"), status_code=200)
-    assert outcome == "created", outcome
+    outcome = answer_of("dlw.create_task", result)
+    if outcome == "existing":
+        return JSONResponse(Task(**dict(found("task_by_id", existing))).model_dump(mode="json"), status_code=200)
     made = json.loads(result["detail"])
     task = Task(
         id=result["task_id"],
@@ -190,21 +169,22 @@ async def create_task(
     return JSONResponse(task.model_dump(mode="json"), status_code=201)
 
 
+# One SQL text per filter shape (status filter?, cursor?), not `$n IS NULL OR ...`: each keeps a
+# cheap generic plan. Parameters: limit, [status], [cursor at, id].
+TASK_LIST_QUERIES = {
+    (False, False): SQL["list_tasks"],
+    (True, False): SQL["list_tasks_by_status"],
+    (False, True): SQL["list_tasks_after"],
+    (True, True): SQL["list_tasks_by_status_after"],
+}
+
+
 def task_list_query(*, status: bool, cursor: bool) -> str:
-    """The list query for one filter shape. One SQL text per shape (not `$n IS NULL OR ...`)
-    keeps each a cheap generic plan; row-level security adds the tenant condition, which the
-    index (tenant_id, created_at DESC, id DESC) serves. Parameters: limit, [status], [cursor]."""
-    conditions = []
-    if status:
-        conditions.append("status = $2")
-    if cursor:
-        n = 3 if status else 2
-        conditions.append(f"(created_at, id) < (${n}, ${n + 1})")
-    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    return f"SELECT {TASK_COLUMNS} FROM dlw.tasks{where} ORDER BY created_at DESC, id DESC LIMIT $1"
+    """The list query for one filter shape."""
+    return TASK_LIST_QUERIES[status, cursor]
 
 
-@router.get("/tasks", response_model=TaskPage)
+@router.get("/tasks", response_model=TaskPage, responses=error_responses(INVALID_CURSOR))
 async def list_tasks(
     request: Request,
     limit: Limit = 50,
@@ -215,101 +195,33 @@ async def list_tasks(
     """The tenant's tasks, newest first (page with next_cursor)."""
     after = pagination.decode(cursor)
     args: list[Any] = [limit, *([status] if status else []), *(after or ())]
-    async with acting(request, principal) as conn:
+    async with request_transaction(request, principal) as conn:
         rows = await conn.fetch(task_list_query(status=status is not None, cursor=after is not None), *args)
     items = [Task(**dict(r)) for r in rows]
     return TaskPage(items=items, next_cursor=pagination.next_cursor(rows, limit, "created_at"))
 
 
-@router.get("/tasks/{task_id}", response_model=Task)
+@router.get("/tasks/{task_id}", response_model=Task, responses=error_responses("task_by_id"))
 async def get_task(
     request: Request, task_id: uuid.UUID, principal: Principal = Depends(require_perm("/api/v1/tasks/{task_id}", "GET"))
 ) -> Task:
     """One task with its files; another tenant's id is 404."""
-    async with acting(request, principal) as conn:
-        row = await conn.fetchrow(f"SELECT {TASK_COLUMNS} FROM dlw.tasks WHERE id = $1", task_id)
-        if row is None:
-            raise ApiError(404, "TASK_NOT_FOUND")
-        files = await conn.fetch(f"SELECT {FILE_COLUMNS} FROM dlw.task_files WHERE task_id = $1 ORDER BY path", task_id)
+    async with request_transaction(request, principal) as conn:
+        row = found("task_by_id", await conn.fetchrow(SQL["task_by_id"], task_id))
+        files = await conn.fetch(SQL["task_files"], task_id)
     return Task(**dict(row), files=[TaskFile(**dict(f)) for f in files])
 
 
-@router.post("/tasks/{task_id}/cancel", status_code=202, response_class=Response)
+@router.post(
+    "/tasks/{task_id}/cancel", status_code=202, response_class=Response, responses=error_responses("dlw.cancel_task")
+)
 async def cancel_task(
     request: Request,
     task_id: uuid.UUID,
     principal: Principal = Depends(require_perm("/api/v1/tasks/{task_id}/cancel", "POST")),
 ) -> Response:
     """Cancel a pending or running task (its executors' leases are lost)."""
-    async with acting(request, principal) as conn:
-        outcome = await conn.fetchval("SELECT dlw.cancel_task($1)", task_id)
-    refuse(outcome, CANCEL_REFUSALS)
+    async with request_transaction(request, principal) as conn:
+        outcome = await conn.fetchval(SQL["cancel_task"], task_id)
+    answer_of("dlw.cancel_task", outcome)
     return Response(status_code=202)
-
-
-class Quota(BaseModel):
-    tenant_id: int
-    period: str
-    bytes_used_month: int
-    bytes_quota_month: int
-    storage_gb_used: int
-    storage_gb_quota: int
-    concurrent_tasks: int
-    concurrent_quota: int
-    snapshot_refreshed_at: datetime | None
-    snapshot_age_seconds: float | None
-
-
-@router.get("/quota/current", response_model=Quota)
-async def quota_current(
-    request: Request, principal: Principal = Depends(require_perm("/api/v1/quota/current", "GET"))
-) -> Quota:
-    """Limits (0 = unlimited) and exact usage now: this UTC month's bytes and live tasks."""
-    async with acting(request, principal) as conn:
-        row = await conn.fetchrow("SELECT * FROM dlw.quota_current()")
-    if row is None:
-        raise ApiError(404, "TENANT_NOT_FOUND")
-    return Quota(**{**dict(row), "period": row["period"].isoformat()})
-
-
-class StorageTargetCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-    kind: Literal["local"] = "local"
-    config: dict[str, Any] = Field(default_factory=dict, description="never returned by the API")
-
-
-class StorageTarget(BaseModel):
-    id: uuid.UUID
-    name: str
-    kind: str
-    created_at: datetime
-
-
-@router.get("/storage-targets", response_model=list[StorageTarget])
-async def list_storage_targets(
-    request: Request, principal: Principal = Depends(require_perm("/api/v1/storage-targets", "GET"))
-) -> list[StorageTarget]:
-    async with acting(request, principal) as conn:
-        rows = await conn.fetch("SELECT id, name, kind, created_at FROM dlw.storage_targets ORDER BY name")
-    return [StorageTarget(**dict(r)) for r in rows]
-
-
-@router.post("/storage-targets", status_code=201, response_model=StorageTarget)
-async def create_storage_target(
-    request: Request,
-    body: StorageTargetCreate,
-    principal: Principal = Depends(require_perm("/api/v1/storage-targets", "POST")),
-) -> StorageTarget:
-    async with acting(request, principal) as conn:
-        row = await db.insert_unique(
-            conn,
-            "STORAGE_TARGET_EXISTS",
-            "INSERT INTO dlw.storage_targets (tenant_id, name, kind, config)"
-            " VALUES (dlw.ctx_tenant_id(), $1, $2, $3::jsonb) RETURNING id, name, kind, created_at",
-            body.name,
-            body.kind,
-            json.dumps(body.config),
-        )
-        await db.audit(conn, "storage_target.created", str(row["id"]), {"name": body.name, "kind": body.kind})
-    return StorageTarget(**dict(row))

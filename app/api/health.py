@@ -1,0 +1,39 @@
+"""/healthz (the process is up) and /readyz (the database carries the schema this code expects)."""
+
+from __future__ import annotations
+
+import asyncpg
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app.db.queries import SQL
+from app.ops.migrate import migration_ids, program_files, program_sha256
+
+router = APIRouter(tags=["health"])
+
+
+def expected_schema() -> tuple[str, frozenset[str]]:
+    """(sql/ program hash, migration ids) of this code; create_app keeps it in app.state."""
+    return program_sha256(program_files()), frozenset(migration_ids())
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(request: Request) -> dict[str, str] | JSONResponse:
+    """The database answers and carries the schema this code expects."""
+    expected_program, expected_migrations = request.app.state.expected_schema
+    try:
+        async with request.app.state.pool.acquire(timeout=5) as conn:
+            row = await conn.fetchrow(SQL["schema_program"])
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        return JSONResponse(status_code=503, content={"detail": {"code": "DB_UNAVAILABLE"}})
+    if row is None or row["program_sha256"] != expected_program:
+        return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED"}})
+    if not expected_migrations <= set(row["migrations"]):
+        return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED"}})
+    return {"status": "ready"}

@@ -1,0 +1,187 @@
+"""The one registry of what the API's SQL answers, and how each answer reaches the client.
+
+Each entry is one SQL call a route makes: a SQL function (by its name, e.g. "dlw.cancel_task")
+or a named query of app/db/queries.sql. It lists the call's success outcomes, its refusals
+(outcome → status and stable code), its answer when a lookup finds no row, and SQLSTATEs it
+answers more specifically than the general table (app/api/sqlstates.py). Routes read results
+through `answer_of` / `found`, so an outcome nobody listed fails closed: one error line in the
+log and a 500 INTERNAL_ERROR, never a 2xx. The OpenAPI error responses are built from the same
+entries (app/api/openapi_errors.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from app.api.errors import INTERNAL_ERROR, Refusal
+
+log = logging.getLogger("dlw.api")
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What one SQL call may answer."""
+
+    success: frozenset[str] = frozenset()
+    refusals: Mapping[str, Refusal] = field(default_factory=dict)  # outcome → answer
+    missing: Refusal | None = None  # a lookup that found no row
+    sqlstates: Mapping[str, Refusal] = field(default_factory=dict)  # SQLSTATE → a more specific answer
+
+    def all(self) -> list[Refusal]:
+        return [*self.refusals.values(), *([self.missing] if self.missing else []), *self.sqlstates.values()]
+
+
+# Refusals the routes answer themselves, before or without SQL.
+INVALID_CURSOR = Refusal(422, "INVALID_CURSOR", "the cursor is not one this API issued")
+OIDC_NOT_CONFIGURED_422 = Refusal(422, "OIDC_NOT_CONFIGURED", "no issuer given and DLW_OIDC_ISSUER is unset")
+OIDC_NOT_CONFIGURED = Refusal(503, "OIDC_NOT_CONFIGURED", "no identity provider is configured")
+OIDC_UPSTREAM = Refusal(503, "OIDC_UPSTREAM", "the identity provider did not answer", retry_after=5)
+OIDC_INVALID_CODE = Refusal(400, "OIDC_INVALID_CODE", "the authorization code was refused")
+OIDC_STATE_MISMATCH = Refusal(400, "OIDC_STATE_MISMATCH", "the login state does not match this browser")
+OIDC_NONCE_MISMATCH = Refusal(400, "OIDC_NONCE_MISMATCH", "the ID token's nonce does not match")
+OIDC_PROVIDER_ERROR = Refusal(400, "OIDC_PROVIDER_ERROR", "the identity provider reported an error")
+
+TASK_NOT_FOUND = Refusal(404, "TASK_NOT_FOUND", "no such task in the tenant")
+TENANT_NOT_FOUND = Refusal(404, "TENANT_NOT_FOUND", "no such tenant")
+TENANT_INACTIVE = Refusal(403, "TENANT_INACTIVE", "the tenant is switched off")
+FILE_NOT_FOUND = Refusal(404, "FILE_NOT_FOUND", "no such file in the executor's scope")
+LEASE_LOST = Refusal(409, "LEASE_LOST", "the lease is not (or no longer) the caller's: stop working on the file")
+EXECUTOR_RETRY = Refusal(503, "EXECUTOR_RETRY", "a deadlock or serialization failure: retry", retry_after=1)
+EXECUTOR_SQLSTATES = {"40001": EXECUTOR_RETRY, "40P01": EXECUTOR_RETRY}
+LEASE_REFUSALS = {"NOT_FOUND": FILE_NOT_FOUND, "LEASE_LOST": LEASE_LOST}
+
+REGISTRY: dict[str, Answers] = {
+    # -- tasks (sql/30_tasks.sql) ----------------------------------------------------------
+    "dlw.create_task": Answers(
+        success=frozenset({"created", "existing"}),
+        refusals={
+            "IDEMPOTENCY_CONFLICT": Refusal(409, "IDEMPOTENCY_CONFLICT", "the key was used with another request"),
+            "UNKNOWN_PROJECT": Refusal(422, "UNKNOWN_PROJECT", "no such project in the tenant"),
+            "UNKNOWN_STORAGE_TARGET": Refusal(422, "UNKNOWN_STORAGE_TARGET", "no such storage target in the tenant"),
+            "TENANT_INACTIVE": TENANT_INACTIVE,
+            "QUOTA_EXCEEDED": Refusal(429, "QUOTA_EXCEEDED", "a quota refuses the task", fields=("metric",)),
+        },
+        sqlstates={"55P03": Refusal(503, "QUOTA_LOCK_TIMEOUT", "the quota row is busy: retry", retry_after=1)},
+    ),
+    "task_by_id": Answers(missing=TASK_NOT_FOUND),
+    "dlw.cancel_task": Answers(
+        success=frozenset({"cancelled"}),
+        refusals={
+            "NOT_FOUND": TASK_NOT_FOUND,
+            "TASK_TERMINAL": Refusal(409, "TASK_TERMINAL", "the task has already finished"),
+        },
+    ),
+    "dlw.quota_current": Answers(missing=TENANT_NOT_FOUND),
+    "insert_storage_target": Answers(
+        sqlstates={"23505": Refusal(409, "STORAGE_TARGET_EXISTS", "the tenant has a storage target of that name")}
+    ),
+    # -- administration (sql/70_administration.sql) ----------------------------------------
+    "dlw.platform_create_tenant": Answers(
+        success=frozenset({"created"}),
+        refusals={"TENANT_EXISTS": Refusal(409, "TENANT_EXISTS", "a tenant with that slug exists")},
+    ),
+    "dlw.platform_update_tenant": Answers(
+        success=frozenset({"ok"}),
+        refusals={
+            "NOT_FOUND": TENANT_NOT_FOUND,
+            "PLATFORM_TENANT": Refusal(409, "PLATFORM_TENANT", "the platform tenant cannot be changed so"),
+        },
+    ),
+    "tenant_by_id": Answers(missing=TENANT_NOT_FOUND),
+    "dlw.set_user_role": Answers(
+        success=frozenset({"ok"}),
+        refusals={
+            "NOT_FOUND": Refusal(404, "USER_NOT_FOUND", "no such user in the tenant"),
+            "LAST_TENANT_ADMIN": Refusal(409, "LAST_TENANT_ADMIN", "the tenant would have no admin left"),
+            "ROLE_NOT_ASSIGNABLE": Refusal(422, "ROLE_NOT_ASSIGNABLE", "that role cannot be given to a user"),
+        },
+    ),
+    "insert_service_account": Answers(
+        sqlstates={"23505": Refusal(409, "SERVICE_ACCOUNT_EXISTS", "that client is already registered")}
+    ),
+    "delete_service_account": Answers(
+        missing=Refusal(404, "SERVICE_ACCOUNT_NOT_FOUND", "no such service account in the tenant")
+    ),
+    # -- identity (sql/60_identity.sql) ----------------------------------------------------
+    "dlw.login_user": Answers(
+        success=frozenset({"ok"}),
+        refusals={
+            "TENANT_INACTIVE": TENANT_INACTIVE,
+            "TENANT_UNRESOLVED": Refusal(
+                403,
+                "TENANT_UNRESOLVED",
+                "no tenant rule admits this identity",
+                extra={"message": "no tenant rule admits this identity"},
+            ),
+        },
+    ),
+    # -- executor (sql/40_executor.sql) ----------------------------------------------------
+    "dlw.executor_claim": Answers(sqlstates=EXECUTOR_SQLSTATES),
+    "dlw.executor_heartbeat": Answers(success=frozenset({"ok"}), refusals=LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES),
+    "dlw.executor_complete": Answers(
+        success=frozenset({"completed", "already_completed"}),
+        refusals={
+            **LEASE_REFUSALS,
+            "SHA256_MISMATCH": Refusal(
+                422, "SHA256_MISMATCH", "the content's sha256 is not the manifest's: the file failed", ("task_status",)
+            ),
+        },
+        sqlstates=EXECUTOR_SQLSTATES,
+    ),
+    "dlw.executor_fail": Answers(
+        success=frozenset({"requeued", "failed"}), refusals=LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES
+    ),
+    "dlw.executor_release": Answers(
+        success=frozenset({"released"}), refusals=LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES
+    ),
+}
+
+
+def answer_of(call: str, result: str | asyncpg.Record | Mapping[str, Any] | None) -> str:
+    """The outcome of a SQL call when it is a listed success; raises the listed refusal, and
+    fails closed (500, logged) on anything unlisted, a missing row or a NULL outcome included.
+
+    result is the outcome itself or the result row (its `outcome` column; the refusal may copy
+    further columns)."""
+    answers = REGISTRY[call]
+    row = None if result is None or isinstance(result, str) else result  # an asyncpg.Record is no Mapping
+    outcome = result if row is None else row["outcome"]
+    if isinstance(outcome, str):
+        if outcome in answers.success:
+            return outcome
+        refusal = answers.refusals.get(outcome)
+        if refusal is not None:
+            raise refusal.error(row)
+    log.error("%s answered an outcome the API does not know: %r", call, outcome)
+    raise INTERNAL_ERROR.error()
+
+
+def found(call: str, row: asyncpg.Record | None) -> asyncpg.Record:
+    """The row a lookup found, or its registered `missing` refusal."""
+    if row is not None:
+        return row
+    missing = REGISTRY[call].missing
+    if missing is None:
+        log.error("%s found no row and the API lists no answer for that", call)
+        raise INTERNAL_ERROR.error()
+    raise missing.error()
+
+
+@contextmanager
+def specific_sqlstates(*calls: str) -> Iterator[None]:
+    """Within the block, a database error whose SQLSTATE one of the calls answers more
+    specifically is answered so; anything else goes on to the general table."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        for call in calls:
+            refusal = REGISTRY[call].sqlstates.get(exc.sqlstate or "")
+            if refusal is not None:
+                raise refusal.error() from exc
+        raise

@@ -1,0 +1,40 @@
+"""The tenant's quota: limits and exact usage now."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from app.api.openapi_errors import error_responses
+from app.api.refusals import found
+from app.api.transaction import request_transaction
+from app.authz.require import PermissionFirstRoute, require_perm
+from app.db.queries import SQL
+from app.identity.principal import Principal
+
+router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirstRoute)
+
+
+class Quota(BaseModel):
+    tenant_id: int
+    period: str
+    bytes_used_month: int
+    bytes_quota_month: int
+    storage_gb_used: int
+    storage_gb_quota: int
+    concurrent_tasks: int
+    concurrent_quota: int
+    snapshot_refreshed_at: datetime | None
+    snapshot_age_seconds: float | None
+
+
+@router.get("/quota/current", response_model=Quota, responses=error_responses("dlw.quota_current"))
+async def quota_current(
+    request: Request, principal: Principal = Depends(require_perm("/api/v1/quota/current", "GET"))
+) -> Quota:
+    """Limits (0 = unlimited) and exact usage now: this UTC month's bytes and live tasks."""
+    async with request_transaction(request, principal) as conn:
+        row = found("dlw.quota_current", await conn.fetchrow(SQL["quota_current"]))
+    return Quota(**{**dict(row), "period": row["period"].isoformat()})

@@ -1,0 +1,139 @@
+-- The API's SQL, one named block each (parsed by app/db/queries.py; asyncpg $n placeholders).
+-- Tenant scoping is not written here: row-level security adds it to every query on a tenant table.
+
+-- name: set_context
+-- The first statement of every request transaction (transaction-local settings).
+SELECT dlw.set_context($1, $2, $3);
+
+-- name: audit
+SELECT dlw.audit($1, $2, $3::jsonb);
+
+-- name: role_safety
+SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user;
+
+-- name: schema_program
+SELECT program_sha256, migrations FROM dlw.schema_program;
+
+-- name: create_task
+SELECT * FROM dlw.create_task($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9);
+
+-- name: task_by_id
+SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+       created_by, error, created_at, updated_at, finished_at
+FROM dlw.tasks WHERE id = $1;
+
+-- name: task_files
+SELECT id, path, size, sha256, status, attempts, bytes_done, error, finished_at
+FROM dlw.task_files WHERE task_id = $1 ORDER BY path;
+
+-- name: list_tasks
+-- One text per filter shape (not `$n IS NULL OR ...`): each keeps a cheap generic plan on the
+-- index (tenant_id, created_at DESC, id DESC). Parameters: limit, [status], [cursor at, id].
+SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+       created_by, error, created_at, updated_at, finished_at
+FROM dlw.tasks ORDER BY created_at DESC, id DESC LIMIT $1;
+
+-- name: list_tasks_by_status
+SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+       created_by, error, created_at, updated_at, finished_at
+FROM dlw.tasks WHERE status = $2 ORDER BY created_at DESC, id DESC LIMIT $1;
+
+-- name: list_tasks_after
+SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+       created_by, error, created_at, updated_at, finished_at
+FROM dlw.tasks WHERE (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $1;
+
+-- name: list_tasks_by_status_after
+SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+       created_by, error, created_at, updated_at, finished_at
+FROM dlw.tasks WHERE status = $2 AND (created_at, id) < ($3, $4) ORDER BY created_at DESC, id DESC LIMIT $1;
+
+-- name: cancel_task
+SELECT dlw.cancel_task($1);
+
+-- name: quota_current
+SELECT * FROM dlw.quota_current();
+
+-- name: list_storage_targets
+SELECT id, name, kind, created_at FROM dlw.storage_targets ORDER BY name;
+
+-- name: insert_storage_target
+INSERT INTO dlw.storage_targets (tenant_id, name, kind, config)
+VALUES (dlw.ctx_tenant_id(), $1, $2, $3::jsonb)
+RETURNING id, name, kind, created_at;
+
+-- name: platform_create_tenant
+SELECT * FROM dlw.platform_create_tenant($1, $2, $3, $4, $5);
+
+-- name: platform_update_tenant
+SELECT dlw.platform_update_tenant($1, $2, $3, $4, $5, $6);
+
+-- name: tenant_by_id
+SELECT tenant_id, slug, display_name, active, quota_concurrent, quota_bytes_month, quota_storage_gb,
+       created_at, updated_at
+FROM dlw.tenants WHERE tenant_id = $1;
+
+-- name: list_tenants
+SELECT tenant_id, slug, display_name, active, quota_concurrent, quota_bytes_month, quota_storage_gb,
+       created_at, updated_at
+FROM dlw.tenants WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2;
+
+-- name: list_users
+SELECT id, email, role, issuer, subject, created_at, last_login_at
+FROM dlw.users
+WHERE ($1::timestamptz IS NULL OR (created_at, id) < ($1, $2))
+ORDER BY created_at DESC, id DESC LIMIT $3;
+
+-- name: set_user_role
+SELECT dlw.set_user_role($1, $2);
+
+-- name: user_by_id
+SELECT id, email, role, issuer, subject, created_at, last_login_at FROM dlw.users WHERE id = $1;
+
+-- name: insert_service_account
+INSERT INTO dlw.service_accounts (tenant_id, issuer, client_id, role, description)
+VALUES (dlw.ctx_tenant_id(), $1, $2, $3, $4)
+RETURNING id, issuer, client_id, role, description, created_at;
+
+-- name: list_service_accounts
+SELECT id, issuer, client_id, role, description, created_at FROM dlw.service_accounts ORDER BY created_at, id;
+
+-- name: delete_service_account
+DELETE FROM dlw.service_accounts WHERE id = $1 RETURNING client_id;
+
+-- name: audit_trail
+SELECT id, at, actor, action, target, detail FROM dlw.audit_log
+WHERE tenant_id = dlw.ctx_tenant_id() AND ($1::timestamptz IS NULL OR (at, id) < ($1, $2))
+  AND ($3::text IS NULL OR action = $3)
+ORDER BY at DESC, id DESC LIMIT $4;
+
+-- name: login_user
+-- Outside any tenant context: the definer function decides the tenant.
+SELECT * FROM dlw.login_user($1, $2, $3, $4, $5);
+
+-- name: executor_claim
+SELECT * FROM dlw.executor_claim($1, $2, $3, $4);
+
+-- name: executor_heartbeat
+SELECT * FROM dlw.executor_heartbeat($1, $2, $3);
+
+-- name: executor_complete
+SELECT * FROM dlw.executor_complete($1, $2, $3, $4);
+
+-- name: executor_fail
+SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5);
+
+-- name: executor_release
+SELECT dlw.executor_release($1, $2);
+
+-- name: snapshot_runner
+SELECT runner, runner_detail FROM dlw.snapshot_state;
+
+-- name: try_leader_lock
+SELECT pg_try_advisory_lock($1);
+
+-- name: probe
+SELECT 1;
+
+-- name: refresh_quota_snapshots
+SELECT ran, events, tenants, periods, folded_below::text AS folded_below FROM dlw.refresh_quota_snapshots();
