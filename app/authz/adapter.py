@@ -11,6 +11,8 @@ import asyncpg
 from casbin.persist.adapter import load_policy_line
 from casbin.persist.adapters.asyncio import AsyncAdapter
 
+from app.db.queries import SQL
+
 POLICY_FILE = Path(__file__).with_name("policy.csv")
 
 
@@ -31,7 +33,7 @@ class PgPolicyAdapter(AsyncAdapter):  # type: ignore[misc]
             line = raw.strip()
             if line and not line.startswith("#"):
                 load_policy_line(line, model)
-        rows = await self.pool.fetch("SELECT ptype, v0, v1, v2, v3, v4, v5 FROM dlw.casbin_rule ORDER BY id")
+        rows = await self.pool.fetch(SQL["casbin_grants"])
         for row in rows:
             load_policy_line(
                 _line([row["ptype"], row["v0"], row["v1"], row["v2"], row["v3"], row["v4"], row["v5"]]), model

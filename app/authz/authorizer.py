@@ -12,6 +12,7 @@ import asyncpg
 import casbin
 
 from app.authz.adapter import PgPolicyAdapter
+from app.db.queries import SQL
 from app.identity.principal import Principal
 
 log = logging.getLogger("dlw.rbac")
@@ -112,7 +113,7 @@ class Authorizer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), timeout=5)
                     if not lost.is_set():
-                        await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)  # detect silent drops
+                        await asyncio.wait_for(conn.execute(SQL["probe"]), timeout=5)  # detect silent drops
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: the loop reconnects

@@ -51,6 +51,8 @@ def parse(text: str, source: str = "<queries>") -> dict[str, str]:
             if any(line.strip() and not line.lstrip().startswith("--") for line in body):
                 raise ValueError(f"{source}: SQL before the first '-- name:' line")
             return
+        while body and (not body[-1].strip() or body[-1].lstrip().startswith("--")):
+            body.pop()  # comments after a query introduce the next one
         sql = "\n".join(body).strip().removesuffix(";").rstrip()  # one statement; callers may append
         if not sql:
             raise ValueError(f"{source}: query {name!r} is empty")

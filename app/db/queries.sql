@@ -137,3 +137,8 @@ SELECT 1;
 
 -- name: refresh_quota_snapshots
 SELECT ran, events, tenants, periods, folded_below::text AS folded_below FROM dlw.refresh_quota_snapshots();
+
+-- -- authorization (app/authz) --------------------------------------------------------------
+-- name: casbin_grants
+-- The grants the DBA and the administration API add to the built-in policy, in order.
+SELECT ptype, v0, v1, v2, v3, v4, v5 FROM dlw.casbin_rule ORDER BY id

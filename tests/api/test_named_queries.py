@@ -1,5 +1,5 @@
-"""The API's SQL lives in app/db/queries.sql: every name there is used, every used name exists,
-and no route writes SQL inline."""
+"""The server's SQL (app/api, app/authz, app/db) lives in app/db/queries.sql: every name there
+is used, every used name exists, and no module writes SQL inline."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from app.db.queries import SQL, parse
 
 APP = Path(__file__).resolve().parents[2] / "app"
-API_SOURCES = [*sorted((APP / "api").rglob("*.py")), *sorted((APP / "db").glob("*.py"))]
+API_SOURCES = [path for sub in ("api", "authz", "db") for path in sorted((APP / sub).rglob("*.py"))]
 SQL_WORDS = ("SELECT ", "INSERT ", "UPDATE ", "DELETE ", "WITH ")
 
 
@@ -39,7 +39,7 @@ def test_no_inline_sql_in_the_api():
 
 
 def test_the_parser():
-    text = "-- header\n\n-- name: one\n-- what it does\nSELECT 1;\n\n-- name: two\nSELECT $1\n  FROM t;\n"
+    text = "-- header\n\n-- name: one\n-- what it does\nSELECT 1;\n\n-- about two\n-- name: two\nSELECT $1\n  FROM t;\n"
     assert parse(text) == {"one": "SELECT 1", "two": "SELECT $1\n  FROM t"}
     for bad in (
         "SELECT 1;\n-- name: one\nSELECT 1",

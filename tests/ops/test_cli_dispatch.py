@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from app.cli import LazyCommand, build_parser
+from app.db.queries import parse
 from app.executor.settings import Config, add_run_arguments, config_from
-from app.ops.queries import QUERY_FILE, parse, query
+from app.ops.queries import QUERY_FILE, query
 
 ROOT = Path(__file__).resolve().parents[2]
 
