@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
-from app.identity.principal import ROLES
+from app.domain import ROLES
 
 
 def _migration_url(args: argparse.Namespace, settings: Settings) -> str:
@@ -32,9 +32,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from app.ops.catalog_check import audit
+    from app.ops.catalog_check import check_catalog
 
-    problems = audit(_migration_url(args, get_settings()))
+    problems = check_catalog(_migration_url(args, get_settings()))
     if problems:
         print(f"dlw doctor: {len(problems)} problem(s)")
         for line in problems:
@@ -42,7 +42,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 1
     print(
         "dlw doctor: catalog OK (RLS forced with dlw_app policies on every tenant table, "
-        "definer functions allowlisted, roles sane, reporting views security_invoker)"
+        "definer functions allowlisted with their owners, roles sane, reporting views security_invoker)"
     )
     return 0
 
