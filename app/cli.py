@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from app.ops.admin_cli import add_admin_commands
 
-    add_admin_commands(sub)  # tenant ..., reporting-login ... (DBA functions, sql/90_dlw_admin.sql)
+    add_admin_commands(sub)  # tenant ..., reporting-login ... (DBA functions, sql/9x_dlw_admin_*.sql)
 
     for name, func, text in (
         ("migrate", cmd_migrate, "apply pending migrations, then the sql/ program"),

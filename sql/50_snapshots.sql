@@ -18,7 +18,7 @@
 -- a pg_cron job (scheduled by `dlw migrate` where pg_cron is preloaded) or the API instance that
 -- holds the leader lock (app/api/snapshot_leader.py); a DBA may also call it in psql.
 --
--- Lock order (see sql/30_tasks.sql): quota_snapshots rows are locked in ascending
+-- Lock order (see sql/31_task_admission.sql): quota_snapshots rows are locked in ascending
 -- (tenant_id, period) order. Missing rows are first inserted (ON CONFLICT DO NOTHING, before any
 -- row is locked), so task admission, which inserts its tenant's rows and then locks them, never
 -- waits for this function while holding a row this function waits for.
