@@ -1,9 +1,8 @@
 """`dlw tenant …` and `dlw reporting-login …`: thin wrappers over the dlw_admin SQL functions.
 
 Every command is one call of one dlw_admin function (sql/92_dlw_admin_tenants.sql and
-sql/93_dlw_admin_logins.sql) in its own
-transaction, so the CLI, psql and the docs (docs/dba.md) do exactly the same thing and
-write the same audit rows. The connection is --database-url, by default
+sql/93_dlw_admin_logins.sql) in its own transaction, so the CLI, psql and the docs
+(docs/dba.md) do exactly the same thing and write the same audit rows. The connection is --database-url, by default
 DLW_MIGRATION_DATABASE_URL; any login that is a member of dlw_admin works, no superuser needed.
 """
 
