@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 
-from app.identity.principal import ROLES
+from app.domain import ROLES
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -7,6 +7,8 @@ from functools import lru_cache
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.domain import DEFAULT_MAX_ATTEMPTS
+
 DEFAULT_JWT_SECRET = "change-me"
 
 
@@ -38,7 +40,7 @@ class Settings(BaseSettings):
 
     # Executors (API side): claims a file gets before a retryable failure or an expired lease
     # fails it for good.
-    executor_max_attempts: int = Field(default=5, ge=1, le=100)
+    executor_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
     # Usage snapshots, when the API runs them (no pg_cron job): seconds between two refreshes
     # by the leader, and between two attempts of the other instances to become leader (a dead
     # leader is replaced within this plus the time the database takes to drop its session).

@@ -1,3 +1,4 @@
+-- owner: dlw_owner
 -- Tenant context: who the current transaction acts for.
 -- The API (as dlw_app) sets three transaction-local settings in one statement at the start
 -- of each request; policies for dlw_app read them. Policies for reporting logins never read

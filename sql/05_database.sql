@@ -1,3 +1,4 @@
+-- owner: dlw_owner
 -- Database-level privileges. They live outside any schema (and CREATE DATABASE ... TEMPLATE
 -- does not copy them), so `dlw migrate` re-asserts them on every run by calling this.
 

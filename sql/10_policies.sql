@@ -1,3 +1,4 @@
+-- owner: dlw_owner
 -- Row-level security policies for every tenant table, rebuilt from this one list on each
 -- migrate (all in one transaction, so no moment exists without them).
 --

@@ -1,6 +1,66 @@
+-- owner: dlw_owner
 -- Tenant provisioning: a tenant never exists without its default project and its `default`
--- storage target. Invoker rights: only roles that bypass RLS (dlw_system, which owns the
--- administration functions, or a superuser) can run it; nobody else holds EXECUTE.
+-- storage target. Every path that creates a tenant (dlw.provision_tenant for dev and tests,
+-- dlw.platform_create_tenant for the API, dlw_admin.create_tenant for DBAs) goes through
+-- dlw.tenant_create, so all of them validate alike and take the same defaults (the column
+-- defaults of dlw.tenants); each caller writes its own audit row, with its own actor.
+-- Invoker rights: only roles that bypass RLS (dlw_system, which owns the administration
+-- functions, or a superuser) can run these; nobody else holds EXECUTE.
+
+CREATE OR REPLACE FUNCTION dlw.tenant_add_defaults(p_tenant_id bigint) RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO dlw.projects (tenant_id, name, is_default) VALUES (p_tenant_id, 'default', true)
+    ON CONFLICT DO NOTHING;
+    INSERT INTO dlw.storage_targets (tenant_id, name) VALUES (p_tenant_id, 'default')
+    ON CONFLICT DO NOTHING;
+$$;
+COMMENT ON FUNCTION dlw.tenant_add_defaults(bigint) IS
+    'Adds a tenant''s default project and its "default" storage target unless they exist.';
+
+CREATE OR REPLACE FUNCTION dlw.tenant_create(
+    p_slug text,
+    p_display_name text,
+    p_quota_concurrent integer DEFAULT NULL,
+    p_quota_bytes_month bigint DEFAULT NULL,
+    p_quota_storage_gb integer DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    -- The checks are dlw_system's (sql/91_dlw_admin_helpers.sql), which every caller is.
+    PERFORM dlw.admin_check_slug(p_slug);
+    IF p_display_name IS NULL
+       OR length(p_display_name) NOT BETWEEN 1 AND (SELECT f.display_name_max_length FROM dlw.domain_facts() f) THEN
+        RAISE EXCEPTION 'display name must be 1 to % characters', (SELECT f.display_name_max_length FROM dlw.domain_facts() f)
+            USING ERRCODE = '22023';
+    END IF;
+    PERFORM dlw.admin_check_limits(p_quota_concurrent, p_quota_bytes_month, p_quota_storage_gb);
+    -- Claim the slug first: of two concurrent creates of one slug, exactly one inserts (the
+    -- other waits here, then gets NULL). Limits not given keep the column defaults.
+    INSERT INTO dlw.tenants AS t (slug, display_name) VALUES (p_slug, p_display_name)
+    ON CONFLICT (slug) DO NOTHING
+    RETURNING t.tenant_id INTO v_id;
+    IF v_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF p_quota_concurrent IS NOT NULL OR p_quota_bytes_month IS NOT NULL OR p_quota_storage_gb IS NOT NULL THEN
+        UPDATE dlw.tenants t
+           SET quota_concurrent  = coalesce(p_quota_concurrent, t.quota_concurrent),
+               quota_bytes_month = coalesce(p_quota_bytes_month, t.quota_bytes_month),
+               quota_storage_gb  = coalesce(p_quota_storage_gb, t.quota_storage_gb)
+         WHERE t.tenant_id = v_id;
+    END IF;
+    PERFORM dlw.tenant_add_defaults(v_id);
+    RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION dlw.tenant_create(text, text, integer, bigint, integer) IS
+    'The one way a tenant is created: validates slug, display name and limits (22023), claims the slug, applies the given limits (NULL = the column default of dlw.tenants), adds the default project and storage target. Returns the new id, or NULL when the slug is taken. Writes no audit row: each caller does, as its actor.';
 
 CREATE OR REPLACE FUNCTION dlw.provision_tenant(
     p_slug text,
@@ -15,24 +75,21 @@ AS $$
 DECLARE
     v_tenant_id bigint;
 BEGIN
-    INSERT INTO dlw.tenants (slug, display_name, quota_concurrent, quota_bytes_month, quota_storage_gb)
-    VALUES (p_slug, p_display_name,
-            coalesce(p_quota_concurrent, 10),
-            coalesce(p_quota_bytes_month, 1099511627776),
-            coalesce(p_quota_storage_gb, 1024))
-    ON CONFLICT (slug) DO NOTHING
-    RETURNING tenant_id INTO v_tenant_id;
+    v_tenant_id := dlw.tenant_create(p_slug, p_display_name, p_quota_concurrent, p_quota_bytes_month,
+                                     p_quota_storage_gb);
     IF v_tenant_id IS NULL THEN
         SELECT tenant_id INTO STRICT v_tenant_id FROM dlw.tenants WHERE slug = p_slug;
+        PERFORM dlw.tenant_add_defaults(v_tenant_id);
     END IF;
-    INSERT INTO dlw.projects (tenant_id, name, is_default) VALUES (v_tenant_id, 'default', true)
-    ON CONFLICT DO NOTHING;
-    INSERT INTO dlw.storage_targets (tenant_id, name) VALUES (v_tenant_id, 'default')
-    ON CONFLICT DO NOTHING;
     RETURN v_tenant_id;
 END
 $$;
 COMMENT ON FUNCTION dlw.provision_tenant(text, text, integer, bigint, integer) IS
     'Creates a tenant (or finds it by slug) with its default project and default storage target; returns its id. Idempotent.';
-REVOKE ALL ON FUNCTION dlw.provision_tenant(text, text, integer, bigint, integer) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.provision_tenant(text, text, integer, bigint, integer) TO dlw_system;
+
+REVOKE ALL ON FUNCTION dlw.tenant_add_defaults(bigint),
+    dlw.tenant_create(text, text, integer, bigint, integer),
+    dlw.provision_tenant(text, text, integer, bigint, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.tenant_add_defaults(bigint),
+    dlw.tenant_create(text, text, integer, bigint, integer),
+    dlw.provision_tenant(text, text, integer, bigint, integer) TO dlw_system;

@@ -1,3 +1,4 @@
+-- owner: dlw_system
 -- Usage snapshots: fold the append-only usage log into quota_snapshots, incrementally.
 --
 -- The cursor is dlw.snapshot_state.folded_below, a transaction id (xid8): every usage row whose
@@ -15,14 +16,13 @@
 -- Runs never overlap: a run takes a transaction-scoped advisory lock (key 28266757964587376,
 -- "dlwsnap") and a second concurrent run returns at once, reporting ran = false. The runner is
 -- a pg_cron job (scheduled by `dlw migrate` where pg_cron is preloaded) or the API instance that
--- holds the leader lock (app/snapshot_runner.py); a DBA may also call it in psql.
+-- holds the leader lock (app/api/snapshot_leader.py); a DBA may also call it in psql.
 --
--- Lock order (see sql/30_tasks.sql): quota_snapshots rows are locked in ascending
+-- Lock order (see sql/31_task_admission.sql): quota_snapshots rows are locked in ascending
 -- (tenant_id, period) order. Missing rows are first inserted (ON CONFLICT DO NOTHING, before any
 -- row is locked), so task admission, which inserts its tenant's rows and then locks them, never
 -- waits for this function while holding a row this function waits for.
 
-SET ROLE dlw_system;
 
 CREATE OR REPLACE FUNCTION dlw.refresh_quota_snapshots(
     OUT ran boolean,
@@ -135,5 +135,3 @@ COMMENT ON FUNCTION dlw.quota_drift() IS
 REVOKE ALL ON FUNCTION dlw.refresh_quota_snapshots(), dlw.quota_drift() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.refresh_quota_snapshots() TO dlw_app;
 -- DBAs use the audited wrappers dlw_admin.refresh_quota_snapshots() and dlw_admin.quota_drift().
-
-SET ROLE dlw_owner;

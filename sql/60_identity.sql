@@ -1,9 +1,9 @@
+-- owner: dlw_system
 -- Identity lookups that must cross tenants because the tenant is not known yet: a login
 -- finds a returning user by (issuer, subject); a machine token finds its service account;
 -- the service token may name a tenant. SECURITY DEFINER, owned by dlw_system (BYPASSRLS),
--- search_path pinned, EXECUTE for dlw_app only, and listed in app/doctor.py's allowlist.
+-- search_path pinned, EXECUTE for dlw_app only, and listed in app/ops/catalog_check.py's allowlist.
 
-SET ROLE dlw_system;
 
 CREATE OR REPLACE FUNCTION dlw.login_user(
     p_issuer text, p_subject text, p_email text, p_rule_tenant text, p_rule_role text
@@ -21,16 +21,15 @@ BEGIN
     IF FOUND THEN
         SELECT * INTO STRICT v_tenant FROM dlw.tenants t WHERE t.tenant_id = v_user.tenant_id;
         IF NOT v_tenant.active THEN
-            INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
-            VALUES (v_tenant.tenant_id, v_actor, 'auth.login_denied', v_user.id::text,
-                    jsonb_build_object('reason', 'TENANT_INACTIVE'));
+            PERFORM dlw.audit_append(v_tenant.tenant_id, v_actor, 'auth.login_denied', v_user.id::text,
+                                     jsonb_build_object('reason', 'TENANT_INACTIVE'));
             RETURN QUERY SELECT 'TENANT_INACTIVE'::text, v_tenant.tenant_id, v_user.id, v_user.role;
             RETURN;
         END IF;
         UPDATE dlw.users u SET last_login_at = now(), email = coalesce(p_email, u.email)
         WHERE u.tenant_id = v_user.tenant_id AND u.id = v_user.id;
-        INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
-        VALUES (v_user.tenant_id, v_actor, 'auth.login', v_user.id::text, jsonb_build_object('first_login', false));
+        PERFORM dlw.audit_append(v_user.tenant_id, v_actor, 'auth.login', v_user.id::text,
+                                 jsonb_build_object('first_login', false));
         RETURN QUERY SELECT 'ok'::text, v_user.tenant_id, v_user.id, v_user.role;
         RETURN;
     END IF;
@@ -39,10 +38,10 @@ BEGIN
         SELECT * INTO v_tenant FROM dlw.tenants t WHERE t.slug = p_rule_tenant AND t.active;
     END IF;
     IF p_rule_tenant IS NULL OR v_tenant.tenant_id IS NULL THEN
-        -- No tenant to hold the row: denied logins without one go to the platform tenant (1).
-        INSERT INTO dlw.audit_log (tenant_id, actor, action, detail)
-        VALUES (1, v_actor, 'auth.login_denied', jsonb_build_object(
-            'reason', 'TENANT_UNRESOLVED', 'email', p_email, 'rule_tenant', p_rule_tenant));
+        -- No tenant to hold the row: denied logins without one go to the platform tenant.
+        PERFORM dlw.audit_append((SELECT f.platform_tenant_id FROM dlw.domain_facts() f), v_actor,
+            'auth.login_denied', NULL,
+            jsonb_build_object('reason', 'TENANT_UNRESOLVED', 'email', p_email, 'rule_tenant', p_rule_tenant));
         RETURN QUERY SELECT 'TENANT_UNRESOLVED'::text, NULL::bigint, NULL::uuid, NULL::text;
         RETURN;
     END IF;
@@ -55,9 +54,8 @@ BEGIN
         -- A concurrent first login of the same identity won the race: use its row.
         SELECT * INTO STRICT v_user FROM dlw.users u WHERE u.issuer = p_issuer AND u.subject = p_subject;
     END IF;
-    INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
-    VALUES (v_user.tenant_id, v_actor, 'auth.login', v_user.id::text,
-            jsonb_build_object('first_login', true, 'role', v_user.role));
+    PERFORM dlw.audit_append(v_user.tenant_id, v_actor, 'auth.login', v_user.id::text,
+                             jsonb_build_object('first_login', true, 'role', v_user.role));
     RETURN QUERY SELECT 'ok'::text, v_user.tenant_id, v_user.id, v_user.role;
 END
 $$;
@@ -91,5 +89,3 @@ REVOKE ALL ON FUNCTION dlw.login_user(text, text, text, text, text), dlw.find_se
     dlw.resolve_tenant(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.login_user(text, text, text, text, text), dlw.find_service_account(text, text),
     dlw.resolve_tenant(text) TO dlw_app;
-
-SET ROLE dlw_owner;

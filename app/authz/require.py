@@ -13,7 +13,8 @@ from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError
 from app.db.pool import audit, tenant_transaction
-from app.identity.credentials import PLATFORM_TENANT_ID, current_principal
+from app.domain import PLATFORM_TENANT_ID
+from app.identity.credentials import current_principal
 from app.identity.principal import Principal
 
 log = logging.getLogger("dlw.authz")

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.domain import LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
+
 
 class ExecutorSettings(BaseSettings):
     """The environment: DLW_EXECUTOR_<FIELD>, except the file endpoint's DLW_HF_* names."""
@@ -80,8 +82,10 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         problems.append("no executor token: pass --token or set DLW_EXECUTOR_TOKEN")
     if not storage:
         problems.append("no storage directory: pass --storage or set DLW_EXECUTOR_STORAGE")
-    if concurrency < 1 or not 5 <= lease_seconds <= 3600 or poll_seconds <= 0:
-        problems.append("--concurrency must be >= 1, --lease-seconds 5..3600, --poll-seconds > 0")
+    if concurrency < 1 or not LEASE_SECONDS_MIN <= lease_seconds <= LEASE_SECONDS_MAX or poll_seconds <= 0:
+        problems.append(
+            f"--concurrency must be >= 1, --lease-seconds {LEASE_SECONDS_MIN}..{LEASE_SECONDS_MAX}, --poll-seconds > 0"
+        )
     if problems:
         return problems
     assert token and storage

@@ -19,6 +19,7 @@ from joserfc.errors import JoseError
 
 from app.api.errors import ApiError, unauthenticated
 from app.config import Settings
+from app.domain import PLATFORM_TENANT_ID
 from app.identity import system_jwt
 from app.identity.oidc import ALGORITHMS, OidcClient, OidcTokenError, OidcUpstreamError
 from app.identity.principal import Principal
@@ -27,7 +28,6 @@ log = logging.getLogger("dlw.auth")
 
 MAX_TOKEN_BYTES = 8192
 TENANT_HEADER = "x-dlw-tenant"
-PLATFORM_TENANT_ID = 1
 
 
 def _bearer(request: Request) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TENANT_ROLES = ("tenant_admin", "tenant_operator", "tenant_viewer")
-ROLES = ("system_admin", *TENANT_ROLES, "executor")
+from app.domain import ROLES, TENANT_ROLES
+
+__all__ = ["ROLES", "TENANT_ROLES", "Principal"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import OctKey
 
-from app.identity.principal import ROLES, Principal
+from app.domain import ROLES
+from app.identity.principal import Principal
 
 ISSUER = "dlw-controller"
 ALGORITHMS = ["HS256"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from app.identity.principal import TENANT_ROLES
+from app.domain import TENANT_ROLES
 
 
 class RulesError(ValueError):

@@ -1,8 +1,8 @@
 """`dlw tenant …` and `dlw reporting-login …`: thin wrappers over the dlw_admin SQL functions.
 
-Every command is one call of one dlw_admin function (sql/90_dlw_admin.sql) in its own
-transaction, so the CLI, psql and the docs (docs/dba.md) do exactly the same thing and
-write the same audit rows. The connection is --database-url, by default
+Every command is one call of one dlw_admin function (sql/92_dlw_admin_tenants.sql and
+sql/93_dlw_admin_logins.sql) in its own transaction, so the CLI, psql and the docs
+(docs/dba.md) do exactly the same thing and write the same audit rows. The connection is --database-url, by default
 DLW_MIGRATION_DATABASE_URL; any login that is a member of dlw_admin works, no superuser needed.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from app.config import get_settings
+from app.domain import DEFAULT_QUOTA_BYTES_MONTH, DEFAULT_QUOTA_CONCURRENT, DEFAULT_QUOTA_STORAGE_GB
 from app.ops.queries import query
 
 # Transient conflicts worth one more try: the whole call rolled back, nothing was written.
@@ -196,6 +197,11 @@ def _non_negative(text: str) -> int:
     return value
 
 
+# Defaults shown in --help (dlw_admin.create_tenant applies the database's own).
+QUOTA_TIB = DEFAULT_QUOTA_BYTES_MONTH >> 40
+QUOTA_GB = DEFAULT_QUOTA_STORAGE_GB
+
+
 def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `tenant create|list|set-quota|deactivate` and `reporting-login create|drop`."""
     tenant = subparsers.add_parser("tenant", help="tenants: create, list, set quotas, deactivate (dlw_admin.*)")
@@ -204,9 +210,17 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p = tsub.add_parser("create", help="create a tenant with its default project and storage target")
     p.add_argument("slug", help="short name: a lowercase letter, then lowercase letters, digits or hyphens")
     p.add_argument("--display-name", help="human-readable name (default: the slug)")
-    p.add_argument("--quota-concurrent", type=_non_negative, help="max live tasks (default 10; 0 = unlimited)")
-    p.add_argument("--quota-bytes-month", type=_non_negative, help="max bytes per UTC month (default 1 TiB)")
-    p.add_argument("--quota-storage-gb", type=_non_negative, help="storage allowance in GB (default 1024)")
+    p.add_argument(
+        "--quota-concurrent",
+        type=_non_negative,
+        help=f"max live tasks (default {DEFAULT_QUOTA_CONCURRENT}; 0 = unlimited)",
+    )
+    p.add_argument(
+        "--quota-bytes-month",
+        type=_non_negative,
+        help=f"max bytes per UTC month (default {QUOTA_TIB} TiB)",
+    )
+    p.add_argument("--quota-storage-gb", type=_non_negative, help=f"storage allowance in GB (default {QUOTA_GB})")
     _database_url_option(p)
     p.set_defaults(func=_guarded(cmd_tenant_create))
 

@@ -1,61 +1,60 @@
-"""`dlw doctor`: audit the live catalog for the isolation invariants.
+"""`dlw doctor`: check the live catalog for the isolation invariants.
 
 Each check is one query returning offending objects; an empty result is a pass. The same
-audit runs in the test suite against the migrated schema.
+checks run in the test suite against the migrated schema.
 """
 
 from __future__ import annotations
 
 import psycopg
 
-# SECURITY DEFINER functions that are allowed to exist (they run with their owner's rights,
-# typically dlw_system which bypasses RLS). Adding one here is a security review decision.
-DEFINER_ALLOWLIST: frozenset[str] = frozenset(
-    {
-        # identity lookups before a tenant is known (sql/60_identity.sql)
-        "dlw.login_user(text,text,text,text,text)",
-        "dlw.find_service_account(text,text)",
-        "dlw.resolve_tenant(text)",
-        # platform administration by a system_admin (sql/70_administration.sql)
-        "dlw.platform_create_tenant(text,text,integer,bigint,integer)",
-        "dlw.platform_update_tenant(bigint,integer,bigint,integer,boolean,text)",
-        # executors: claims and reports across tenants, scoped by the executor's context (sql/40_executor.sql)
-        "dlw.executor_claim(integer,integer,text,integer)",
-        "dlw.executor_heartbeat(uuid,uuid,bigint)",
-        "dlw.executor_complete(uuid,uuid,bigint,text)",
-        "dlw.executor_fail(uuid,uuid,text,boolean,integer)",
-        "dlw.executor_release(uuid,uuid)",
-        # the usage fold and its drift check read every tenant's usage (sql/50_snapshots.sql)
-        "dlw.refresh_quota_snapshots()",
-        "dlw.quota_drift()",
-        # reporting: when the usage fold last ran, without granting the platform table (sql/80_reporting.sql)
-        "dlw.reporting_snapshot_refreshed_at()",
-        # login roles, owned by dlw_login_manager (CREATEROLE), callable by dlw_system only (sql/90_dlw_admin.sql)
-        "dlw.create_login_role(text,text)",
-        "dlw.set_login_role_password(text,text)",
-        "dlw.drop_login_role(text)",
-        # DBA administration for members of dlw_admin, each call audited (sql/90_dlw_admin.sql)
-        "dlw_admin.create_tenant(text,text,integer,bigint,integer)",
-        "dlw_admin.rename_tenant(text,text,text)",
-        "dlw_admin.deactivate_tenant(text,text)",
-        "dlw_admin.reactivate_tenant(text)",
-        "dlw_admin.set_quota(text,integer,bigint,integer)",
-        "dlw_admin.list_tenants()",
-        "dlw_admin.create_reporting_login(text,text,text)",
-        "dlw_admin.set_reporting_login_password(text,text)",
-        "dlw_admin.drop_reporting_login(text)",
-        "dlw_admin.list_reporting_logins(text)",
-        "dlw_admin.list_users(text)",
-        "dlw_admin.grant_role(text,text,text)",
-        "dlw_admin.revoke_role(text,text,text)",
-        "dlw_admin.view_as_tenant(text,anyelement)",
-        "dlw_admin.refresh_quota_snapshots()",
-        "dlw_admin.quota_drift()",
-    }
-)
-
-APP_ROLE = "dlw_app"
-REPORTING_ROLE = "dlw_reporting"
+# SECURITY DEFINER functions that are allowed to exist, each with the role that must own it (a
+# definer runs with its owner's rights: dlw_system bypasses RLS, dlw_login_manager may create
+# roles). Adding one here is a security review decision.
+_SYSTEM = "dlw_system"
+_LOGIN_MANAGER = "dlw_login_manager"
+DEFINER_ALLOWLIST: dict[str, str] = {
+    # identity lookups before a tenant is known (sql/60_identity.sql)
+    "dlw.login_user(text,text,text,text,text)": _SYSTEM,
+    "dlw.find_service_account(text,text)": _SYSTEM,
+    "dlw.resolve_tenant(text)": _SYSTEM,
+    # platform administration by a system_admin (sql/71_platform_tenants.sql)
+    "dlw.platform_create_tenant(text,text,integer,bigint,integer)": _SYSTEM,
+    "dlw.platform_update_tenant(bigint,integer,bigint,integer,boolean,text)": _SYSTEM,
+    # executors: claims and reports across tenants, scoped by the executor's context
+    # (sql/41_executor_claim.sql, sql/42_executor_reports.sql)
+    "dlw.executor_claim(integer,integer,text,integer)": _SYSTEM,
+    "dlw.executor_heartbeat(uuid,uuid,bigint)": _SYSTEM,
+    "dlw.executor_complete(uuid,uuid,bigint,text)": _SYSTEM,
+    "dlw.executor_fail(uuid,uuid,text,boolean,integer)": _SYSTEM,
+    "dlw.executor_release(uuid,uuid)": _SYSTEM,
+    # the usage fold and its drift check read every tenant's usage (sql/50_snapshots.sql)
+    "dlw.refresh_quota_snapshots()": _SYSTEM,
+    "dlw.quota_drift()": _SYSTEM,
+    # reporting: when the usage fold last ran, without granting the platform table (sql/80_reporting_refreshed_at.sql)
+    "dlw.reporting_snapshot_refreshed_at()": _SYSTEM,
+    # login roles (CREATEROLE), callable by dlw_system only (sql/90_login_roles.sql)
+    "dlw.create_login_role(text,text)": _LOGIN_MANAGER,
+    "dlw.set_login_role_password(text,text)": _LOGIN_MANAGER,
+    "dlw.drop_login_role(text)": _LOGIN_MANAGER,
+    # DBA administration for members of dlw_admin, each call audited (sql/92_… to sql/94_…)
+    "dlw_admin.create_tenant(text,text,integer,bigint,integer)": _SYSTEM,
+    "dlw_admin.rename_tenant(text,text,text)": _SYSTEM,
+    "dlw_admin.deactivate_tenant(text,text)": _SYSTEM,
+    "dlw_admin.reactivate_tenant(text)": _SYSTEM,
+    "dlw_admin.set_quota(text,integer,bigint,integer)": _SYSTEM,
+    "dlw_admin.list_tenants()": _SYSTEM,
+    "dlw_admin.create_reporting_login(text,text,text)": _SYSTEM,
+    "dlw_admin.set_reporting_login_password(text,text)": _SYSTEM,
+    "dlw_admin.drop_reporting_login(text)": _SYSTEM,
+    "dlw_admin.list_reporting_logins(text)": _SYSTEM,
+    "dlw_admin.list_users(text)": _SYSTEM,
+    "dlw_admin.grant_role(text,text,text)": _SYSTEM,
+    "dlw_admin.revoke_role(text,text,text)": _SYSTEM,
+    "dlw_admin.view_as_tenant(text,anyelement)": _SYSTEM,
+    "dlw_admin.refresh_quota_snapshots()": _SYSTEM,
+    "dlw_admin.quota_drift()": _SYSTEM,
+}
 
 # The tenant tables (every table in schema dlw with a tenant_id column), and the non-extension
 # SECURITY DEFINER functions: each check below adds one condition to one of these.
@@ -89,6 +88,13 @@ CHECKS: dict[str, str] = {
     "SECURITY DEFINER function not on the allowlist": _DEFINER_FUNCTIONS
     + """
           AND NOT (p.oid::regprocedure::text = ANY (%(allowlist)s))
+        ORDER BY 1""",
+    "SECURITY DEFINER function owned by an unexpected role": """
+        SELECT format('%%s (owner %%s, expected %%s)', a.signature, pg_get_userbyid(p.proowner), a.owner)
+        FROM pg_proc p
+        JOIN unnest(%(signatures)s::text[], %(owners)s::text[]) AS a(signature, owner)
+          ON a.signature = p.oid::regprocedure::text
+        WHERE p.prosecdef AND pg_get_userbyid(p.proowner) <> a.owner
         ORDER BY 1""",
     "SECURITY DEFINER function without a pinned search_path": _DEFINER_FUNCTIONS
     + """
@@ -126,12 +132,18 @@ CHECKS: dict[str, str] = {
 }
 
 
-def audit(url: str) -> list[str]:
+def check_catalog(url: str) -> list[str]:
     """Return one readable line per problem found; an empty list means the catalog is sound."""
+    signatures = sorted(DEFINER_ALLOWLIST)
+    params = {
+        "allowlist": signatures,
+        "signatures": signatures,
+        "owners": [DEFINER_ALLOWLIST[name] for name in signatures],
+    }
     problems: list[str] = []
     with psycopg.connect(url) as conn:
         for title, query in CHECKS.items():
-            params = {"allowlist": sorted(DEFINER_ALLOWLIST)} if "%(allowlist)s" in query else None
-            rows = conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+            # Only queries with placeholders take parameters (the others use % literally).
+            rows = conn.execute(query, params if "%(" in query else None).fetchall()  # type: ignore[arg-type]
             problems.extend(f"{title}: {row[0]}" for row in rows)
     return problems

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 from yoyo import get_backend, read_migrations
 
 from app.ops.paths import migrations_dir, sql_dir
@@ -54,12 +56,41 @@ def migration_ids() -> list[str]:
     return [m.id for m in read_migrations(str(migrations_dir()))]
 
 
+# Every sql/ file declares on its first line the role that creates (and so owns) its objects.
+PROGRAM_OWNERS = ("dlw_owner", "dlw_system", "dlw_login_manager")
+_OWNER_HEADER = re.compile(r"-- owner: ([a-z_]+)\s*$")
+_ROLE_SWITCH = re.compile(r"^\s*(SET|RESET)\s+(SESSION\s+|LOCAL\s+)?ROLE\b", re.IGNORECASE | re.MULTILINE)
+
+
+class ProgramFileError(ValueError):
+    """A sql/ file without a valid owner header, or one that switches role itself."""
+
+
+def file_owner(path: Path, text: str | None = None) -> str:
+    """The owner a program file declares on its first line (`-- owner: <role>`)."""
+    text = path.read_text() if text is None else text
+    first = text.split("\n", 1)[0]
+    match = _OWNER_HEADER.fullmatch(first.rstrip())
+    if match is None:
+        raise ProgramFileError(f"{path.name}: the first line must be '-- owner: <role>', not {first[:80]!r}")
+    owner = match.group(1)
+    if owner not in PROGRAM_OWNERS:
+        raise ProgramFileError(f"{path.name}: unknown owner {owner!r} (one of {', '.join(PROGRAM_OWNERS)})")
+    if _ROLE_SWITCH.search(text):
+        raise ProgramFileError(f"{path.name}: switches role itself; its owner header decides the role")
+    return owner
+
+
 def apply_program(conn: psycopg.Connection, files: list[Path]) -> None:
-    """Run every sql/ file in one transaction, as dlw_owner unless a file switches role."""
+    """Run every sql/ file in one transaction, each as the owner its header declares.
+
+    Every header is checked before anything runs, so a bad file changes nothing."""
+    program = [(path, path.read_text()) for path in files]
+    owners = [file_owner(path, text) for path, text in program]
     with conn.transaction():
-        for path in files:
-            conn.execute("SET LOCAL ROLE dlw_owner")
-            conn.execute(path.read_text())  # type: ignore[arg-type]
+        for (_, text), owner in zip(program, owners, strict=True):
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
+            conn.execute(text)  # type: ignore[arg-type]
         conn.execute("RESET ROLE")
 
 

@@ -26,10 +26,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    # catalog_check.audit() is being renamed to check_catalog() on another branch.
-    from app.ops.catalog_check import audit
+    from app.ops.catalog_check import check_catalog
 
-    problems = audit(migration_url(args))
+    problems = check_catalog(migration_url(args))
     if problems:
         print(f"dlw doctor: {len(problems)} problem(s)")
         for line in problems:

@@ -5,13 +5,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from app.ops.catalog_check import audit
-from app.ops.migrate import migrate, migration_ids
+from app.ops.catalog_check import check_catalog
+from app.ops.migrate import (
+    PROGRAM_OWNERS,
+    ProgramFileError,
+    apply_program,
+    file_owner,
+    migrate,
+    migration_ids,
+    program_files,
+)
 from tests.support.database import MigratedDb, PgServer, create_database, drop_database
 
 # Everything a migration or the sql/ program defines, in a comparable form.
@@ -72,7 +81,7 @@ def test_concurrent_migrations_of_a_fresh_database(pg_server: PgServer):
         assert not [r for r in results if isinstance(r, Exception)], results
         applied = sorted(m for r in results for m in r.applied)  # type: ignore[attr-defined]
         assert applied == sorted(migration_ids()), "each migration applied exactly once"
-        assert audit(fresh.owner_url) == []
+        assert check_catalog(fresh.owner_url) == []
         with psycopg.connect(fresh.owner_url) as conn:
             assert conn.execute("SELECT slug FROM dlw.tenants").fetchall() == [("default",)]
     finally:
@@ -92,7 +101,7 @@ def test_default_tenant_is_seeded_with_its_project_and_target(db: MigratedDb):
 
 
 def test_doctor_passes_on_the_migrated_schema(db: MigratedDb):
-    assert audit(db.owner_url) == []
+    assert check_catalog(db.owner_url) == []
 
 
 def test_doctor_cli_exit_codes(db: MigratedDb):
@@ -137,6 +146,16 @@ def test_doctor_cli_exit_codes(db: MigratedDb):
             "CREATE VIEW dlw.leaky AS SELECT tenant_id FROM dlw.tasks; GRANT SELECT ON dlw.leaky TO dlw_reporting",
             "view readable by dlw_reporting without security_invoker: dlw.leaky",
         ),
+        (
+            "ALTER FUNCTION dlw.executor_claim(integer, integer, text, integer) OWNER TO dlw_owner",
+            "SECURITY DEFINER function owned by an unexpected role:"
+            " dlw.executor_claim(integer,integer,text,integer) (owner dlw_owner, expected dlw_system)",
+        ),
+        (
+            "ALTER FUNCTION dlw.create_login_role(text, text) OWNER TO dlw_system",
+            "SECURITY DEFINER function owned by an unexpected role:"
+            " dlw.create_login_role(text,text) (owner dlw_system, expected dlw_login_manager)",
+        ),
     ],
 )
 def test_doctor_catches_breakage(pg_server: PgServer, breakage):
@@ -145,7 +164,7 @@ def test_doctor_catches_breakage(pg_server: PgServer, breakage):
     try:
         with broken.owner() as conn:
             conn.execute(statement)
-        problems = audit(broken.owner_url)
+        problems = check_catalog(broken.owner_url)
         assert expected in problems
         cli = subprocess.run(
             [sys.executable, "-m", "app", "doctor", "--database-url", broken.owner_url], capture_output=True, text=True
@@ -159,7 +178,7 @@ def test_doctor_catches_breakage(pg_server: PgServer, breakage):
 def test_doctor_flags_an_rls_bypassing_app_role(pg_server: PgServer, db: MigratedDb):
     pg_server.execute("ALTER ROLE dlw_app BYPASSRLS")
     try:
-        assert "dlw_app is a superuser or bypasses RLS: dlw_app" in audit(db.owner_url)
+        assert "dlw_app is a superuser or bypasses RLS: dlw_app" in check_catalog(db.owner_url)
     finally:
         pg_server.execute("ALTER ROLE dlw_app NOBYPASSRLS")
 
@@ -188,3 +207,73 @@ def test_database_privileges_admit_only_dlw_roles(db: MigratedDb, pg_server: PgS
             conn.execute("CREATE TEMP TABLE t (x int)")
     finally:
         pg_server.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(stranger)))
+
+
+def test_every_program_file_declares_one_known_owner():
+    owners = {path.name: file_owner(path) for path in program_files()}
+    assert set(owners.values()) == set(PROGRAM_OWNERS)
+    assert owners["41_executor_claim.sql"] == "dlw_system"
+    assert owners["90_login_roles.sql"] == "dlw_login_manager"
+
+
+@pytest.mark.parametrize(
+    ("text", "refusal"),
+    [
+        ("CREATE FUNCTION dlw.headerless() RETURNS int LANGUAGE sql RETURN 1;\n", "the first line must be"),
+        ("-- owner: postgres\nSELECT 1;\n", "unknown owner 'postgres'"),
+        ("-- owner: dlw_owner\nSET ROLE dlw_system;\nSELECT 1;\n", "switches role itself"),
+        ("-- owner: dlw_owner\nSELECT 1;\nreset role;\n", "switches role itself"),
+    ],
+)
+def test_apply_program_refuses_a_file_without_a_valid_owner_and_applies_nothing(
+    db: MigratedDb, tmp_path: Path, text: str, refusal: str
+):
+    good = tmp_path / "00_good.sql"
+    good.write_text(
+        "-- owner: dlw_owner\nCREATE FUNCTION dlw.from_the_good_file() RETURNS int LANGUAGE sql RETURN 1;\n"
+    )
+    bad = tmp_path / "10_bad.sql"
+    bad.write_text(text)
+    with psycopg.connect(db.owner_url) as conn:
+        with pytest.raises(ProgramFileError, match=refusal):
+            apply_program(conn, [good, bad])
+        assert conn.execute("SELECT to_regprocedure('dlw.from_the_good_file()')").fetchone() == (None,)
+
+
+def test_apply_program_creates_each_files_objects_as_its_declared_owner(db: MigratedDb, tmp_path: Path):
+    files = []
+    for i, owner in enumerate(("dlw_system", "dlw_owner")):
+        path = tmp_path / f"{i:02}_{owner}.sql"
+        path.write_text(
+            f"-- owner: {owner}\nCREATE FUNCTION dlw.owned_by_{owner}() RETURNS int LANGUAGE sql RETURN 1;\n"
+        )
+        files.append(path)
+    with psycopg.connect(db.owner_url) as conn:
+        apply_program(conn, files)
+        owners = conn.execute(
+            "SELECT proname, pg_get_userbyid(proowner) FROM pg_proc WHERE proname LIKE 'owned\\_by\\_%' ORDER BY 1"
+        ).fetchall()
+        assert owners == [("owned_by_dlw_owner", "dlw_owner"), ("owned_by_dlw_system", "dlw_system")]
+        assert conn.execute("SELECT current_user = session_user").fetchone() == (True,)
+        conn.execute("DROP FUNCTION dlw.owned_by_dlw_owner(), dlw.owned_by_dlw_system()")
+        conn.commit()
+
+
+def test_reapplying_the_program_drops_the_functions_it_renamed(pg_server: PgServer):
+    """A database that still has the expiry sweep under its old name loses it on the next migrate."""
+    upgraded = create_database(pg_server, "renamed_functions")
+    try:
+        with upgraded.owner() as conn:
+            conn.execute("SET ROLE dlw_owner")
+            conn.execute(
+                "CREATE FUNCTION dlw.executor_requeue_expired(bigint, integer, integer) RETURNS integer"
+                " LANGUAGE sql RETURN 0"
+            )
+        migrate(upgraded.owner_url, force_program=True)
+        with upgraded.owner() as conn:
+            assert conn.execute(
+                "SELECT to_regprocedure('dlw.executor_requeue_expired(bigint,integer,integer)')"
+            ).fetchone() == (None,)
+        assert check_catalog(upgraded.owner_url) == []
+    finally:
+        drop_database(upgraded)

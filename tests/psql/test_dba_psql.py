@@ -22,7 +22,7 @@ from psycopg import sql
 
 from app.api.factory import create_app
 from app.ops.admin_cli import add_admin_commands
-from app.ops.catalog_check import DEFINER_ALLOWLIST, audit
+from app.ops.catalog_check import DEFINER_ALLOWLIST, check_catalog
 from tests.support.app import app_settings, bearer, token
 from tests.support.database import MigratedDb
 from tests.support.psql import lit, ok, psql, sqlstates
@@ -124,7 +124,7 @@ def test_dlw_admin_functions_are_pinned_commented_allowlisted_definers_only_dba_
             assert (owner, grantees) == ("dlw_login_manager", ["dlw_login_manager", "dlw_system"]), name
     assert len(internal_helpers) == 5
     assert all(commented and not callable_by_dba for _, commented, callable_by_dba in internal_helpers)
-    assert audit(db.owner_url) == [], "dlw doctor stays green"
+    assert check_catalog(db.owner_url) == [], "dlw doctor stays green"
 
 
 def test_the_login_manager_has_createrole_and_nothing_else(db: MigratedDb):

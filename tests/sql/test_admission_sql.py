@@ -19,7 +19,7 @@ import pytest
 from psycopg import errors
 from psycopg.types.json import Jsonb
 
-from app.ops.catalog_check import audit
+from app.ops.catalog_check import check_catalog
 from tests.support.database import MigratedDb
 from tests.support.tenants import as_tenant, tenant
 
@@ -560,4 +560,4 @@ def test_functions_are_commented_invoker_rights_and_executable_by_the_app_only(d
         assert not public_exec, name
         if "guard" not in name:
             assert app_exec, name
-    assert audit(db.owner_url) == []
+    assert check_catalog(db.owner_url) == []

@@ -1,4 +1,5 @@
-"""The executor functions in SQL (sql/40_executor.sql), driven as the API's role dlw_app with an
+"""The executor functions in SQL (sql/40_executor_helpers.sql, 41_executor_claim.sql,
+42_executor_reports.sql), driven as the API's role dlw_app with an
 executor context, exactly as the routes call them: fair claims, leases and their tokens,
 completion with usage counted once, failures and retries, expiry, cancellation, rollup, scope.
 """
@@ -449,7 +450,7 @@ def test_only_an_executor_context_may_call_the_executor_functions(db):
             with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
                 conn.execute("SELECT dlw.set_context(%s, 'x', %s)", context)
                 conn.execute("SELECT * FROM dlw.executor_claim(1, 60)")
-        for function in ("dlw.executor_scope()", "dlw.executor_requeue_expired(bigint, integer, integer)"):
+        for function in ("dlw.executor_scope()", "dlw.executor_sweep_expired_leases(bigint, integer, integer)"):
             assert not conn.execute("SELECT has_function_privilege('dlw_app', %s, 'EXECUTE')", (function,)).fetchone()[
                 0
             ]

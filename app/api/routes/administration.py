@@ -19,13 +19,21 @@ from app.api.transaction import request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.pool import audit
 from app.db.queries import SQL
+from app.domain import (
+    DEFAULT_QUOTA_BYTES_MONTH,
+    DEFAULT_QUOTA_CONCURRENT,
+    DEFAULT_QUOTA_STORAGE_GB,
+    DISPLAY_NAME_MAX_LENGTH,
+    TENANT_SLUG_PATTERN,
+)
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["administration"], route_class=PermissionFirstRoute)
 
-Slug = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{1,62}$")]
+Slug = Annotated[str, Field(pattern=TENANT_SLUG_PATTERN)]
 Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
-TenantRole = Literal["tenant_admin", "tenant_operator", "tenant_viewer"]
+TenantRole = Literal["tenant_admin", "tenant_operator", "tenant_viewer"]  # = app.domain.TENANT_ROLES (tested)
+ServiceAccountRole = Literal["tenant_admin", "tenant_operator", "tenant_viewer", "executor"]  # = SERVICE_ACCOUNT_ROLES
 
 
 class Strict(BaseModel):
@@ -35,14 +43,14 @@ class Strict(BaseModel):
 # -- tenants (system_admin) ----------------------------------------------------------------
 class TenantCreate(Strict):
     slug: Slug
-    display_name: str = Field(min_length=1, max_length=200)
-    quota_concurrent: int = Field(10, ge=0, le=1_000_000)
-    quota_bytes_month: int = Field(1 << 40, ge=0, le=1 << 62)
-    quota_storage_gb: int = Field(1024, ge=0, le=1 << 30)
+    display_name: str = Field(min_length=1, max_length=DISPLAY_NAME_MAX_LENGTH)
+    quota_concurrent: int = Field(DEFAULT_QUOTA_CONCURRENT, ge=0, le=1_000_000)
+    quota_bytes_month: int = Field(DEFAULT_QUOTA_BYTES_MONTH, ge=0, le=1 << 62)
+    quota_storage_gb: int = Field(DEFAULT_QUOTA_STORAGE_GB, ge=0, le=1 << 30)
 
 
 class TenantPatch(Strict):
-    display_name: str | None = Field(None, min_length=1, max_length=200)
+    display_name: str | None = Field(None, min_length=1, max_length=DISPLAY_NAME_MAX_LENGTH)
     quota_concurrent: int | None = Field(None, ge=0, le=1_000_000)
     quota_bytes_month: int | None = Field(None, ge=0, le=1 << 62)
     quota_storage_gb: int | None = Field(None, ge=0, le=1 << 30)
@@ -192,7 +200,7 @@ async def update_user(
 # -- service accounts (tenant_admin) -------------------------------------------------------
 class ServiceAccountCreate(Strict):
     client_id: str = Field(min_length=1, max_length=255)
-    role: Literal["tenant_admin", "tenant_operator", "tenant_viewer", "executor"]
+    role: ServiceAccountRole
     description: str = Field("", max_length=500)
     issuer: str | None = Field(None, min_length=1, max_length=500, description="default: DLW_OIDC_ISSUER")
 

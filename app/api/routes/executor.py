@@ -24,18 +24,23 @@ from app.api.refusals import answer_of
 from app.api.transaction import request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
+from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
 
-MAX_CLAIM = 100
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha256 of the content")]
 
 
 class ClaimRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_files: int = Field(1, ge=1, le=MAX_CLAIM)
-    lease_seconds: int = Field(60, ge=5, le=3600, description="lease length; every heartbeat extends it by as much")
+    max_files: int = Field(1, ge=1, le=CLAIM_MAX_FILES)
+    lease_seconds: int = Field(
+        60,
+        ge=LEASE_SECONDS_MIN,
+        le=LEASE_SECONDS_MAX,
+        description="lease length; every heartbeat extends it by as much",
+    )
     executor: str | None = Field(
         None, max_length=100, pattern=r"^[A-Za-z0-9_.:@/-]+$", description="instance label, recorded with the lease"
     )

@@ -16,6 +16,7 @@ from app.api.transaction import request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.pool import audit
 from app.db.queries import SQL
+from app.domain import STORAGE_TARGET_NAME_PATTERN
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirstRoute)
@@ -23,7 +24,7 @@ router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirst
 
 class StorageTargetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    name: str = Field(pattern=STORAGE_TARGET_NAME_PATTERN)
     kind: Literal["local"] = "local"
     config: dict[str, Any] = Field(default_factory=dict, description="never returned by the API")
 

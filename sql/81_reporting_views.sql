@@ -1,3 +1,4 @@
+-- owner: dlw_owner
 -- The reporting schema: what BI tools (Metabase, Grafana) and analysts in psql read.
 --
 -- Every view is security_invoker: it runs with the privileges and the row-level security of
@@ -12,20 +13,9 @@
 -- drop, rename or retype a column, so only new columns can be appended. Times are timestamptz;
 -- "day" and "month" are UTC calendar dates, like the quota periods.
 
--- The fold cursor (dlw.snapshot_state) is platform data without a tenant_id, so reporting
--- logins are not granted the table; they may learn when the fold last ran, and nothing else.
-SET ROLE dlw_system;
+-- When the usage fold last ran comes from dlw.reporting_snapshot_refreshed_at()
+-- (sql/80_reporting_refreshed_at.sql).
 
-CREATE OR REPLACE FUNCTION dlw.reporting_snapshot_refreshed_at() RETURNS timestamptz
-LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT s.refreshed_at FROM dlw.snapshot_state s $$;
-COMMENT ON FUNCTION dlw.reporting_snapshot_refreshed_at() IS
-    'When the usage fold (snapshot refresh) last ran, platform-wide (dlw.snapshot_state.refreshed_at); NULL = never. Read by reporting.quota_status.';
-REVOKE ALL ON FUNCTION dlw.reporting_snapshot_refreshed_at() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.reporting_snapshot_refreshed_at() TO dlw_reporting;
-
-SET ROLE dlw_owner;
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.tasks

@@ -1,152 +1,70 @@
--- Tasks: the state machine (enforced by triggers, whoever writes), quota admission
--- (dlw.create_task, "insert-then-lock"), cancellation and the current quota figures.
+-- owner: dlw_owner
+-- Tasks: quota admission (dlw.create_task, "insert-then-lock"), cancellation and the current
+-- quota figures, with the two operations other files share: locking a tenant's quota rows
+-- and cancelling unfinished files.
 --
 -- Everything here is invoker rights: the API calls it as dlw_app inside a transaction whose
 -- tenant context dlw.set_context() has set, so row-level security applies to every statement
 -- (a viewer, or a caller without context, is refused by the policies themselves).
---
--- Clock. "This month" is always dlw.month_start(now()): the UTC calendar month of the
--- transaction's start time, from the server clock. There is deliberately no test clock
--- setting: dlw_app can set any custom setting (set_config is not privileged), so a clock
--- read from a setting would let an API client move itself into an empty month. Tests
--- exercise the month boundary through dlw.month_start() itself and by writing usage rows
--- just before and exactly at the start of the current UTC month.
 --
 -- Lock order (for every writer of dlw.quota_snapshots, e.g. the snapshot refresher): lock a
 -- tenant's rows in ascending (tenant_id, period) order, and never hold them while waiting for
 -- something slow. Task admission locks the rows of the previous and the current month.
 
 -- ---------------------------------------------------------------------------------------
--- Calendar helpers
+-- Shared operations
 -- ---------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION dlw.month_start(p_at timestamptz) RETURNS date
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT date_trunc('month', p_at AT TIME ZONE 'UTC')::date $$;
-COMMENT ON FUNCTION dlw.month_start(timestamptz) IS
-    'First day of the UTC calendar month containing the instant p_at (independent of the session TimeZone). Quota periods and quota_snapshots.period use it.';
-
-CREATE OR REPLACE FUNCTION dlw.bytes_used_month(p_tenant_id bigint, p_period date) RETURNS bigint
-LANGUAGE plpgsql STABLE PARALLEL SAFE
+CREATE OR REPLACE FUNCTION dlw.lock_tenant_quota_rows(p_tenant_id bigint) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_period      date := dlw.month_start(now());
+    v_prev_period date := (dlw.month_start(now()) - interval '1 month')::date;
 BEGIN
-    -- PL/pgSQL rather than SQL so the plan is cached per session (it is on the admission path).
-    -- One statement, so the snapshot amount and the fold cursor are read from one snapshot
-    -- (a STABLE function runs on its caller's snapshot): a refresh that commits concurrently
-    -- is seen either entirely or not at all. A missing cursor row counts every usage row as
-    -- unfolded: it may over-count (refuse too early), never under-count (admit too much).
-    RETURN (coalesce((SELECT q.amount FROM dlw.quota_snapshots q
-                      WHERE q.tenant_id = p_tenant_id AND q.period = p_period AND q.metric = 'bytes_month'), 0)
-          + coalesce((SELECT sum(u.amount) FROM dlw.usage_records u
-                      WHERE u.tenant_id = p_tenant_id
-                        AND u.xid >= coalesce((SELECT s.folded_below FROM dlw.snapshot_state s), '0'::xid8)
-                        AND u.metric = 'bytes_month'
-                        AND u.occurred_at >= (p_period::timestamp AT TIME ZONE 'UTC')
-                        AND u.occurred_at < ((p_period + interval '1 month') AT TIME ZONE 'UTC')), 0)
-           )::bigint;
+    -- Insert-then-lock: the rows always exist to be locked, even for a tenant created a second
+    -- ago (a concurrent first insert makes this one wait, then do nothing). The previous and
+    -- the current month's rows are locked, in period order: two callers whose transactions
+    -- straddle a month boundary still share a row and serialise.
+    INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount)
+    VALUES (p_tenant_id, v_prev_period, 'bytes_month', 0), (p_tenant_id, v_period, 'bytes_month', 0)
+    ON CONFLICT DO NOTHING;
+    PERFORM 1
+       FROM dlw.quota_snapshots q
+      WHERE q.tenant_id = p_tenant_id AND q.metric = 'bytes_month' AND q.period IN (v_prev_period, v_period)
+      ORDER BY q.period
+        FOR UPDATE;
+    RETURN FOUND;
 END
 $$;
-COMMENT ON FUNCTION dlw.bytes_used_month(bigint, date) IS
-    'Exact bytes a tenant used in the UTC month starting p_period: the folded amount in quota_snapshots plus the usage_records of that month not folded yet (xid >= snapshot_state.folded_below). Row-level security applies: another tenant reads 0.';
+COMMENT ON FUNCTION dlw.lock_tenant_quota_rows(bigint) IS
+    'Serialises with task admission: creates (if missing) and locks FOR UPDATE the tenant''s bytes_month rows of dlw.quota_snapshots for the previous and the current UTC month, in period order. Returns false when no row could be locked (RLS hid them). Used by dlw.create_task and dlw_admin.deactivate_tenant.';
 
--- ---------------------------------------------------------------------------------------
--- State machine
--- ---------------------------------------------------------------------------------------
--- Tasks:  pending -> running | cancelled;  running -> succeeded | failed | cancelled.
--- Files:  pending -> assigned | cancelled;  assigned -> pending | running | succeeded | failed | cancelled;
---         running -> pending | succeeded | failed | cancelled.
--- Terminal: succeeded, failed, cancelled. An update that keeps the status is always allowed.
--- Rows are inserted as pending. Violations raise SQLSTATE DLW01, for every role, superusers
--- included (only session_replication_role = replica skips triggers).
-
-CREATE OR REPLACE FUNCTION dlw.task_status_guard() RETURNS trigger
-LANGUAGE plpgsql
+CREATE OR REPLACE FUNCTION dlw.cancel_unfinished_files(
+    p_tenant_id bigint, p_task_id uuid, p_error text DEFAULT NULL, p_error_if_none text DEFAULT NULL,
+    p_except_file uuid DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_files bigint;
 BEGIN
-    IF NEW.status IS DISTINCT FROM OLD.status THEN
-        IF NOT coalesce(CASE OLD.status
-                            WHEN 'pending' THEN NEW.status IN ('running', 'cancelled')
-                            WHEN 'running' THEN NEW.status IN ('succeeded', 'failed', 'cancelled')
-                            ELSE false
-                        END, false) THEN
-            RAISE EXCEPTION 'illegal task transition: % -> %', OLD.status, coalesce(NEW.status, 'NULL')
-                USING ERRCODE = 'DLW01',
-                      DETAIL = format('task %s', OLD.id),
-                      HINT = 'legal: pending -> running | cancelled; running -> succeeded | failed | cancelled';
-        END IF;
-        IF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
-            NEW.finished_at := now();
-        END IF;
-    END IF;
-    NEW.updated_at := now();
-    RETURN NEW;
+    -- Clearing the token and lease invalidates every executor lease on these files.
+    UPDATE dlw.task_files f
+       SET status = 'cancelled', assignment_token = NULL, lease_expires_at = NULL,
+           error = coalesce(p_error, f.error, p_error_if_none)
+     WHERE f.tenant_id = p_tenant_id
+       AND (p_task_id IS NULL OR f.task_id = p_task_id)
+       AND (p_except_file IS NULL OR f.id <> p_except_file)
+       AND f.status IN ('pending', 'assigned', 'running');
+    GET DIAGNOSTICS v_files = ROW_COUNT;
+    RETURN v_files;
 END
 $$;
-COMMENT ON FUNCTION dlw.task_status_guard() IS
-    'BEFORE UPDATE trigger of dlw.tasks: refuses an illegal status change (SQLSTATE DLW01, "illegal task transition: X -> Y"), sets updated_at, and finished_at on entering a terminal status.';
-
-CREATE OR REPLACE FUNCTION dlw.task_file_status_guard() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF NEW.status IS DISTINCT FROM OLD.status THEN
-        IF NOT coalesce(CASE OLD.status
-                            WHEN 'pending'  THEN NEW.status IN ('assigned', 'cancelled')
-                            WHEN 'assigned' THEN NEW.status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')
-                            WHEN 'running'  THEN NEW.status IN ('pending', 'succeeded', 'failed', 'cancelled')
-                            ELSE false
-                        END, false) THEN
-            RAISE EXCEPTION 'illegal file transition: % -> %', OLD.status, coalesce(NEW.status, 'NULL')
-                USING ERRCODE = 'DLW01',
-                      DETAIL = format('file %s of task %s', OLD.id, OLD.task_id),
-                      HINT = 'legal: pending -> assigned | cancelled; assigned -> pending | running | succeeded | failed | cancelled; running -> pending | succeeded | failed | cancelled';
-        END IF;
-        IF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
-            NEW.finished_at := now();
-        END IF;
-    END IF;
-    NEW.updated_at := now();
-    RETURN NEW;
-END
-$$;
-COMMENT ON FUNCTION dlw.task_file_status_guard() IS
-    'BEFORE UPDATE trigger of dlw.task_files: refuses an illegal status change (SQLSTATE DLW01, "illegal file transition: X -> Y"), sets updated_at, and finished_at on entering a terminal status.';
-
-CREATE OR REPLACE FUNCTION dlw.initial_status_guard() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    -- Fired only for rows whose status is not pending (see the triggers' WHEN clauses), so a
-    -- normal insert never enters PL/pgSQL.
-    RAISE EXCEPTION 'illegal % transition: (insert) -> %',
-            CASE TG_TABLE_NAME WHEN 'tasks' THEN 'task' ELSE 'file' END, coalesce(NEW.status, 'NULL')
-        USING ERRCODE = 'DLW01',
-              HINT = 'tasks and files are inserted as pending';
-END
-$$;
-COMMENT ON FUNCTION dlw.initial_status_guard() IS
-    'BEFORE INSERT trigger of dlw.tasks and dlw.task_files, fired only when status is not pending: refuses the row (SQLSTATE DLW01).';
-
-CREATE OR REPLACE TRIGGER tasks_status_guard
-    BEFORE UPDATE ON dlw.tasks
-    FOR EACH ROW EXECUTE FUNCTION dlw.task_status_guard();
-CREATE OR REPLACE TRIGGER tasks_initial_status
-    BEFORE INSERT ON dlw.tasks
-    FOR EACH ROW WHEN (NEW.status IS DISTINCT FROM 'pending') EXECUTE FUNCTION dlw.initial_status_guard();
-CREATE OR REPLACE TRIGGER task_files_status_guard
-    BEFORE UPDATE ON dlw.task_files
-    FOR EACH ROW EXECUTE FUNCTION dlw.task_file_status_guard();
-CREATE OR REPLACE TRIGGER task_files_initial_status
-    BEFORE INSERT ON dlw.task_files
-    FOR EACH ROW WHEN (NEW.status IS DISTINCT FROM 'pending') EXECUTE FUNCTION dlw.initial_status_guard();
-COMMENT ON TRIGGER tasks_status_guard ON dlw.tasks IS 'Task state machine: see dlw.task_status_guard()';
-COMMENT ON TRIGGER tasks_initial_status ON dlw.tasks IS 'Tasks are inserted as pending: see dlw.initial_status_guard()';
-COMMENT ON TRIGGER task_files_status_guard ON dlw.task_files IS 'File state machine: see dlw.task_file_status_guard()';
-COMMENT ON TRIGGER task_files_initial_status ON dlw.task_files IS 'Files are inserted as pending: see dlw.initial_status_guard()';
+COMMENT ON FUNCTION dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid) IS
+    'Cancels the unfinished (pending, assigned, running) files of one task (p_task_id NULL = of every task of the tenant), except p_except_file, and drops their leases (token and expiry cleared). error becomes p_error, else keeps its value, else p_error_if_none. Returns how many files it cancelled. The caller holds the task row(s) or knows why it need not.';
 
 -- ---------------------------------------------------------------------------------------
 -- Admission
@@ -174,7 +92,6 @@ AS $$
 DECLARE
     v_tenant       bigint := dlw.ctx_tenant_id();
     v_period       date := dlw.month_start(now());
-    v_prev_period  date := (dlw.month_start(now()) - interval '1 month')::date;
     v_active       boolean;
     v_project      uuid;
     v_target       uuid;
@@ -260,15 +177,7 @@ BEGIN
         v_lock_timeout := current_setting('lock_timeout');
         PERFORM set_config('lock_timeout', p_lock_timeout_ms::text, true);
     END IF;
-    INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount)
-    VALUES (v_tenant, v_prev_period, 'bytes_month', 0), (v_tenant, v_period, 'bytes_month', 0)
-    ON CONFLICT DO NOTHING;
-    PERFORM 1
-       FROM dlw.quota_snapshots q
-      WHERE q.tenant_id = v_tenant AND q.metric = 'bytes_month' AND q.period IN (v_prev_period, v_period)
-      ORDER BY q.period
-        FOR UPDATE;
-    IF NOT FOUND THEN
+    IF NOT dlw.lock_tenant_quota_rows(v_tenant) THEN
         RAISE EXCEPTION 'dlw.create_task: quota row of tenant % not lockable', v_tenant USING ERRCODE = '42501';
     END IF;
     IF p_lock_timeout_ms IS NOT NULL THEN
@@ -314,8 +223,7 @@ BEGIN
                                      'requested', v_requested);
     END IF;
     IF metric IS NOT NULL THEN
-        INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
-        VALUES (v_tenant, dlw.ctx_user_id(), 'quota.exceeded', p_repo_id, detail);
+        PERFORM dlw.audit_append(v_tenant, dlw.ctx_user_id(), 'quota.exceeded', p_repo_id, detail);
         outcome := 'QUOTA_EXCEEDED';
         RETURN;
     END IF;
@@ -335,14 +243,11 @@ BEGIN
         SELECT v_tenant, p_idempotency_key, p_request_hash, n.id
           FROM new_task n
          WHERE p_idempotency_key IS NOT NULL
-    ), new_audit AS (
-        INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
-        SELECT v_tenant, dlw.ctx_user_id(), 'task.created', n.id::text,
-               jsonb_build_object('repo_id', p_repo_id, 'revision', p_revision, 'file_count', v_file_count,
-                                  'total_bytes', v_requested, 'idempotent', p_idempotency_key IS NOT NULL)
-          FROM new_task n
     )
     SELECT n.id INTO task_id FROM new_task n;
+    PERFORM dlw.audit_append(v_tenant, dlw.ctx_user_id(), 'task.created', task_id::text,
+        jsonb_build_object('repo_id', p_repo_id, 'revision', p_revision, 'file_count', v_file_count,
+                           'total_bytes', v_requested, 'idempotent', p_idempotency_key IS NOT NULL));
     outcome := 'created';
     -- What the caller needs to describe the new task without reading it back.
     detail := jsonb_build_object('project_id', v_project, 'storage_target_id', v_target, 'file_count', v_file_count,
@@ -388,14 +293,9 @@ BEGIN
     END IF;
 
     UPDATE dlw.tasks x SET status = 'cancelled' WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
-    -- Clearing the token and lease invalidates every executor lease on the task's files.
-    UPDATE dlw.task_files f
-       SET status = 'cancelled', assignment_token = NULL, lease_expires_at = NULL
-     WHERE f.tenant_id = v_tenant AND f.task_id = p_task_id AND f.status IN ('pending', 'assigned', 'running');
-    GET DIAGNOSTICS v_files = ROW_COUNT;
-    INSERT INTO dlw.audit_log (tenant_id, actor, action, target, detail)
-    VALUES (v_tenant, dlw.ctx_user_id(), 'task.cancelled', p_task_id::text,
-            jsonb_build_object('previous_status', v_status, 'files_cancelled', v_files));
+    v_files := dlw.cancel_unfinished_files(v_tenant, p_task_id);
+    PERFORM dlw.audit_append(v_tenant, dlw.ctx_user_id(), 'task.cancelled', p_task_id::text,
+        jsonb_build_object('previous_status', v_status, 'files_cancelled', v_files));
     RETURN 'cancelled';
 END
 $$;
@@ -446,13 +346,14 @@ COMMENT ON FUNCTION dlw.quota_current() IS
     'Limits and exact usage of the current tenant (no row without context): bytes used this UTC month (folded snapshot + unfolded usage), live (pending/running) tasks, limits (0 = unlimited), and when the usage fold last ran (snapshot_refreshed_at, age in seconds; NULL = never). storage_gb_used is 0: no storage accounting exists yet.';
 
 -- ---------------------------------------------------------------------------------------
--- Privileges: the API role only. Trigger functions need no EXECUTE to fire.
+-- Privileges: the API role calls the entry points; the shared operations also run inside
+-- the definer functions of dlw_system (executors, dlw_admin).
 -- ---------------------------------------------------------------------------------------
 
-REVOKE ALL ON FUNCTION dlw.month_start(timestamptz), dlw.bytes_used_month(bigint, date),
-    dlw.task_status_guard(), dlw.task_file_status_guard(), dlw.initial_status_guard(),
+REVOKE ALL ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid),
     dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
     dlw.cancel_task(uuid), dlw.quota_current() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.month_start(timestamptz), dlw.bytes_used_month(bigint, date) TO dlw_app, dlw_system;
+GRANT EXECUTE ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid)
+    TO dlw_app, dlw_system;
 GRANT EXECUTE ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
     dlw.cancel_task(uuid), dlw.quota_current() TO dlw_app;

@@ -1,0 +1,44 @@
+"""Domain facts the Python layer shares with the database.
+
+The database is the source: `dlw.domain_facts()` (sql/01_domain_facts.sql) for roles, the
+platform tenant, executor limits and name patterns, and the column defaults of `dlw.tenants`
+(migrations/0002.schema.sql) for the default quotas. These constants mirror them;
+tests/sql/test_domain_facts.py fails when a value here and the database disagree. Change both
+together.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PLATFORM_TENANT_ID: Final[int] = 1
+"""The service token's and system_admin's tenant; it cannot be deactivated."""
+
+TENANT_ROLES: Final[tuple[str, ...]] = ("tenant_admin", "tenant_operator", "tenant_viewer")
+"""Roles a user holds within a tenant (assignable and grantable)."""
+ROLES: Final[tuple[str, ...]] = ("system_admin", *TENANT_ROLES, "executor")
+"""Every principal role."""
+SERVICE_ACCOUNT_ROLES: Final[tuple[str, ...]] = (*TENANT_ROLES, "executor")
+"""Roles a service account may have."""
+
+DEFAULT_QUOTA_CONCURRENT: Final[int] = 10
+"""Live (pending or running) tasks per tenant; 0 = unlimited."""
+DEFAULT_QUOTA_BYTES_MONTH: Final[int] = 1 << 40
+"""Bytes per UTC calendar month (1 TiB); 0 = unlimited."""
+DEFAULT_QUOTA_STORAGE_GB: Final[int] = 1024
+"""Storage allowance in GB; 0 = unlimited."""
+
+DEFAULT_MAX_ATTEMPTS: Final[int] = 5
+"""Claims of a file before an expired lease or a retryable failure fails it."""
+LEASE_SECONDS_MIN: Final[int] = 5
+LEASE_SECONDS_MAX: Final[int] = 3600
+"""Bounds of an executor lease, in seconds."""
+CLAIM_MAX_FILES: Final[int] = 100
+"""Most files one executor claim returns."""
+
+TENANT_SLUG_PATTERN: Final[str] = r"^[a-z][a-z0-9-]{1,62}$"
+DISPLAY_NAME_MAX_LENGTH: Final[int] = 200
+STORAGE_TARGET_NAME_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+LOGIN_NAME_PATTERN: Final[str] = r"^[a-z_][a-z0-9_.@-]{0,62}$"
+"""Reporting login names; those matching LOGIN_NAME_RESERVED_PATTERN are refused."""
+LOGIN_NAME_RESERVED_PATTERN: Final[str] = r"^(pg_|dlw_)"

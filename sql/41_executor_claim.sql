@@ -1,0 +1,171 @@
+-- owner: dlw_system
+-- Executors: the claim. See sql/40_executor_helpers.sql for leases, rollup and lock order.
+
+-- ---------------------------------------------------------------------------------------
+-- The executor API, claims (SECURITY DEFINER, owned by dlw_system)
+-- ---------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION dlw.executor_claim(
+    p_max_files integer,
+    p_lease_seconds integer,
+    p_executor text DEFAULT NULL,
+    p_max_attempts integer DEFAULT 5  -- dlw.domain_facts().default_max_attempts (a default must be a literal here)
+)
+RETURNS TABLE (
+    file_id uuid,
+    task_id uuid,
+    tenant_id bigint,
+    tenant_slug text,
+    repo_id text,
+    revision text,
+    path text,
+    size bigint,
+    sha256 text,
+    priority integer,
+    attempts integer,
+    assignment_token uuid,
+    lease_seconds integer,
+    lease_expires_at timestamptz
+)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_scope    bigint := dlw.executor_scope();
+    v_now      timestamptz := clock_timestamp();
+    v_executor text := left(coalesce(dlw.ctx_user_id(), 'executor') || coalesce('/' || nullif(p_executor, ''), ''), 200);
+    v_tenants  bigint[];
+    v_files    uuid[];
+    v_tasks    uuid[];
+    v_facts    record;
+BEGIN
+    SELECT f.claim_max_files, f.lease_seconds_min, f.lease_seconds_max INTO v_facts FROM dlw.domain_facts() f;
+    IF p_max_files IS NULL OR p_max_files NOT BETWEEN 1 AND v_facts.claim_max_files THEN
+        RAISE EXCEPTION 'dlw.executor_claim: max_files must be 1..%, not %', v_facts.claim_max_files, p_max_files
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN v_facts.lease_seconds_min AND v_facts.lease_seconds_max THEN
+        RAISE EXCEPTION 'dlw.executor_claim: lease_seconds must be %..%, not %', v_facts.lease_seconds_min,
+            v_facts.lease_seconds_max, p_lease_seconds USING ERRCODE = '22023';
+    END IF;
+    IF p_max_attempts IS NULL OR p_max_attempts < 1 THEN
+        RAISE EXCEPTION 'dlw.executor_claim: max_attempts must be >= 1' USING ERRCODE = '22023';
+    END IF;
+
+    -- 0. Expired leases in this executor's scope return to the queue (or fail, out of attempts).
+    PERFORM dlw.executor_sweep_expired_leases(v_scope, p_max_attempts);
+
+    -- 1. Fair shares, without locks. Tenants with pending files are found by a skip scan of
+    --    the queue index (one probe per such tenant, not per file). Each tenant's best
+    --    p_max_files files (priority DESC, then oldest) are ranked 1, 2, ...; a file's turn is
+    --    its tenant's files in flight + its rank, so the tenant with the fewest leases is
+    --    served first and one busy tenant cannot starve the others (max-min fairness; ties go
+    --    to the tenant whose waiting file is oldest, then at random).
+    -- 2. Each chosen tenant's share is then locked with SKIP LOCKED (a concurrent claimer
+    --    gets other files; this claim may return fewer than its share, never waits).
+    WITH RECURSIVE busy_scan (tenant_id) AS (
+        (SELECT f.tenant_id FROM dlw.task_files f
+          WHERE f.status = 'pending' AND f.tenant_id >= coalesce(v_scope, 0)
+          ORDER BY f.tenant_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT f.tenant_id FROM dlw.task_files f
+                 WHERE f.status = 'pending' AND f.tenant_id > b.tenant_id
+                 ORDER BY f.tenant_id LIMIT 1)
+          FROM busy_scan b
+         WHERE b.tenant_id IS NOT NULL AND v_scope IS NULL
+    ), busy AS (
+        SELECT b.tenant_id FROM busy_scan b
+         WHERE b.tenant_id IS NOT NULL AND (v_scope IS NULL OR b.tenant_id = v_scope)
+    ), in_flight AS (
+        SELECT f.tenant_id, count(*) AS n
+          FROM dlw.task_files f
+         WHERE f.status IN ('assigned', 'running') AND f.tenant_id IN (SELECT b.tenant_id FROM busy b)
+         GROUP BY f.tenant_id
+    ), heads AS (
+        SELECT c.tenant_id,
+               row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.priority DESC, c.created_at, c.id) AS rank,
+               min(c.created_at) OVER (PARTITION BY c.tenant_id) AS oldest
+          FROM busy b
+         CROSS JOIN LATERAL (
+               SELECT f.tenant_id, f.id, f.priority, f.created_at
+                 FROM dlw.task_files f
+                WHERE f.tenant_id = b.tenant_id AND f.status = 'pending'
+                ORDER BY f.priority DESC, f.created_at
+                LIMIT p_max_files) c
+    ), chosen AS (
+        SELECT h.tenant_id
+          FROM heads h
+          LEFT JOIN in_flight i ON i.tenant_id = h.tenant_id
+         ORDER BY coalesce(i.n, 0) + h.rank, h.oldest, random()
+         LIMIT p_max_files
+    ), shares AS (
+        SELECT c.tenant_id, count(*) AS n FROM chosen c GROUP BY c.tenant_id
+    )
+    SELECT array_agg(l.tenant_id), array_agg(l.id), array_agg(l.task_id)
+      INTO v_tenants, v_files, v_tasks
+      FROM shares s
+     CROSS JOIN LATERAL (
+           SELECT f.tenant_id, f.id, f.task_id
+             FROM dlw.task_files f
+            WHERE f.tenant_id = s.tenant_id AND f.status = 'pending'
+            ORDER BY f.priority DESC, f.created_at
+            LIMIT s.n
+              FOR UPDATE SKIP LOCKED) l;
+    IF v_files IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- 3. The first claim of a task starts it. These files are held before their task, so the
+    --    task is taken with SKIP LOCKED (never a wait: a cancel or completion holding it may be
+    --    waiting for one of these files). A pending task someone else holds is skipped below.
+    WITH startable AS (
+        SELECT x.tenant_id, x.id
+          FROM dlw.tasks x
+         WHERE (x.tenant_id, x.id) IN (SELECT u.t, u.k FROM unnest(v_tenants, v_tasks) AS u(t, k))
+           AND x.status = 'pending'
+         ORDER BY x.tenant_id, x.id
+           FOR NO KEY UPDATE SKIP LOCKED
+    )
+    UPDATE dlw.tasks x SET status = 'running'
+      FROM startable s
+     WHERE x.tenant_id = s.tenant_id AND x.id = s.id;
+
+    -- 4. A later statement (fresh snapshot, sees step 3): assign the files whose task runs.
+    RETURN QUERY
+    WITH mine AS (
+        SELECT u.t AS tenant_id, u.f AS id
+          FROM unnest(v_tenants, v_files, v_tasks) AS u(t, f, k)
+          JOIN dlw.tasks x ON x.tenant_id = u.t AND x.id = u.k
+         WHERE x.status = 'running'
+    ), assigned AS (
+        UPDATE dlw.task_files f
+           SET status = 'assigned',
+               assignment_token = gen_random_uuid(),
+               lease_seconds = p_lease_seconds,
+               lease_expires_at = v_now + make_interval(secs => p_lease_seconds),
+               attempts = f.attempts + 1,
+               executor_id = v_executor,
+               bytes_done = 0,
+               error = NULL
+          FROM mine m
+         WHERE f.tenant_id = m.tenant_id AND f.id = m.id
+        RETURNING f.tenant_id, f.id, f.task_id, f.path, f.size, f.sha256, f.priority, f.attempts,
+                  f.assignment_token, f.lease_seconds, f.lease_expires_at
+    )
+    SELECT a.id, a.task_id, a.tenant_id, t.slug, x.repo_id, x.revision, a.path, a.size, a.sha256, a.priority,
+           a.attempts, a.assignment_token, a.lease_seconds, a.lease_expires_at
+      FROM assigned a
+      JOIN dlw.tasks x ON x.tenant_id = a.tenant_id AND x.id = a.task_id
+      JOIN dlw.tenants t ON t.tenant_id = a.tenant_id
+     ORDER BY a.priority DESC, a.tenant_id, a.path;
+END
+$$;
+COMMENT ON FUNCTION dlw.executor_claim(integer, integer, text, integer) IS
+$c$Claims up to p_max_files files for the acting executor (context role executor; its tenant, or every tenant for tenant 0) under a lease of p_lease_seconds, after returning expired leases of its scope to the queue (a file out of its p_max_attempts fails, with its task).
+Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody), priority order (then oldest) within a tenant; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
+Returns one row per claimed file (possibly none). p_executor is an instance label recorded in task_files.executor_id after the token subject.
+Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.$c$;
+
+REVOKE ALL ON FUNCTION dlw.executor_claim(integer, integer, text, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.executor_claim(integer, integer, text, integer) TO dlw_app;

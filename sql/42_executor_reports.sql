@@ -1,0 +1,206 @@
+-- owner: dlw_system
+-- Executors: the reports of a lease holder (heartbeat, complete, fail, release). SECURITY
+-- DEFINER, owned by dlw_system; see sql/40_executor_helpers.sql for leases, rollup and lock order.
+
+CREATE OR REPLACE FUNCTION dlw.executor_heartbeat(p_file_id uuid, p_assignment_token uuid, p_bytes_done bigint DEFAULT NULL)
+RETURNS TABLE (outcome text, lease_expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_scope bigint := dlw.executor_scope();
+    v_now   timestamptz := clock_timestamp();
+    v_file  record;
+BEGIN
+    -- Only the file changes (assigned -> running, the lease), so only the file is locked.
+    SELECT f.tenant_id, f.id, f.status, f.assignment_token, f.lease_expires_at, f.lease_seconds INTO v_file
+      FROM dlw.task_files f
+     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope)
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'NOT_FOUND'::text, NULL::timestamptz;
+        RETURN;
+    END IF;
+    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
+                          p_assignment_token, v_now) THEN
+        RETURN QUERY SELECT 'LEASE_LOST'::text, NULL::timestamptz;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    UPDATE dlw.task_files f
+       SET status = 'running',
+           lease_expires_at = v_now + make_interval(secs => f.lease_seconds),
+           bytes_done = CASE WHEN p_bytes_done IS NULL THEN f.bytes_done ELSE greatest(p_bytes_done, 0) END
+     WHERE f.tenant_id = v_file.tenant_id AND f.id = v_file.id
+    RETURNING 'ok'::text, f.lease_expires_at;
+END
+$$;
+COMMENT ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint) IS
+    'The holder of a live lease reports progress: the file becomes running, its lease is extended by its lease_seconds from now, bytes_done is recorded (NULL keeps it). Returns (outcome, lease_expires_at): ok | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor''s scope). Raises 42501 without an executor context.';
+
+CREATE OR REPLACE FUNCTION dlw.executor_complete(
+    p_file_id uuid, p_assignment_token uuid, p_bytes bigint, p_sha256 text
+)
+RETURNS TABLE (outcome text, task_status text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_scope  bigint := dlw.executor_scope();
+    v_now    timestamptz := clock_timestamp();
+    v_tenant bigint;
+    v_task   uuid;
+    v_status text;
+    v_file   record;
+    v_sha    text := lower(p_sha256);
+BEGIN
+    IF p_bytes IS NULL OR p_bytes < 0 THEN
+        RAISE EXCEPTION 'dlw.executor_complete: bytes must be >= 0' USING ERRCODE = '22023';
+    END IF;
+    SELECT f.tenant_id, f.task_id INTO v_tenant, v_task
+      FROM dlw.task_files f
+     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope);
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'NOT_FOUND'::text, NULL::text;
+        RETURN;
+    END IF;
+    -- Task before file; the task lock also serialises the completions of one task, so the
+    -- last one sees every other file succeeded (later statements, fresh snapshots).
+    SELECT x.status INTO v_status FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = v_task FOR UPDATE;
+    SELECT f.status, f.assignment_token, f.lease_expires_at, f.sha256, f.path INTO v_file
+      FROM dlw.task_files f
+     WHERE f.tenant_id = v_tenant AND f.id = p_file_id
+       FOR UPDATE;
+
+    -- The same report again (a retry after a lost answer): the same success, counted once.
+    IF v_file.status = 'succeeded' AND p_assignment_token IS NOT NULL
+       AND v_file.assignment_token = p_assignment_token THEN
+        RETURN QUERY SELECT 'already_completed'::text, v_status;
+        RETURN;
+    END IF;
+    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
+                          p_assignment_token, v_now) THEN
+        RETURN QUERY SELECT 'LEASE_LOST'::text, v_status;
+        RETURN;
+    END IF;
+
+    IF v_file.sha256 IS NOT NULL AND v_sha IS DISTINCT FROM v_file.sha256 THEN
+        -- Not what the manifest promised: the file fails (finally: the source serves other
+        -- content than declared) and nothing is counted.
+        v_status := dlw.executor_fail_final(v_tenant, p_file_id,
+            format('sha256 mismatch: expected %s, got %s', v_file.sha256, coalesce(v_sha, 'none')));
+        RETURN QUERY SELECT 'SHA256_MISMATCH'::text, v_status;
+        RETURN;
+    END IF;
+
+    UPDATE dlw.task_files f
+       SET status = 'succeeded', bytes_done = p_bytes, lease_expires_at = NULL, error = NULL
+     WHERE f.tenant_id = v_tenant AND f.id = p_file_id;
+    INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id, occurred_at)
+    VALUES (v_tenant, 'bytes_month', p_bytes, 'file:' || p_file_id, v_task, p_file_id, now())
+    ON CONFLICT (tenant_id, event_key) DO NOTHING;
+
+    IF v_status = 'running' AND NOT EXISTS (
+        SELECT 1 FROM dlw.task_files f
+         WHERE f.tenant_id = v_tenant AND f.task_id = v_task AND f.status <> 'succeeded'
+    ) THEN
+        UPDATE dlw.tasks x SET status = 'succeeded', error = NULL WHERE x.tenant_id = v_tenant AND x.id = v_task;
+        PERFORM dlw.audit_append(v_tenant, dlw.ctx_user_id(), 'task.succeeded', v_task::text,
+            jsonb_build_object('bytes', (SELECT sum(f.bytes_done) FROM dlw.task_files f
+                                          WHERE f.tenant_id = v_tenant AND f.task_id = v_task)));
+        v_status := 'succeeded';
+    END IF;
+    RETURN QUERY SELECT 'completed'::text, v_status;
+END
+$$;
+COMMENT ON FUNCTION dlw.executor_complete(uuid, uuid, bigint, text) IS
+$c$The holder of a live lease reports the file downloaded: p_bytes actually downloaded, p_sha256 of the content. In one transaction the file becomes succeeded and a usage event (bytes_month, p_bytes, event_key file:<id>) is appended; the task succeeds (task.succeeded audit row) when all its files have.
+Returns (outcome, task_status): completed | already_completed (the same token reported a success before: same answer, counted once) | SHA256_MISMATCH (the manifest names another sha256: the file and its task fail, nothing is counted) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope).
+Raises 42501 without an executor context; 22023 for bytes < 0.$c$;
+
+CREATE OR REPLACE FUNCTION dlw.executor_fail(
+    p_file_id uuid, p_assignment_token uuid, p_error text, p_retryable boolean,
+    p_max_attempts integer DEFAULT 5  -- dlw.domain_facts().default_max_attempts
+)
+RETURNS TABLE (outcome text, task_status text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_scope  bigint := dlw.executor_scope();
+    v_now    timestamptz := clock_timestamp();
+    v_tenant bigint;
+    v_task   uuid;
+    v_status text;
+    v_file   record;
+    v_error  text := left(coalesce(nullif(p_error, ''), 'failed'), 2000);
+    v_max    integer := coalesce(p_max_attempts, (SELECT f.default_max_attempts FROM dlw.domain_facts() f));
+BEGIN
+    SELECT f.tenant_id, f.task_id INTO v_tenant, v_task
+      FROM dlw.task_files f
+     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope);
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'NOT_FOUND'::text, NULL::text;
+        RETURN;
+    END IF;
+    SELECT x.status INTO v_status FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = v_task FOR UPDATE;
+    SELECT f.status, f.assignment_token, f.lease_expires_at, f.attempts INTO v_file
+      FROM dlw.task_files f
+     WHERE f.tenant_id = v_tenant AND f.id = p_file_id
+       FOR UPDATE;
+    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
+                          p_assignment_token, v_now) THEN
+        RETURN QUERY SELECT 'LEASE_LOST'::text, v_status;
+        RETURN;
+    END IF;
+    IF coalesce(p_retryable, false) AND v_file.attempts < v_max THEN
+        PERFORM dlw.requeue_file(v_tenant, p_file_id, v_error);
+        RETURN QUERY SELECT 'requeued'::text, v_status;
+        RETURN;
+    END IF;
+    IF coalesce(p_retryable, false) THEN
+        v_error := format('%s (attempt %s of %s)', v_error, v_file.attempts, v_max);
+    END IF;
+    RETURN QUERY SELECT 'failed'::text, dlw.executor_fail_final(v_tenant, p_file_id, v_error);
+END
+$$;
+COMMENT ON FUNCTION dlw.executor_fail(uuid, uuid, text, boolean, integer) IS
+$c$The holder of a live lease reports a failure. Retryable while attempts < p_max_attempts: the file returns to the queue (pending, token cleared). Otherwise it fails finally: the task fails (task.failed audit row) and its other unfinished files are cancelled, losing their leases.
+Returns (outcome, task_status): requeued | failed | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope). Raises 42501 without an executor context.$c$;
+
+CREATE OR REPLACE FUNCTION dlw.executor_release(p_file_id uuid, p_assignment_token uuid)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_scope bigint := dlw.executor_scope();
+    v_now   timestamptz := clock_timestamp();
+    v_file  record;
+BEGIN
+    -- Only the file changes, so only the file is locked.
+    SELECT f.tenant_id, f.id, f.status, f.assignment_token, f.lease_expires_at INTO v_file
+      FROM dlw.task_files f
+     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope)
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'NOT_FOUND';
+    END IF;
+    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
+                          p_assignment_token, v_now) THEN
+        RETURN 'LEASE_LOST';
+    END IF;
+    PERFORM dlw.requeue_file(v_file.tenant_id, v_file.id, NULL, true);
+    RETURN 'released';
+END
+$$;
+COMMENT ON FUNCTION dlw.executor_release(uuid, uuid) IS
+    'The holder of a live lease gives the file back untouched (an executor shutting down): it returns to the queue at once and the claim does not count as an attempt. Returns released | LEASE_LOST (nothing changes) | NOT_FOUND. Raises 42501 without an executor context.';
+
+REVOKE ALL ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint), dlw.executor_complete(uuid, uuid, bigint, text),
+    dlw.executor_fail(uuid, uuid, text, boolean, integer), dlw.executor_release(uuid, uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint), dlw.executor_complete(uuid, uuid, bigint, text),
+    dlw.executor_fail(uuid, uuid, text, boolean, integer), dlw.executor_release(uuid, uuid) TO dlw_app;

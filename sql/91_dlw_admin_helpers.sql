@@ -1,0 +1,111 @@
+-- owner: dlw_system
+-- DBA administration from psql, without a superuser: the dlw_admin schema.
+--
+-- Every dlw_admin.* function is SECURITY DEFINER, owned by dlw_system (BYPASSRLS, so it can
+-- act on any tenant), pins search_path, is EXECUTE-able only by members of the dlw_admin role,
+-- is listed in app/ops/catalog_check.py's DEFINER_ALLOWLIST, and appends an audit row with
+-- actor = session_user (the DBA's own login, even after SET ROLE). Each call is one statement,
+-- so it commits or rolls back as a whole: a refusal leaves nothing behind.
+--
+-- Files: the helpers (here), tenants (92_dlw_admin_tenants.sql), reporting logins
+-- (93_dlw_admin_logins.sql, over the login-role functions of 90_login_roles.sql), users, role
+-- grants, support access, usage snapshots and the grants (94_dlw_admin_support.sql).
+--
+-- Errors (SQLSTATE, documented in docs/dba.md):
+--   DLWA1  tenant not found               DLWA5  user not found in that tenant
+--   DLWA2  tenant slug already taken      DLWA6  the platform tenant (id 1) cannot be deactivated
+--   DLWA3  a role with that name exists   DLWA7  role not created by DLW: left alone
+--   DLWA4  not a reporting login of this database
+--   22023  invalid argument (slug, login name, role, negative limit, not a reporting view)
+
+-- ---------------------------------------------------------------------------------------
+-- Helpers (invoker rights, owned by dlw_system, called only from the dlw_admin functions;
+-- the two checks also from dlw.tenant_create, which runs as dlw_system or a superuser)
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dlw.admin_tenant_id(p_ref text) RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    SELECT t.tenant_id INTO v_id FROM dlw.tenants t
+     WHERE CASE WHEN p_ref ~ '^[0-9]{1,18}$' THEN t.tenant_id = p_ref::bigint ELSE t.slug = p_ref END;
+    IF v_id IS NULL THEN
+        RAISE EXCEPTION 'tenant % not found', coalesce(quote_literal(p_ref), 'NULL') USING ERRCODE = 'DLWA1',
+            HINT = 'SELECT slug FROM dlw_admin.list_tenants() lists the tenants';
+    END IF;
+    RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION dlw.admin_tenant_id(text) IS
+    'Internal to dlw_admin: the id of the tenant named by slug (or numeric id); raises DLWA1 when there is none. Needs BYPASSRLS (dlw_system).';
+
+CREATE OR REPLACE FUNCTION dlw.admin_audit(p_tenant_id bigint, p_action text, p_target text, p_detail jsonb)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT dlw.audit_append(p_tenant_id, session_user, p_action, p_target, p_detail);
+$$;
+COMMENT ON FUNCTION dlw.admin_audit(bigint, text, text, jsonb) IS
+    'Internal to dlw_admin: appends an audit row to a tenant''s trail with actor = session_user (the DBA''s login).';
+
+CREATE OR REPLACE FUNCTION dlw.admin_check_slug(p_slug text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_slug IS NULL OR p_slug !~ (SELECT f.tenant_slug_pattern FROM dlw.domain_facts() f) THEN
+        RAISE EXCEPTION 'invalid tenant slug %', coalesce(quote_literal(p_slug), 'NULL') USING ERRCODE = '22023',
+            HINT = 'a slug is 2 to 63 characters: a lowercase letter, then lowercase letters, digits or hyphens';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION dlw.admin_check_slug(text) IS 'Internal (dlw_system): raises 22023 unless p_slug matches dlw.domain_facts().tenant_slug_pattern. Used by dlw.tenant_create (every tenant-creation path) and dlw_admin.rename_tenant.';
+
+CREATE OR REPLACE FUNCTION dlw.admin_check_limits(p_concurrent integer, p_bytes_month bigint, p_storage_gb integer)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_concurrent < 0 OR p_bytes_month < 0 OR p_storage_gb < 0 THEN
+        RAISE EXCEPTION 'quota limits must be >= 0 (0 = unlimited)' USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION dlw.admin_check_limits(integer, bigint, integer) IS
+    'Internal (dlw_system): raises 22023 when a quota limit is negative (NULL = not given). Used by dlw.tenant_create and dlw_admin.set_quota.';
+
+CREATE OR REPLACE FUNCTION dlw.admin_user_id(p_tenant_id bigint, p_user_ref text) RETURNS uuid
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids uuid[];
+BEGIN
+    IF p_user_ref ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        SELECT array_agg(u.id) INTO v_ids FROM dlw.users u
+         WHERE u.tenant_id = p_tenant_id AND u.id = p_user_ref::uuid;
+    ELSE
+        SELECT array_agg(u.id) INTO v_ids FROM dlw.users u
+         WHERE u.tenant_id = p_tenant_id AND lower(u.email) = lower(p_user_ref);
+    END IF;
+    IF v_ids IS NULL THEN
+        RAISE EXCEPTION 'no user % in tenant %', coalesce(quote_literal(p_user_ref), 'NULL'), p_tenant_id
+            USING ERRCODE = 'DLWA5', HINT = 'dlw_admin.list_users(tenant) lists the tenant''s users';
+    END IF;
+    IF cardinality(v_ids) > 1 THEN
+        RAISE EXCEPTION 'email % matches % users of tenant %; name the user by id', quote_literal(p_user_ref),
+            cardinality(v_ids), p_tenant_id USING ERRCODE = '22023';
+    END IF;
+    RETURN v_ids[1];
+END
+$$;
+COMMENT ON FUNCTION dlw.admin_user_id(bigint, text) IS
+    'Internal to dlw_admin: a user of the tenant by id or (case-insensitive, unambiguous) email; raises DLWA5 when there is none.';
+
+REVOKE ALL ON FUNCTION dlw.admin_tenant_id(text), dlw.admin_audit(bigint, text, text, jsonb),
+    dlw.admin_check_slug(text), dlw.admin_check_limits(integer, bigint, integer),
+    dlw.admin_user_id(bigint, text) FROM PUBLIC;
