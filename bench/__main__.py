@@ -13,6 +13,8 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from bench.load import print_table_head
@@ -201,6 +203,15 @@ def print_summary(rows: list[dict[str, Any]], refresh_rows: list[dict[str, Any]]
             print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
+@contextmanager
+def timed_part(name: str, *, load_average: bool = True) -> Iterator[None]:
+    """Prints how long the block (one part of the run) took; nothing when it raises."""
+    t0 = time.monotonic()
+    yield
+    load = f"; load average {_loadavg()}" if load_average else ""
+    print(f"\n({name} part: {time.monotonic() - t0:.0f} s{load})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (short cells, 100k tasks)")
@@ -219,40 +230,37 @@ def main(argv: list[str] | None = None) -> int:
         with create_path.bench_cluster() as bench:
             print_header(bench, args.quick)
             if "create" in parts:
-                t0 = time.monotonic()
-                print("create-task cells (rounds of warmup + measured window; the best round counts):", flush=True)
-                cells = create_path.run(
-                    bench,
-                    concurrencies=(1, 8) if args.quick else (1, 8, 32),
-                    warmup=0.3 if args.quick else 0.4,
-                    duration=1.5 if args.quick else 2.0,
-                    rounds=1 if args.quick else 2,
-                    quiet_budget_s=5 if args.quick else 60,
-                )
-                rows += report_create(cells)
-                print(f"\n(create part: {time.monotonic() - t0:.0f} s; load average {_loadavg()})", flush=True)
+                with timed_part("create"):
+                    print("create-task cells (rounds of warmup + measured window; the best round counts):", flush=True)
+                    cells = create_path.run(
+                        bench,
+                        concurrencies=(1, 8) if args.quick else (1, 8, 32),
+                        warmup=0.3 if args.quick else 0.4,
+                        duration=1.5 if args.quick else 2.0,
+                        rounds=1 if args.quick else 2,
+                        quiet_budget_s=5 if args.quick else 60,
+                    )
+                    rows += report_create(cells)
             if "list" in parts:
-                t0 = time.monotonic()
-                print("\nlist: loading tasks ...", flush=True)
-                result = list_rls.run(
-                    bench,
-                    tenants=100 if args.quick else 1000,
-                    per_tenant=1000,
-                    executions=300 if args.quick else 2000,
-                    warmup=50 if args.quick else 200,
-                )
-                rows += report_list(result)
-                print(f"\n(list part: {time.monotonic() - t0:.0f} s; load average {_loadavg()})", flush=True)
+                with timed_part("list"):
+                    print("\nlist: loading tasks ...", flush=True)
+                    result = list_rls.run(
+                        bench,
+                        tenants=100 if args.quick else 1000,
+                        per_tenant=1000,
+                        executions=300 if args.quick else 2000,
+                        warmup=50 if args.quick else 200,
+                    )
+                    rows += report_list(result)
 
     if "refresh" in parts:
-        t0 = time.monotonic()
-        try:
-            refresh_rows = run_refresh(args.quick)
-        except Exception:
-            traceback.print_exc()
-            print("refresh cost: FAILED (see the traceback above)")
-            status = 1
-        print(f"\n(refresh part: {time.monotonic() - t0:.0f} s)", flush=True)
+        with timed_part("refresh", load_average=False):
+            try:
+                refresh_rows = run_refresh(args.quick)
+            except Exception:
+                traceback.print_exc()
+                print("refresh cost: FAILED (see the traceback above)")
+                status = 1
 
     print_summary(rows, refresh_rows)
     print(f"\ntotal: {time.monotonic() - started:.0f} s")

@@ -1,4 +1,5 @@
-"""Opaque keyset cursors: (timestamp, id) of the last row of a page, newest first."""
+"""Opaque keyset cursors: (timestamp, id) of the last row of a page, newest first; and the
+read of one such page."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+from fastapi import Request
+
 from app.api.refusals import INVALID_CURSOR
+from app.api.transaction import fetch_rows
+from app.identity.principal import Principal
 
 MAX_LIMIT = 200
 
@@ -33,3 +39,21 @@ def next_cursor(rows: list[Any], limit: int, time_column: str) -> str | None:
     if len(rows) < limit:
         return None
     return encode(rows[-1][time_column], rows[-1]["id"])
+
+
+async def keyset_page(
+    request: Request,
+    principal: Principal,
+    query: str,
+    *filters: Any,
+    cursor: str | None,
+    limit: int,
+    time_column: str,
+) -> tuple[list[asyncpg.Record], str | None]:
+    """One page of a query taking the cursor's (at, id) as $1, $2 (both NULL on the first page),
+    then the filters, then the limit; its rows and the cursor after it.
+
+    A cursor this API did not issue is refused before any database work."""
+    after = decode(cursor)
+    rows = await fetch_rows(request, principal, query, *(after or (None, None)), *filters, limit)
+    return rows, next_cursor(rows, limit, time_column)

@@ -49,7 +49,7 @@ SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, f
 FROM dlw.tasks WHERE status = $2 AND (created_at, id) < ($3, $4) ORDER BY created_at DESC, id DESC LIMIT $1;
 
 -- name: cancel_task
-SELECT dlw.cancel_task($1);
+SELECT dlw.cancel_task($1) AS outcome;
 
 -- name: quota_current
 SELECT * FROM dlw.quota_current();
@@ -124,7 +124,7 @@ SELECT * FROM dlw.executor_complete($1, $2, $3, $4);
 SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5);
 
 -- name: executor_release
-SELECT dlw.executor_release($1, $2);
+SELECT dlw.executor_release($1, $2) AS outcome;
 
 -- name: snapshot_runner
 SELECT runner, runner_detail FROM dlw.snapshot_state;

@@ -105,6 +105,14 @@ class OidcClient:
                 continue
         raise OidcTokenError(f"unknown signing key {kid!r}")
 
+    def _required_claims(self, audience: str | None, *present: str) -> dict[str, Any]:
+        """Claims options: iss must be our issuer and aud this audience; the others present."""
+        return {
+            "iss": {"essential": True, "value": self.issuer},
+            "aud": {"essential": True, "value": audience},
+            **{name: {"essential": True} for name in present},
+        }
+
     async def _verify(self, token: str, claims_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         try:
             header = jws.extract_compact(token.encode()).headers()
@@ -154,16 +162,7 @@ class OidcClient:
         return id_token
 
     async def verify_id_token(self, id_token: str, nonce: str) -> dict[str, Any]:
-        _, claims = await self._verify(
-            id_token,
-            {
-                "iss": {"essential": True, "value": self.issuer},
-                "aud": {"essential": True, "value": self.client_id},
-                "sub": {"essential": True},
-                "exp": {"essential": True},
-                "iat": {"essential": True},
-            },
-        )
+        _, claims = await self._verify(id_token, self._required_claims(self.client_id, "sub", "exp", "iat"))
         if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
             raise OidcNonceMismatch("id_token nonce does not match this login")
         aud = claims["aud"]
@@ -175,15 +174,7 @@ class OidcClient:
     async def verify_access_token(self, token: str) -> dict[str, Any]:
         if not self.audience:
             raise OidcTokenError("DLW_OIDC_AUDIENCE is not set: access tokens are not accepted")
-        header, claims = await self._verify(
-            token,
-            {
-                "iss": {"essential": True, "value": self.issuer},
-                "aud": {"essential": True, "value": self.audience},
-                "exp": {"essential": True},
-                "sub": {"essential": True},
-            },
-        )
+        header, claims = await self._verify(token, self._required_claims(self.audience, "exp", "sub"))
         if str(header.get("typ", "")).lower() not in ACCESS_TOKEN_TYPES:
             raise OidcTokenError("not an access token (typ must be at+jwt)")
         return claims

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.factory import create_app
-from tests.support.app import ADMIN_TOKEN, app_settings, bearer, token
+from tests.support.app import ADMIN_TOKEN, app_settings, bearer, every_page, token
 from tests.support.database import MigratedDb
 from tests.support.tenants import as_tenant
 
@@ -176,18 +176,7 @@ def test_audit_pages_newest_first_and_stays_in_the_tenant(client: TestClient, db
             "INSERT INTO dlw.audit_log (tenant_id, actor, action) VALUES (%s, 'x', 'secret-of-other')", (other,)
         )
     admin = bearer(token(tid, "tenant_admin"))
-    seen: list[str] = []
-    cursor = None
-    while True:
-        page = client.get(
-            "/api/v1/audit",
-            headers=admin,
-            params={"limit": 3, "action": "probe"} | ({"cursor": cursor} if cursor else {}),
-        ).json()
-        seen += [item["target"] for item in page["items"]]
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
+    seen = [item["target"] for item in every_page(client, "/api/v1/audit", admin, {"limit": 3, "action": "probe"})]
     assert seen == [str(i) for i in reversed(range(7))]
     everything = client.get("/api/v1/audit", headers=admin, params={"limit": 200}).json()["items"]
     assert "secret-of-other" not in {item["action"] for item in everything}
@@ -215,13 +204,7 @@ def test_users_page_with_a_cursor(client: TestClient, db: MigratedDb):
     tid = new_tenant(client, "pagers")["tenant_id"]
     ids = [add_user(db, tid, f"user-{i}", "tenant_viewer") for i in range(5)]
     admin = bearer(token(tid, "tenant_admin"))
-    seen, cursor = [], None
-    while True:
-        page = client.get("/api/v1/users", headers=admin, params={"limit": 2} | ({"cursor": cursor} if cursor else {}))
-        seen += [u["id"] for u in page.json()["items"]]
-        cursor = page.json()["next_cursor"]
-        if not cursor:
-            break
+    seen = [u["id"] for u in every_page(client, "/api/v1/users", admin, {"limit": 2})]
     assert sorted(seen) == sorted(ids) and len(seen) == 5
 
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.api.factory import create_app
 from tests.support import server
-from tests.support.app import app_settings, bearer, token
+from tests.support.app import app_settings, bearer, every_page, token
 from tests.support.database import MigratedDb
 from tests.support.tenants import tenant
 
@@ -64,13 +64,7 @@ def test_listing_pages_newest_first_and_filters_by_status(client: TestClient, db
     op = bearer(token(tid, "tenant_operator"))
     ids = [client.post("/api/v1/tasks", headers=op, json=body(revision=f"r{i}")).json()["id"] for i in range(7)]
     client.post(f"/api/v1/tasks/{ids[0]}/cancel", headers=op)
-    seen, cursor = [], None
-    while True:
-        page = client.get("/api/v1/tasks", headers=op, params={"limit": 3} | ({"cursor": cursor} if cursor else {}))
-        seen += [t["id"] for t in page.json()["items"]]
-        cursor = page.json()["next_cursor"]
-        if not cursor:
-            break
+    seen = [t["id"] for t in every_page(client, "/api/v1/tasks", op, {"limit": 3})]
     assert seen == list(reversed(ids))
     cancelled = client.get("/api/v1/tasks", headers=op, params={"status": "cancelled"}).json()["items"]
     assert [t["id"] for t in cancelled] == [ids[0]]

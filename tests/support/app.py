@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi.testclient import TestClient
+
 from app.config import Settings
 from app.identity import system_jwt
 from app.identity.principal import Principal
@@ -33,3 +35,15 @@ def token(tenant_id: int, role: str, user_id: str = "test-user", ttl: int = 600)
 
 def bearer(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
+
+
+def every_page(client: TestClient, path: str, headers: dict[str, str], params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The items of every page of a cursor-paged list, following next_cursor to the end."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = client.get(path, headers=headers, params=params | ({"cursor": cursor} if cursor else {})).json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return items

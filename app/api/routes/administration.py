@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api import pagination
 from app.api.openapi_errors import error_responses
 from app.api.refusals import INVALID_CURSOR, OIDC_NOT_CONFIGURED_422, answer_of, found
-from app.api.transaction import request_transaction
+from app.api.transaction import fetch_rows, insert_audited, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.pool import audit
 from app.db.queries import SQL
@@ -101,9 +101,7 @@ async def list_tenants(
     principal: Principal = Depends(require_perm("/api/v1/tenants", "GET")),
 ) -> list[Tenant]:
     """Every tenant, by id (page with after_id)."""
-    async with request_transaction(request, principal) as conn:
-        rows = await conn.fetch(SQL["list_tenants"], after_id, limit)
-    return [Tenant(**dict(r)) for r in rows]
+    return [Tenant(**dict(r)) for r in await fetch_rows(request, principal, SQL["list_tenants"], after_id, limit)]
 
 
 @router.get("/tenants/{tenant_id}", response_model=Tenant, responses=error_responses("tenant_by_id"))
@@ -170,17 +168,10 @@ async def list_users(
     principal: Principal = Depends(require_perm("/api/v1/users", "GET")),
 ) -> UserPage:
     """The tenant's users, newest first."""
-    after = pagination.decode(cursor)
-    async with request_transaction(request, principal) as conn:
-        rows = await conn.fetch(
-            SQL["list_users"],
-            after[0] if after else None,
-            after[1] if after else None,
-            limit,
-        )
-    return UserPage(
-        items=[User(**dict(r)) for r in rows], next_cursor=pagination.next_cursor(rows, limit, "created_at")
+    rows, next_cursor = await pagination.keyset_page(
+        request, principal, SQL["list_users"], cursor=cursor, limit=limit, time_column="created_at"
     )
+    return UserPage(items=[User(**dict(r)) for r in rows], next_cursor=next_cursor)
 
 
 @router.patch("/users/{user_id}", response_model=User, responses=error_responses("dlw.set_user_role"))
@@ -230,15 +221,15 @@ async def create_service_account(
     if not issuer:
         raise OIDC_NOT_CONFIGURED_422.error()
     # A client registered twice (within the tenant's own key space) is 409 SERVICE_ACCOUNT_EXISTS.
-    async with request_transaction(request, principal, "insert_service_account") as conn:
-        row = await conn.fetchrow(SQL["insert_service_account"], issuer, body.client_id, body.role, body.description)
-        row = found("insert_service_account", row)
-        await audit(
-            conn,
-            "service_account.created",
-            str(row["id"]),
-            {"client_id": body.client_id, "role": body.role, "issuer": issuer},
-        )
+    row = await insert_audited(
+        request,
+        principal,
+        "insert_service_account",
+        SQL["insert_service_account"],
+        (issuer, body.client_id, body.role, body.description),
+        action="service_account.created",
+        detail={"client_id": body.client_id, "role": body.role, "issuer": issuer},
+    )
     return ServiceAccount(**dict(row))
 
 
@@ -246,9 +237,7 @@ async def create_service_account(
 async def list_service_accounts(
     request: Request, principal: Principal = Depends(require_perm("/api/v1/service-accounts", "GET"))
 ) -> list[ServiceAccount]:
-    async with request_transaction(request, principal) as conn:
-        rows = await conn.fetch(SQL["list_service_accounts"])
-    return [ServiceAccount(**dict(r)) for r in rows]
+    return [ServiceAccount(**dict(r)) for r in await fetch_rows(request, principal, SQL["list_service_accounts"])]
 
 
 @router.delete(
@@ -292,14 +281,8 @@ async def audit_trail(
     principal: Principal = Depends(require_perm("/api/v1/audit", "GET")),
 ) -> AuditPage:
     """The tenant's audit rows, newest first."""
-    after = pagination.decode(cursor)
-    async with request_transaction(request, principal) as conn:
-        rows = await conn.fetch(
-            SQL["audit_trail"],
-            after[0] if after else None,
-            after[1] if after else None,
-            action,
-            limit,
-        )
+    rows, next_cursor = await pagination.keyset_page(
+        request, principal, SQL["audit_trail"], action, cursor=cursor, limit=limit, time_column="at"
+    )
     items = [AuditEntry(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]
-    return AuditPage(items=items, next_cursor=pagination.next_cursor(rows, limit, "at"))
+    return AuditPage(items=items, next_cursor=next_cursor)

@@ -20,8 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.openapi_errors import error_responses
-from app.api.refusals import answer_of
-from app.api.transaction import request_transaction
+from app.api.transaction import call_for_outcome, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
 from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
@@ -148,9 +147,15 @@ async def heartbeat(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/heartbeat", "POST")),
 ) -> HeartbeatResponse:
     """Extend the lease (and record progress); 409 LEASE_LOST means stop working on the file."""
-    async with request_transaction(request, principal, "dlw.executor_heartbeat") as conn:
-        row = await conn.fetchrow(SQL["executor_heartbeat"], file_id, body.assignment_token, body.bytes_done)
-    answer_of("dlw.executor_heartbeat", row)
+    _, row = await call_for_outcome(
+        request,
+        principal,
+        "dlw.executor_heartbeat",
+        SQL["executor_heartbeat"],
+        file_id,
+        body.assignment_token,
+        body.bytes_done,
+    )
     return HeartbeatResponse(lease_expires_at=row["lease_expires_at"])
 
 
@@ -162,16 +167,17 @@ async def complete(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/complete", "POST")),
 ) -> Report:
     """Report the file downloaded; its usage is counted once, however often this is repeated."""
-    async with request_transaction(request, principal, "dlw.executor_complete") as conn:
-        row = await conn.fetchrow(
-            SQL["executor_complete"],
-            file_id,
-            body.assignment_token,
-            body.bytes,
-            body.sha256.lower(),
-        )
     # Refusals are answered after the commit: a sha256 mismatch has failed the file (and task).
-    outcome = answer_of("dlw.executor_complete", row)
+    outcome, row = await call_for_outcome(
+        request,
+        principal,
+        "dlw.executor_complete",
+        SQL["executor_complete"],
+        file_id,
+        body.assignment_token,
+        body.bytes,
+        body.sha256.lower(),
+    )
     return Report(outcome=outcome, task_status=row["task_status"])
 
 
@@ -184,16 +190,17 @@ async def fail(
 ) -> Report:
     """Report a failure: retryable ones requeue the file while it has attempts left."""
     max_attempts = request.app.state.settings.executor_max_attempts
-    async with request_transaction(request, principal, "dlw.executor_fail") as conn:
-        row = await conn.fetchrow(
-            SQL["executor_fail"],
-            file_id,
-            body.assignment_token,
-            body.error,
-            body.retryable,
-            max_attempts,
-        )
-    outcome = answer_of("dlw.executor_fail", row)
+    outcome, row = await call_for_outcome(
+        request,
+        principal,
+        "dlw.executor_fail",
+        SQL["executor_fail"],
+        file_id,
+        body.assignment_token,
+        body.error,
+        body.retryable,
+        max_attempts,
+    )
     return Report(outcome=outcome, task_status=row["task_status"])
 
 
@@ -205,6 +212,7 @@ async def release(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/release", "POST")),
 ) -> Report:
     """Give the file back untouched (the executor is stopping): queued again, no attempt used."""
-    async with request_transaction(request, principal, "dlw.executor_release") as conn:
-        outcome = await conn.fetchval(SQL["executor_release"], file_id, body.assignment_token)
-    return Report(outcome=answer_of("dlw.executor_release", outcome), task_status=None)
+    outcome, _ = await call_for_outcome(
+        request, principal, "dlw.executor_release", SQL["executor_release"], file_id, body.assignment_token
+    )
+    return Report(outcome=outcome, task_status=None)

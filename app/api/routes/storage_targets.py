@@ -11,10 +11,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.openapi_errors import error_responses
-from app.api.refusals import found
-from app.api.transaction import request_transaction
+from app.api.transaction import fetch_rows, insert_audited
 from app.authz.require import PermissionFirstRoute, require_perm
-from app.db.pool import audit
 from app.db.queries import SQL
 from app.domain import STORAGE_TARGET_NAME_PATTERN
 from app.identity.principal import Principal
@@ -40,9 +38,7 @@ class StorageTarget(BaseModel):
 async def list_storage_targets(
     request: Request, principal: Principal = Depends(require_perm("/api/v1/storage-targets", "GET"))
 ) -> list[StorageTarget]:
-    async with request_transaction(request, principal) as conn:
-        rows = await conn.fetch(SQL["list_storage_targets"])
-    return [StorageTarget(**dict(r)) for r in rows]
+    return [StorageTarget(**dict(r)) for r in await fetch_rows(request, principal, SQL["list_storage_targets"])]
 
 
 @router.post(
@@ -57,8 +53,13 @@ async def create_storage_target(
     principal: Principal = Depends(require_perm("/api/v1/storage-targets", "POST")),
 ) -> StorageTarget:
     # A duplicate name (within the tenant's own key space) is 409 STORAGE_TARGET_EXISTS.
-    async with request_transaction(request, principal, "insert_storage_target") as conn:
-        row = await conn.fetchrow(SQL["insert_storage_target"], body.name, body.kind, json.dumps(body.config))
-        row = found("insert_storage_target", row)
-        await audit(conn, "storage_target.created", str(row["id"]), {"name": body.name, "kind": body.kind})
+    row = await insert_audited(
+        request,
+        principal,
+        "insert_storage_target",
+        SQL["insert_storage_target"],
+        (body.name, body.kind, json.dumps(body.config)),
+        action="storage_target.created",
+        detail={"name": body.name, "kind": body.kind},
+    )
     return StorageTarget(**dict(row))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from app.api import pagination
 from app.api.openapi_errors import error_responses
 from app.api.refusals import INVALID_CURSOR, answer_of, found
-from app.api.transaction import request_transaction
+from app.api.transaction import call_for_outcome, fetch_rows, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
 from app.identity.principal import Principal
@@ -195,8 +195,9 @@ async def list_tasks(
     """The tenant's tasks, newest first (page with next_cursor)."""
     after = pagination.decode(cursor)
     args: list[Any] = [limit, *([status] if status else []), *(after or ())]
-    async with request_transaction(request, principal) as conn:
-        rows = await conn.fetch(task_list_query(status=status is not None, cursor=after is not None), *args)
+    rows = await fetch_rows(
+        request, principal, task_list_query(status=status is not None, cursor=after is not None), *args
+    )
     items = [Task(**dict(r)) for r in rows]
     return TaskPage(items=items, next_cursor=pagination.next_cursor(rows, limit, "created_at"))
 
@@ -221,7 +222,5 @@ async def cancel_task(
     principal: Principal = Depends(require_perm("/api/v1/tasks/{task_id}/cancel", "POST")),
 ) -> Response:
     """Cancel a pending or running task (its executors' leases are lost)."""
-    async with request_transaction(request, principal) as conn:
-        outcome = await conn.fetchval(SQL["cancel_task"], task_id)
-    answer_of("dlw.cancel_task", outcome)
+    await call_for_outcome(request, principal, "dlw.cancel_task", SQL["cancel_task"], task_id)
     return Response(status_code=202)
