@@ -61,23 +61,41 @@ COMMENT ON FUNCTION dlw.bytes_used_month(bigint, date) IS
 -- Rows are inserted as pending. Violations raise SQLSTATE DLW01, for every role, superusers
 -- included (only session_replication_role = replica skips triggers).
 
+CREATE OR REPLACE FUNCTION dlw.check_status_change(p_kind text, p_from text, p_to text, p_detail text)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT coalesce(CASE p_kind || ':' || p_from
+                        WHEN 'task:pending'  THEN p_to IN ('running', 'cancelled')
+                        WHEN 'task:running'  THEN p_to IN ('succeeded', 'failed', 'cancelled')
+                        WHEN 'file:pending'  THEN p_to IN ('assigned', 'cancelled')
+                        WHEN 'file:assigned' THEN p_to IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')
+                        WHEN 'file:running'  THEN p_to IN ('pending', 'succeeded', 'failed', 'cancelled')
+                        ELSE false
+                    END, false) THEN
+        RAISE EXCEPTION 'illegal % transition: % -> %', p_kind, p_from, coalesce(p_to, 'NULL')
+            USING ERRCODE = 'DLW01',
+                  DETAIL = p_detail,
+                  HINT = CASE p_kind
+                      WHEN 'task' THEN 'legal: pending -> running | cancelled; running -> succeeded | failed | cancelled'
+                      ELSE 'legal: pending -> assigned | cancelled; assigned -> pending | running | succeeded | failed | cancelled; running -> pending | succeeded | failed | cancelled'
+                  END;
+    END IF;
+    RETURN p_to IN ('succeeded', 'failed', 'cancelled');
+END
+$$;
+COMMENT ON FUNCTION dlw.check_status_change(text, text, text, text) IS
+    'The state machines of tasks and files (p_kind task or file): raises SQLSTATE DLW01 ("illegal <kind> transition: X -> Y", DETAIL p_detail, HINT the legal transitions) unless p_from -> p_to is legal; returns whether p_to is terminal. Called by the status guard triggers for a changed status.';
+
 CREATE OR REPLACE FUNCTION dlw.task_status_guard() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF NEW.status IS DISTINCT FROM OLD.status THEN
-        IF NOT coalesce(CASE OLD.status
-                            WHEN 'pending' THEN NEW.status IN ('running', 'cancelled')
-                            WHEN 'running' THEN NEW.status IN ('succeeded', 'failed', 'cancelled')
-                            ELSE false
-                        END, false) THEN
-            RAISE EXCEPTION 'illegal task transition: % -> %', OLD.status, coalesce(NEW.status, 'NULL')
-                USING ERRCODE = 'DLW01',
-                      DETAIL = format('task %s', OLD.id),
-                      HINT = 'legal: pending -> running | cancelled; running -> succeeded | failed | cancelled';
-        END IF;
-        IF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
+        IF dlw.check_status_change('task', OLD.status, NEW.status, format('task %s', OLD.id)) THEN
             NEW.finished_at := now();
         END IF;
     END IF;
@@ -94,18 +112,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF NEW.status IS DISTINCT FROM OLD.status THEN
-        IF NOT coalesce(CASE OLD.status
-                            WHEN 'pending'  THEN NEW.status IN ('assigned', 'cancelled')
-                            WHEN 'assigned' THEN NEW.status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')
-                            WHEN 'running'  THEN NEW.status IN ('pending', 'succeeded', 'failed', 'cancelled')
-                            ELSE false
-                        END, false) THEN
-            RAISE EXCEPTION 'illegal file transition: % -> %', OLD.status, coalesce(NEW.status, 'NULL')
-                USING ERRCODE = 'DLW01',
-                      DETAIL = format('file %s of task %s', OLD.id, OLD.task_id),
-                      HINT = 'legal: pending -> assigned | cancelled; assigned -> pending | running | succeeded | failed | cancelled; running -> pending | succeeded | failed | cancelled';
-        END IF;
-        IF NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
+        IF dlw.check_status_change('file', OLD.status, NEW.status, format('file %s of task %s', OLD.id, OLD.task_id)) THEN
             NEW.finished_at := now();
         END IF;
     END IF;
@@ -150,6 +157,8 @@ COMMENT ON TRIGGER task_files_status_guard ON dlw.task_files IS 'File state mach
 COMMENT ON TRIGGER task_files_initial_status ON dlw.task_files IS 'Files are inserted as pending: see dlw.initial_status_guard()';
 
 REVOKE ALL ON FUNCTION dlw.month_start(timestamptz), dlw.bytes_used_month(bigint, date),
+    dlw.check_status_change(text, text, text, text),
     dlw.task_status_guard(), dlw.task_file_status_guard(), dlw.initial_status_guard() FROM PUBLIC;
--- Trigger functions need no EXECUTE to fire.
-GRANT EXECUTE ON FUNCTION dlw.month_start(timestamptz), dlw.bytes_used_month(bigint, date) TO dlw_app, dlw_system;
+-- Trigger functions need no EXECUTE to fire; what they call does (the roles that write tasks).
+GRANT EXECUTE ON FUNCTION dlw.month_start(timestamptz), dlw.bytes_used_month(bigint, date),
+    dlw.check_status_change(text, text, text, text) TO dlw_app, dlw_system;

@@ -70,6 +70,20 @@ COMMENT ON FUNCTION dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid) 
 -- Admission
 -- ---------------------------------------------------------------------------------------
 
+CREATE OR REPLACE FUNCTION dlw.idempotent_replay(
+    p_tenant_id bigint, p_key text, p_request_hash bytea, OUT outcome text, OUT task_id uuid
+)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN k.request_hash = p_request_hash THEN 'existing' ELSE 'IDEMPOTENCY_CONFLICT' END,
+           CASE WHEN k.request_hash = p_request_hash THEN k.task_id END
+      FROM dlw.idempotency_keys k
+     WHERE k.tenant_id = p_tenant_id AND k.key = p_key;
+$$;
+COMMENT ON FUNCTION dlw.idempotent_replay(bigint, text, bytea) IS
+    'The answer of dlw.create_task to an idempotency key the tenant used before: existing with the first task (same request hash) or IDEMPOTENCY_CONFLICT (another hash); NULLs when the key is new (or NULL).';
+
 CREATE OR REPLACE FUNCTION dlw.create_task(
     p_project_id uuid,
     p_storage_target text,
@@ -96,8 +110,6 @@ DECLARE
     v_project      uuid;
     v_target       uuid;
     v_target_id    uuid;
-    v_key_hash     bytea;
-    v_key_task     uuid;
     v_requested    bigint;
     v_file_count   integer;
     v_limit_tasks  integer;
@@ -125,9 +137,14 @@ BEGIN
         v_target_id := p_storage_target::uuid;
     END IF;
 
-    -- 1. Before any lock: the tenant, a previous result for this idempotency key, and the
+    -- 1. Before any lock: a previous result for this idempotency key (a committed key never
+    --    changes: no UPDATE or DELETE grant, so this answer is final), then the tenant, the
     --    project and storage target (RLS hides every other tenant's: they read as unknown).
-    SELECT t.active, k.request_hash, k.task_id,
+    SELECT * INTO outcome, task_id FROM dlw.idempotent_replay(v_tenant, p_idempotency_key, p_request_hash);
+    IF outcome IS NOT NULL THEN
+        RETURN;
+    END IF;
+    SELECT t.active,
            CASE WHEN p_project_id IS NULL
                 THEN (SELECT p.id FROM dlw.projects p WHERE p.tenant_id = v_tenant AND p.is_default)
                 ELSE (SELECT p.id FROM dlw.projects p WHERE p.tenant_id = v_tenant AND p.id = p_project_id)
@@ -137,20 +154,9 @@ BEGIN
               AND (s.id = v_target_id OR s.name = coalesce(p_storage_target, 'default'))
             ORDER BY s.id = v_target_id DESC NULLS LAST
             LIMIT 1)
-      INTO v_active, v_key_hash, v_key_task, v_project, v_target
+      INTO v_active, v_project, v_target
       FROM dlw.tenants t
-      LEFT JOIN dlw.idempotency_keys k ON k.tenant_id = t.tenant_id AND k.key = p_idempotency_key
      WHERE t.tenant_id = v_tenant;
-
-    -- A committed key never changes (no UPDATE or DELETE grant), so this answer is final.
-    IF v_key_task IS NOT NULL THEN
-        IF v_key_hash = p_request_hash THEN
-            outcome := 'existing'; task_id := v_key_task;
-        ELSE
-            outcome := 'IDEMPOTENCY_CONFLICT';
-        END IF;
-        RETURN;
-    END IF;
     IF NOT coalesce(v_active, false) THEN
         outcome := 'TENANT_INACTIVE';
         RETURN;
@@ -186,24 +192,19 @@ BEGIN
 
     -- 3. A later statement, hence a fresh snapshot: every rival that committed before the lock
     --    was granted is visible. Exact figures, no caches.
-    SELECT t.active, t.quota_concurrent, t.quota_bytes_month, k.request_hash, k.task_id,
+    SELECT t.active, t.quota_concurrent, t.quota_bytes_month,
            CASE WHEN t.quota_concurrent > 0 THEN
                (SELECT count(*) FROM dlw.tasks x
                  WHERE x.tenant_id = v_tenant AND x.status IN ('pending', 'running'))
            END,
            CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_used_month(v_tenant, v_period) END
-      INTO v_active, v_limit_tasks, v_limit_bytes, v_key_hash, v_key_task, v_live, v_used
+      INTO v_active, v_limit_tasks, v_limit_bytes, v_live, v_used
       FROM dlw.tenants t
-      LEFT JOIN dlw.idempotency_keys k ON k.tenant_id = t.tenant_id AND k.key = p_idempotency_key
      WHERE t.tenant_id = v_tenant;
 
     -- A concurrent call with the same key committed while this one waited.
-    IF v_key_task IS NOT NULL THEN
-        IF v_key_hash = p_request_hash THEN
-            outcome := 'existing'; task_id := v_key_task;
-        ELSE
-            outcome := 'IDEMPOTENCY_CONFLICT';
-        END IF;
+    SELECT * INTO outcome, task_id FROM dlw.idempotent_replay(v_tenant, p_idempotency_key, p_request_hash);
+    IF outcome IS NOT NULL THEN
         RETURN;
     END IF;
 
@@ -351,9 +352,10 @@ COMMENT ON FUNCTION dlw.quota_current() IS
 -- ---------------------------------------------------------------------------------------
 
 REVOKE ALL ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid),
-    dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
+    dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
     dlw.cancel_task(uuid), dlw.quota_current() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid)
     TO dlw_app, dlw_system;
-GRANT EXECUTE ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
+GRANT EXECUTE ON FUNCTION dlw.idempotent_replay(bigint, text, bytea),
+    dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
     dlw.cancel_task(uuid), dlw.quota_current() TO dlw_app;

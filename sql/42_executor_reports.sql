@@ -2,6 +2,50 @@
 -- Executors: the reports of a lease holder (heartbeat, complete, fail, release). SECURITY
 -- DEFINER, owned by dlw_system; see sql/40_executor_helpers.sql for leases, rollup and lock order.
 
+-- The step every report starts with (invoker rights, owned by dlw_system like its callers,
+-- EXECUTE for nobody else).
+CREATE OR REPLACE FUNCTION dlw.executor_locked_file(
+    p_file_id uuid, p_assignment_token uuid, p_lock_task boolean,
+    OUT refusal text, OUT tenant_id bigint, OUT task_id uuid, OUT task_status text,
+    OUT status text, OUT assignment_token uuid, OUT sha256 text, OUT attempts integer
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_scope bigint := dlw.executor_scope();
+    v_held  boolean;
+BEGIN
+    SELECT f.tenant_id, f.task_id INTO tenant_id, task_id
+      FROM dlw.task_files f
+     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope);
+    IF NOT FOUND THEN
+        refusal := 'NOT_FOUND';
+        RETURN;
+    END IF;
+    -- Task before file (the lock order). The task lock also serialises the reports of one
+    -- task that may change it, so the last completion sees every other file succeeded.
+    IF p_lock_task THEN
+        SELECT x.status INTO task_status
+          FROM dlw.tasks x
+         WHERE x.tenant_id = executor_locked_file.tenant_id AND x.id = executor_locked_file.task_id
+           FOR UPDATE;
+    END IF;
+    SELECT f.status, f.assignment_token, f.sha256, f.attempts,
+           dlw.lease_held(f.status, f.assignment_token, f.lease_expires_at, p_assignment_token, clock_timestamp())
+      INTO status, assignment_token, sha256, attempts, v_held
+      FROM dlw.task_files f
+     WHERE f.tenant_id = executor_locked_file.tenant_id AND f.id = p_file_id
+       FOR UPDATE;
+    IF NOT v_held THEN
+        refusal := 'LEASE_LOST';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION dlw.executor_locked_file(uuid, uuid, boolean) IS
+    'Internal (dlw_system, inside the executor reports): finds the file in the acting executor''s scope (42501 without an executor context) and locks it, after its task when p_lock_task (task before file). Returns the file''s figures, its task''s status (only when p_lock_task) and refusal: NULL while p_assignment_token holds the lease, LEASE_LOST (see dlw.lease_held) or NOT_FOUND (no such file in scope; every other column NULL).';
+REVOKE ALL ON FUNCTION dlw.executor_locked_file(uuid, uuid, boolean) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION dlw.executor_heartbeat(p_file_id uuid, p_assignment_token uuid, p_bytes_done bigint DEFAULT NULL)
 RETURNS TABLE (outcome text, lease_expires_at timestamptz)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -9,30 +53,20 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_scope bigint := dlw.executor_scope();
-    v_now   timestamptz := clock_timestamp();
-    v_file  record;
+    v_file record;
 BEGIN
     -- Only the file changes (assigned -> running, the lease), so only the file is locked.
-    SELECT f.tenant_id, f.id, f.status, f.assignment_token, f.lease_expires_at, f.lease_seconds INTO v_file
-      FROM dlw.task_files f
-     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope)
-       FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT 'NOT_FOUND'::text, NULL::timestamptz;
-        RETURN;
-    END IF;
-    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
-                          p_assignment_token, v_now) THEN
-        RETURN QUERY SELECT 'LEASE_LOST'::text, NULL::timestamptz;
+    SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, false);
+    IF v_file.refusal IS NOT NULL THEN
+        RETURN QUERY SELECT v_file.refusal, NULL::timestamptz;
         RETURN;
     END IF;
     RETURN QUERY
     UPDATE dlw.task_files f
        SET status = 'running',
-           lease_expires_at = v_now + make_interval(secs => f.lease_seconds),
+           lease_expires_at = clock_timestamp() + make_interval(secs => f.lease_seconds),
            bytes_done = CASE WHEN p_bytes_done IS NULL THEN f.bytes_done ELSE greatest(p_bytes_done, 0) END
-     WHERE f.tenant_id = v_file.tenant_id AND f.id = v_file.id
+     WHERE f.tenant_id = v_file.tenant_id AND f.id = p_file_id
     RETURNING 'ok'::text, f.lease_expires_at;
 END
 $$;
@@ -48,31 +82,22 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_scope  bigint := dlw.executor_scope();
-    v_now    timestamptz := clock_timestamp();
     v_tenant bigint;
     v_task   uuid;
     v_status text;
     v_file   record;
     v_sha    text := lower(p_sha256);
 BEGIN
+    PERFORM dlw.executor_scope();  -- 42501 without an executor context, before the arguments
     IF p_bytes IS NULL OR p_bytes < 0 THEN
         RAISE EXCEPTION 'dlw.executor_complete: bytes must be >= 0' USING ERRCODE = '22023';
     END IF;
-    SELECT f.tenant_id, f.task_id INTO v_tenant, v_task
-      FROM dlw.task_files f
-     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope);
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT 'NOT_FOUND'::text, NULL::text;
-        RETURN;
-    END IF;
-    -- Task before file; the task lock also serialises the completions of one task, so the
-    -- last one sees every other file succeeded (later statements, fresh snapshots).
-    SELECT x.status INTO v_status FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = v_task FOR UPDATE;
-    SELECT f.status, f.assignment_token, f.lease_expires_at, f.sha256, f.path INTO v_file
-      FROM dlw.task_files f
-     WHERE f.tenant_id = v_tenant AND f.id = p_file_id
-       FOR UPDATE;
+    -- The task is locked too: the last completion of a task sees every other file succeeded
+    -- (later statements, fresh snapshots).
+    SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, true);
+    v_tenant := v_file.tenant_id;
+    v_task := v_file.task_id;
+    v_status := v_file.task_status;
 
     -- The same report again (a retry after a lost answer): the same success, counted once.
     IF v_file.status = 'succeeded' AND p_assignment_token IS NOT NULL
@@ -80,12 +105,10 @@ BEGIN
         RETURN QUERY SELECT 'already_completed'::text, v_status;
         RETURN;
     END IF;
-    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
-                          p_assignment_token, v_now) THEN
-        RETURN QUERY SELECT 'LEASE_LOST'::text, v_status;
+    IF v_file.refusal IS NOT NULL THEN
+        RETURN QUERY SELECT v_file.refusal, v_status;
         RETURN;
     END IF;
-
     IF v_file.sha256 IS NOT NULL AND v_sha IS DISTINCT FROM v_file.sha256 THEN
         -- Not what the manifest promised: the file fails (finally: the source serves other
         -- content than declared) and nothing is counted.
@@ -130,41 +153,24 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_scope  bigint := dlw.executor_scope();
-    v_now    timestamptz := clock_timestamp();
-    v_tenant bigint;
-    v_task   uuid;
-    v_status text;
     v_file   record;
     v_error  text := left(coalesce(nullif(p_error, ''), 'failed'), 2000);
     v_max    integer := coalesce(p_max_attempts, (SELECT f.default_max_attempts FROM dlw.domain_facts() f));
 BEGIN
-    SELECT f.tenant_id, f.task_id INTO v_tenant, v_task
-      FROM dlw.task_files f
-     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope);
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT 'NOT_FOUND'::text, NULL::text;
-        RETURN;
-    END IF;
-    SELECT x.status INTO v_status FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = v_task FOR UPDATE;
-    SELECT f.status, f.assignment_token, f.lease_expires_at, f.attempts INTO v_file
-      FROM dlw.task_files f
-     WHERE f.tenant_id = v_tenant AND f.id = p_file_id
-       FOR UPDATE;
-    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
-                          p_assignment_token, v_now) THEN
-        RETURN QUERY SELECT 'LEASE_LOST'::text, v_status;
+    SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, true);
+    IF v_file.refusal IS NOT NULL THEN
+        RETURN QUERY SELECT v_file.refusal, v_file.task_status;
         RETURN;
     END IF;
     IF coalesce(p_retryable, false) AND v_file.attempts < v_max THEN
-        PERFORM dlw.requeue_file(v_tenant, p_file_id, v_error);
-        RETURN QUERY SELECT 'requeued'::text, v_status;
+        PERFORM dlw.requeue_file(v_file.tenant_id, p_file_id, v_error);
+        RETURN QUERY SELECT 'requeued'::text, v_file.task_status;
         RETURN;
     END IF;
     IF coalesce(p_retryable, false) THEN
         v_error := format('%s (attempt %s of %s)', v_error, v_file.attempts, v_max);
     END IF;
-    RETURN QUERY SELECT 'failed'::text, dlw.executor_fail_final(v_tenant, p_file_id, v_error);
+    RETURN QUERY SELECT 'failed'::text, dlw.executor_fail_final(v_file.tenant_id, p_file_id, v_error);
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_fail(uuid, uuid, text, boolean, integer) IS
@@ -177,23 +183,14 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_scope bigint := dlw.executor_scope();
-    v_now   timestamptz := clock_timestamp();
-    v_file  record;
+    v_file record;
 BEGIN
     -- Only the file changes, so only the file is locked.
-    SELECT f.tenant_id, f.id, f.status, f.assignment_token, f.lease_expires_at INTO v_file
-      FROM dlw.task_files f
-     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope)
-       FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN 'NOT_FOUND';
+    SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, false);
+    IF v_file.refusal IS NOT NULL THEN
+        RETURN v_file.refusal;
     END IF;
-    IF NOT dlw.lease_held(v_file.status, v_file.assignment_token, v_file.lease_expires_at,
-                          p_assignment_token, v_now) THEN
-        RETURN 'LEASE_LOST';
-    END IF;
-    PERFORM dlw.requeue_file(v_file.tenant_id, v_file.id, NULL, true);
+    PERFORM dlw.requeue_file(v_file.tenant_id, p_file_id, NULL, true);
     RETURN 'released';
 END
 $$;

@@ -16,6 +16,29 @@
 -- When the usage fold last ran comes from dlw.reporting_snapshot_refreshed_at()
 -- (sql/80_reporting_refreshed_at.sql).
 
+-- Each view's column comments are one object {column: comment}, applied by this helper, which
+-- exists only while this file runs (it is dropped at the end). A view column left out, or a
+-- column the view does not have, fails the migration.
+CREATE OR REPLACE FUNCTION dlw.comment_view_columns(p_view regclass, p_comments jsonb) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_missing text;
+    r         record;
+BEGIN
+    SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) INTO v_missing
+      FROM pg_attribute a
+     WHERE a.attrelid = p_view AND a.attnum > 0 AND NOT a.attisdropped AND NOT p_comments ? a.attname;
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION '%: no comment for column(s) %', p_view, v_missing;
+    END IF;
+    FOR r IN SELECT c.key, c.value FROM jsonb_each_text(p_comments) c LOOP
+        EXECUTE format('COMMENT ON COLUMN %s.%I IS %L', p_view, r.key, r.value);
+    END LOOP;
+END
+$$;
+
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.tasks
@@ -56,28 +79,29 @@ SELECT t.tenant_id,
 
 COMMENT ON VIEW reporting.tasks IS
     'One row per download task of your tenant: what was asked (repository, revision, files, declared bytes), where it goes, its status and its progress.';
-COMMENT ON COLUMN reporting.tasks.tenant_id IS 'Your tenant''s id (every row of every reporting view carries it)';
-COMMENT ON COLUMN reporting.tasks.task_id IS 'Task id (the id in the REST API: /api/v1/tasks/{task_id})';
-COMMENT ON COLUMN reporting.tasks.project_id IS 'Project the task belongs to';
-COMMENT ON COLUMN reporting.tasks.project_name IS 'Name of that project';
-COMMENT ON COLUMN reporting.tasks.storage_target_id IS 'Storage target the files are written to';
-COMMENT ON COLUMN reporting.tasks.storage_target_name IS 'Name of that storage target';
-COMMENT ON COLUMN reporting.tasks.repo_id IS 'Model repository requested, e.g. org/model';
-COMMENT ON COLUMN reporting.tasks.revision IS 'Revision requested (branch, tag or commit)';
-COMMENT ON COLUMN reporting.tasks.status IS 'pending, running, succeeded, failed or cancelled (the last three are final)';
-COMMENT ON COLUMN reporting.tasks.priority IS 'Scheduling priority; higher runs first';
-COMMENT ON COLUMN reporting.tasks.file_count IS 'Number of files in the task''s manifest';
-COMMENT ON COLUMN reporting.tasks.total_bytes IS 'Sum of the declared file sizes; what admission counted against the monthly byte quota';
-COMMENT ON COLUMN reporting.tasks.files_succeeded IS 'Files downloaded and verified';
-COMMENT ON COLUMN reporting.tasks.files_failed IS 'Files that failed for good';
-COMMENT ON COLUMN reporting.tasks.files_remaining IS 'Files not finished yet: pending, assigned to an executor, or running';
-COMMENT ON COLUMN reporting.tasks.bytes_done IS 'Bytes the executors reported as downloaded so far, over all files';
-COMMENT ON COLUMN reporting.tasks.created_by IS 'Who created the task: a user id or a service principal';
-COMMENT ON COLUMN reporting.tasks.error IS 'Why the task failed or was cancelled, when known';
-COMMENT ON COLUMN reporting.tasks.created_at IS 'When the task was admitted';
-COMMENT ON COLUMN reporting.tasks.updated_at IS 'Last change of the task row';
-COMMENT ON COLUMN reporting.tasks.finished_at IS 'When the task reached a final status; NULL while live';
-COMMENT ON COLUMN reporting.tasks.duration_seconds IS 'finished_at - created_at in seconds; NULL while live';
+SELECT dlw.comment_view_columns('reporting.tasks', jsonb_build_object(
+    'tenant_id', 'Your tenant''s id (every row of every reporting view carries it)',
+    'task_id', 'Task id (the id in the REST API: /api/v1/tasks/{task_id})',
+    'project_id', 'Project the task belongs to',
+    'project_name', 'Name of that project',
+    'storage_target_id', 'Storage target the files are written to',
+    'storage_target_name', 'Name of that storage target',
+    'repo_id', 'Model repository requested, e.g. org/model',
+    'revision', 'Revision requested (branch, tag or commit)',
+    'status', 'pending, running, succeeded, failed or cancelled (the last three are final)',
+    'priority', 'Scheduling priority; higher runs first',
+    'file_count', 'Number of files in the task''s manifest',
+    'total_bytes', 'Sum of the declared file sizes; what admission counted against the monthly byte quota',
+    'files_succeeded', 'Files downloaded and verified',
+    'files_failed', 'Files that failed for good',
+    'files_remaining', 'Files not finished yet: pending, assigned to an executor, or running',
+    'bytes_done', 'Bytes the executors reported as downloaded so far, over all files',
+    'created_by', 'Who created the task: a user id or a service principal',
+    'error', 'Why the task failed or was cancelled, when known',
+    'created_at', 'When the task was admitted',
+    'updated_at', 'Last change of the task row',
+    'finished_at', 'When the task reached a final status; NULL while live',
+    'duration_seconds', 'finished_at - created_at in seconds; NULL while live'));
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.task_files
@@ -104,23 +128,24 @@ SELECT f.tenant_id,
 
 COMMENT ON VIEW reporting.task_files IS
     'One row per file of a task of your tenant: the unit executors claim, download and verify.';
-COMMENT ON COLUMN reporting.task_files.tenant_id IS 'Your tenant''s id';
-COMMENT ON COLUMN reporting.task_files.file_id IS 'File id';
-COMMENT ON COLUMN reporting.task_files.task_id IS 'Task the file belongs to (reporting.tasks.task_id)';
-COMMENT ON COLUMN reporting.task_files.path IS 'Path of the file inside the repository';
-COMMENT ON COLUMN reporting.task_files.size IS 'Declared size in bytes';
-COMMENT ON COLUMN reporting.task_files.sha256 IS 'Declared SHA-256 (hex), when the manifest had one';
-COMMENT ON COLUMN reporting.task_files.status IS 'pending, assigned (claimed by an executor), running, succeeded, failed or cancelled';
-COMMENT ON COLUMN reporting.task_files.priority IS 'Scheduling priority (the task''s)';
-COMMENT ON COLUMN reporting.task_files.attempts IS 'How many times an executor claimed the file';
-COMMENT ON COLUMN reporting.task_files.executor_id IS 'Executor that holds or last held the file';
-COMMENT ON COLUMN reporting.task_files.bytes_done IS 'Bytes downloaded so far, as reported by the executor';
-COMMENT ON COLUMN reporting.task_files.error IS 'Last error reported for the file';
-COMMENT ON COLUMN reporting.task_files.lease_expires_at IS 'While assigned or running: when the executor''s lease runs out and the file returns to the queue';
-COMMENT ON COLUMN reporting.task_files.created_at IS 'When the file was queued (with its task)';
-COMMENT ON COLUMN reporting.task_files.updated_at IS 'Last change of the file row';
-COMMENT ON COLUMN reporting.task_files.finished_at IS 'When the file reached a final status';
-COMMENT ON COLUMN reporting.task_files.lease_seconds IS 'Length of the current executor lease in seconds (each heartbeat extends lease_expires_at by this much)';
+SELECT dlw.comment_view_columns('reporting.task_files', jsonb_build_object(
+    'tenant_id', 'Your tenant''s id',
+    'file_id', 'File id',
+    'task_id', 'Task the file belongs to (reporting.tasks.task_id)',
+    'path', 'Path of the file inside the repository',
+    'size', 'Declared size in bytes',
+    'sha256', 'Declared SHA-256 (hex), when the manifest had one',
+    'status', 'pending, assigned (claimed by an executor), running, succeeded, failed or cancelled',
+    'priority', 'Scheduling priority (the task''s)',
+    'attempts', 'How many times an executor claimed the file',
+    'executor_id', 'Executor that holds or last held the file',
+    'bytes_done', 'Bytes downloaded so far, as reported by the executor',
+    'error', 'Last error reported for the file',
+    'lease_expires_at', 'While assigned or running: when the executor''s lease runs out and the file returns to the queue',
+    'created_at', 'When the file was queued (with its task)',
+    'updated_at', 'Last change of the file row',
+    'finished_at', 'When the file reached a final status',
+    'lease_seconds', 'Length of the current executor lease in seconds (each heartbeat extends lease_expires_at by this much)'));
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.usage_daily / reporting.usage_monthly
@@ -139,12 +164,13 @@ SELECT u.tenant_id,
 
 COMMENT ON VIEW reporting.usage_daily IS
     'Usage of your tenant per UTC day and metric, summed from the append-only usage log. Days without usage have no row.';
-COMMENT ON COLUMN reporting.usage_daily.tenant_id IS 'Your tenant''s id';
-COMMENT ON COLUMN reporting.usage_daily.day IS 'UTC calendar day the usage happened';
-COMMENT ON COLUMN reporting.usage_daily.metric IS 'What is measured: bytes_month = bytes downloaded (the metric of the monthly byte quota)';
-COMMENT ON COLUMN reporting.usage_daily.events IS 'Number of usage events (one per completed file)';
-COMMENT ON COLUMN reporting.usage_daily.tasks IS 'Number of distinct tasks those events belong to';
-COMMENT ON COLUMN reporting.usage_daily.amount IS 'Sum of the events'' amounts (bytes for bytes_month)';
+SELECT dlw.comment_view_columns('reporting.usage_daily', jsonb_build_object(
+    'tenant_id', 'Your tenant''s id',
+    'day', 'UTC calendar day the usage happened',
+    'metric', 'What is measured: bytes_month = bytes downloaded (the metric of the monthly byte quota)',
+    'events', 'Number of usage events (one per completed file)',
+    'tasks', 'Number of distinct tasks those events belong to',
+    'amount', 'Sum of the events'' amounts (bytes for bytes_month)'));
 
 CREATE OR REPLACE VIEW reporting.usage_monthly WITH (security_invoker = true) AS
 SELECT m.tenant_id,
@@ -167,14 +193,15 @@ SELECT m.tenant_id,
 
 COMMENT ON VIEW reporting.usage_monthly IS
     'Usage of your tenant per UTC calendar month (the quota period) and metric, with the current monthly byte limit.';
-COMMENT ON COLUMN reporting.usage_monthly.tenant_id IS 'Your tenant''s id';
-COMMENT ON COLUMN reporting.usage_monthly.month IS 'First day of the UTC calendar month';
-COMMENT ON COLUMN reporting.usage_monthly.metric IS 'What is measured: bytes_month = bytes downloaded';
-COMMENT ON COLUMN reporting.usage_monthly.events IS 'Number of usage events (one per completed file)';
-COMMENT ON COLUMN reporting.usage_monthly.tasks IS 'Number of distinct tasks those events belong to';
-COMMENT ON COLUMN reporting.usage_monthly.amount IS 'Sum of the events'' amounts (bytes for bytes_month)';
-COMMENT ON COLUMN reporting.usage_monthly.quota_bytes_month IS 'The tenant''s monthly byte limit as it is now (not as it was in that month); 0 = unlimited';
-COMMENT ON COLUMN reporting.usage_monthly.quota_used_pct IS 'amount as a percentage of quota_bytes_month; NULL when unlimited';
+SELECT dlw.comment_view_columns('reporting.usage_monthly', jsonb_build_object(
+    'tenant_id', 'Your tenant''s id',
+    'month', 'First day of the UTC calendar month',
+    'metric', 'What is measured: bytes_month = bytes downloaded',
+    'events', 'Number of usage events (one per completed file)',
+    'tasks', 'Number of distinct tasks those events belong to',
+    'amount', 'Sum of the events'' amounts (bytes for bytes_month)',
+    'quota_bytes_month', 'The tenant''s monthly byte limit as it is now (not as it was in that month); 0 = unlimited',
+    'quota_used_pct', 'amount as a percentage of quota_bytes_month; NULL when unlimited'));
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.quota_status
@@ -210,21 +237,22 @@ SELECT t.tenant_id,
 
 COMMENT ON VIEW reporting.quota_status IS
     'One row: your tenant, its limits, its usage this UTC month and its live concurrency, as task admission checks them, and how fresh the usage snapshot is.';
-COMMENT ON COLUMN reporting.quota_status.tenant_id IS 'Your tenant''s id';
-COMMENT ON COLUMN reporting.quota_status.slug IS 'Your tenant''s short name';
-COMMENT ON COLUMN reporting.quota_status.display_name IS 'Your tenant''s display name';
-COMMENT ON COLUMN reporting.quota_status.active IS 'false: the tenant is deactivated (no logins, no new tasks; data stays readable)';
-COMMENT ON COLUMN reporting.quota_status.period IS 'Current quota period: first day of the current UTC month';
-COMMENT ON COLUMN reporting.quota_status.bytes_used_month IS 'Bytes downloaded this UTC month (every usage event of the month, folded into the snapshot or not: the figure admission checks)';
-COMMENT ON COLUMN reporting.quota_status.quota_bytes_month IS 'Monthly byte limit; 0 = unlimited. Admission refuses a task whose declared bytes would exceed it';
-COMMENT ON COLUMN reporting.quota_status.bytes_remaining_month IS 'quota_bytes_month - bytes_used_month (not below 0); NULL when unlimited';
-COMMENT ON COLUMN reporting.quota_status.bytes_used_pct IS 'bytes_used_month as a percentage of quota_bytes_month; NULL when unlimited';
-COMMENT ON COLUMN reporting.quota_status.concurrent_tasks IS 'Live tasks now (pending or running)';
-COMMENT ON COLUMN reporting.quota_status.quota_concurrent IS 'Limit on live tasks; 0 = unlimited';
-COMMENT ON COLUMN reporting.quota_status.quota_storage_gb IS 'Storage allowance in GB; 0 = unlimited (not enforced yet)';
-COMMENT ON COLUMN reporting.quota_status.snapshot_bytes_month IS 'Bytes of this month already folded into the usage snapshot; NULL when no snapshot row exists yet';
-COMMENT ON COLUMN reporting.quota_status.snapshot_refreshed_at IS 'When the usage fold (snapshot refresh) last ran, platform-wide; NULL = never';
-COMMENT ON COLUMN reporting.quota_status.snapshot_age_seconds IS 'Seconds since snapshot_refreshed_at; NULL = never refreshed';
+SELECT dlw.comment_view_columns('reporting.quota_status', jsonb_build_object(
+    'tenant_id', 'Your tenant''s id',
+    'slug', 'Your tenant''s short name',
+    'display_name', 'Your tenant''s display name',
+    'active', 'false: the tenant is deactivated (no logins, no new tasks; data stays readable)',
+    'period', 'Current quota period: first day of the current UTC month',
+    'bytes_used_month', 'Bytes downloaded this UTC month (every usage event of the month, folded into the snapshot or not: the figure admission checks)',
+    'quota_bytes_month', 'Monthly byte limit; 0 = unlimited. Admission refuses a task whose declared bytes would exceed it',
+    'bytes_remaining_month', 'quota_bytes_month - bytes_used_month (not below 0); NULL when unlimited',
+    'bytes_used_pct', 'bytes_used_month as a percentage of quota_bytes_month; NULL when unlimited',
+    'concurrent_tasks', 'Live tasks now (pending or running)',
+    'quota_concurrent', 'Limit on live tasks; 0 = unlimited',
+    'quota_storage_gb', 'Storage allowance in GB; 0 = unlimited (not enforced yet)',
+    'snapshot_bytes_month', 'Bytes of this month already folded into the usage snapshot; NULL when no snapshot row exists yet',
+    'snapshot_refreshed_at', 'When the usage fold (snapshot refresh) last ran, platform-wide; NULL = never',
+    'snapshot_age_seconds', 'Seconds since snapshot_refreshed_at; NULL = never refreshed'));
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.audit_log
@@ -241,13 +269,14 @@ SELECT a.tenant_id,
 
 COMMENT ON VIEW reporting.audit_log IS
     'Your tenant''s audit trail, append-only: logins and denied logins, permission denials, quota refusals, task creation and cancellation, and every administration action (including DBA support access).';
-COMMENT ON COLUMN reporting.audit_log.tenant_id IS 'Your tenant''s id';
-COMMENT ON COLUMN reporting.audit_log.audit_id IS 'Entry id (time-ordered)';
-COMMENT ON COLUMN reporting.audit_log.at IS 'When it happened';
-COMMENT ON COLUMN reporting.audit_log.actor IS 'Who did it: a user id, oidc:<issuer>#<subject>, sa:<service account>, service:system-admin, or the database login of a DBA';
-COMMENT ON COLUMN reporting.audit_log.action IS 'What happened, e.g. task.created, task.cancelled, quota.exceeded, auth.login, tenant.deactivated';
-COMMENT ON COLUMN reporting.audit_log.target IS 'What it happened to (a task id, a user id, a login name, ...)';
-COMMENT ON COLUMN reporting.audit_log.detail IS 'Details of the action as JSON';
+SELECT dlw.comment_view_columns('reporting.audit_log', jsonb_build_object(
+    'tenant_id', 'Your tenant''s id',
+    'audit_id', 'Entry id (time-ordered)',
+    'at', 'When it happened',
+    'actor', 'Who did it: a user id, oidc:<issuer>#<subject>, sa:<service account>, service:system-admin, or the database login of a DBA',
+    'action', 'What happened, e.g. task.created, task.cancelled, quota.exceeded, auth.login, tenant.deactivated',
+    'target', 'What it happened to (a task id, a user id, a login name, ...)',
+    'detail', 'Details of the action as JSON'));
 
 -- ---------------------------------------------------------------------------------------
 -- Privileges: reporting logins read the views (and, through them, the granted base
@@ -255,3 +284,6 @@ COMMENT ON COLUMN reporting.audit_log.detail IS 'Details of the action as JSON';
 -- ---------------------------------------------------------------------------------------
 REVOKE ALL ON ALL TABLES IN SCHEMA reporting FROM PUBLIC;
 GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO dlw_reporting, dlw_system;
+
+-- The comments are applied: the helper goes (it is no part of the schema).
+DROP FUNCTION dlw.comment_view_columns(regclass, jsonb);
