@@ -6,17 +6,34 @@ import logging
 
 import asyncpg
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import INTERNAL_ERROR, Refusal
+from app.api.errors import INTERNAL_ERROR, METHOD_NOT_ALLOWED, ROUTE_NOT_FOUND, Refusal
 from app.api.sqlstates import UNAVAILABLE_ERRORS, answer_for
 
 log = logging.getLogger("dlw")
 
 
-def _answer(refusal: Refusal) -> JSONResponse:
-    headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after is not None else None
+ROUTING_REFUSALS = {r.status: r for r in (ROUTE_NOT_FOUND, METHOD_NOT_ALLOWED)}
+
+
+def _answer(refusal: Refusal, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if refusal.retry_after is not None:
+        headers["Retry-After"] = str(refusal.retry_after)
     return JSONResponse(status_code=refusal.status, content={"detail": {"code": refusal.code}}, headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Our own refusals (a detail with a code) as they are; the router's 404 and 405, which carry
+    Starlette's plain text, in the same shape: {"detail": {"code": ...}}."""
+    assert isinstance(exc, StarletteHTTPException)
+    refusal = None if isinstance(exc.detail, dict) else ROUTING_REFUSALS.get(exc.status_code)
+    if refusal is None:
+        return await http_exception_handler(request, exc)
+    return _answer(refusal, exc.headers)  # keeps Allow on a 405
 
 
 async def database_error(request: Request, exc: Exception) -> JSONResponse:
@@ -41,6 +58,7 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     # Handlers for specific classes answer inside the routing layer (nothing is re-raised);
     # the catch-all Exception handler runs in Starlette's outermost middleware.
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(asyncpg.PostgresError, database_error)
     for error in UNAVAILABLE_ERRORS:
         app.add_exception_handler(error, database_error)

@@ -40,6 +40,10 @@ RBAC_DENIED = Refusal(403, "RBAC_DENIED", "the caller's roles do not allow this 
 DB_FORBIDDEN = Refusal(403, "DB_FORBIDDEN", "the database refused the statement (row-level security, privileges)")
 DB_UNAVAILABLE = Refusal(503, "DB_UNAVAILABLE", "the database cannot serve right now", retry_after=2)
 INTERNAL_ERROR = Refusal(500, "INTERNAL_ERROR", "an unexpected failure (logged, never described)")
+# Answers of the router itself. Paths are exact: a trailing slash is not redirected (a redirect
+# would be built from the request's Host header), it is simply no route.
+ROUTE_NOT_FOUND = Refusal(404, "ROUTE_NOT_FOUND", "no route has this path (paths never end with a slash)")
+METHOD_NOT_ALLOWED = Refusal(405, "METHOD_NOT_ALLOWED", "the route does not take this method (see the Allow header)")
 
 
 def unauthenticated() -> ApiError:

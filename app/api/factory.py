@@ -42,7 +42,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("dev mode: DLW_SYSTEM_JWT_SECRET unset; tokens are signed with a random per-process secret")
         settings = settings.model_copy(update={"system_jwt_secret": secrets.token_urlsafe(48)})
 
-    app = FastAPI(title="DLW", version="0.1.0", lifespan=lifespan_for(settings))
+    # No trailing-slash redirects: Starlette builds their Location from the request's Host
+    # header, so anyone could make the API point a client at another host. A path with a
+    # stray slash is answered 404 ROUTE_NOT_FOUND instead (app/api/error_handlers.py).
+    app = FastAPI(title="DLW", version="0.1.0", lifespan=lifespan_for(settings), redirect_slashes=False)
     app.state.settings = settings
     app.state.tenant_rules = parse_rules(settings.auth_tenant_rules_json)
     app.state.oidc = _oidc_client(settings)
