@@ -5,14 +5,21 @@
 -- search_path pinned, EXECUTE for dlw_app only, and listed in app/ops/catalog_check.py's allowlist.
 
 
+-- The signature before migration 0010 took no email_verified flag: gone, so nothing can store an
+-- address without saying whether the provider verified it.
+DROP FUNCTION IF EXISTS dlw.login_user(text, text, text, text, text);
+
 CREATE OR REPLACE FUNCTION dlw.login_user(
-    p_issuer text, p_subject text, p_email text, p_rule_tenant text, p_rule_role text
+    p_issuer text, p_subject text, p_email text, p_email_verified boolean, p_rule_tenant text, p_rule_role text
 ) RETURNS TABLE (outcome text, tenant_id bigint, user_id uuid, role text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_actor  text := format('oidc:%s#%s', p_issuer, p_subject);
+    -- Only an address the provider verified for this identity is kept, anywhere: an unverified
+    -- one could be anybody's (a user may type a colleague's address at many providers).
+    v_email  text := CASE WHEN p_email_verified IS TRUE THEN nullif(btrim(p_email), '') END;
     v_user   dlw.users%ROWTYPE;
     v_tenant dlw.tenants%ROWTYPE;
 BEGIN
@@ -26,10 +33,12 @@ BEGIN
             RETURN QUERY SELECT 'TENANT_INACTIVE'::text, v_tenant.tenant_id, v_user.id, v_user.role;
             RETURN;
         END IF;
-        UPDATE dlw.users u SET last_login_at = now(), email = coalesce(p_email, u.email)
+        -- The stored email is the one verified at this login, or none: an address the provider
+        -- no longer vouches for is not kept either.
+        UPDATE dlw.users u SET last_login_at = now(), email = v_email, email_verified = v_email IS NOT NULL
         WHERE u.tenant_id = v_user.tenant_id AND u.id = v_user.id;
         PERFORM dlw.audit_append(v_user.tenant_id, v_actor, 'auth.login', v_user.id::text,
-                                 jsonb_build_object('first_login', false));
+                                 jsonb_build_object('first_login', false, 'email_verified', v_email IS NOT NULL));
         RETURN QUERY SELECT 'ok'::text, v_user.tenant_id, v_user.id, v_user.role;
         RETURN;
     END IF;
@@ -41,13 +50,13 @@ BEGIN
         -- No tenant to hold the row: denied logins without one go to the platform tenant.
         PERFORM dlw.audit_append((SELECT f.platform_tenant_id FROM dlw.domain_facts() f), v_actor,
             'auth.login_denied', NULL,
-            jsonb_build_object('reason', 'TENANT_UNRESOLVED', 'email', p_email, 'rule_tenant', p_rule_tenant));
+            jsonb_build_object('reason', 'TENANT_UNRESOLVED', 'email', v_email, 'rule_tenant', p_rule_tenant));
         RETURN QUERY SELECT 'TENANT_UNRESOLVED'::text, NULL::bigint, NULL::uuid, NULL::text;
         RETURN;
     END IF;
 
-    INSERT INTO dlw.users AS u (tenant_id, issuer, subject, email, role, last_login_at)
-    VALUES (v_tenant.tenant_id, p_issuer, p_subject, p_email, p_rule_role, now())
+    INSERT INTO dlw.users AS u (tenant_id, issuer, subject, email, email_verified, role, last_login_at)
+    VALUES (v_tenant.tenant_id, p_issuer, p_subject, v_email, v_email IS NOT NULL, p_rule_role, now())
     ON CONFLICT (issuer, subject) DO NOTHING
     RETURNING * INTO v_user;
     IF v_user.id IS NULL THEN
@@ -55,12 +64,13 @@ BEGIN
         SELECT * INTO STRICT v_user FROM dlw.users u WHERE u.issuer = p_issuer AND u.subject = p_subject;
     END IF;
     PERFORM dlw.audit_append(v_user.tenant_id, v_actor, 'auth.login', v_user.id::text,
-                             jsonb_build_object('first_login', true, 'role', v_user.role));
+                             jsonb_build_object('first_login', true, 'role', v_user.role,
+                                                'email_verified', v_email IS NOT NULL));
     RETURN QUERY SELECT 'ok'::text, v_user.tenant_id, v_user.id, v_user.role;
 END
 $$;
-COMMENT ON FUNCTION dlw.login_user(text, text, text, text, text) IS
-    'Login of a verified OIDC identity: a known (issuer, subject) keeps its tenant and role; a new one is placed in the tenant and role its first matching rule named, if that tenant exists and is active. Outcome ok | TENANT_UNRESOLVED | TENANT_INACTIVE; audited either way.';
+COMMENT ON FUNCTION dlw.login_user(text, text, text, boolean, text, text) IS
+    'Login of a verified OIDC identity: a known (issuer, subject) keeps its tenant and role; a new one is placed in the tenant and role its first matching rule named, if that tenant exists and is active. The email is stored (and audited) only when p_email_verified is true, else NULL, at every login. Outcome ok | TENANT_UNRESOLVED | TENANT_INACTIVE; audited either way.';
 
 CREATE OR REPLACE FUNCTION dlw.find_service_account(p_issuer text, p_client_id text)
 RETURNS TABLE (tenant_id bigint, account_id uuid, role text, tenant_active boolean)
@@ -85,7 +95,7 @@ $$;
 COMMENT ON FUNCTION dlw.resolve_tenant(text) IS
     'Finds a tenant by id or slug. The API calls it only for system_admin principals (X-DLW-Tenant) and the token CLI.';
 
-REVOKE ALL ON FUNCTION dlw.login_user(text, text, text, text, text), dlw.find_service_account(text, text),
+REVOKE ALL ON FUNCTION dlw.login_user(text, text, text, boolean, text, text), dlw.find_service_account(text, text),
     dlw.resolve_tenant(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.login_user(text, text, text, text, text), dlw.find_service_account(text, text),
+GRANT EXECUTE ON FUNCTION dlw.login_user(text, text, text, boolean, text, text), dlw.find_service_account(text, text),
     dlw.resolve_tenant(text) TO dlw_app;

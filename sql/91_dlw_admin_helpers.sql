@@ -16,6 +16,8 @@
 --   DLWA2  tenant slug already taken      DLWA6  the platform tenant (id 1) cannot be deactivated
 --   DLWA3  a role with that name exists   DLWA7  role not created by DLW: left alone
 --   DLWA4  not a reporting login of this database
+--   DLWA8  an email the identity provider did not verify: name the user by id
+--   DLWA9  an email shared by several users of the tenant: name the user by id
 --   22023  invalid argument (slug, login name, role, negative limit, not a reporting view)
 
 -- ---------------------------------------------------------------------------------------
@@ -83,28 +85,38 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_ids uuid[];
+    v_ids      uuid[];
+    v_verified boolean;
 BEGIN
     IF p_user_ref ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
         SELECT array_agg(u.id) INTO v_ids FROM dlw.users u
          WHERE u.tenant_id = p_tenant_id AND u.id = p_user_ref::uuid;
+        v_verified := true;
     ELSE
-        SELECT array_agg(u.id) INTO v_ids FROM dlw.users u
-         WHERE u.tenant_id = p_tenant_id AND lower(u.email) = lower(p_user_ref);
+        -- Every address of the tenant that equals the reference, whatever its case and whether
+        -- verified or not: an unverified twin makes the address ambiguous too.
+        SELECT array_agg(u.id ORDER BY u.id), bool_and(u.email_verified) INTO v_ids, v_verified FROM dlw.users u
+         WHERE u.tenant_id = p_tenant_id AND lower(u.email) = lower(btrim(p_user_ref));
     END IF;
     IF v_ids IS NULL THEN
         RAISE EXCEPTION 'no user % in tenant %', coalesce(quote_literal(p_user_ref), 'NULL'), p_tenant_id
             USING ERRCODE = 'DLWA5', HINT = 'dlw_admin.list_users(tenant) lists the tenant''s users';
     END IF;
+    -- The two email refusals are one line each (no HINT, no user id to copy: who the address
+    -- really belongs to is for the DBA to find out), as psql and `dlw user` print them.
     IF cardinality(v_ids) > 1 THEN
-        RAISE EXCEPTION 'email % matches % users of tenant %; name the user by id', quote_literal(p_user_ref),
-            cardinality(v_ids), p_tenant_id USING ERRCODE = '22023';
+        RAISE EXCEPTION 'email % is shared by % users of tenant %: name the user by id', quote_literal(p_user_ref),
+            cardinality(v_ids), p_tenant_id USING ERRCODE = 'DLWA9';
+    END IF;
+    IF NOT v_verified THEN
+        RAISE EXCEPTION 'email % in tenant % was not verified by the identity provider: name the user by id',
+            quote_literal(p_user_ref), p_tenant_id USING ERRCODE = 'DLWA8';
     END IF;
     RETURN v_ids[1];
 END
 $$;
 COMMENT ON FUNCTION dlw.admin_user_id(bigint, text) IS
-    'Internal to dlw_admin: a user of the tenant by id or (case-insensitive, unambiguous) email; raises DLWA5 when there is none.';
+    'Internal to dlw_admin: a user of the tenant by id, or by email (case-insensitive) when exactly one user of the tenant has that address and the identity provider verified it. Raises DLWA5 (no such user), DLWA9 (an email shared by several users), DLWA8 (an unverified email).';
 
 REVOKE ALL ON FUNCTION dlw.admin_tenant_id(text), dlw.admin_audit(bigint, text, text, jsonb),
     dlw.admin_check_slug(text), dlw.admin_check_limits(integer, bigint, integer),

@@ -6,9 +6,11 @@
 -- Users and role grants (casbin g rows in dlw.casbin_rule; every API instance reloads on NOTIFY)
 -- ---------------------------------------------------------------------------------------
 
+-- Its result gained email_verified (migration 0010): a changed row type needs a new function.
+DROP FUNCTION IF EXISTS dlw_admin.list_users(text);
 CREATE OR REPLACE FUNCTION dlw_admin.list_users(tenant_slug text)
 RETURNS TABLE (user_id uuid, email text, role text, granted_roles text[], issuer text, created_at timestamptz,
-               last_login_at timestamptz)
+               last_login_at timestamptz, email_verified boolean)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -21,14 +23,14 @@ BEGIN
     SELECT u.id, u.email, u.role,
            coalesce((SELECT array_agg(c.v1 ORDER BY c.v1) FROM dlw.casbin_rule c
                       WHERE c.ptype = 'g' AND c.v0 = 'user:' || u.id::text), '{}'::text[]),
-           u.issuer, u.created_at, u.last_login_at
+           u.issuer, u.created_at, u.last_login_at, u.email_verified
       FROM dlw.users u
      WHERE u.tenant_id = v_id
      ORDER BY u.created_at, u.id;
 END
 $$;
 COMMENT ON FUNCTION dlw_admin.list_users(text) IS
-    'The users of a tenant: id, email, the role they were given at first login (role) and the extra roles granted with dlw_admin.grant_role (granted_roles). Audited as admin.users_listed. Raises DLWA1 (no such tenant).';
+    'The users of a tenant: id, email (as verified by the identity provider at the latest login: email_verified), the role they were given at first login (role) and the extra roles granted with dlw_admin.grant_role (granted_roles). Audited as admin.users_listed. Raises DLWA1 (no such tenant).';
 
 CREATE OR REPLACE FUNCTION dlw_admin.grant_role(tenant_slug text, user_ref text, role text)
 RETURNS boolean
@@ -55,8 +57,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw_admin.grant_role(text, text, text) IS
-$c$Grants a user (by id or email, within the tenant) a tenant role on top of the role they already have: a casbin g row "user:<id>, <role>"; running API instances pick it up within a second. Returns true when granted, false when it already was. Audited as role.granted.
-Raises DLWA1 (no such tenant), DLWA5 (no such user in the tenant), 22023 (role not grantable, or an email shared by several users).$c$;
+$c$Grants a user (by id, or by an email verified by the identity provider and held by no other user of the tenant) a tenant role on top of the role they already have: a casbin g row "user:<id>, <role>"; running API instances pick it up within a second. Returns true when granted, false when it already was. Audited as role.granted.
+Raises DLWA1 (no such tenant), DLWA5 (no such user in the tenant), DLWA8 (an unverified email), DLWA9 (an email shared by several users), 22023 (role not grantable).$c$;
 
 CREATE OR REPLACE FUNCTION dlw_admin.revoke_role(tenant_slug text, user_ref text, role text)
 RETURNS boolean
@@ -81,7 +83,7 @@ END
 $$;
 COMMENT ON FUNCTION dlw_admin.revoke_role(text, text, text) IS
 $c$Revokes a role granted with dlw_admin.grant_role (deletes the casbin g row). Returns true when a grant was removed, false when there was none (the user's own role, dlw.users.role, is not a grant: a NOTICE says so). Audited as role.revoked.
-Raises DLWA1 (no such tenant), DLWA5 (no such user in the tenant).$c$;
+Raises DLWA1 (no such tenant), DLWA5 (no such user in the tenant), DLWA8 (an unverified email), DLWA9 (an email shared by several users).$c$;
 
 -- ---------------------------------------------------------------------------------------
 -- Support: see what a tenant sees

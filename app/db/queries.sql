@@ -109,7 +109,7 @@ ORDER BY at DESC, id DESC LIMIT $4;
 
 -- name: login_user
 -- Outside any tenant context: the definer function decides the tenant.
-SELECT * FROM dlw.login_user($1, $2, $3, $4, $5);
+SELECT * FROM dlw.login_user($1, $2, $3, $4, $5, $6);
 
 -- name: executor_claim
 SELECT * FROM dlw.executor_claim($1, $2, $3, $4);

@@ -42,6 +42,14 @@ class OidcNonceMismatch(OidcTokenError):
     """A valid id_token that was not issued for this login attempt (replay or mix-up)."""
 
 
+def email_claim(claims: dict[str, Any]) -> tuple[str | None, bool]:
+    """The id_token's email and whether the provider verified it: only the JSON boolean true
+    counts (a missing claim, "true" as a string or anything else is unverified). An unverified
+    address is never stored, never matches a tenant rule and never names a user to grant a role."""
+    email = claims.get("email")
+    return (email if isinstance(email, str) else None), claims.get("email_verified") is True
+
+
 @dataclass
 class OidcClient:
     issuer: str

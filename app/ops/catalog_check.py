@@ -15,7 +15,7 @@ _SYSTEM = "dlw_system"
 _LOGIN_MANAGER = "dlw_login_manager"
 DEFINER_ALLOWLIST: dict[str, str] = {
     # identity lookups before a tenant is known (sql/60_identity.sql)
-    "dlw.login_user(text,text,text,text,text)": _SYSTEM,
+    "dlw.login_user(text,text,text,boolean,text,text)": _SYSTEM,
     "dlw.find_service_account(text,text)": _SYSTEM,
     "dlw.resolve_tenant(text)": _SYSTEM,
     # platform administration by a system_admin (sql/71_platform_tenants.sql)

@@ -4,11 +4,14 @@ its client-credentials tokens, and it rotates its signing keys under our feet.""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg import sql
 
 from app.api.factory import create_app
 from app.identity import login_state
@@ -22,6 +25,7 @@ from tests.support.oidc import (
     start_oidc_provider,
 )
 from tests.support.requirements import require
+from tests.support.tenants import drop_login
 
 WEB_CLIENT, WEB_SECRET = "dlw-web", "webSecret0123456789"
 M2M_CLIENT, M2M_SECRET = "dlw-m2m", "m2mSecret0123456789"
@@ -69,7 +73,13 @@ def app_client(db: MigratedDb, provider: OidcProvider, acme: int) -> Iterator[Te
 
 
 def login(
-    app_client: TestClient, email: str, groups: list[str] | None = None, tamper_nonce: bool = False
+    app_client: TestClient,
+    email: str,
+    groups: list[str] | None = None,
+    tamper_nonce: bool = False,
+    *,
+    claimed_email: str | None = None,
+    email_verified: bool = True,
 ) -> httpx.Response:
     """Drive the whole browser flow: our login -> provider login form -> our callback."""
     app_client.cookies.clear()
@@ -81,7 +91,14 @@ def login(
         forged = login_state.LoginState(saved.state, "not-the-nonce-we-sent", saved.code_verifier)
         app_client.cookies.set(login_state.COOKIE, login_state.seal(SECRET, forged), path=login_state.COOKIE_PATH)
     with httpx.Client(timeout=20) as browser:
-        back = complete_login(browser, start.headers["location"], email, groups)
+        back = complete_login(
+            browser,
+            start.headers["location"],
+            email,
+            groups,
+            claimed_email=claimed_email,
+            email_verified=email_verified,
+        )
     assert back.startswith(REDIRECT + "?"), back
     return app_client.get("/api/v1/auth/callback?" + back.split("?", 1)[1])
 
@@ -145,3 +162,83 @@ def test_login_still_works_after_the_provider_rotates_its_keys(app_client: TestC
     assert after.status_code == 200, after.text
     access = client_credentials_token(provider.issuer, M2M_CLIENT, M2M_SECRET, AUDIENCE)
     assert app_client.get("/api/v1/auth/me", headers=bearer(access)).status_code == 200
+
+
+# -- identity that cannot be borrowed: an unverified email is never stored ----------------------
+@pytest.fixture(scope="module")
+def dba_url(db: MigratedDb) -> Iterator[str]:
+    """A DBA's login: a member of dlw_admin, nothing else (docs/dba.md)."""
+    login, password = f"dba_{secrets.token_hex(4)}", secrets.token_urlsafe(16)
+    db.server.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_admin").format(
+            sql.Identifier(login), sql.Literal(password)
+        )
+    )
+    yield db.url(login, password)
+    drop_login(db, login)
+
+
+def grant(dba_url: str, user_ref: str, role: str = "tenant_admin") -> str:
+    """dlw_admin.grant_role as the DBA: 'granted', or the SQLSTATE of the refusal."""
+    with psycopg.connect(dba_url, autocommit=True) as conn:
+        try:
+            conn.execute("SELECT dlw_admin.grant_role('acme', %s, %s)", (user_ref, role))
+        except psycopg.Error as exc:
+            return str(exc.sqlstate)
+    return "granted"
+
+
+def stored_email(db: MigratedDb, subject: str) -> tuple[str | None, bool]:
+    with db.owner() as conn:
+        row = conn.execute("SELECT email, email_verified FROM dlw.users WHERE subject = %s", (subject,)).fetchone()
+    return row[0], row[1]
+
+
+def granted_roles(db: MigratedDb, subject: str) -> list[str]:
+    with db.owner() as conn:
+        rows = conn.execute(
+            "SELECT c.v1 FROM dlw.casbin_rule c JOIN dlw.users u ON c.v0 = 'user:' || u.id::text"
+            " WHERE c.ptype = 'g' AND u.subject = %s",
+            (subject,),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_a_viewer_who_claims_a_colleagues_unverified_email_is_not_granted_the_colleagues_role(
+    app_client: TestClient, db: MigratedDb, dba_url: str
+):
+    """The attack: a viewer changes their address at the provider to the boss's (unconfirmed,
+    so email_verified is false) and logs in again; the DBA then grants the boss admin by email,
+    as docs/dba.md shows, before the boss ever logged in."""
+    assert login(app_client, "vic@acme.test").json()["role"] == "tenant_viewer"
+    assert stored_email(db, "vic@acme.test") == ("vic@acme.test", True)
+    again = login(app_client, "vic@acme.test", claimed_email="boss@acme.test", email_verified=False)
+    assert again.status_code == 200 and again.json()["role"] == "tenant_viewer"
+    assert stored_email(db, "vic@acme.test") == (None, False), "an unverified address is not kept"
+    # Any spelling of the address: nobody in the tenant holds it.
+    for ref in ("boss@acme.test", "BOSS@acme.test", " Boss@Acme.Test"):
+        assert grant(dba_url, ref) == "DLWA5"
+    assert granted_roles(db, "vic@acme.test") == []
+    # The boss logs in (the provider verified the address): the grant reaches them, and only them.
+    assert login(app_client, "boss@acme.test").status_code == 200
+    assert grant(dba_url, "Boss@ACME.test") == "granted"
+    assert granted_roles(db, "boss@acme.test") == ["tenant_admin"] and granted_roles(db, "vic@acme.test") == []
+    # Claiming the boss's address again, verified or not, changes nothing for the boss's grant.
+    login(app_client, "vic@acme.test", claimed_email="BOSS@ACME.TEST", email_verified=False)
+    assert stored_email(db, "vic@acme.test") == (None, False)
+    assert login(app_client, "vic@acme.test").status_code == 200
+    assert stored_email(db, "vic@acme.test") == ("vic@acme.test", True)
+
+
+def test_an_unverified_email_matches_no_tenant_rule(app_client: TestClient, db: MigratedDb):
+    response = login(app_client, "mallory@elsewhere.test", claimed_email="mallory@acme.test", email_verified=False)
+    assert response.status_code == 403 and response.json()["detail"]["code"] == "TENANT_UNRESOLVED"
+    with db.owner() as conn:
+        detail = conn.execute(
+            "SELECT detail FROM dlw.audit_log WHERE action = 'auth.login_denied'"
+            " AND actor LIKE '%#mallory@elsewhere.test'"
+        ).fetchone()[0]
+    assert detail["email"] is None and detail["reason"] == "TENANT_UNRESOLVED", "not even the audit keeps it"
+    # The same address, verified, is placed by the rule.
+    verified = login(app_client, "mallory@elsewhere.test", claimed_email="mallory@acme.test")
+    assert verified.status_code == 200 and verified.json()["role"] == "tenant_viewer"

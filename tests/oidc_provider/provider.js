@@ -45,8 +45,10 @@ const M2M_CLIENT = {
 const { keys: KEYS } = JSON.parse(readFileSync(new URL('./keys.json', import.meta.url), 'utf8'));
 let activeKey = 0;
 
-// Users are created on the fly by the test login form: account id = email.
-const groupsByAccount = new Map();
+// Users are created on the fly by the test login form: account id = login. The form may also
+// set the email claim (default: the login) and email_verified (default true; "false" = false),
+// as a provider does when a user changes their address and has not confirmed it yet.
+const profileByAccount = new Map();
 
 class SharedMemoryAdapter extends MemoryAdapter {} // no store argument -> module-wide storage
 
@@ -66,9 +68,12 @@ function buildProvider(issuer) {
     conformIdTokenClaims: false, // put scope claims (email, groups, ...) into the id_token itself
     findAccount: (ctx, sub) => ({
       accountId: sub,
-      claims: () => ({
-        sub, email: sub, email_verified: true, name: sub, groups: groupsByAccount.get(sub) ?? [],
-      }),
+      claims: () => {
+        const profile = profileByAccount.get(sub) ?? { groups: [], email: sub, emailVerified: true };
+        return {
+          sub, email: profile.email, email_verified: profile.emailVerified, name: sub, groups: profile.groups,
+        };
+      },
     }),
     interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
     features: {
@@ -127,7 +132,11 @@ async function interaction(req, res, uid, action) {
     const form = await readForm(req);
     const email = (form.get('login') || '').trim();
     if (!email) return html(res, 400, 'login is required');
-    groupsByAccount.set(email, (form.get('groups') || '').split(',').map((g) => g.trim()).filter(Boolean));
+    profileByAccount.set(email, {
+      groups: (form.get('groups') || '').split(',').map((g) => g.trim()).filter(Boolean),
+      email: (form.get('email') || '').trim() || email,
+      emailVerified: form.get('email_verified') !== 'false',
+    });
     return provider.interactionFinished(req, res, { login: { accountId: email } });
   }
 

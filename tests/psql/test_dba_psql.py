@@ -295,17 +295,20 @@ def test_grant_and_revoke_a_users_role(db: MigratedDb, dba: Dba):
     dba.run("SELECT dlw_admin.create_tenant('whiskey', 'Whiskey'); SELECT dlw_admin.create_tenant('xray', 'Xray');")
     with db.owner() as conn:
         ada = conn.execute(
-            "INSERT INTO dlw.users (tenant_id, issuer, subject, email, role) SELECT tenant_id, 'https://idp', 'ada',"
-            " 'Ada@Whiskey.example', 'tenant_viewer' FROM dlw.tenants WHERE slug = 'whiskey' RETURNING id"
+            "INSERT INTO dlw.users (tenant_id, issuer, subject, email, email_verified, role) SELECT tenant_id,"
+            " 'https://idp', 'ada', 'Ada@Whiskey.example', true, 'tenant_viewer' FROM dlw.tenants"
+            " WHERE slug = 'whiskey' RETURNING id"
         ).fetchone()[0]
         stranger = conn.execute(
-            "INSERT INTO dlw.users (tenant_id, issuer, subject, email, role) SELECT tenant_id, 'https://idp', 'bob',"
-            " 'bob@xray.example', 'tenant_admin' FROM dlw.tenants WHERE slug = 'xray' RETURNING id"
+            "INSERT INTO dlw.users (tenant_id, issuer, subject, email, email_verified, role) SELECT tenant_id,"
+            " 'https://idp', 'bob', 'bob@xray.example', true, 'tenant_admin' FROM dlw.tenants WHERE slug = 'xray'"
+            " RETURNING id"
         ).fetchone()[0]
         for n in (1, 2):
             conn.execute(
-                "INSERT INTO dlw.users (tenant_id, issuer, subject, email, role) SELECT tenant_id, 'https://idp',"
-                " %s, 'twin@whiskey.example', 'tenant_viewer' FROM dlw.tenants WHERE slug = 'whiskey'",
+                "INSERT INTO dlw.users (tenant_id, issuer, subject, email, email_verified, role) SELECT tenant_id,"
+                " 'https://idp', %s, 'twin@whiskey.example', true, 'tenant_viewer' FROM dlw.tenants"
+                " WHERE slug = 'whiskey'",
                 (f"twin{n}",),
             )
     assert dba.run("SELECT dlw_admin.grant_role('whiskey', 'ada@whiskey.example', 'tenant_operator');") == "t\n"
@@ -321,7 +324,7 @@ def test_grant_and_revoke_a_users_role(db: MigratedDb, dba: Dba):
     assert dba.fails("SELECT dlw_admin.grant_role('whiskey', 'ada@whiskey.example', 'system_admin');") == "22023"
     assert dba.fails(f"SELECT dlw_admin.grant_role('whiskey', '{stranger}', 'tenant_admin');") == "DLWA5"
     assert dba.fails("SELECT dlw_admin.grant_role('whiskey', 'bob@xray.example', 'tenant_admin');") == "DLWA5"
-    assert dba.fails("SELECT dlw_admin.grant_role('whiskey', 'twin@whiskey.example', 'tenant_admin');") == "22023"
+    assert dba.fails("SELECT dlw_admin.grant_role('whiskey', 'twin@whiskey.example', 'tenant_admin');") == "DLWA9"
     assert dba.run("SELECT dlw_admin.revoke_role('whiskey', 'ada@whiskey.example', 'tenant_operator');") == "t\n"
     result = psql(dba.url, "SELECT dlw_admin.revoke_role('whiskey', 'ada@whiskey.example', 'tenant_viewer');")
     assert result.stdout == "f\n" and "is the user's own role" in result.stderr
@@ -478,7 +481,7 @@ def test_deactivation_refuses_logins_and_new_tasks_cancels_live_work_and_keeps_d
     # Logins and service tokens are refused, with the codes the API turns into 403 TENANT_INACTIVE.
     with psycopg.connect(db.app_url) as conn:
         assert conn.execute(
-            "SELECT outcome FROM dlw.login_user('https://idp', 'victor-user', 'u@x', NULL, NULL)"
+            "SELECT outcome FROM dlw.login_user('https://idp', 'victor-user', 'u@x', true, NULL, NULL)"
         ).fetchone() == ("TENANT_INACTIVE",)
         assert conn.execute(
             "SELECT tenant_active FROM dlw.find_service_account('https://idp', 'victor-robot')"

@@ -4,7 +4,8 @@ The provider is `oidc-provider` (npm) wrapped by tests/oidc_provider/provider.js
 
 * web client (authorization code + PKCE S256, required): token endpoint auth method
   ``client_secret_basic`` by default; scopes ``openid email profile``; the id_token is RS256
-  and carries ``email`` and ``groups`` directly.
+  and carries ``email``, ``email_verified`` and ``groups`` directly (the email claim is the
+  login unless :func:`complete_login` claims another address, verified or not).
 * m2m client (client credentials, ``client_secret_basic``): access tokens are JWTs with header
   ``typ: at+jwt`` and ``aud`` = the configured audience. oidc-provider only accepts absolute URIs
   as ``resource`` indicators, so the audience ``dlw-api`` is requested as ``resource=urn:dlw-api``
@@ -188,12 +189,15 @@ def complete_login(
     groups: list[str] | None = None,
     *,
     reuse_session: bool = False,
+    claimed_email: str | None = None,
+    email_verified: bool = True,
 ) -> str:
     """Drive the provider's login from ``authorize_url``; return the redirect back to the RP.
 
     ``http`` must be a real network client (not an ASGI TestClient); it keeps the provider
     cookies. Unless ``reuse_session`` is set, the provider's session cookies are dropped first
-    so the login form is always submitted with ``email``/``groups``. The returned URL
+    so the login form is always submitted with ``email``/``groups``. ``claimed_email`` and
+    ``email_verified`` set the id_token's email claims (default: ``email``, verified). The returned URL
     (``redirect_uri?code=...&state=...&iss=...``) is NOT requested.
     """
     if not reuse_session:
@@ -214,7 +218,8 @@ def complete_login(
         if response.status_code == 200 and "/interaction/" in urlsplit(url).path:
             match = re.search(r'<form[^>]*action="([^"]+)"', response.text)
             action = urljoin(url, match.group(1)) if match else f"{url}/login"
-            form = {"login": email, "groups": ",".join(groups or [])}
+            form = {"login": email, "groups": ",".join(groups or []), "email": claimed_email or email}
+            form["email_verified"] = "true" if email_verified else "false"
             response = http.post(action, data=form, follow_redirects=False)
         if not response.is_redirect:
             raise OidcProviderError(

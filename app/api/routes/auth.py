@@ -25,7 +25,7 @@ from app.authz.require import PermissionFirstRoute, require_perm
 from app.config import Settings
 from app.db.queries import SQL
 from app.identity import login_state, system_jwt
-from app.identity.oidc import OidcClient, OidcNonceMismatch, OidcTokenError, OidcUpstreamError
+from app.identity.oidc import OidcClient, OidcNonceMismatch, OidcTokenError, OidcUpstreamError, email_claim
 from app.identity.principal import Principal
 from app.identity.tenant_rules import first_match
 
@@ -150,15 +150,16 @@ async def callback(
     if error or not code:
         raise (OIDC_PROVIDER_ERROR if error else OIDC_INVALID_CODE).error()
     claims = await _verified_identity(request, settings, code, state)
-    email = claims.get("email") if isinstance(claims.get("email"), str) else None
+    email, email_verified = email_claim(claims)
     raw_groups = claims.get("groups")
     groups = [g for g in raw_groups if isinstance(g, str)] if isinstance(raw_groups, list) else []
-    rule = first_match(request.app.state.tenant_rules, email, claims.get("email_verified") is True, groups)
+    rule = first_match(request.app.state.tenant_rules, email, email_verified, groups)
     row = await request.app.state.pool.fetchrow(
         SQL["login_user"],
         str(claims["iss"]),
         str(claims["sub"]),
         email,
+        email_verified,  # dlw.login_user keeps the email only when this is true
         rule.tenant if rule else None,
         rule.role if rule else None,
     )
