@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(p)
     p.set_defaults(func=LazyCommand("app.executor.runner", "run_command"))
 
-    add_admin_commands(sub)  # tenant ..., reporting-login ... (DBA functions, sql/90_dlw_admin.sql)
+    add_admin_commands(sub)  # tenant ..., reporting-login ..., user ... (DBA functions, sql/9x_dlw_admin_*.sql)
 
     for name, func, text in (
         ("migrate", "cmd_migrate", "apply pending migrations, then the sql/ program"),

@@ -1,7 +1,8 @@
-"""`dlw tenant …` and `dlw reporting-login …`: thin wrappers over the dlw_admin SQL functions.
+"""`dlw tenant …`, `dlw reporting-login …` and `dlw user …`: thin wrappers over the dlw_admin SQL
+functions.
 
-Every command is one call of one dlw_admin function (sql/92_dlw_admin_tenants.sql and
-sql/93_dlw_admin_logins.sql) in its own transaction, so the CLI, psql and the docs
+Every command is one call of one dlw_admin function (sql/92_dlw_admin_tenants.sql,
+sql/93_dlw_admin_logins.sql and sql/94_dlw_admin_support.sql) in its own transaction, so the CLI, psql and the docs
 (docs/dba.md) do exactly the same thing and write the same audit rows. The connection is --database-url, by default
 DLW_MIGRATION_DATABASE_URL; any login that is a member of dlw_admin works, no superuser needed.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from app.config import get_settings
-from app.domain import DEFAULT_QUOTA_BYTES_MONTH, DEFAULT_QUOTA_CONCURRENT, DEFAULT_QUOTA_STORAGE_GB
+from app.domain import DEFAULT_QUOTA_BYTES_MONTH, DEFAULT_QUOTA_CONCURRENT, DEFAULT_QUOTA_STORAGE_GB, TENANT_ROLES
 from app.ops.queries import query
 
 # Transient conflicts worth one more try: the whole call rolled back, nothing was written.
@@ -71,8 +72,14 @@ def _call(args: argparse.Namespace, name: str, params: Sequence[Any] = ()) -> tu
     return asyncio.run(_call_retrying(_url(args), name, params))
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return "" if value is None else str(value)
+
+
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for row in cells:
@@ -154,6 +161,25 @@ def cmd_login_drop(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- user -------------------------------------------------------------------------------------
+def cmd_user_list(args: argparse.Namespace) -> int:
+    columns, rows = _call(args, "admin_list_users", (args.tenant,))
+    _print_table(columns, rows)
+    return 0
+
+
+def cmd_user_grant_role(args: argparse.Namespace) -> int:
+    _, rows = _call(args, "admin_grant_role", (args.tenant, args.user, args.role))
+    print(f"{'granted' if rows[0][0] else 'already granted'}: {args.role} to {args.user} in tenant {args.tenant}")
+    return 0
+
+
+def cmd_user_revoke_role(args: argparse.Namespace) -> int:
+    _, rows = _call(args, "admin_revoke_role", (args.tenant, args.user, args.role))
+    print(f"{'revoked' if rows[0][0] else 'not granted'}: {args.role} of {args.user} in tenant {args.tenant}")
+    return 0
+
+
 # -- registration ---------------------------------------------------------------------------------
 def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn database refusals into one line on stderr and exit code 1."""
@@ -203,7 +229,8 @@ QUOTA_GB = DEFAULT_QUOTA_STORAGE_GB
 
 
 def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `tenant create|list|set-quota|deactivate` and `reporting-login create|drop`."""
+    """Register `tenant create|list|set-quota|deactivate`, `reporting-login create|drop` and
+    `user list|grant-role|revoke-role`."""
     tenant = subparsers.add_parser("tenant", help="tenants: create, list, set quotas, deactivate (dlw_admin.*)")
     tsub = tenant.add_subparsers(dest="tenant_command", required=True)
 
@@ -261,3 +288,20 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("login")
     _database_url_option(p)
     p.set_defaults(func=_guarded(cmd_login_drop))
+
+    user = subparsers.add_parser("user", help="a tenant's users and the roles granted to them")
+    usub = user.add_subparsers(dest="user_command", required=True)
+    p = usub.add_parser("list", help="the tenant's users: email (verified or not), role, granted roles")
+    p.add_argument("tenant", help="tenant slug")
+    _database_url_option(p)
+    p.set_defaults(func=_guarded(cmd_user_list))
+    for name, func, what in (
+        ("grant-role", cmd_user_grant_role, "grant a user a tenant role on top of their own"),
+        ("revoke-role", cmd_user_revoke_role, "revoke a role granted with grant-role"),
+    ):
+        p = usub.add_parser(name, help=what)
+        p.add_argument("tenant", help="tenant slug")
+        p.add_argument("user", help="user id, or an email the identity provider verified, held by one user only")
+        p.add_argument("role", choices=TENANT_ROLES)
+        _database_url_option(p)
+        p.set_defaults(func=_guarded(func))

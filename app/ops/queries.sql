@@ -39,3 +39,13 @@ SELECT dlw_admin.create_reporting_login($1, $2, $3)
 
 -- name: admin_drop_reporting_login
 SELECT dlw_admin.drop_reporting_login($1)
+
+-- The column order is the order `dlw user list` prints.
+-- name: admin_list_users
+SELECT user_id, email, email_verified, role, granted_roles, last_login_at FROM dlw_admin.list_users($1)
+
+-- name: admin_grant_role
+SELECT dlw_admin.grant_role($1, $2, $3)
+
+-- name: admin_revoke_role
+SELECT dlw_admin.revoke_role($1, $2, $3)
