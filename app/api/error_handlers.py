@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import asyncpg
 from fastapi import FastAPI, Request
@@ -19,7 +20,7 @@ log = logging.getLogger("dlw")
 ROUTING_REFUSALS = {r.status: r for r in (ROUTE_NOT_FOUND, METHOD_NOT_ALLOWED)}
 
 
-def _answer(refusal: Refusal, headers: dict[str, str] | None = None) -> JSONResponse:
+def _answer(refusal: Refusal, headers: Mapping[str, str] | None = None) -> JSONResponse:
     headers = dict(headers or {})
     if refusal.retry_after is not None:
         headers["Retry-After"] = str(refusal.retry_after)
