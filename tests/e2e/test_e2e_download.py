@@ -318,7 +318,7 @@ def test_stopped_and_killed_executors_lose_their_leases_and_the_file_is_download
     assert hub.requests["big.bin"] == 3
     target = storage / "e2e-killed" / "org" / "slow" / "main" / "big.bin"
     assert hashlib.sha256(target.read_bytes()).hexdigest() == spec["sha256"]
-    # Counted once, for the bytes actually downloaded.
+    # Counted once, for the declared size (which is what was downloaded).
     with db.owner() as conn:
         rows = conn.execute("SELECT event_key, amount FROM dlw.usage_records WHERE tenant_id = %s", (tid,)).fetchall()
     assert rows == [(f"file:{file_id}", spec["size"])]
