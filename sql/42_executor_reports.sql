@@ -3,11 +3,13 @@
 -- DEFINER, owned by dlw_system; see sql/40_executor_helpers.sql for leases, rollup and lock order.
 
 -- The step every report starts with (invoker rights, owned by dlw_system like its callers,
--- EXECUTE for nobody else).
-CREATE OR REPLACE FUNCTION dlw.executor_locked_file(
+-- EXECUTE for nobody else). Dropped first: its result gained the declared size, and CREATE OR
+-- REPLACE cannot change a result type (nothing depends on it but the plpgsql bodies below).
+DROP FUNCTION IF EXISTS dlw.executor_locked_file(uuid, uuid, boolean);
+CREATE FUNCTION dlw.executor_locked_file(
     p_file_id uuid, p_assignment_token uuid, p_lock_task boolean,
     OUT refusal text, OUT tenant_id bigint, OUT task_id uuid, OUT task_status text,
-    OUT status text, OUT assignment_token uuid, OUT sha256 text, OUT attempts integer
+    OUT status text, OUT assignment_token uuid, OUT sha256 text, OUT attempts integer, OUT size bigint
 )
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -31,9 +33,9 @@ BEGIN
          WHERE x.tenant_id = executor_locked_file.tenant_id AND x.id = executor_locked_file.task_id
            FOR UPDATE;
     END IF;
-    SELECT f.status, f.assignment_token, f.sha256, f.attempts,
+    SELECT f.status, f.assignment_token, f.sha256, f.attempts, f.size,
            dlw.lease_held(f.status, f.assignment_token, f.lease_expires_at, p_assignment_token, clock_timestamp())
-      INTO status, assignment_token, sha256, attempts, v_held
+      INTO status, assignment_token, sha256, attempts, size, v_held
       FROM dlw.task_files f
      WHERE f.tenant_id = executor_locked_file.tenant_id AND f.id = p_file_id
        FOR UPDATE;
@@ -43,7 +45,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_locked_file(uuid, uuid, boolean) IS
-    'Internal (dlw_system, inside the executor reports): finds the file in the acting executor''s scope (42501 without an executor context) and locks it, after its task when p_lock_task (task before file). Returns the file''s figures, its task''s status (only when p_lock_task) and refusal: NULL while p_assignment_token holds the lease, LEASE_LOST (see dlw.lease_held) or NOT_FOUND (no such file in scope; every other column NULL).';
+    'Internal (dlw_system, inside the executor reports): finds the file in the acting executor''s scope (42501 without an executor context) and locks it, after its task when p_lock_task (task before file). Returns the file''s figures (sha256, attempts and declared size included), its task''s status (only when p_lock_task) and refusal: NULL while p_assignment_token holds the lease, LEASE_LOST (see dlw.lease_held) or NOT_FOUND (no such file in scope; every other column NULL).';
 REVOKE ALL ON FUNCTION dlw.executor_locked_file(uuid, uuid, boolean) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION dlw.executor_heartbeat(p_file_id uuid, p_assignment_token uuid, p_bytes_done bigint DEFAULT NULL)
@@ -61,6 +63,13 @@ BEGIN
         RETURN QUERY SELECT v_file.refusal, NULL::timestamptz;
         RETURN;
     END IF;
+    -- More progress than the file has is impossible: refused, and nothing changes (the lease is
+    -- not extended). The executor decides what to do with its download (the reference one never
+    -- reads past the declared size, and fails the file).
+    IF p_bytes_done > v_file.size THEN
+        RETURN QUERY SELECT 'SIZE_MISMATCH'::text, NULL::timestamptz;
+        RETURN;
+    END IF;
     RETURN QUERY
     UPDATE dlw.task_files f
        SET status = 'running',
@@ -71,7 +80,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint) IS
-    'The holder of a live lease reports progress: the file becomes running, its lease is extended by its lease_seconds from now, bytes_done is recorded (NULL keeps it). Returns (outcome, lease_expires_at): ok | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor''s scope). Raises 42501 without an executor context.';
+    'The holder of a live lease reports progress: the file becomes running, its lease is extended by its lease_seconds from now, bytes_done is recorded (NULL keeps it). Returns (outcome, lease_expires_at): ok | SIZE_MISMATCH (bytes_done beyond the file''s declared size; nothing changes, the lease is not extended) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor''s scope). Raises 42501 without an executor context.';
 
 CREATE OR REPLACE FUNCTION dlw.executor_complete(
     p_file_id uuid, p_assignment_token uuid, p_bytes bigint, p_sha256 text
@@ -117,12 +126,21 @@ BEGIN
         RETURN QUERY SELECT 'SHA256_MISMATCH'::text, v_status;
         RETURN;
     END IF;
+    IF p_bytes <> v_file.size THEN
+        -- The declared size is a promise, not a hint: admission counted it against the quota,
+        -- and it is the only amount ever counted. Another count means other content than
+        -- declared (or a broken executor): the file fails finally, nothing is counted.
+        v_status := dlw.executor_fail_final(v_tenant, p_file_id,
+            format('size mismatch: declared %s bytes, reported %s', v_file.size, p_bytes));
+        RETURN QUERY SELECT 'SIZE_MISMATCH'::text, v_status;
+        RETURN;
+    END IF;
 
     UPDATE dlw.task_files f
-       SET status = 'succeeded', bytes_done = p_bytes, lease_expires_at = NULL, error = NULL
+       SET status = 'succeeded', bytes_done = v_file.size, lease_expires_at = NULL, error = NULL
      WHERE f.tenant_id = v_tenant AND f.id = p_file_id;
     INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id, occurred_at)
-    VALUES (v_tenant, 'bytes_month', p_bytes, 'file:' || p_file_id, v_task, p_file_id, now())
+    VALUES (v_tenant, 'bytes_month', v_file.size, 'file:' || p_file_id, v_task, p_file_id, now())
     ON CONFLICT (tenant_id, event_key) DO NOTHING;
 
     IF v_status = 'running' AND NOT EXISTS (
@@ -139,8 +157,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_complete(uuid, uuid, bigint, text) IS
-$c$The holder of a live lease reports the file downloaded: p_bytes actually downloaded, p_sha256 of the content. In one transaction the file becomes succeeded and a usage event (bytes_month, p_bytes, event_key file:<id>) is appended; the task succeeds (task.succeeded audit row) when all its files have.
-Returns (outcome, task_status): completed | already_completed (the same token reported a success before: same answer, counted once) | SHA256_MISMATCH (the manifest names another sha256: the file and its task fail, nothing is counted) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope).
+$c$The holder of a live lease reports the file downloaded: p_bytes downloaded, which must be the file's declared size, p_sha256 of the content. In one transaction the file becomes succeeded and a usage event (bytes_month, the declared size, event_key file:<id>) is appended; the task succeeds (task.succeeded audit row) when all its files have.
+Returns (outcome, task_status): completed | already_completed (the same token reported a success before: same answer, counted once) | SHA256_MISMATCH (the manifest names another sha256: the file and its task fail, nothing is counted) | SIZE_MISMATCH (p_bytes is not the declared size: the file and its task fail, nothing is counted; checked after the sha256) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope).
 Raises 42501 without an executor context; 22023 for bytes < 0.$c$;
 
 CREATE OR REPLACE FUNCTION dlw.executor_fail(

@@ -123,13 +123,25 @@ REGISTRY: dict[str, Answers] = {
     ),
     # -- executor (sql/40_executor.sql) ----------------------------------------------------
     "dlw.executor_claim": Answers(sqlstates=EXECUTOR_SQLSTATES),
-    "dlw.executor_heartbeat": Answers(success=frozenset({"ok"}), refusals=LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES),
+    "dlw.executor_heartbeat": Answers(
+        success=frozenset({"ok"}),
+        refusals={
+            **LEASE_REFUSALS,
+            "SIZE_MISMATCH": Refusal(
+                422, "SIZE_MISMATCH", "bytes_done beyond the declared size: nothing changed, lease not extended"
+            ),
+        },
+        sqlstates=EXECUTOR_SQLSTATES,
+    ),
     "dlw.executor_complete": Answers(
         success=frozenset({"completed", "already_completed"}),
         refusals={
             **LEASE_REFUSALS,
             "SHA256_MISMATCH": Refusal(
                 422, "SHA256_MISMATCH", "the content's sha256 is not the manifest's: the file failed", ("task_status",)
+            ),
+            "SIZE_MISMATCH": Refusal(
+                422, "SIZE_MISMATCH", "bytes is not the file's declared size: the file failed", ("task_status",)
             ),
         },
         sqlstates=EXECUTOR_SQLSTATES,

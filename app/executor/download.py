@@ -1,5 +1,6 @@
 """One file's bytes: where it may go on disk, where it comes from, and the streamed download
-through a temporary file whose sha256 and size are computed on the way."""
+through a temporary file whose sha256 and size are computed on the way. The declared size is a
+promise: the download stops at one byte more, never writes past it, and fails on fewer."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ import httpx
 
 from app.executor.client import Claimed
 
-CHUNK = 1 << 20
-
 
 class UnsafePath(ValueError):
     """A file whose destination would leave the storage directory."""
+
+
+class WrongSize(ValueError):
+    """The file endpoint sends (or announces) more or fewer bytes than the file's declared size:
+    not the declared file, so a final failure, never a download."""
 
 
 class Upstream(Exception):
@@ -59,6 +63,19 @@ def file_url(endpoint: str, item: Claimed) -> str:
     return f"{endpoint.rstrip('/')}/{item.repo_id}/resolve/{quote(item.revision, safe='')}/{quote(item.path, safe='/')}"
 
 
+def _announced_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("Content-Length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def _too_many(size: int, detail: str = "") -> WrongSize:
+    return WrongSize(f"server sent more than the declared {size} bytes{detail}")
+
+
+def _too_few(size: int, got: int, detail: str = "") -> WrongSize:
+    return WrongSize(f"server sent fewer than the declared {size} bytes ({got}{detail})")
+
+
 def _flush_and_sync(out: BinaryIO) -> None:
     out.flush()
     os.fsync(out.fileno())
@@ -68,7 +85,10 @@ async def download(
     hub: httpx.AsyncClient, storage: Path, endpoint: str, item: Claimed, on_bytes: Callable[[int], None]
 ) -> Downloaded:
     """Stream the file next to its destination, counting item.bytes_done; the partial file is
-    removed on any failure or cancellation."""
+    removed on any failure or cancellation. At most item.size bytes are ever written: a
+    Content-Length other than it, a chunk that would pass it, or a body that ends short of it
+    raises WrongSize. The bytes are stored as sent (identity encoding asked for, nothing decoded),
+    so what is counted is what came over the wire and no compressed body can expand on disk."""
     target = destination(storage, item)
     target.parent.mkdir(parents=True, exist_ok=True)
     # The lease token in the name keeps two holders of the same file (an expired lease and its
@@ -77,16 +97,26 @@ async def download(
     digest = hashlib.sha256()
     url = file_url(endpoint, item)
     try:
-        async with hub.stream("GET", url) as response:
+        async with hub.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
             if response.status_code != 200:
                 raise Upstream(response.status_code, url)
+            announced = _announced_length(response)
+            if announced is not None and announced > item.size:
+                raise _too_many(item.size, f" (Content-Length {announced})")
+            if announced is not None and announced < item.size:
+                raise _too_few(item.size, announced, " announced by Content-Length")
             out = await asyncio.to_thread(open, tmp, "wb")
             try:
-                async for chunk in response.aiter_bytes(CHUNK):
+                # As the transport reads (at most one read past the declared size is received).
+                async for chunk in response.aiter_raw():
+                    if item.bytes_done + len(chunk) > item.size:
+                        raise _too_many(item.size)
                     await asyncio.to_thread(out.write, chunk)
                     digest.update(chunk)
                     item.bytes_done += len(chunk)
                     on_bytes(len(chunk))
+                if item.bytes_done < item.size:
+                    raise _too_few(item.size, item.bytes_done)
                 await asyncio.to_thread(_flush_and_sync, out)
             finally:
                 out.close()
@@ -97,10 +127,11 @@ async def download(
 
 
 def mismatch(item: Claimed, result: Downloaded) -> str | None:
-    """Why the bytes are not the file the claim described, or None. The sha256 decides when the
-    task gave one; otherwise only the size can be checked."""
+    """Why the bytes are not the file the claim described, or None. The size is always checked
+    (download already refuses any other; this holds whatever produced the result), then the
+    sha256 when the task gave one."""
+    if result.size != item.size:
+        return f"size mismatch: expected {item.size} bytes, got {result.size}"
     if item.sha256 and result.sha256 != item.sha256.lower():
         return f"sha256 mismatch: expected {item.sha256}, got {result.sha256}"
-    if not item.sha256 and result.size != item.size:
-        return f"size mismatch: expected {item.size} bytes, got {result.size}"
     return None

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
-from app.executor.download import Downloaded, UnsafePath, Upstream, download, mismatch
+from app.executor.download import Downloaded, UnsafePath, Upstream, WrongSize, download, mismatch
 from app.executor.progress import Progress, route_logs_around
 from app.executor.settings import Config, config_from
 
@@ -140,7 +140,7 @@ class ReferenceExecutor:
                 return
             await self.api.report(item, "release", {})  # shutting down: back to the queue at once
             raise
-        except UnsafePath as exc:
+        except (UnsafePath, WrongSize) as exc:  # not the declared file, or nowhere safe for it: final
             await self._fail(item, str(exc), retryable=False)
             return
         except Upstream as exc:
@@ -159,6 +159,7 @@ class ReferenceExecutor:
             await self._fail(item, problem, retryable=False)
             return
         os.replace(result.tmp, result.target)  # on disk before the server hears "succeeded"
+        # result.size is the declared size (checked above): the only count the server accepts.
         outcome = await self.api.report(item, "complete", {"bytes": result.size, "sha256": result.sha256})
         if outcome in ("completed", "already_completed"):
             self.progress.done += 1

@@ -133,6 +133,35 @@ def test_refusals_have_stable_codes(client, db):
         assert conn.execute("SELECT count(*) FROM dlw.usage_records WHERE tenant_id = %s", (tid,)).fetchone()[0] == 0
 
 
+def test_a_count_beyond_or_besides_the_declared_size_is_size_mismatch(client, db):
+    """An executor reported 4.6e18 bytes for a 10-byte file: the tenant's month was used up.
+    Only the declared size may be reported, and only it is counted."""
+    tid = tenant(db, "api-size", concurrent=0, bytes_month=1000, storage_gb=0)
+    task = create(client, tid, [{"path": "a", "size": 10}, {"path": "b", "size": 10}])
+    executor = bearer(token(tid, "executor"))
+    files = {f["path"]: f for f in claim(client, executor, max_files=2)}
+    # Progress beyond the declared size is refused and changes nothing; up to it is fine.
+    beyond = post(client, executor, files["a"], "heartbeat", bytes_done=11)
+    assert beyond.status_code == 422 and beyond.json() == {"detail": {"code": "SIZE_MISMATCH"}}
+    assert post(client, executor, files["a"], "heartbeat", bytes_done=10).status_code == 200
+    huge = post(client, executor, files["a"], "complete", bytes=(1 << 62), sha256=SHA)
+    assert huge.status_code == 422
+    assert huge.json() == {"detail": {"code": "SIZE_MISMATCH", "task_status": "failed"}}
+    viewer = bearer(token(tid, "tenant_viewer"))
+    got = client.get(f"/api/v1/tasks/{task['id']}", headers=viewer).json()
+    assert got["status"] == "failed" and got["error"] == f"a: size mismatch: declared 10 bytes, reported {1 << 62}"
+    assert client.get("/api/v1/quota/current", headers=viewer).json()["bytes_used_month"] == 0
+    # The month is untouched: a task of the whole quota is admitted, and counts its declared size.
+    create(client, tid, [{"path": "c", "size": 1000}])
+    (file,) = claim(client, executor)
+    zero = post(client, executor, file, "complete", bytes=0, sha256=SHA)
+    assert zero.json() == {"detail": {"code": "SIZE_MISMATCH", "task_status": "failed"}}
+    create(client, tid, [{"path": "d", "size": 1000}])
+    (file,) = claim(client, executor)
+    assert post(client, executor, file, "complete", bytes=1000, sha256=SHA).json()["outcome"] == "completed"
+    assert client.get("/api/v1/quota/current", headers=viewer).json()["bytes_used_month"] == 1000
+
+
 def test_failures_retry_up_to_the_configured_limit_and_release_uses_no_attempt(client, db):
     tid = tenant(db, "api-retry", **UNLIMITED)
     task = create(client, tid, [{"path": "a", "size": 1}])

@@ -3,10 +3,12 @@ file server written here (generated files with known sha256, optionally slow), a
 executors (`dlw executor run`). Tasks of several tenants are downloaded and verified on disk,
 usage is folded and shown by the quota API, the byte quota then refuses the next task; an
 executor stopped by SIGTERM gives its file back, one killed mid-download loses its lease and
-another downloads the file again, counted once."""
+another downloads the file again, counted once; a server that sends more or fewer bytes than
+declared fails the file, and the executor never writes past the declared size."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -19,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +32,7 @@ import httpx
 import pytest
 
 from app.executor.client import Claimed
-from app.executor.download import UnsafePath, destination, file_url
+from app.executor.download import UnsafePath, WrongSize, destination, download, file_url
 from tests.support import server
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb
@@ -40,10 +43,12 @@ CHUNK = 64 * 1024
 @dataclass
 class HubServer:
     """Serves {repo_id}/resolve/{revision}/{path} like the Hugging Face hub; counts requests and
-    the bytes sent per path; `slow[path]` seconds of sleep between 64 KiB chunks."""
+    the bytes sent per path; `slow[path]` seconds of sleep between 64 KiB chunks; paths in
+    `unannounced` are sent without Content-Length (the body ends when the connection closes)."""
 
     files: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
     slow: dict[str, float] = field(default_factory=dict)
+    unannounced: set[str] = field(default_factory=set)
     requests: Counter[str] = field(default_factory=Counter)
     sent: Counter[str] = field(default_factory=Counter)
 
@@ -71,7 +76,11 @@ class HubServer:
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(content)))
+                if path in hub.unannounced:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
                 try:
                     for offset in range(0, len(content), CHUNK):
@@ -309,7 +318,7 @@ def test_stopped_and_killed_executors_lose_their_leases_and_the_file_is_download
     assert hub.requests["big.bin"] == 3
     target = storage / "e2e-killed" / "org" / "slow" / "main" / "big.bin"
     assert hashlib.sha256(target.read_bytes()).hexdigest() == spec["sha256"]
-    # Counted once, for the bytes actually downloaded.
+    # Counted once, for the declared size (which is what was downloaded).
     with db.owner() as conn:
         rows = conn.execute("SELECT event_key, amount FROM dlw.usage_records WHERE tenant_id = %s", (tid,)).fetchall()
     assert rows == [(f"file:{file_id}", spec["size"])]
@@ -373,3 +382,144 @@ def test_the_executor_needs_a_token_and_a_storage_directory_and_stops_on_a_refus
     )
     assert result.returncode == 3, result.stderr
     assert "refuses this executor's token" in result.stderr
+
+
+@contextmanager
+def largest_files_seen(storage: Path) -> Iterator[dict[str, int]]:
+    """While the block runs, the largest size each file under storage reached (polled every
+    few milliseconds: temporary files included), by its path relative to storage."""
+    seen: dict[str, int] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for path in storage.rglob("*"):
+                try:
+                    size = path.stat().st_size if path.is_file() else None
+                except FileNotFoundError:
+                    continue
+                if size is not None:
+                    name = str(path.relative_to(storage))
+                    seen[name] = max(seen.get(name, 0), size)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join(5)
+
+
+def quota_used(api: str, tid: int) -> int:
+    quota = httpx.get(f"{api}/api/v1/quota/current", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
+    return int(quota.json()["bytes_used_month"])
+
+
+def test_one_byte_files_served_as_5_mb_fail_and_the_quota_holds(db, api, hub, workdir):
+    """The attack as reported: tasks declaring 1-byte files, admitted under a 1,000-byte monthly
+    quota, pulled 5 MB each through the executor and were counted so. The declared size is a
+    promise: one byte more fails the file (not retryable), nothing past it reaches the disk, and
+    nothing is counted. The server announces the length, hides it, or the task has no sha256."""
+    tid = provision(db, "e2e-oversize", bytes_month=1000)
+    content = random.Random(8).randbytes(5_000_000)
+    sha = hashlib.sha256(content).hexdigest()
+    cases = {"announced.bin": sha, "unannounced.bin": sha, "no-sha.bin": None}
+    task_ids = {}
+    for path, digest in cases.items():
+        hub.add("org/liar", "main", path, content)
+        if path != "announced.bin":
+            hub.unannounced.add(path)
+            hub.slow[path] = 0.05  # ~4 s for all of it: time enough to see it is not read
+        spec = {"path": path, "size": 1, **({"sha256": digest} if digest else {})}
+        created = create_task(api, tid, "org/liar", "main", [spec])
+        assert created.status_code == 201, created.text
+        task_ids[path] = created.json()["id"]
+
+    storage = workdir / "storage"
+    with largest_files_seen(storage) as seen:
+        executor = start_executor(api, hub, storage, "liar", "--concurrency", "3")
+        try:
+            for task_id in task_ids.values():
+                wait_for(lambda t=task_id: task_of(api, tid, t)["status"] == "failed", 60, task_id, (executor,))
+        finally:
+            code, err = stop_executor(executor)
+    assert code == 0, err
+
+    for path, task_id in task_ids.items():
+        task = task_of(api, tid, task_id)
+        assert task["error"].startswith(f"{path}: server sent more than the declared 1 bytes"), task
+        (file,) = task["files"]
+        assert (file["status"], file["attempts"], file["bytes_done"]) == ("failed", 1, 0)  # not retried
+        assert hub.sent[path] < len(content), path  # the executor stopped reading
+    # Nothing past the declared size was ever on disk, and nothing is left.
+    assert seen and max(seen.values()) <= 1, seen
+    assert not [p for p in storage.rglob("*") if p.is_file()]
+    # Nothing was counted: the month is untouched, and a task of the whole quota is admitted.
+    with db.owner() as conn:
+        assert conn.execute("SELECT count(*) FROM dlw.usage_records WHERE tenant_id = %s", (tid,)).fetchone()[0] == 0
+    assert quota_used(api, tid) == 0
+    assert create_task(api, tid, "org/liar", "main", [{"path": "honest.bin", "size": 1000}]).status_code == 201
+
+
+def test_a_server_sending_fewer_bytes_than_declared_fails_the_file(db, api, hub, workdir):
+    """Content that matches its sha256 but is shorter than declared is not the declared file:
+    the file fails (not retryable) and nothing is counted, with or without a sha256."""
+    tid = provision(db, "e2e-short")
+    content = random.Random(9).randbytes(3 * CHUNK)
+    sha = hashlib.sha256(content).hexdigest()
+    declared = len(content) + 1
+    cases = {"short-announced.bin": sha, "short-unannounced.bin": sha, "short-no-sha.bin": None}
+    task_ids = {}
+    for path, digest in cases.items():
+        hub.add("org/short", "main", path, content)
+        if path != "short-announced.bin":
+            hub.unannounced.add(path)
+        spec = {"path": path, "size": declared, **({"sha256": digest} if digest else {})}
+        created = create_task(api, tid, "org/short", "main", [spec])
+        assert created.status_code == 201, created.text
+        task_ids[path] = created.json()["id"]
+
+    storage = workdir / "storage"
+    executor = start_executor(api, hub, storage, "short", "--concurrency", "3")
+    try:
+        for task_id in task_ids.values():
+            wait_for(lambda t=task_id: task_of(api, tid, t)["status"] == "failed", 60, task_id, (executor,))
+    finally:
+        code, err = stop_executor(executor)
+    assert code == 0, err
+    for path, task_id in task_ids.items():
+        task = task_of(api, tid, task_id)
+        assert task["error"].startswith(f"{path}: server sent fewer than the declared {declared} bytes"), task
+        assert [(f["status"], f["attempts"]) for f in task["files"]] == [("failed", 1)]
+    assert not [p for p in storage.rglob("*") if p.is_file()]
+    assert quota_used(api, tid) == 0
+
+
+def test_the_download_stops_at_the_declared_size_and_never_writes_past_it(hub, workdir):
+    """The reference executor's download itself, against the file server: after every write the
+    temporary file is at most the declared size; one byte more ends the transfer, and the
+    temporary file is removed."""
+    content = random.Random(10).randbytes(80 * CHUNK)
+    hub.add("org/cut", "main", "long.bin", content)
+    hub.unannounced.add("long.bin")
+    hub.slow["long.bin"] = 0.01
+    declared = 5 * CHUNK + 123
+    item = Claimed("f", "acme", "org/cut", "main", "long.bin", declared, None, "tok", 60)
+    tmp = destination(workdir, item).parent / f".long.bin.{item.token}.part"
+    sizes: list[int] = []
+
+    def after_write(_n: int) -> None:
+        sizes.append(tmp.stat().st_size)
+        assert sizes[-1] <= declared
+
+    async def fetch() -> None:
+        async with httpx.AsyncClient() as client:
+            await download(client, workdir, hub.url, item, after_write)
+
+    with pytest.raises(WrongSize, match=f"^server sent more than the declared {declared} bytes$"):
+        asyncio.run(fetch())
+    assert sizes and max(sizes) <= declared and item.bytes_done == max(sizes)
+    assert not tmp.exists()
+    assert hub.sent["long.bin"] < len(content)

@@ -256,16 +256,17 @@ def test_completion_counts_usage_once_and_rolls_the_task_up(db, owner, ex):
     tid = provision(db, "complete")
     task, files = make_task(db, tid, [{"path": "a", "size": 100, "sha256": SHA}, {"path": "b", "size": 50}])
     tokens = {r["file_id"]: r["assignment_token"] for r in ex.claim(2)}
-    # The bytes actually downloaded are counted, not the declared size.
-    assert ex.complete(files[0], tokens[files[0]], size=98, sha=SHA.upper()) == ("completed", "running")
-    assert ex.complete(files[0], tokens[files[0]], size=98) == ("already_completed", "running")
+    # The declared size is counted: it is the only count a completion may report (another one
+    # is SIZE_MISMATCH, below). A replay is the same success whatever it reports.
+    assert ex.complete(files[0], tokens[files[0]], size=100, sha=SHA.upper()) == ("completed", "running")
+    assert ex.complete(files[0], tokens[files[0]], size=100) == ("already_completed", "running")
     assert ex.complete(files[0], tokens[files[0]], size=12345) == ("already_completed", "running")
-    assert usage(owner, task) == [(f"file:{files[0]}", 98)]
-    assert file_row(owner, files[0])["status"] == "succeeded" and file_row(owner, files[0])["bytes_done"] == 98
+    assert usage(owner, task) == [(f"file:{files[0]}", 100)]
+    assert file_row(owner, files[0])["status"] == "succeeded" and file_row(owner, files[0])["bytes_done"] == 100
     # No sha256 in the manifest: any content is accepted. The last file completes the task.
     assert ex.complete(files[1], tokens[files[1]], size=50, sha="cd" * 32) == ("completed", "succeeded")
     assert ex.complete(files[1], tokens[files[1]], size=50) == ("already_completed", "succeeded")
-    assert usage(owner, task) == sorted([(f"file:{files[0]}", 98), (f"file:{files[1]}", 50)])
+    assert usage(owner, task) == sorted([(f"file:{files[0]}", 100), (f"file:{files[1]}", 50)])
     row = owner.execute(
         "SELECT u.occurred_at <= now() AS recent, u.xid IS NOT NULL AS has_xid, u.metric, u.file_id"
         " FROM dlw.usage_records u WHERE u.task_id = %s AND u.file_id = %s",
@@ -275,7 +276,7 @@ def test_completion_counts_usage_once_and_rolls_the_task_up(db, owner, ex):
     audit = owner.execute(
         "SELECT actor, detail FROM dlw.audit_log WHERE action = 'task.succeeded' AND target = %s", (str(task),)
     ).fetchall()
-    assert audit == [{"actor": "exec-1", "detail": {"bytes": 148}}]
+    assert audit == [{"actor": "exec-1", "detail": {"bytes": 150}}]
     assert owner.execute("SELECT finished_at IS NOT NULL AS f FROM dlw.tasks WHERE id = %s", (task,)).fetchone()["f"]
 
 
@@ -324,6 +325,69 @@ def test_a_sha256_mismatch_fails_the_file_and_task_and_counts_nothing(db, owner,
         .fetchone()["error"]
         .startswith("a: sha256 mismatch")
     )
+
+
+HUGE = [1 << 62, 4_600_000_000_000_000_000, 9_223_372_036_854_775_807]
+WRONG_COUNTS = [0, 9, 11, *HUGE]
+
+
+def bytes_used(owner: psycopg.Connection, tenant_id: int) -> int:
+    row = owner.execute("SELECT dlw.bytes_used_month(%s, dlw.month_start(now())) AS b", (tenant_id,)).fetchone()
+    return int(row["b"])
+
+
+@pytest.mark.parametrize("reported", WRONG_COUNTS)
+def test_a_byte_count_other_than_the_declared_size_fails_the_file_and_counts_nothing(db, owner, ex, reported):
+    """The attack: an executor reported 4.6e18 bytes for a 10-byte file, and every later task of
+    its tenant was refused for the month. The declared size is a promise, so any other count
+    means the file is not the one declared: it fails (with its task), and nothing is counted."""
+    slug = f"size-wrong-{WRONG_COUNTS.index(reported)}"
+    tid = tenant(db, slug, concurrent=0, bytes_month=1000, storage_gb=0)
+    task, files = make_task(db, tid, [{"path": "a", "size": 10}, {"path": "b", "size": 10, "sha256": SHA}])
+    tokens = {r["file_id"]: r["assignment_token"] for r in ex.claim(2)}
+    assert ex.complete(files[0], tokens[files[0]], size=reported) == ("SIZE_MISMATCH", "failed")
+    bad = file_row(owner, files[0])
+    assert bad["status"] == "failed" and bad["bytes_done"] == 0
+    assert bad["error"] == f"size mismatch: declared 10 bytes, reported {reported}"
+    assert task_status(owner, task) == "failed"
+    # The other file was cancelled, the failed one's lease is gone: nothing more can be counted.
+    assert ex.complete(files[1], tokens[files[1]]) == ("LEASE_LOST", "failed")
+    assert ex.complete(files[0], tokens[files[0]], size=10) == ("LEASE_LOST", "failed")
+    assert usage(owner, task) == [] and bytes_used(owner, tid) == 0
+    # The tenant's month is untouched: a task of its whole quota is still admitted.
+    make_task(db, tid, [{"path": "whole-month", "size": 1000}])
+
+
+def test_the_usage_counted_is_the_declared_size_and_zero_byte_files_count_zero(db, owner, ex):
+    tid = provision(db, "size-exact")
+    task, files = make_task(db, tid, [{"path": "a", "size": 0}, {"path": "b", "size": 7}, {"path": "c", "size": 0}])
+    tokens = {r["file_id"]: r["assignment_token"] for r in ex.claim(3)}
+    assert ex.complete(files[0], tokens[files[0]], size=0) == ("completed", "running")
+    assert ex.complete(files[1], tokens[files[1]], size=7) == ("completed", "running")
+    # A replay with another count is the same success, and changes nothing.
+    assert ex.complete(files[1], tokens[files[1]], size=HUGE[-1]) == ("already_completed", "running")
+    assert usage(owner, task) == sorted([(f"file:{files[0]}", 0), (f"file:{files[1]}", 7)])
+    assert ex.complete(files[2], tokens[files[2]], size=1) == ("SIZE_MISMATCH", "failed")
+    assert usage(owner, task) == sorted([(f"file:{files[0]}", 0), (f"file:{files[1]}", 7)])
+
+
+def test_a_heartbeat_beyond_the_declared_size_is_refused_and_changes_nothing(db, owner, ex):
+    tid = provision(db, "size-heartbeat")
+    _, (file,) = make_task(db, tid, [{"path": "a", "size": 10}])
+    (claimed,) = ex.claim(1, lease=20)
+    token = claimed["assignment_token"]
+    before = file_row(owner, file)
+    for done in (11, *HUGE):
+        assert ex.heartbeat(file, token, done) == "SIZE_MISMATCH"
+        assert file_row(owner, file) == before  # still assigned, same lease, no progress
+    # A stale token learns nothing more than LEASE_LOST, whatever it reports.
+    assert ex.heartbeat(file, uuid.uuid4(), HUGE[0]) == "LEASE_LOST"
+    assert ex.heartbeat(file, token, 10) == "ok"
+    assert file_row(owner, file)["bytes_done"] == 10
+    assert ex.heartbeat(file, token, 11) == "SIZE_MISMATCH"
+    assert file_row(owner, file)["bytes_done"] == 10
+    # The refusal is no failure: the holder still has its lease and reports what it decides.
+    assert ex.complete(file, token, size=10) == ("completed", "succeeded")
 
 
 def test_retryable_failures_requeue_up_to_the_limit_then_fail(db, owner, ex):

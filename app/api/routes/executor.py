@@ -72,7 +72,9 @@ class LeaseBody(BaseModel):
 
 
 class HeartbeatBody(LeaseBody):
-    bytes_done: int | None = Field(None, ge=0, le=1 << 62)
+    bytes_done: int | None = Field(
+        None, ge=0, le=1 << 62, description="bytes downloaded so far; beyond the declared size: 422 SIZE_MISMATCH"
+    )
 
 
 class HeartbeatResponse(BaseModel):
@@ -80,7 +82,12 @@ class HeartbeatResponse(BaseModel):
 
 
 class CompleteBody(LeaseBody):
-    bytes: int = Field(ge=0, le=1 << 62, description="bytes actually downloaded (the usage counted)")
+    bytes: int = Field(
+        ge=0,
+        le=1 << 62,
+        description="bytes downloaded: must be the file's declared size, which is the usage counted"
+        " (another count: 422 SIZE_MISMATCH, the file failed)",
+    )
     sha256: Sha256
 
 
@@ -167,7 +174,7 @@ async def complete(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/complete", "POST")),
 ) -> Report:
     """Report the file downloaded; its usage is counted once, however often this is repeated."""
-    # Refusals are answered after the commit: a sha256 mismatch has failed the file (and task).
+    # Refusals are answered after the commit: a sha256 or size mismatch has failed the file (and task).
     outcome, row = await call_for_outcome(
         request,
         principal,
