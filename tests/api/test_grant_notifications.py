@@ -92,6 +92,15 @@ def flood(url: str, seconds: float) -> Iterator[subprocess.Popen[str]]:
         proc.wait(timeout=30)
 
 
+def wait_settled(authz: Authorizer, limit: float = 10.0) -> None:
+    """Until the two loads of a start are done: the first, and the one after the listener connected."""
+    deadline = time.monotonic() + limit
+    while authz.reloads < 2:
+        assert time.monotonic() < deadline, "the authorizer never reloaded after its listener connected"
+        time.sleep(0.01)
+    time.sleep(0.2)
+
+
 def wait_for_flood(authz: Authorizer, proc: subprocess.Popen[str], limit: float = 10.0) -> None:
     """Until the listener has received the flood's first burst."""
     seen = authz.notifications
@@ -125,7 +134,7 @@ def test_a_flood_of_foreign_notifications_reloads_nothing_and_keeps_throughput(
     flooded: list[float] = []
     with TestClient(create_app(app_settings(db))) as client:
         authz: Authorizer = client.app.state.authz  # type: ignore[attr-defined]
-        time.sleep(0.5)  # the load at start and the one after the listener connected
+        wait_settled(authz)
         assert authz.version == version
         reloads, checks, notified = authz.reloads, authz.version_checks, authz.notifications
         for i in range(ROUNDS):
@@ -159,6 +168,7 @@ def test_a_grant_lands_within_a_second_during_a_flood(db: MigratedDb, tenants: t
     viewer = bearer(token(1, "tenant_viewer", user_id="flood-promoted"))
     with TestClient(create_app(app_settings(db))) as client:
         authz: Authorizer = client.app.state.authz  # type: ignore[attr-defined]
+        wait_settled(authz)
         assert client.get("/api/v1/users", headers=viewer).status_code == 403
         with flood(db.url(a.login, a.password), 5) as proc:
             wait_for_flood(authz, proc)
@@ -172,7 +182,7 @@ def test_a_grant_lands_within_a_second_during_a_flood(db: MigratedDb, tenants: t
                 assert time.monotonic() - started < 1.0, "the grant did not land within a second"
                 time.sleep(0.02)
             time.sleep(0.5)
-            assert authz.reloads - reloads == 1
+            assert authz.reloads - reloads == 1, authz.reloads - reloads
         with db.owner() as conn:
             conn.execute("DELETE FROM dlw.casbin_rule WHERE v0 = 'user:flood-promoted'")
 
