@@ -42,21 +42,29 @@ COMMENT ON FUNCTION dlw.set_user_role(uuid, text) IS
 REVOKE ALL ON FUNCTION dlw.set_user_role(uuid, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.set_user_role(uuid, text) TO dlw_app;
 
--- Grants reach running API instances through NOTIFY: each instance LISTENs and reloads.
+-- Grants reach running API instances through NOTIFY, but a notification is only a hint: any
+-- role that can connect may NOTIFY the same channel. The trigger bumps dlw.grant_version in the
+-- changing transaction, so an instance that is notified reads the counter and reloads only
+-- when it moved. The payload is empty: listeners learn that some grant changed, never which.
 CREATE OR REPLACE FUNCTION dlw.notify_casbin_rule_changed() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
 BEGIN
-    PERFORM pg_notify('dlw_casbin_rule', TG_OP);
+    UPDATE dlw.grant_version SET version = version + 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'dlw.grant_version has no row: API instances would miss this change'
+            USING ERRCODE = 'P0002';
+    END IF;
+    PERFORM pg_notify('dlw_casbin_rule', '');
     RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION dlw.notify_casbin_rule_changed() IS
-    'Statement trigger on dlw.casbin_rule: NOTIFY dlw_casbin_rule so every API instance reloads its enforcer.';
+    'Statement trigger on dlw.casbin_rule: bumps dlw.grant_version, then NOTIFY dlw_casbin_rule with an empty payload (delivered at commit), so every API instance checks the version and reloads its enforcer.';
 
 CREATE OR REPLACE TRIGGER casbin_rule_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON dlw.casbin_rule
     FOR EACH STATEMENT EXECUTE FUNCTION dlw.notify_casbin_rule_changed();
 COMMENT ON TRIGGER casbin_rule_changed ON dlw.casbin_rule IS
-    'Every change of dlw.casbin_rule reaches the API instances: see dlw.notify_casbin_rule_changed()';
+    'Every change of dlw.casbin_rule bumps dlw.grant_version and reaches the API instances: see dlw.notify_casbin_rule_changed()';

@@ -1,6 +1,6 @@
 """A small async casbin adapter on the asyncpg pool: the built-in policy file plus the rows
-of dlw.casbin_rule. It is read-only: grants are written in SQL by a DBA, and the NOTIFY
-trigger on the table tells every instance to reload."""
+of dlw.casbin_rule. It is read-only: grants are written in SQL by a DBA; the trigger on the
+table bumps dlw.grant_version and notifies, and each instance reloads when the version moved."""
 
 from __future__ import annotations
 

@@ -1,5 +1,10 @@
 """Decisions for require_perm: casbin evaluates a (role, obj, act, same-tenant) question once,
-then the answer is cached until the policy reloads, so a check costs a dict lookup."""
+then the answer is cached until the policy reloads, so a check costs a dict lookup.
+
+Reloads follow dlw.grant_version, not the notifications themselves: any role that can connect
+may NOTIFY the channel, so a notification only wakes the reloader, which waits a short
+debounce (the rest of a burst collapses into it), reads the version (one tiny query) and
+reloads only when the version moved."""
 
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ GRANT_SUBJECT_PREFIX = "user:"
 MAX_CACHED_SUBJECTS = 100_000
 # Most privileged first: the database role a principal acts with is the first it holds.
 ROLE_RANK = ("system_admin", "tenant_admin", "tenant_operator", "tenant_viewer", "executor")
+# After a notification, wait this long before checking the version: a burst (or a flood) of
+# notifications costs one check per debounce, and a real grant still lands well within 1 s.
+DEBOUNCE_SECONDS = 0.1
 
 
 class Authorizer:
@@ -31,8 +39,14 @@ class Authorizer:
         self.enforcer = casbin.AsyncEnforcer(str(MODEL_FILE), PgPolicyAdapter(pool))
         self._decisions: dict[tuple[str, str, str, bool], bool] = {}
         self._grants: dict[str, tuple[str, ...]] = {}
+        # Counters for tests and metrics: policy loads, version reads after a wake-up, and
+        # notifications received on the channel (from anyone).
         self.reloads = 0
-        self._reload_wanted = asyncio.Event()
+        self.version_checks = 0
+        self.notifications = 0
+        self.version: int | None = None  # dlw.grant_version as of the last load
+        self._wake = asyncio.Event()
+        self._force_reload = False  # set on every (re)connect: notifications may have been missed
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- decisions ----------------------------------------------------------------------
@@ -66,11 +80,27 @@ class Authorizer:
 
     # -- loading and live reload --------------------------------------------------------
     async def reload(self) -> None:
+        """Load the policy (file + table) unconditionally."""
+        await self._load(await self.pool.fetchval(SQL["grant_version"]))
+
+    async def refresh(self) -> bool:
+        """Reload only if dlw.grant_version moved since the last load; True if it did."""
+        self.version_checks += 1
+        version = await self.pool.fetchval(SQL["grant_version"])
+        if version == self.version:
+            return False
+        await self._load(version)
+        return True
+
+    async def _load(self, version: int | None) -> None:
+        # The version is read before the rules: a change committed in between bumps the
+        # version past the recorded one, so the next check reloads again (never misses it).
         await self.enforcer.load_policy()
         self._decisions.clear()
         self._grants.clear()
+        self.version = version
         self.reloads += 1
-        log.info("authorization policy loaded (reload %d)", self.reloads)
+        log.info("authorization policy loaded (reload %d, grant version %s)", self.reloads, version)
 
     async def start(self, listen_dsn: str) -> None:
         """Load the policy now (AsyncEnforcer does not in its constructor), then follow changes."""
@@ -84,17 +114,29 @@ class Authorizer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def _notified(self, *_args: object) -> None:
+        # The payload is ignored (empty from the trigger; anything from anyone else).
+        self.notifications += 1
+        self._wake.set()
+
     async def _reloader(self) -> None:
-        # Bursts of notifications collapse into one reload.
+        # One check per burst: notifications that arrive during the debounce or the check
+        # collapse into the (at most one) next round.
         while True:
-            await self._reload_wanted.wait()
-            self._reload_wanted.clear()
+            await self._wake.wait()
+            await asyncio.sleep(DEBOUNCE_SECONDS)
+            self._wake.clear()
+            force, self._force_reload = self._force_reload, False
             try:
-                await self.reload()
+                if force:
+                    await self.reload()
+                else:
+                    await self.refresh()
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("policy reload failed, retrying: %s", exc)
+                self._force_reload = self._force_reload or force
                 await asyncio.sleep(1)
-                self._reload_wanted.set()
+                self._wake.set()
 
     async def _listen(self, dsn: str) -> None:
         """A dedicated connection LISTENs for grant changes; when it drops, reconnect and
@@ -106,8 +148,9 @@ class Authorizer:
                 conn = await asyncpg.connect(dsn, server_settings={"application_name": "dlw-api-listen"})
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, lambda *_args: self._reload_wanted.set())
-                self._reload_wanted.set()
+                await conn.add_listener(CHANNEL, self._notified)
+                self._force_reload = True
+                self._wake.set()
                 backoff = 0.5
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):

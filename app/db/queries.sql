@@ -142,3 +142,7 @@ SELECT ran, events, tenants, periods, folded_below::text AS folded_below FROM dl
 -- name: casbin_grants
 -- The grants the DBA and the administration API add to the built-in policy, in order.
 SELECT ptype, v0, v1, v2, v3, v4, v5 FROM dlw.casbin_rule ORDER BY id
+
+-- name: grant_version
+-- The counter the casbin_rule trigger bumps: a notification reloads the policy only when it moved.
+SELECT version FROM dlw.grant_version
