@@ -1,8 +1,9 @@
 """Domain facts the Python layer shares with the database.
 
 The database is the source: `dlw.domain_facts()` (sql/01_domain_facts.sql) for roles, the
-platform tenant, executor limits and name patterns, and the column defaults of `dlw.tenants`
-(migrations/0002.schema.sql) for the default quotas. These constants mirror them;
+platform tenant, executor limits and name patterns, the column defaults of `dlw.tenants`
+(migrations/0002.schema.sql) for the default quotas, and those of `dlw.reporting_logins`
+(migrations/0013.reporting_login_limits.sql) for the reporting logins' limits. These constants mirror them;
 tests/sql/test_domain_facts.py fails when a value here and the database disagree. Change both
 together.
 """
@@ -42,3 +43,13 @@ STORAGE_TARGET_NAME_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 LOGIN_NAME_PATTERN: Final[str] = r"^[a-z_][a-z0-9_.@-]{0,62}$"
 """Reporting login names; those matching LOGIN_NAME_RESERVED_PATTERN are refused."""
 LOGIN_NAME_RESERVED_PATTERN: Final[str] = r"^(pg_|dlw_)"
+
+DEFAULT_REPORTING_CONNECTION_LIMIT: Final[int] = 5
+"""CONNECTION LIMIT of a new reporting login (settable from 1 to REPORTING_CONNECTION_LIMIT_MAX)."""
+REPORTING_CONNECTION_LIMIT_MAX: Final[int] = 100
+DEFAULT_REPORTING_STATEMENT_TIMEOUT_MS: Final[int] = 300_000
+"""statement_timeout of a new reporting login (5 min); the watchdog enforces it."""
+DEFAULT_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_MS: Final[int] = 300_000
+"""idle_in_transaction_session_timeout of a new reporting login (5 min); the watchdog enforces it."""
+DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB: Final[int] = 1 << 20
+"""temp_file_limit of a new reporting login (1 GB, in kB); a login cannot raise it."""

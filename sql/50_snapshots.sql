@@ -24,6 +24,61 @@
 -- waits for this function while holding a row this function waits for.
 
 
+-- ---------------------------------------------------------------------------------------
+-- The reporting watchdog, run with every fold (about once a minute; see the end of
+-- dlw.refresh_quota_snapshots). A reporting login may SET statement_timeout and
+-- idle_in_transaction_session_timeout (even ALTER ROLE itself SET them) to 0; the limits of its
+-- row in dlw.reporting_logins hold anyway: statements running longer are cancelled
+-- (pg_cancel_backend), sessions idle in a transaction for longer are terminated
+-- (pg_terminate_backend), as the timeouts themselves would. dlw_system holds pg_read_all_stats
+-- (to see those backends' state and times) and pg_signal_backend (migrations/0013); this
+-- function signals only backends whose session user is a non-superuser reporting login mapped
+-- in this database (in any database of the cluster, since the role is cluster-wide).
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dlw.cancel_overlong_reporting_queries()
+RETURNS TABLE (pid integer, login name, action text, elapsed interval, limit_ms integer)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v record;
+BEGIN
+    PERFORM pg_stat_clear_snapshot();  -- the backends as they are now, not as this transaction first saw them
+    FOR v IN
+        SELECT a.pid AS b_pid, a.usename AS b_login, a.state AS b_state,
+               clock_timestamp() - a.query_start AS running, clock_timestamp() - a.state_change AS idle,
+               r.statement_timeout_ms AS stmt_ms, r.idle_in_transaction_timeout_ms AS idle_ms
+          FROM pg_stat_activity a
+          JOIN dlw.reporting_logins r ON r.login = a.usename
+          JOIN pg_roles ro ON ro.oid = a.usesysid
+         WHERE a.backend_type = 'client backend'
+           AND a.pid <> pg_backend_pid()
+           AND NOT ro.rolsuper
+           AND pg_has_role(a.usesysid, 'dlw_reporting', 'MEMBER')
+           AND ((a.state IN ('active', 'fastpath function call')
+                 AND clock_timestamp() - a.query_start > r.statement_timeout_ms * interval '1 millisecond')
+             OR (a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+                 AND clock_timestamp() - a.state_change > r.idle_in_transaction_timeout_ms * interval '1 millisecond'))
+         ORDER BY a.pid
+    LOOP
+        IF v.b_state IN ('active', 'fastpath function call') THEN
+            IF pg_cancel_backend(v.b_pid) THEN
+                pid := v.b_pid; login := v.b_login; action := 'cancelled'; elapsed := v.running;
+                limit_ms := v.stmt_ms;
+                RETURN NEXT;
+            END IF;
+        ELSIF pg_terminate_backend(v.b_pid) THEN
+            pid := v.b_pid; login := v.b_login; action := 'terminated'; elapsed := v.idle; limit_ms := v.idle_ms;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION dlw.cancel_overlong_reporting_queries() IS
+$c$The reporting watchdog: cancels (pg_cancel_backend) every statement of a reporting login that has run longer than its statement_timeout_ms, and terminates (pg_terminate_backend) every session of one idle in a transaction longer than its idle_in_transaction_timeout_ms (dlw.reporting_logins), whatever the login SET itself. Only backends of non-superuser members of dlw_reporting mapped in this database; never another role's. Returns one row per backend signalled (pid, login, action cancelled | terminated, elapsed, limit_ms).
+Run by dlw.refresh_quota_snapshots(), i.e. about once a minute by the pg_cron job or the API leader; callable directly by dlw_system (and superusers).$c$;
+
 CREATE OR REPLACE FUNCTION dlw.refresh_quota_snapshots(
     OUT ran boolean,
     OUT events bigint,
@@ -95,12 +150,20 @@ BEGIN
     -- 5. The cursor moves in the same transaction: readers see the fold entirely or not at all.
     UPDATE dlw.snapshot_state s SET folded_below = v_upto, refreshed_at = now() WHERE s.singleton;
     ran := true;
+
+    -- 6. The reporting watchdog rides on the per-minute runner (pg_cron job or API leader). Its
+    --    failure must never cost the fold: it runs in a subtransaction and only warns.
+    BEGIN
+        PERFORM dlw.cancel_overlong_reporting_queries();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'reporting watchdog failed: % (SQLSTATE %)', SQLERRM, SQLSTATE;
+    END;
 END
 $$;
 COMMENT ON FUNCTION dlw.refresh_quota_snapshots() IS
 $c$Folds the usage events committed since the last run into quota_snapshots (per tenant, UTC month of occurred_at, metric) and advances dlw.snapshot_state.folded_below to the xmin of the run's snapshot, in one transaction. Incremental (reads only rows with folded_below <= xid < the new cursor, through usage_records_xid) and exact under out-of-order commits.
 Returns (ran, events, tenants, periods, folded_from, folded_below). ran = false: another run held the lock (pg_try_advisory_xact_lock 28266757964587376) and nothing was done.
-Called every minute by the pg_cron job or the API leader; safe to call by hand at any time and at any isolation level.$c$;
+Called every minute by the pg_cron job or the API leader; safe to call by hand at any time and at any isolation level. Each run that takes the lock also runs the reporting watchdog, dlw.cancel_overlong_reporting_queries() (a failure there only warns).$c$;
 
 CREATE OR REPLACE FUNCTION dlw.quota_drift()
 RETURNS TABLE (
@@ -132,6 +195,7 @@ $$;
 COMMENT ON FUNCTION dlw.quota_drift() IS
     'Drift check: recomputes every (tenant, UTC month, metric) from the usage log below the fold cursor and returns the rows whose quota_snapshots.amount differs (difference = snapshot - log). No rows = the snapshots are exact. Reads the whole log (cost follows history): for DBAs and monitoring, not for the request path. Repairs nothing.';
 
-REVOKE ALL ON FUNCTION dlw.refresh_quota_snapshots(), dlw.quota_drift() FROM PUBLIC;
+REVOKE ALL ON FUNCTION dlw.refresh_quota_snapshots(), dlw.quota_drift(), dlw.cancel_overlong_reporting_queries()
+    FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.refresh_quota_snapshots() TO dlw_app;
 -- DBAs use the audited wrappers dlw_admin.refresh_quota_snapshots() and dlw_admin.quota_drift().

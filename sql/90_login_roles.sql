@@ -1,5 +1,5 @@
 -- owner: dlw_login_manager
--- Login roles are created, altered and dropped by three small definer functions owned by
+-- Login roles are created, limited, altered and dropped by four small definer functions owned by
 -- dlw_login_manager (CREATEROLE, nothing else; see migrations/0006.reporting_admin.sql), which
 -- only dlw_system may call (from the dlw_admin functions, sql/93_dlw_admin_logins.sql).
 
@@ -98,7 +98,34 @@ $$;
 COMMENT ON FUNCTION dlw.drop_login_role(text) IS
     'Internal (dlw_system only): DROP ROLE <login> if it exists and is a plain member of dlw_reporting (else DLWA7).';
 
+CREATE OR REPLACE FUNCTION dlw.set_login_role_limits(p_login text, p_connection_limit integer,
+    p_statement_timeout_ms integer, p_idle_in_transaction_timeout_ms integer, p_temp_file_limit_kb integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = p_login) THEN
+        RAISE EXCEPTION 'role % does not exist', quote_ident(p_login) USING ERRCODE = 'DLWA4';
+    END IF;
+    IF NOT dlw.is_plain_reporting_login(p_login) THEN
+        RAISE EXCEPTION 'role % is not a plain reporting login; limits not changed', quote_ident(p_login)
+            USING ERRCODE = 'DLWA7';
+    END IF;
+    -- Plain numbers (ms, kB): stored as given, compared as text by dlw doctor. The values come
+    -- from the CHECKed columns of dlw.reporting_logins; %s of an integer cannot inject.
+    EXECUTE format('ALTER ROLE %I CONNECTION LIMIT %s', p_login, p_connection_limit::integer);
+    EXECUTE format('ALTER ROLE %I SET statement_timeout = %s', p_login, p_statement_timeout_ms::integer);
+    EXECUTE format('ALTER ROLE %I SET idle_in_transaction_session_timeout = %s', p_login,
+                   p_idle_in_transaction_timeout_ms::integer);
+    -- temp_file_limit is superuser-only (PGC_SUSET): migrations/0013 grants SET ON PARAMETER.
+    EXECUTE format('ALTER ROLE %I SET temp_file_limit = %s', p_login, p_temp_file_limit_kb::integer);
+END
+$$;
+COMMENT ON FUNCTION dlw.set_login_role_limits(text, integer, integer, integer, integer) IS
+    'Internal (dlw_system only): ALTER ROLE <login> CONNECTION LIMIT n and SET statement_timeout, idle_in_transaction_session_timeout (ms), temp_file_limit (kB), for a plain reporting login (else DLWA7; DLWA4 no such role).';
+
 REVOKE ALL ON FUNCTION dlw.create_login_role(text, text), dlw.set_login_role_password(text, text),
-    dlw.drop_login_role(text) FROM PUBLIC;
+    dlw.drop_login_role(text), dlw.set_login_role_limits(text, integer, integer, integer, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.create_login_role(text, text), dlw.set_login_role_password(text, text),
-    dlw.drop_login_role(text) TO dlw_system;
+    dlw.drop_login_role(text), dlw.set_login_role_limits(text, integer, integer, integer, integer) TO dlw_system;

@@ -19,7 +19,17 @@ from typing import Any
 import asyncpg
 
 from app.config import get_settings
-from app.domain import DEFAULT_QUOTA_BYTES_MONTH, DEFAULT_QUOTA_CONCURRENT, DEFAULT_QUOTA_STORAGE_GB, TENANT_ROLES
+from app.domain import (
+    DEFAULT_QUOTA_BYTES_MONTH,
+    DEFAULT_QUOTA_CONCURRENT,
+    DEFAULT_QUOTA_STORAGE_GB,
+    DEFAULT_REPORTING_CONNECTION_LIMIT,
+    DEFAULT_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_MS,
+    DEFAULT_REPORTING_STATEMENT_TIMEOUT_MS,
+    DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB,
+    REPORTING_CONNECTION_LIMIT_MAX,
+    TENANT_ROLES,
+)
 from app.ops.queries import query
 
 # Transient conflicts worth one more try: the whole call rolled back, nothing was written.
@@ -155,6 +165,23 @@ def cmd_login_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_login_set_limits(args: argparse.Namespace) -> int:
+    given = (args.connection_limit, args.statement_timeout, args.idle_in_transaction_timeout, args.temp_file_limit)
+    if all(value is None for value in given):
+        raise CommandError(
+            "nothing to set: give --connection-limit, --statement-timeout, --idle-in-transaction-timeout"
+            " and/or --temp-file-limit"
+        )
+    _, rows = _call(args, "admin_set_reporting_login_limits", (args.login, *given))
+    connections, statement, idle, temp_bytes = rows[0]
+    print(
+        f"reporting login {args.login}: connection_limit={connections}"
+        f" statement_timeout={int(statement.total_seconds())}s"
+        f" idle_in_transaction_timeout={int(idle.total_seconds())}s temp_file_limit={temp_bytes} bytes"
+    )
+    return 0
+
+
 def cmd_login_drop(args: argparse.Namespace) -> int:
     _call(args, "admin_drop_reporting_login", (args.login,))
     print(f"dropped reporting login {args.login}")
@@ -226,10 +253,11 @@ def _non_negative(text: str) -> int:
 # Defaults shown in --help (dlw_admin.create_tenant applies the database's own).
 QUOTA_TIB = DEFAULT_QUOTA_BYTES_MONTH >> 40
 QUOTA_GB = DEFAULT_QUOTA_STORAGE_GB
+IDLE_S = DEFAULT_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_MS // 1000
 
 
 def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `tenant create|list|set-quota|deactivate`, `reporting-login create|drop` and
+    """Register `tenant create|list|set-quota|deactivate`, `reporting-login create|set-limits|drop` and
     `user list|grant-role|revoke-role`."""
     tenant = subparsers.add_parser("tenant", help="tenants: create, list, set quotas, deactivate (dlw_admin.*)")
     tsub = tenant.add_subparsers(dest="tenant_command", required=True)
@@ -283,6 +311,36 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     how.add_argument("--no-password", action="store_true", help="no password: certificate or peer authentication")
     _database_url_option(p)
     p.set_defaults(func=_guarded(cmd_login_create))
+
+    p = lsub.add_parser(
+        "set-limits", help="change a login's connection limit, timeouts and temp file limit (omitted ones are kept)"
+    )
+    p.add_argument("login")
+    p.add_argument(
+        "--connection-limit",
+        type=int,
+        help=f"max connections (default {DEFAULT_REPORTING_CONNECTION_LIMIT}; 1 to {REPORTING_CONNECTION_LIMIT_MAX})",
+    )
+    p.add_argument(
+        "--statement-timeout",
+        type=int,
+        metavar="SECONDS",
+        help=f"longest statement (default {DEFAULT_REPORTING_STATEMENT_TIMEOUT_MS // 1000} s)",
+    )
+    p.add_argument(
+        "--idle-in-transaction-timeout",
+        type=int,
+        metavar="SECONDS",
+        help=f"longest idle time in a transaction (default {IDLE_S} s)",
+    )
+    p.add_argument(
+        "--temp-file-limit",
+        type=int,
+        metavar="BYTES",
+        help=f"temporary file space per session (default {DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB * 1024} bytes)",
+    )
+    _database_url_option(p)
+    p.set_defaults(func=_guarded(cmd_login_set_limits))
 
     p = lsub.add_parser("drop", help="remove a reporting login (and its role, if DLW created it)")
     p.add_argument("login")

@@ -31,12 +31,15 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     # the usage fold and its drift check read every tenant's usage (sql/50_snapshots.sql)
     "dlw.refresh_quota_snapshots()": _SYSTEM,
     "dlw.quota_drift()": _SYSTEM,
+    # the reporting watchdog signals reporting logins' backends, run by the fold (sql/50_snapshots.sql)
+    "dlw.cancel_overlong_reporting_queries()": _SYSTEM,
     # reporting: when the usage fold last ran, without granting the platform table (sql/80_reporting_refreshed_at.sql)
     "dlw.reporting_snapshot_refreshed_at()": _SYSTEM,
     # login roles (CREATEROLE), callable by dlw_system only (sql/90_login_roles.sql)
     "dlw.create_login_role(text,text)": _LOGIN_MANAGER,
     "dlw.set_login_role_password(text,text)": _LOGIN_MANAGER,
     "dlw.drop_login_role(text)": _LOGIN_MANAGER,
+    "dlw.set_login_role_limits(text,integer,integer,integer,integer)": _LOGIN_MANAGER,
     # DBA administration for members of dlw_admin, each call audited (sql/92_… to sql/94_…)
     "dlw_admin.create_tenant(text,text,integer,bigint,integer)": _SYSTEM,
     "dlw_admin.rename_tenant(text,text,text)": _SYSTEM,
@@ -46,6 +49,7 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw_admin.list_tenants()": _SYSTEM,
     "dlw_admin.create_reporting_login(text,text,text)": _SYSTEM,
     "dlw_admin.set_reporting_login_password(text,text)": _SYSTEM,
+    "dlw_admin.set_reporting_login_limits(text,integer,interval,interval,bigint)": _SYSTEM,
     "dlw_admin.drop_reporting_login(text)": _SYSTEM,
     "dlw_admin.list_reporting_logins(text)": _SYSTEM,
     "dlw_admin.list_users(text)": _SYSTEM,
@@ -120,6 +124,35 @@ CHECKS: dict[str, str] = {
           AND NOT EXISTS (SELECT 1 FROM pg_options_to_table(c.reloptions) o
                           WHERE o.option_name = 'security_invoker'
                             AND lower(o.option_value) IN ('true', 'on', 'yes', '1'))
+        ORDER BY 1""",
+    # The limits of dlw.reporting_logins (migrations/0013) must be on the role itself: its
+    # CONNECTION LIMIT and its role defaults for all databases (and no per-database override of
+    # them, which would win). A login may ALTER ROLE itself SET a timeout; this reports it.
+    "reporting login without its connection limit or role defaults": """
+        SELECT format('%s: %s', r.login, concat_ws(', ',
+                   CASE WHEN ro.rolconnlimit <> r.connection_limit
+                        THEN format('connection limit %s (expected %s)', ro.rolconnlimit, r.connection_limit) END,
+                   CASE WHEN m.missing IS NOT NULL THEN 'missing ' || array_to_string(m.missing, ' ') END,
+                   CASE WHEN o.overridden THEN 'overridden for a database' END))
+        FROM dlw.reporting_logins r
+        JOIN pg_roles ro ON ro.rolname = r.login
+        CROSS JOIN LATERAL (
+            SELECT array_agg(w ORDER BY w) FILTER (WHERE NOT w = ANY (coalesce(s.setconfig, '{}'))) AS missing
+            FROM unnest(ARRAY[format('statement_timeout=%s', r.statement_timeout_ms),
+                              format('idle_in_transaction_session_timeout=%s', r.idle_in_transaction_timeout_ms),
+                              format('temp_file_limit=%s', r.temp_file_limit_kb)]) AS w
+            LEFT JOIN pg_db_role_setting s ON s.setrole = ro.oid AND s.setdatabase = 0) m
+        CROSS JOIN LATERAL (
+            SELECT EXISTS (SELECT 1 FROM pg_db_role_setting d, unnest(d.setconfig) AS c
+                           WHERE d.setrole = ro.oid AND d.setdatabase <> 0
+                             AND split_part(c, '=', 1) IN ('statement_timeout', 'idle_in_transaction_session_timeout',
+                                                           'temp_file_limit')) AS overridden) o
+        WHERE NOT ro.rolsuper
+          AND (ro.rolconnlimit <> r.connection_limit OR m.missing IS NOT NULL OR o.overridden)
+        ORDER BY 1""",
+    "reporting watchdog cannot see or signal reporting backends": """
+        SELECT format('dlw_system lacks %s', g) FROM unnest(ARRAY['pg_read_all_stats', 'pg_signal_backend']) AS g
+        WHERE NOT pg_has_role('dlw_system', g, 'USAGE')
         ORDER BY 1""",
     "materialized view readable by dlw_reporting (cannot carry RLS)": """
         SELECT format('%I.%I', n.nspname, c.relname)

@@ -49,3 +49,8 @@ SELECT dlw_admin.grant_role($1, $2, $3)
 
 -- name: admin_revoke_role
 SELECT dlw_admin.revoke_role($1, $2, $3)
+
+-- Timeouts in seconds (NULL = keep), temp_file_limit in bytes.
+-- name: admin_set_reporting_login_limits
+SELECT connections_limit, statement_timeout_limit, idle_in_transaction_limit, temp_file_bytes_limit
+FROM dlw_admin.set_reporting_login_limits($1, $2, $3 * interval '1 second', $4 * interval '1 second', $5)

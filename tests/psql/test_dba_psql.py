@@ -107,13 +107,14 @@ def test_dlw_admin_functions_are_pinned_commented_allowlisted_definers_only_dba_
             FROM pg_proc p WHERE p.pronamespace IN ('dlw_admin'::regnamespace)
                OR p.oid IN ('dlw.create_login_role(text,text)'::regprocedure,
                             'dlw.set_login_role_password(text,text)'::regprocedure,
-                            'dlw.drop_login_role(text)'::regprocedure)
+                            'dlw.drop_login_role(text)'::regprocedure,
+                            'dlw.set_login_role_limits(text,integer,integer,integer,integer)'::regprocedure)
             ORDER BY 1""").fetchall()
         internal_helpers = conn.execute("""
             SELECT p.oid::regprocedure::text, obj_description(p.oid, 'pg_proc') IS NOT NULL,
                    has_function_privilege('dlw_admin', p.oid, 'EXECUTE')
             FROM pg_proc p WHERE p.pronamespace = 'dlw'::regnamespace AND p.proname LIKE 'admin\\_%'""").fetchall()
-    assert len(rows) >= 17
+    assert len(rows) >= 19
     for name, definer, owner, config, commented, grantees in rows:
         assert definer and name in DEFINER_ALLOWLIST, name
         assert "search_path=pg_catalog, pg_temp" in config, name

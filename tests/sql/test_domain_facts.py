@@ -59,6 +59,28 @@ def test_tenant_quota_defaults_are_the_column_defaults(db: MigratedDb):
     }
 
 
+def test_reporting_login_limit_defaults_are_the_column_defaults(db: MigratedDb):
+    with db.owner() as conn:
+        defaults = dict(
+            conn.execute("""
+                SELECT a.attname, pg_get_expr(d.adbin, d.adrelid)
+                  FROM pg_attrdef d
+                  JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+                 WHERE d.adrelid = 'dlw.reporting_logins'::regclass
+                   AND a.attname IN ('connection_limit', 'statement_timeout_ms',
+                                     'idle_in_transaction_timeout_ms', 'temp_file_limit_kb')""").fetchall()
+        )
+        values = {name: conn.execute(f"SELECT {expr}").fetchone()[0] for name, expr in defaults.items()}  # type: ignore[index]
+        limit_check = _check(conn, "dlw.reporting_logins", "connection_limit")
+    assert values == {
+        "connection_limit": domain.DEFAULT_REPORTING_CONNECTION_LIMIT,
+        "statement_timeout_ms": domain.DEFAULT_REPORTING_STATEMENT_TIMEOUT_MS,
+        "idle_in_transaction_timeout_ms": domain.DEFAULT_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_MS,
+        "temp_file_limit_kb": domain.DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB,
+    }
+    assert f"(connection_limit <= {domain.REPORTING_CONNECTION_LIMIT_MAX})" in limit_check, limit_check
+
+
 def _check(conn: psycopg.Connection, table: str, column: str) -> str:
     (definition,) = conn.execute(
         "SELECT string_agg(pg_get_constraintdef(c.oid), ' ') FROM pg_constraint c"

@@ -127,6 +127,7 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
                 )
             )
             q("INSERT INTO dlw.reporting_logins (tenant_id, login) VALUES (%s, %s)", (tid, t.login))
+            apply_login_limits(conn, t.login)
         return t
 
 
@@ -139,6 +140,23 @@ def seeded_tenants(db: MigratedDb, *slugs: str) -> Iterator[list[SeededTenant]]:
     finally:
         for t in seeded:
             drop_login(db, t.login)
+
+
+def apply_login_limits(conn: psycopg.Connection, login: str) -> None:
+    """As a superuser: give a login mapped by hand the limits of its dlw.reporting_logins row,
+    as docs/dba.md tells a superuser to (dlw_admin.create_reporting_login does it itself)."""
+    row = conn.execute(
+        "SELECT connection_limit, statement_timeout_ms, idle_in_transaction_timeout_ms, temp_file_limit_kb"
+        " FROM dlw.reporting_logins WHERE login = %s",
+        (login,),
+    ).fetchone()
+    assert row is not None, login
+    role = sql.Identifier(login)
+    conn.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(role, sql.Literal(row[0])))
+    for name, value in zip(
+        ("statement_timeout", "idle_in_transaction_session_timeout", "temp_file_limit"), row[1:], strict=True
+    ):
+        conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(role, sql.Identifier(name), sql.Literal(value)))
 
 
 def drop_login(db: MigratedDb, login: str) -> None:
