@@ -36,6 +36,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 1
     print(
         "dlw doctor: catalog OK (RLS forced with dlw_app policies on every tenant table, "
-        "definer functions allowlisted, roles sane, reporting views security_invoker)"
+        "definer functions allowlisted, advisory locks for the platform only, roles sane, "
+        "reporting views security_invoker)"
     )
     return 0
