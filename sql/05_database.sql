@@ -9,8 +9,10 @@
 -- advisory-lock function to PUBLIC. Privileges on pg_catalog's functions are kept per database
 -- (in its pg_proc), so this database revokes all of them from PUBLIC (every variant, found by
 -- name: session and transaction, shared, bigint and (int, int) keys, try_, unlock, unlock_all)
--- and grants back exactly two: pg_try_advisory_lock(bigint) to dlw_app (the leader) and
--- pg_try_advisory_xact_lock(bigint) to dlw_system (owner of dlw.refresh_quota_snapshots).
+-- and grants back exactly three: pg_try_advisory_lock(bigint) to dlw_app (the leader),
+-- pg_advisory_unlock_all() to dlw_app (asyncpg's pool runs it when it resets a connection; it
+-- releases only the session's own locks) and pg_try_advisory_xact_lock(bigint) to dlw_system
+-- (owner of dlw.refresh_quota_snapshots).
 -- Superusers (dlw migrate, pg_cron's job) are unaffected. dlw doctor checks it.
 
 CREATE OR REPLACE FUNCTION dlw.secure_database() RETURNS void
@@ -34,10 +36,10 @@ BEGIN
     LOOP
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', v_function);
     END LOOP;
-    GRANT EXECUTE ON FUNCTION pg_try_advisory_lock(bigint) TO dlw_app;
+    GRANT EXECUTE ON FUNCTION pg_try_advisory_lock(bigint), pg_advisory_unlock_all() TO dlw_app;
     GRANT EXECUTE ON FUNCTION pg_try_advisory_xact_lock(bigint) TO dlw_system;
 END
 $$;
 COMMENT ON FUNCTION dlw.secure_database() IS
-    'Re-asserts database-level privileges (CONNECT only for DLW roles, no TEMP or CREATE for PUBLIC) and the per-database EXECUTE on the advisory-lock functions (none for PUBLIC; pg_try_advisory_lock(bigint) for dlw_app, pg_try_advisory_xact_lock(bigint) for dlw_system). Run by dlw migrate as a superuser.';
+    'Re-asserts database-level privileges (CONNECT only for DLW roles, no TEMP or CREATE for PUBLIC) and the per-database EXECUTE on the advisory-lock functions (none for PUBLIC; pg_try_advisory_lock(bigint) and pg_advisory_unlock_all() for dlw_app, pg_try_advisory_xact_lock(bigint) for dlw_system). Run by dlw migrate as a superuser.';
 REVOKE ALL ON FUNCTION dlw.secure_database() FROM PUBLIC;

@@ -57,11 +57,13 @@ DEFINER_ALLOWLIST: dict[str, str] = {
 }
 
 # The advisory-lock functions of pg_catalog (every variant), and the only grants of them a DLW
-# database keeps (dlw.secure_database(), sql/05_database.sql): the snapshot leader's try-lock for
-# dlw_app and the refresh's transaction try-lock for dlw_system. Anyone else who may take an
+# database keeps (dlw.secure_database(), sql/05_database.sql): the snapshot leader's try-lock and
+# the pool's reset (unlock_all: own locks only) for dlw_app, the refresh's transaction try-lock for
+# dlw_system. Anyone else who may take an
 # advisory lock can take the platform's (leader, migrate, refresh) and stop it.
 ADVISORY_LOCK_GRANTS: dict[str, str] = {
     "pg_try_advisory_lock(bigint)": "dlw_app",
+    "pg_advisory_unlock_all()": "dlw_app",
     "pg_try_advisory_xact_lock(bigint)": "dlw_system",
 }
 _ADVISORY_FUNCTIONS = """
