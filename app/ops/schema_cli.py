@@ -16,9 +16,19 @@ def migration_url(args: argparse.Namespace) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.ops.lock_waits import MigrateLockTimeout
     from app.ops.migrate import migrate
 
-    result = migrate(migration_url(args), force_program=args.reapply_sql)
+    try:
+        result = migrate(
+            migration_url(args),
+            force_program=args.reapply_sql,
+            lock_timeout=args.lock_timeout,
+            lock_attempts=args.lock_attempts,
+        )
+    except MigrateLockTimeout as exc:
+        print(f"dlw migrate: {exc}", file=sys.stderr)
+        return 1
     applied = ", ".join(result.applied) or "none pending"
     program = "re-applied" if result.program_applied else "unchanged"
     print(f"migrations applied: {applied}; sql program {program} ({result.program_sha256[:12]})")
