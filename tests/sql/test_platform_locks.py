@@ -8,6 +8,7 @@ and snapshots stop for every tenant, or takes the migrate key and `dlw migrate` 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -156,3 +157,26 @@ def test_a_grant_restored_by_hand_is_revoked_again_by_secure_database(db: Migrat
             "SELECT has_function_privilege('public', 'pg_advisory_lock(bigint)', 'EXECUTE')"
         ).fetchone() == (False,)
     assert refused(db.url(reporting.login, reporting.password), f"SELECT pg_advisory_lock({LEADER_LOCK_KEY})")
+
+
+def test_a_dba_cannot_hold_the_refresh_lock_by_idling_in_a_transaction(db: MigratedDb, dba: tuple[str, str]):
+    """The refresh's lock can still be reached through the refresh itself: a DBA runs
+    `BEGIN; SELECT * FROM dlw_admin.refresh_quota_snapshots();` and idles, and every later run
+    skips (ran = false) until that transaction ends. The refresh bounds how long the calling
+    transaction may then sit idle (10 s); the server ends the session and runs resume."""
+    holder = psycopg.connect(db.url(*dba))
+    try:
+        assert holder.execute("SELECT ran FROM dlw_admin.refresh_quota_snapshots()").fetchone() == (True,)
+        started = time.monotonic()
+        with psycopg.connect(db.app_url, autocommit=True) as app:
+            assert app.execute("SELECT ran FROM dlw.refresh_quota_snapshots()").fetchone() == (False,)
+            while app.execute("SELECT ran FROM dlw.refresh_quota_snapshots()").fetchone() == (False,):
+                assert time.monotonic() - started < 20, "the refresh lock is still held"
+                time.sleep(0.5)
+        held = time.monotonic() - started
+        print(f"an idle DBA transaction held the refresh lock for {held:.1f} s")
+        assert 9 < held < 13, held
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            holder.execute("SELECT 1")
+    finally:
+        holder.close()
