@@ -39,6 +39,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _positive_int_count(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from app.executor.settings import add_run_arguments
     from app.ops.admin_cli import add_admin_commands
@@ -84,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--database-url", help="owner/superuser URL (default: DLW_MIGRATION_DATABASE_URL)")
         if name == "migrate":
             p.add_argument("--reapply-sql", action="store_true", help="re-apply sql/ even if unchanged")
+            p.add_argument(
+                "--lock-timeout",
+                type=_positive_float,
+                default=2.0,
+                help="seconds to wait for one table lock before a step gives up and retries (default 2)",
+            )
+            p.add_argument(
+                "--lock-attempts",
+                type=_positive_int_count,
+                default=5,
+                help="attempts per step before migrate fails, with a doubling pause from 1 s (default 5)",
+            )
         p.set_defaults(func=LazyCommand("app.ops.schema_cli", func))
     return parser
 

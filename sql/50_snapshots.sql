@@ -14,7 +14,9 @@
 -- the index over [folded_below, H); history below the cursor is never read.
 --
 -- Runs never overlap: a run takes a transaction-scoped advisory lock (key 28266757964587376,
--- "dlwsnap") and a second concurrent run returns at once, reporting ran = false. The runner is
+-- "dlwsnap") and a second concurrent run returns at once, reporting ran = false. Only dlw_system
+-- (this function's owner) and superusers may take advisory locks here (sql/05_database.sql), and
+-- a caller's transaction may idle 10 s at most once it holds this one. The runner is
 -- a pg_cron job (scheduled by `dlw migrate` where pg_cron is preloaded) or the API instance that
 -- holds the leader lock (app/api/snapshot_leader.py); a DBA may also call it in psql.
 --
@@ -102,6 +104,14 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(28266757964587376) THEN
         RETURN;  -- another run is in progress: it folds what this one would have
     END IF;
+    -- The lock (and snapshot_state's row) is held until the caller's transaction ends. A caller
+    -- that opened one (BEGIN; SELECT dlw_admin.refresh_quota_snapshots(); and then idles) would
+    -- stop every later run, so that transaction may sit idle for 10 s at most from here on: the
+    -- server then ends its session. A shorter limit the caller set is kept.
+    IF (SELECT s.setting::integer NOT BETWEEN 1 AND 10000 FROM pg_settings s
+         WHERE s.name = 'idle_in_transaction_session_timeout') THEN
+        PERFORM set_config('idle_in_transaction_session_timeout', '10s', true);
+    END IF;
     SELECT s.folded_below INTO v_from FROM dlw.snapshot_state s WHERE s.singleton FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'dlw.snapshot_state has no row' USING ERRCODE = '55000';
@@ -162,7 +172,7 @@ END
 $$;
 COMMENT ON FUNCTION dlw.refresh_quota_snapshots() IS
 $c$Folds the usage events committed since the last run into quota_snapshots (per tenant, UTC month of occurred_at, metric) and advances dlw.snapshot_state.folded_below to the xmin of the run's snapshot, in one transaction. Incremental (reads only rows with folded_below <= xid < the new cursor, through usage_records_xid) and exact under out-of-order commits.
-Returns (ran, events, tenants, periods, folded_from, folded_below). ran = false: another run held the lock (pg_try_advisory_xact_lock 28266757964587376) and nothing was done.
+Returns (ran, events, tenants, periods, folded_from, folded_below). ran = false: another run held the lock (pg_try_advisory_xact_lock 28266757964587376) and nothing was done. After a run, the calling transaction may sit idle 10 s at most (idle_in_transaction_session_timeout, transaction-local), so nobody holds the lock by idling.
 Called every minute by the pg_cron job or the API leader; safe to call by hand at any time and at any isolation level. Each run that takes the lock also runs the reporting watchdog, dlw.cancel_overlong_reporting_queries() (a failure there only warns).$c$;
 
 CREATE OR REPLACE FUNCTION dlw.quota_drift()

@@ -9,6 +9,10 @@ connection every `interval` seconds, and probes it in between. So:
 - a dead leader's lock disappears with its session (at once when its process dies and the
   socket closes; within ~11 s through TCP keepalives when its host vanishes), and another
   instance takes it at its next try: a handover within 15 s;
+- a frozen leader (SIGSTOP, a blocked event loop: the socket stays open and answers keepalives)
+  loses its session after `idle_limit` seconds without a statement, because the leader's session
+  sets idle_session_timeout when it takes the lock; its probes keep a live leader well under
+  that. Handover within idle_limit + retry (20 s with the defaults);
 - a leader that loses its connection stops acting as leader at once (the probe or the refresh
   fails): it never refreshes on another connection without holding the lock, and competes again
   only after reconnecting;
@@ -34,6 +38,10 @@ LEADER_LOCK_KEY = 28266757846557028  # "dlwlead"; the refresh's own lock is "dlw
 # The server drops the session of a client that vanished without closing its socket after
 # idle 5 s + 3 probes 2 s apart; any role may set these.
 KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
+# The leader's session may be idle this many probe intervals (at least IDLE_LIMIT_MIN s) before
+# the server drops it and the lock with it.
+IDLE_LIMIT_PROBES = 3
+IDLE_LIMIT_MIN = 3.0
 
 
 async def configured_runner(pool: asyncpg.Pool) -> tuple[str, str | None]:
@@ -55,6 +63,7 @@ class SnapshotRunner:
         self.interval = interval
         self.retry = retry
         self.probe = min(5.0, interval, retry)
+        self.idle_limit = max(IDLE_LIMIT_PROBES * self.probe, IDLE_LIMIT_MIN)
         self.mode = "stopped"
         self.is_leader = False
         self.refreshes = 0
@@ -97,11 +106,16 @@ class SnapshotRunner:
         )
         try:
             while True:
-                if await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY, timeout=self.probe + 5):
+                idle_ms = str(round(self.idle_limit * 1000))
+                if await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY, idle_ms, timeout=self.probe + 5):
                     break
                 await asyncio.sleep(self.retry)  # someone else leads; a dead leader's lock vanishes with it
             self.is_leader = True
-            log.info("snapshot runner: this instance (pid %s) is the leader", os.getpid())
+            log.info(
+                "snapshot runner: this instance (pid %s) is the leader (session idle limit %.0f s)",
+                os.getpid(),
+                self.idle_limit,
+            )
             while True:
                 await self._refresh(conn)
                 deadline = time.monotonic() + self.interval

@@ -129,8 +129,15 @@ SELECT dlw.executor_release($1, $2) AS outcome;
 -- name: snapshot_runner
 SELECT runner, runner_detail FROM dlw.snapshot_state;
 
+-- The leader's lock, and with it a bound on how long its session may sit idle ($2, in ms): a
+-- leader frozen with its socket open (SIGSTOP, a stuck event loop) is disconnected by the server
+-- after that long, which releases the lock. The limits are set only when the lock was taken
+-- (CASE evaluates in order), so a waiting instance may sleep between its tries.
 -- name: try_leader_lock
-SELECT pg_try_advisory_lock($1);
+SELECT CASE WHEN pg_try_advisory_lock($1)
+            THEN set_config('idle_session_timeout', $2, false) IS NOT NULL
+                 AND set_config('idle_in_transaction_session_timeout', $2, false) IS NOT NULL
+            ELSE false END;
 
 -- name: probe
 SELECT 1;

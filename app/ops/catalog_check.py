@@ -60,6 +60,21 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw_admin.quota_drift()": _SYSTEM,
 }
 
+# The advisory-lock functions of pg_catalog (every variant), and the only grants of them a DLW
+# database keeps (dlw.secure_database(), sql/05_database.sql): the snapshot leader's try-lock and
+# the pool's reset (unlock_all: own locks only) for dlw_app, the refresh's transaction try-lock for
+# dlw_system. Anyone else who may take an
+# advisory lock can take the platform's (leader, migrate, refresh) and stop it.
+ADVISORY_LOCK_GRANTS: dict[str, str] = {
+    "pg_try_advisory_lock(bigint)": "dlw_app",
+    "pg_advisory_unlock_all()": "dlw_app",
+    "pg_try_advisory_xact_lock(bigint)": "dlw_system",
+}
+_ADVISORY_FUNCTIONS = """
+        SELECT p.oid::regprocedure::text
+        FROM pg_proc p
+        WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname ~ '^pg_(try_)?advisory_'"""
+
 # The tenant tables (every table in schema dlw with a tenant_id column), and the non-extension
 # SECURITY DEFINER functions: each check below adds one condition to one of these.
 _TENANT_TABLES = """
@@ -107,6 +122,20 @@ CHECKS: dict[str, str] = {
     "SECURITY DEFINER function executable by PUBLIC": _DEFINER_FUNCTIONS
     + """
           AND has_function_privilege('public', p.oid, 'EXECUTE')
+        ORDER BY 1""",
+    "advisory-lock function executable by PUBLIC": _ADVISORY_FUNCTIONS
+    + """
+          AND has_function_privilege('public', p.oid, 'EXECUTE')
+        ORDER BY 1""",
+    "advisory-lock function executable by a role other than the platform's": """
+        SELECT format('%%s (%%s)', p.oid::regprocedure, r.rolname)
+        FROM pg_proc p CROSS JOIN pg_roles r
+        WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname ~ '^pg_(try_)?advisory_'
+          AND NOT r.rolsuper
+          AND NOT has_function_privilege('public', p.oid, 'EXECUTE')
+          AND has_function_privilege(r.oid, p.oid, 'EXECUTE')
+          AND (p.oid::regprocedure::text, r.rolname::text) NOT IN
+              (SELECT * FROM unnest(%(lock_functions)s::text[], %(lock_roles)s::text[]))
         ORDER BY 1""",
     "dlw_app is a superuser or bypasses RLS": """
         SELECT rolname FROM pg_roles
@@ -172,6 +201,8 @@ def check_catalog(url: str) -> list[str]:
         "allowlist": signatures,
         "signatures": signatures,
         "owners": [DEFINER_ALLOWLIST[name] for name in signatures],
+        "lock_functions": list(ADVISORY_LOCK_GRANTS),
+        "lock_roles": list(ADVISORY_LOCK_GRANTS.values()),
     }
     problems: list[str] = []
     with psycopg.connect(url) as conn:

@@ -2,14 +2,19 @@
 
 Both steps run while holding a PostgreSQL advisory lock and yoyo's own lock, so concurrent
 runs against one database queue up instead of interleaving. The SQL program is re-applied
-only when its content changed (or when forced), so a second run changes nothing.
+only when its content changed (or when forced), so a second run changes nothing. Table locks
+are waited for with a lock_timeout and bounded retries (app/ops/lock_waits.py), so a session
+that holds a lock (an idle reporting transaction) never makes migrate, and every API query
+queued behind it, hang.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +22,7 @@ import psycopg
 from psycopg import sql
 from yoyo import get_backend, read_migrations
 
+from app.ops.lock_waits import LockPolicy, session_url, with_lock_retries
 from app.ops.paths import migrations_dir, sql_dir
 
 # Arbitrary but fixed key for pg_advisory_lock: "dlw migrate" in one bigint.
@@ -94,34 +100,74 @@ def apply_program(conn: psycopg.Connection, files: list[Path]) -> None:
         conn.execute("RESET ROLE")
 
 
-def migrate(url: str, *, force_program: bool = False) -> MigrateResult:
+def record_program(conn: psycopg.Connection, files: list[Path], sha: str, ids: list[str], *, force: bool) -> bool:
+    """In one transaction: re-apply the program if it changed (or `force`), re-assert the
+    database's privileges, record hash and migrations. Returns whether the program ran."""
+    row = conn.execute("SELECT program_sha256, migrations FROM dlw.schema_program").fetchone()
+    program_applied = force or row is None or row[0] != sha
+    if program_applied:
+        apply_program(conn, files)
+    conn.execute("SELECT dlw.secure_database()")
+    if program_applied or row is None or list(row[1]) != ids:
+        conn.execute(
+            "INSERT INTO dlw.schema_program (program_sha256, migrations)"
+            " VALUES (%s, %s) ON CONFLICT (singleton) DO UPDATE"
+            " SET program_sha256 = excluded.program_sha256,"
+            "     migrations = excluded.migrations, applied_at = now()",
+            (sha, ids),
+        )
+    conn.commit()
+    return program_applied
+
+
+def take_migrate_lock(conn: psycopg.Connection) -> None:
+    """The advisory lock that serialises migrate runs on one database (only superusers may take
+    advisory locks there besides the platform's two try-locks; sql/05_database.sql)."""
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK_KEY,)).fetchone()
+    if not (row and row[0]):
+        log.info("waiting for another dlw migrate of this database to finish")
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK_KEY,))
+
+
+def migrate(
+    url: str,
+    *,
+    force_program: bool = False,
+    lock_timeout: float = LockPolicy.timeout,
+    lock_attempts: int = LockPolicy.attempts,
+    lock_backoff: float = LockPolicy.backoff,
+) -> MigrateResult:
+    """Apply pending migrations, then the program. Every connection of the two steps waits at most
+    `lock_timeout` seconds for a lock; a step that times out is retried `lock_attempts` times in all
+    (app/ops/lock_waits.py), then MigrateLockTimeout."""
+    policy = LockPolicy(lock_timeout, lock_attempts, lock_backoff)
+    session = f"dlw migrate {os.getpid()}-{secrets.token_hex(3)}"
+    step_url = session_url(url, session, policy.timeout)
     files = program_files()
     sha = program_sha256(files)
     with psycopg.connect(url, autocommit=True) as lock_conn:
-        lock_conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK_KEY,))
-        backend = get_backend(yoyo_url(url))
+        take_migrate_lock(lock_conn)
+        backend = get_backend(yoyo_url(step_url))
         try:
             with backend.lock(timeout=600):
                 migrations = read_migrations(str(migrations_dir()))
-                pending = backend.to_apply(migrations)
-                backend.apply_migrations(pending)
-                applied = [m.id for m in pending]
-                with psycopg.connect(url) as conn:
-                    row = conn.execute("SELECT program_sha256, migrations FROM dlw.schema_program").fetchone()
-                    ids = [m.id for m in migrations]
-                    program_applied = force_program or row is None or row[0] != sha
-                    if program_applied:
-                        apply_program(conn, files)
-                    conn.execute("SELECT dlw.secure_database()")
-                    if program_applied or row is None or list(row[1]) != ids:
-                        conn.execute(
-                            "INSERT INTO dlw.schema_program (program_sha256, migrations)"
-                            " VALUES (%s, %s) ON CONFLICT (singleton) DO UPDATE"
-                            " SET program_sha256 = excluded.program_sha256,"
-                            "     migrations = excluded.migrations, applied_at = now()",
-                            (sha, ids),
-                        )
-                    conn.commit()
+                applied = [m.id for m in backend.to_apply(migrations)]
+                with_lock_retries(
+                    lambda: backend.apply_migrations(backend.to_apply(migrations)),
+                    what="applying migrations",
+                    url=url,
+                    session=session,
+                    policy=policy,
+                )
+                ids = [m.id for m in migrations]
+
+                def program_step() -> bool:
+                    with psycopg.connect(step_url) as conn:
+                        return record_program(conn, files, sha, ids, force=force_program)
+
+                program_applied = with_lock_retries(
+                    program_step, what="applying the sql program", url=url, session=session, policy=policy
+                )
                 runner = schedule_snapshot_refresh(url)
         finally:
             backend.connection.close()

@@ -54,3 +54,15 @@ SELECT dlw_admin.revoke_role($1, $2, $3)
 -- name: admin_set_reporting_login_limits
 SELECT connections_limit, statement_timeout_limit, idle_in_transaction_limit, temp_file_bytes_limit
 FROM dlw_admin.set_reporting_login_limits($1, $2, $3 * interval '1 second', $4 * interval '1 second', $5)
+
+-- The sessions that block a waiting connection of one `dlw migrate` run (found by the run's
+-- application_name, $1): who they are and how long they have been in their state. Run by
+-- app/ops/lock_waits.py (psycopg with a raw cursor, so $1 as everywhere here).
+-- name: migrate_lock_blockers
+SELECT DISTINCT b.pid, b.usename::text, b.application_name, b.state,
+       round(extract(epoch FROM now() - coalesce(b.state_change, b.backend_start)))::bigint
+FROM pg_stat_activity w
+CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS blocking(pid)
+JOIN pg_stat_activity b ON b.pid = blocking.pid
+WHERE w.application_name = $1 AND w.wait_event_type = 'Lock' AND w.datname = current_database()
+ORDER BY b.pid

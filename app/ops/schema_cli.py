@@ -16,9 +16,19 @@ def migration_url(args: argparse.Namespace) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.ops.lock_waits import MigrateLockTimeout
     from app.ops.migrate import migrate
 
-    result = migrate(migration_url(args), force_program=args.reapply_sql)
+    try:
+        result = migrate(
+            migration_url(args),
+            force_program=args.reapply_sql,
+            lock_timeout=args.lock_timeout,
+            lock_attempts=args.lock_attempts,
+        )
+    except MigrateLockTimeout as exc:
+        print(f"dlw migrate: {exc}", file=sys.stderr)
+        return 1
     applied = ", ".join(result.applied) or "none pending"
     program = "re-applied" if result.program_applied else "unchanged"
     print(f"migrations applied: {applied}; sql program {program} ({result.program_sha256[:12]})")
@@ -36,6 +46,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 1
     print(
         "dlw doctor: catalog OK (RLS forced with dlw_app policies on every tenant table, "
-        "definer functions allowlisted, roles sane, reporting views security_invoker)"
+        "definer functions allowlisted, advisory locks for the platform only, roles sane, "
+        "reporting views security_invoker)"
     )
     return 0

@@ -114,6 +114,31 @@ def test_one_of_two_instances_leads_and_a_killed_leader_is_replaced_within_15_s(
         assert conn.execute("SELECT count(*) FROM dlw.quota_drift()").fetchone()[0] == 0
 
 
+def test_a_frozen_leader_loses_the_lead_within_its_idle_limit(db, tenant, two_servers):
+    """SIGSTOP keeps the leader's socket open, so neither its death nor keepalives end its session:
+    the idle limit its session set when it took the lock does (3 s here: 3 x its 1 s probe), and
+    the other instance takes over at its next try (every 5 s)."""
+    wait_for(lambda: leader_pid(db) in two_servers, 15)
+    first = leader_pid(db)
+    assert first is not None
+    (survivor,) = set(two_servers) - {first}
+    two_servers[first].send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        xid = add_usage(db, tenant, 7)
+        wait_for(lambda: leader_pid(db) == survivor, 20)
+        wait_for(lambda: folded(db, xid), 5)
+        handover = time.monotonic() - stopped_at
+        print(f"leader handover after SIGSTOP: {handover:.1f} s (idle limit 3 s + retry 5 s)")
+        assert handover < 3 + 5 + 4, handover
+    finally:
+        two_servers[first].send_signal(signal.SIGCONT)
+    # Resumed, the old leader finds its session gone and competes again; the survivor keeps the lead.
+    time.sleep(3)
+    assert two_servers[first].poll() is None
+    assert leader_pid(db) == survivor
+
+
 def test_a_leader_that_loses_its_connection_stops_leading(db):
     async def scenario() -> None:
         runner = SnapshotRunner(db.app_url, interval=0.3, retry=1.0)

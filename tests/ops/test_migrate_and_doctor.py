@@ -156,6 +156,20 @@ def test_doctor_cli_exit_codes(db: MigratedDb):
             "SECURITY DEFINER function owned by an unexpected role:"
             " dlw.create_login_role(text,text) (owner dlw_system, expected dlw_login_manager)",
         ),
+        (
+            "GRANT EXECUTE ON FUNCTION pg_advisory_lock(bigint) TO PUBLIC",
+            "advisory-lock function executable by PUBLIC: pg_advisory_lock(bigint)",
+        ),
+        (
+            "GRANT EXECUTE ON FUNCTION pg_try_advisory_xact_lock(integer, integer) TO dlw_reporting",
+            "advisory-lock function executable by a role other than the platform's:"
+            " pg_try_advisory_xact_lock(integer,integer) (dlw_reporting)",
+        ),
+        (
+            "GRANT EXECUTE ON FUNCTION pg_try_advisory_lock(bigint) TO dlw_admin",
+            "advisory-lock function executable by a role other than the platform's:"
+            " pg_try_advisory_lock(bigint) (dlw_admin)",
+        ),
     ],
 )
 def test_doctor_catches_breakage(pg_server: PgServer, breakage):
