@@ -54,6 +54,27 @@ RETURN encode(
     'hex')::uuid;
 COMMENT ON FUNCTION dlw.new_id() IS 'A UUIDv7-style id: 48-bit millisecond timestamp then random bits';
 
+-- The key of the two indexes that cross tenants (migrations/0009.tenant_led_indexes.sql):
+-- task_files_id_cross_tenant and tenants_slug_cross_tenant. An identity function that is NOT
+-- LEAKPROOF: PostgreSQL evaluates a non-leakproof condition only after the row-level security
+-- condition, so under RLS these indexes are never an index condition ahead of the policy and a
+-- caller cannot fetch another tenant's row through them (EXPLAIN ANALYZE reveals nothing). Only
+-- dlw_system (BYPASSRLS) uses them, by writing dlw.cross_tenant_key(column) = dlw.cross_tenant_key(value).
+-- PL/pgSQL so that it is never inlined; its body must stay the identity (the indexes store it).
+CREATE OR REPLACE FUNCTION dlw.cross_tenant_key(p_value uuid) RETURNS uuid
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ BEGIN RETURN p_value; END $$;
+COMMENT ON FUNCTION dlw.cross_tenant_key(uuid) IS
+    'Identity, not leakproof: the key of task_files_id_cross_tenant (a file by id across tenants, for dlw_system only; never used under RLS). Its writers (dlw_app, dlw_system) may execute it, reporting logins may not.';
+CREATE OR REPLACE FUNCTION dlw.cross_tenant_key(p_value text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ BEGIN RETURN p_value; END $$;
+COMMENT ON FUNCTION dlw.cross_tenant_key(text) IS
+    'Identity, not leakproof: the key of tenants_slug_cross_tenant (slugs unique across the platform; lookups by slug for dlw_system only; never used under RLS). Only dlw_system, which writes tenants, may execute it.';
+REVOKE ALL ON FUNCTION dlw.cross_tenant_key(uuid), dlw.cross_tenant_key(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.cross_tenant_key(uuid) TO dlw_app, dlw_system;
+GRANT EXECUTE ON FUNCTION dlw.cross_tenant_key(text) TO dlw_system;
+
 CREATE OR REPLACE FUNCTION dlw.reporting_tenant_id() RETURNS bigint
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog

@@ -43,7 +43,7 @@ BEGIN
     -- Claim the slug first: of two concurrent creates of one slug, exactly one inserts (the
     -- other waits here, then gets NULL). Limits not given keep the column defaults.
     INSERT INTO dlw.tenants AS t (slug, display_name) VALUES (p_slug, p_display_name)
-    ON CONFLICT (slug) DO NOTHING
+    ON CONFLICT (dlw.cross_tenant_key(slug)) DO NOTHING  -- tenants_slug_cross_tenant
     RETURNING t.tenant_id INTO v_id;
     IF v_id IS NULL THEN
         RETURN NULL;
@@ -78,7 +78,8 @@ BEGIN
     v_tenant_id := dlw.tenant_create(p_slug, p_display_name, p_quota_concurrent, p_quota_bytes_month,
                                      p_quota_storage_gb);
     IF v_tenant_id IS NULL THEN
-        SELECT tenant_id INTO STRICT v_tenant_id FROM dlw.tenants WHERE slug = p_slug;
+        SELECT tenant_id INTO STRICT v_tenant_id FROM dlw.tenants
+         WHERE dlw.cross_tenant_key(slug) = dlw.cross_tenant_key(p_slug);
         PERFORM dlw.tenant_add_defaults(v_tenant_id);
     END IF;
     RETURN v_tenant_id;

@@ -18,9 +18,16 @@ DECLARE
     v_scope bigint := dlw.executor_scope();
     v_held  boolean;
 BEGIN
-    SELECT f.tenant_id, f.task_id INTO tenant_id, task_id
-      FROM dlw.task_files f
-     WHERE f.id = p_file_id AND (v_scope IS NULL OR f.tenant_id = v_scope);
+    IF v_scope IS NULL THEN
+        -- A system-wide executor: the file by id across tenants (task_files_id_cross_tenant).
+        SELECT f.tenant_id, f.task_id INTO tenant_id, task_id
+          FROM dlw.task_files f
+         WHERE dlw.cross_tenant_key(f.id) = dlw.cross_tenant_key(p_file_id) AND f.id = p_file_id;
+    ELSE
+        SELECT f.tenant_id, f.task_id INTO tenant_id, task_id
+          FROM dlw.task_files f
+         WHERE f.tenant_id = v_scope AND f.id = p_file_id;
+    END IF;
     IF NOT FOUND THEN
         refusal := 'NOT_FOUND';
         RETURN;

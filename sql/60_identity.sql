@@ -44,7 +44,8 @@ BEGIN
     END IF;
 
     IF p_rule_tenant IS NOT NULL THEN
-        SELECT * INTO v_tenant FROM dlw.tenants t WHERE t.slug = p_rule_tenant AND t.active;
+        SELECT * INTO v_tenant FROM dlw.tenants t
+         WHERE dlw.cross_tenant_key(t.slug) = dlw.cross_tenant_key(p_rule_tenant) AND t.active;
     END IF;
     IF p_rule_tenant IS NULL OR v_tenant.tenant_id IS NULL THEN
         -- No tenant to hold the row: denied logins without one go to the platform tenant.

@@ -75,6 +75,25 @@ _ADVISORY_FUNCTIONS = """
         FROM pg_proc p
         WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname ~ '^pg_(try_)?advisory_'"""
 
+# Indexes of tenant tables that do not lead with tenant_id, each with why it may exist. Any other
+# such index lets a query under row-level security fetch another tenant's row through the index
+# before the policy's filter drops it, which EXPLAIN ANALYZE shows ("Rows Removed by Filter: 1"
+# for another tenant's id, nothing for a missing one). Adding one here is a security review
+# decision: no role under RLS may be able to use it ahead of the policy.
+INDEX_ALLOWLIST: dict[str, str] = {
+    "dlw.task_files_id_cross_tenant": "the executor reports find a file by id across tenants (dlw_system);"
+    " on dlw.cross_tenant_key, which is not leakproof, so never used under RLS (migrations/0009)",
+    "dlw.tenants_slug_cross_tenant": "slugs are unique across the platform, looked up by dlw_system;"
+    " on dlw.cross_tenant_key, which is not leakproof, so never used under RLS (migrations/0009)",
+    "dlw.users_identity": "one OIDC identity belongs to one tenant; dlw.login_user (dlw_system) finds a"
+    " returning user by it before a tenant is known; reporting logins cannot read dlw.users",
+    "dlw.reporting_logins_login_key": "one login maps to one tenant; dlw.reporting_tenant_id() finds the"
+    " login's row by it, and the reporting policy (login = current_user) is a condition on this same"
+    " column, so a probe for another login never reaches its row",
+    "dlw.usage_records_xid": "the usage fold (dlw.refresh_quota_snapshots, dlw_system) reads every"
+    " tenant's new events by xid range; xid is not granted to reporting logins, which cannot name it",
+}
+
 # The tenant tables (every table in schema dlw with a tenant_id column), and the non-extension
 # SECURITY DEFINER functions: each check below adds one condition to one of these.
 _TENANT_TABLES = """
@@ -136,6 +155,28 @@ CHECKS: dict[str, str] = {
           AND has_function_privilege(r.oid, p.oid, 'EXECUTE')
           AND (p.oid::regprocedure::text, r.rolname::text) NOT IN
               (SELECT * FROM unnest(%(lock_functions)s::text[], %(lock_roles)s::text[]))
+        ORDER BY 1""",
+    "index on a tenant table not led by tenant_id": """
+        SELECT format('%%I.%%I', n.nspname, ic.relname)
+        FROM pg_index i
+        JOIN pg_class ic ON ic.oid = i.indexrelid
+        JOIN pg_class c ON c.oid = i.indrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'dlw' AND c.relkind IN ('r', 'p')
+          AND EXISTS (SELECT 1 FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped)
+          AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+                          WHERE a.attrelid = c.oid AND a.attnum = i.indkey[0] AND a.attname = 'tenant_id')
+          AND NOT (format('%%I.%%I', n.nspname, ic.relname) = ANY (%(index_allowlist)s))
+        ORDER BY 1""",
+    "cross-tenant index key that RLS would not hold back (leakproof, inlinable or executable by dlw_reporting)": """
+        SELECT p.oid::regprocedure::text
+        FROM pg_proc p
+        WHERE p.pronamespace = 'dlw'::regnamespace AND p.proname = 'cross_tenant_key'
+          AND (p.proleakproof
+               OR p.prolang <> (SELECT oid FROM pg_language WHERE lanname = 'plpgsql')
+               OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'dlw_reporting')
+                   AND has_function_privilege('dlw_reporting', p.oid, 'EXECUTE')))
         ORDER BY 1""",
     "dlw_app is a superuser or bypasses RLS": """
         SELECT rolname FROM pg_roles
@@ -203,6 +244,7 @@ def check_catalog(url: str) -> list[str]:
         "owners": [DEFINER_ALLOWLIST[name] for name in signatures],
         "lock_functions": list(ADVISORY_LOCK_GRANTS),
         "lock_roles": list(ADVISORY_LOCK_GRANTS.values()),
+        "index_allowlist": sorted(INDEX_ALLOWLIST),
     }
     problems: list[str] = []
     with psycopg.connect(url) as conn:

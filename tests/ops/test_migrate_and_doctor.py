@@ -129,6 +129,19 @@ def test_doctor_cli_exit_codes(db: MigratedDb):
             "tenant table without a policy for dlw_app: dlw.broken",
         ),
         (
+            "CREATE INDEX tasks_by_repo ON dlw.tasks (repo_id, tenant_id)",
+            "index on a tenant table not led by tenant_id: dlw.tasks_by_repo",
+        ),
+        (
+            "CREATE UNIQUE INDEX storage_targets_global_name ON dlw.storage_targets (lower(name))",
+            "index on a tenant table not led by tenant_id: dlw.storage_targets_global_name",
+        ),
+        (
+            "ALTER FUNCTION dlw.cross_tenant_key(uuid) LEAKPROOF",
+            "cross-tenant index key that RLS would not hold back (leakproof, inlinable or executable by"
+            " dlw_reporting): dlw.cross_tenant_key(uuid)",
+        ),
+        (
             "CREATE FUNCTION dlw.sneaky() RETURNS int LANGUAGE sql SECURITY DEFINER"
             " SET search_path = pg_catalog AS 'SELECT 1'",
             "SECURITY DEFINER function not on the allowlist: dlw.sneaky()",

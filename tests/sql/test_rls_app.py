@@ -183,7 +183,11 @@ def test_unique_keys_without_tenant_id_are_not_writable_by_the_app(db):
             FROM pg_index i
             JOIN pg_class c ON c.oid = i.indrelid
             JOIN pg_namespace n ON n.oid = c.relnamespace
-            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey)
+            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+             AND (a.attnum = ANY (i.indkey)
+                  OR EXISTS (SELECT 1 FROM pg_depend d  -- a column an index expression reads
+                             WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
+                               AND d.refobjid = c.oid AND d.refobjsubid = a.attnum))
             WHERE n.nspname = 'dlw' AND i.indisunique
               AND EXISTS (SELECT 1 FROM pg_attribute x WHERE x.attrelid = c.oid AND x.attname = 'tenant_id')
             GROUP BY 1, 2""").fetchall()
