@@ -28,6 +28,10 @@ DEFAULT_QUOTA_BYTES_MONTH: Final[int] = 1 << 40
 """Bytes per UTC calendar month (1 TiB); 0 = unlimited."""
 DEFAULT_QUOTA_STORAGE_GB: Final[int] = 1024
 """Storage allowance in GB; 0 = unlimited."""
+DEFAULT_QUOTA_TASKS_PER_MINUTE: Final[int] = 120
+"""Tasks created in any 60 seconds (cancelled ones included); 0 = unlimited."""
+DEFAULT_QUOTA_STORAGE_TARGETS: Final[int] = 20
+"""Storage targets per tenant (the default one included); 0 = unlimited."""
 
 DEFAULT_MAX_ATTEMPTS: Final[int] = 5
 """Claims of a file before an expired lease or a retryable failure fails it."""
@@ -40,6 +44,8 @@ CLAIM_MAX_FILES: Final[int] = 100
 TENANT_SLUG_PATTERN: Final[str] = r"^[a-z][a-z0-9-]{1,62}$"
 DISPLAY_NAME_MAX_LENGTH: Final[int] = 200
 STORAGE_TARGET_NAME_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+STORAGE_TARGET_CONFIG_MAX_BYTES: Final[int] = 16384
+"""Most bytes of a storage target's config (its JSON text, as the database prints it)."""
 LOGIN_NAME_PATTERN: Final[str] = r"^[a-z_][a-z0-9_.@-]{0,62}$"
 """Reporting login names; those matching LOGIN_NAME_RESERVED_PATTERN are refused."""
 LOGIN_NAME_RESERVED_PATTERN: Final[str] = r"^(pg_|dlw_)"

@@ -485,8 +485,8 @@ def pgbench_cell(
 
 
 def provision(bench: BenchCluster, dbname: str, tenants: int) -> tuple[list[int], int]:
-    """`tenants` tenants for the many-tenant cells and one hot tenant, all with unlimited quota
-    (0 = unlimited: admission still takes the tenant's quota lock, but counts nothing)."""
+    """`tenants` tenants for the many-tenant cells and one hot tenant, all with unlimited quota and
+    rate (0 = unlimited: admission still takes the tenant's quota lock, but counts nothing)."""
     with psycopg.connect(bench.superuser_url(dbname), autocommit=True) as conn:
         rows = conn.execute(
             "SELECT dlw.provision_tenant(format('bench-t%%s', g), 'bench tenant', 0, 0, 0)"
@@ -494,6 +494,7 @@ def provision(bench: BenchCluster, dbname: str, tenants: int) -> tuple[list[int]
             (tenants,),
         ).fetchall()
         hot = conn.execute("SELECT dlw.provision_tenant('bench-hot', 'bench hot tenant', 0, 0, 0)").fetchone()
+        conn.execute("UPDATE dlw.tenants SET quota_tasks_per_minute = 0 WHERE slug LIKE 'bench-%'")
     ids = [int(r[0]) for r in rows]
     assert ids == list(range(ids[0], ids[0] + tenants)), "tenant ids must be contiguous for pgbench's random()"
     assert hot is not None

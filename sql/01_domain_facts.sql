@@ -8,7 +8,10 @@
 -- app/domain.py mirrors all of it for the Python layer; tests/sql/test_domain_facts.py reads
 -- this function and the catalog and fails when any copy disagrees.
 
-CREATE OR REPLACE FUNCTION dlw.domain_facts()
+-- The row grows when a fact is added, and CREATE OR REPLACE cannot change a row type: the
+-- function is re-created (nothing depends on it but PL/pgSQL bodies, which bind at run time).
+DROP FUNCTION IF EXISTS dlw.domain_facts();
+CREATE FUNCTION dlw.domain_facts()
 RETURNS TABLE (
     platform_tenant_id          bigint,
     roles                       text[],
@@ -22,7 +25,8 @@ RETURNS TABLE (
     display_name_max_length     integer,
     storage_target_name_pattern text,
     login_name_pattern          text,
-    login_name_reserved_pattern text
+    login_name_reserved_pattern text,
+    storage_target_config_max_bytes integer
 )
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
@@ -38,7 +42,8 @@ BEGIN ATOMIC
            200,
            '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$',
            '^[a-z_][a-z0-9_.@-]{0,62}$',
-           '^(pg_|dlw_)';
+           '^(pg_|dlw_)',
+           16384;
 END;
 COMMENT ON FUNCTION dlw.domain_facts() IS
 $c$The domain facts, one row; mirrored by app/domain.py (tests/sql/test_domain_facts.py keeps them equal).
@@ -47,6 +52,7 @@ roles: every principal role. tenant_roles: roles a user holds in a tenant (assig
 default_max_attempts: claims of a file before an expired lease or retryable failure fails it (DLW_EXECUTOR_MAX_ATTEMPTS default).
 lease_seconds_min / lease_seconds_max: bounds of an executor lease; claim_max_files: most files one claim returns.
 tenant_slug_pattern, display_name_max_length (at least 1), storage_target_name_pattern, login_name_pattern (reporting logins; not matching login_name_reserved_pattern).
+storage_target_config_max_bytes: most bytes of a storage target's config (its jsonb as text), enforced by dlw.storage_target_limits().
 The tenant quota defaults are not here: they are the column defaults of dlw.tenants.$c$;
 
 REVOKE ALL ON FUNCTION dlw.domain_facts() FROM PUBLIC;

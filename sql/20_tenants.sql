@@ -88,6 +88,58 @@ $$;
 COMMENT ON FUNCTION dlw.provision_tenant(text, text, integer, bigint, integer) IS
     'Creates a tenant (or finds it by slug) with its default project and default storage target; returns its id. Idempotent.';
 
+-- ---------------------------------------------------------------------------------------
+-- Storage-target limits, for every writer (the API, provisioning, a superuser): a tenant has at
+-- most quota_storage_targets targets (0 = unlimited), and no config is larger than
+-- dlw.domain_facts().storage_target_config_max_bytes.
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dlw.storage_target_limits() RETURNS trigger
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_max_bytes integer := (SELECT f.storage_target_config_max_bytes FROM dlw.domain_facts() f);
+    v_bytes     integer := octet_length(NEW.config::text);
+    v_limit     integer;
+    v_count     bigint;
+BEGIN
+    IF v_bytes > v_max_bytes THEN
+        RAISE EXCEPTION 'storage target config is % bytes, at most % are allowed', v_bytes, v_max_bytes
+            USING ERRCODE = 'DLW03';
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.tenant_id = OLD.tenant_id THEN
+        RETURN NEW;
+    END IF;
+    -- RLS: a dlw_app caller reads its own tenant's row only (another tenant's insert reads NULL
+    -- here and is refused by the insert policy anyway).
+    SELECT t.quota_storage_targets INTO v_limit FROM dlw.tenants t WHERE t.tenant_id = NEW.tenant_id;
+    IF v_limit > 0 THEN
+        -- Race-free: inserts into one tenant queue on this lock until the holder commits, and
+        -- the count below is a later statement, so at READ COMMITTED it sees every target they
+        -- committed (SERIALIZABLE catches the rest; REPEATABLE READ would not see them).
+        IF current_setting('transaction_isolation') = 'repeatable read' THEN
+            RAISE EXCEPTION 'storage targets cannot be added at REPEATABLE READ' USING ERRCODE = '25000';
+        END IF;
+        PERFORM pg_advisory_xact_lock(hashtextextended('dlw.storage_targets', NEW.tenant_id));
+        SELECT count(*) INTO v_count FROM dlw.storage_targets s WHERE s.tenant_id = NEW.tenant_id;
+        IF v_count + 1 > v_limit THEN
+            RAISE EXCEPTION 'tenant % has % storage targets, its limit', NEW.tenant_id, v_count
+                USING ERRCODE = 'DLW02';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION dlw.storage_target_limits() IS
+    'Trigger of dlw.storage_targets (before insert, or an update of config or tenant_id): raises DLW03 when the config (as JSON text) exceeds dlw.domain_facts().storage_target_config_max_bytes, and DLW02 when the tenant already has quota_storage_targets targets (0 = unlimited), counted under a per-tenant transaction advisory lock (25000 at REPEATABLE READ, where the count could miss a rival).';
+
+CREATE OR REPLACE TRIGGER storage_targets_limits
+    BEFORE INSERT OR UPDATE OF config, tenant_id ON dlw.storage_targets
+    FOR EACH ROW EXECUTE FUNCTION dlw.storage_target_limits();
+COMMENT ON TRIGGER storage_targets_limits ON dlw.storage_targets IS
+    'Storage-target count and config size limits: see dlw.storage_target_limits()';
+REVOKE ALL ON FUNCTION dlw.storage_target_limits() FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION dlw.tenant_add_defaults(bigint),
     dlw.tenant_create(text, text, integer, bigint, integer),
     dlw.provision_tenant(text, text, integer, bigint, integer) FROM PUBLIC;

@@ -66,6 +66,36 @@ $$;
 COMMENT ON FUNCTION dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid) IS
     'Cancels the unfinished (pending, assigned, running) files of one task (p_task_id NULL = of every task of the tenant), except p_except_file, and drops their leases (token and expiry cleared). error becomes p_error, else keeps its value, else p_error_if_none. Returns how many files it cancelled. The caller holds the task row(s) or knows why it need not.';
 
+CREATE OR REPLACE FUNCTION dlw.bytes_reserved(p_tenant_id bigint) RETURNS bigint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- PL/pgSQL for a plan cached per session (admission path). The partial index
+    -- task_files_tenant_unfinished holds exactly these rows (and their size): the cost follows
+    -- the live files, not the tenant's history.
+    RETURN (SELECT coalesce(sum(f.size), 0)::bigint
+              FROM dlw.task_files f
+             WHERE f.tenant_id = p_tenant_id AND f.status IN ('pending', 'assigned', 'running'));
+END
+$$;
+COMMENT ON FUNCTION dlw.bytes_reserved(bigint) IS
+    'Bytes a tenant''s admitted tasks may still download: the declared size of each of its files that is pending, assigned or running (a running file counts whole: a retry downloads it again). Succeeded files count as usage instead (same transaction), failed and cancelled ones not at all; cancelling or failing a task cancels its unfinished files. Row-level security applies: another tenant reads 0.';
+
+CREATE OR REPLACE FUNCTION dlw.tasks_recent(p_tenant_id bigint) RETURNS bigint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- A range of the index tasks_tenant_created: at most the rate limit's worth of rows.
+    RETURN (SELECT count(*)
+              FROM dlw.tasks x
+             WHERE x.tenant_id = p_tenant_id AND x.created_at > now() - interval '1 minute');
+END
+$$;
+COMMENT ON FUNCTION dlw.tasks_recent(bigint) IS
+    'Tasks of a tenant created (created_at) in the 60 seconds before now(), whatever became of them since (a cancelled task still counts): what quota_tasks_per_minute limits. Row-level security applies.';
+
 -- ---------------------------------------------------------------------------------------
 -- Admission
 -- ---------------------------------------------------------------------------------------
@@ -113,9 +143,12 @@ DECLARE
     v_requested    bigint;
     v_file_count   integer;
     v_limit_tasks  integer;
+    v_limit_rate   integer;
     v_limit_bytes  bigint;
     v_live         bigint;
+    v_recent       bigint;
     v_used         bigint;
+    v_reserved     bigint;
     v_lock_timeout text;
 BEGIN
     IF v_tenant IS NULL THEN
@@ -191,14 +224,19 @@ BEGIN
     END IF;
 
     -- 3. A later statement, hence a fresh snapshot: every rival that committed before the lock
-    --    was granted is visible. Exact figures, no caches.
-    SELECT t.active, t.quota_concurrent, t.quota_bytes_month,
+    --    was granted is visible. Exact figures, no caches, all from this one snapshot (so a file
+    --    completing meanwhile is either still reserved or already used, never neither):
+    --    live tasks; tasks created in the 60 s before this transaction began (dlw.tasks_recent);
+    --    bytes used this month and bytes reserved by unfinished files (dlw.bytes_reserved).
+    SELECT t.active, t.quota_concurrent, t.quota_tasks_per_minute, t.quota_bytes_month,
            CASE WHEN t.quota_concurrent > 0 THEN
                (SELECT count(*) FROM dlw.tasks x
                  WHERE x.tenant_id = v_tenant AND x.status IN ('pending', 'running'))
            END,
-           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_used_month(v_tenant, v_period) END
-      INTO v_active, v_limit_tasks, v_limit_bytes, v_live, v_used
+           CASE WHEN t.quota_tasks_per_minute > 0 THEN dlw.tasks_recent(v_tenant) END,
+           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_used_month(v_tenant, v_period) END,
+           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_reserved(v_tenant) END
+      INTO v_active, v_limit_tasks, v_limit_rate, v_limit_bytes, v_live, v_recent, v_used, v_reserved
       FROM dlw.tenants t
      WHERE t.tenant_id = v_tenant;
 
@@ -214,17 +252,21 @@ BEGIN
         RETURN;
     END IF;
 
-    -- 4. Refuse (concurrency is checked first) or admit.
+    -- 4. Refuse (concurrency first, then the rate, then bytes) or admit. A refusal is counted
+    --    on the audit trail as a repeat: one row per actor, repo, metric and minute.
     IF v_limit_tasks > 0 AND v_live + 1 > v_limit_tasks THEN
         metric := 'concurrent_tasks';
         detail := jsonb_build_object('metric', metric, 'limit', v_limit_tasks, 'current', v_live, 'requested', 1);
-    ELSIF v_limit_bytes > 0 AND v_used + v_requested > v_limit_bytes THEN
+    ELSIF v_limit_rate > 0 AND v_recent + 1 > v_limit_rate THEN
+        metric := 'tasks_per_minute';
+        detail := jsonb_build_object('metric', metric, 'limit', v_limit_rate, 'current', v_recent, 'requested', 1);
+    ELSIF v_limit_bytes > 0 AND v_used + v_reserved + v_requested > v_limit_bytes THEN
         metric := 'bytes_month';
         detail := jsonb_build_object('metric', metric, 'limit', v_limit_bytes, 'current', v_used,
-                                     'requested', v_requested);
+                                     'reserved', v_reserved, 'requested', v_requested);
     END IF;
     IF metric IS NOT NULL THEN
-        PERFORM dlw.audit_append(v_tenant, dlw.ctx_user_id(), 'quota.exceeded', p_repo_id, detail);
+        PERFORM dlw.audit_repeat('quota.exceeded', p_repo_id, detail);
         outcome := 'QUOTA_EXCEEDED';
         RETURN;
     END IF;
@@ -257,8 +299,9 @@ END
 $$;
 COMMENT ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer) IS
 $c$Creates a task for the current tenant with quota admission ("insert-then-lock"); call as dlw_app at READ COMMITTED after dlw.set_context(). Arguments: project (NULL = default project), storage target (id or name; NULL = "default"), repo, revision, priority, files (jsonb array of {path, size, sha256?}), idempotency key (NULL = none), request hash (required with a key), lock_timeout in ms (NULL = leave the setting alone).
-Returns one row (outcome, task_id, metric, detail). outcome: created (detail {project_id, storage_target_id, file_count, total_bytes, created_at}) | existing (same key and hash: the first task) | IDEMPOTENCY_CONFLICT (same key, other hash) | QUOTA_EXCEEDED (metric concurrent_tasks or bytes_month; detail {metric, limit, current, requested}; a quota.exceeded audit row is written and must be committed) | UNKNOWN_PROJECT | UNKNOWN_STORAGE_TARGET | TENANT_INACTIVE.
-Bytes check: bytes used this UTC month (folded snapshot + unfolded usage events) + the new task's declared bytes > quota_bytes_month refuses; declared bytes of other live tasks are not counted. 0 = unlimited for both limits.
+Returns one row (outcome, task_id, metric, detail). outcome: created (detail {project_id, storage_target_id, file_count, total_bytes, created_at}) | existing (same key and hash: the first task) | IDEMPOTENCY_CONFLICT (same key, other hash) | QUOTA_EXCEEDED (metric concurrent_tasks, tasks_per_minute or bytes_month, checked in that order; detail {metric, limit, current, requested}, for bytes_month also reserved; the refusal is counted on the audit trail by dlw.audit_repeat and must be committed) | UNKNOWN_PROJECT | UNKNOWN_STORAGE_TARGET | TENANT_INACTIVE.
+Rate check: tasks of the tenant created in the 60 s before now() (dlw.tasks_recent, cancelled ones included) + 1 > quota_tasks_per_minute refuses.
+Bytes check: bytes used this UTC month (folded snapshot + unfolded usage events) + bytes reserved (dlw.bytes_reserved: the declared size of every pending, assigned or running file) + the new task's declared bytes > quota_bytes_month refuses. 0 = unlimited for every limit.
 Raises: 55P03 lock timeout; 42501 no context or a role that may not write (RLS); 25000 not READ COMMITTED; 22023 files not an array; 22004 key without hash; 23505 duplicate file path; 23502/23514/22P02 malformed files.$c$;
 
 -- ---------------------------------------------------------------------------------------
@@ -307,7 +350,10 @@ COMMENT ON FUNCTION dlw.cancel_task(uuid) IS
 -- Current quota
 -- ---------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION dlw.quota_current()
+-- Its row grows with new figures, which CREATE OR REPLACE cannot do: re-created (the API's
+-- named query is its only caller).
+DROP FUNCTION IF EXISTS dlw.quota_current();
+CREATE FUNCTION dlw.quota_current()
 RETURNS TABLE (
     tenant_id              bigint,
     period                 date,
@@ -318,7 +364,12 @@ RETURNS TABLE (
     concurrent_tasks       integer,
     concurrent_quota       integer,
     snapshot_refreshed_at  timestamptz,
-    snapshot_age_seconds   double precision
+    snapshot_age_seconds   double precision,
+    bytes_reserved         bigint,
+    tasks_last_minute      bigint,
+    tasks_per_minute_quota integer,
+    storage_targets        bigint,
+    storage_targets_quota  integer
 )
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -336,7 +387,12 @@ BEGIN
              WHERE x.tenant_id = t.tenant_id AND x.status IN ('pending', 'running')),
            t.quota_concurrent,
            s.refreshed_at,
-           extract(epoch FROM now() - s.refreshed_at)::double precision
+           extract(epoch FROM now() - s.refreshed_at)::double precision,
+           dlw.bytes_reserved(t.tenant_id),
+           dlw.tasks_recent(t.tenant_id),
+           t.quota_tasks_per_minute,
+           (SELECT count(*) FROM dlw.storage_targets st WHERE st.tenant_id = t.tenant_id),
+           t.quota_storage_targets
       FROM dlw.tenants t
      CROSS JOIN (SELECT dlw.month_start(now()) AS period) m
       LEFT JOIN dlw.snapshot_state s ON true
@@ -344,7 +400,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.quota_current() IS
-    'Limits and exact usage of the current tenant (no row without context): bytes used this UTC month (folded snapshot + unfolded usage), live (pending/running) tasks, limits (0 = unlimited), and when the usage fold last ran (snapshot_refreshed_at, age in seconds; NULL = never). storage_gb_used is 0: no storage accounting exists yet.';
+    'Limits and exact usage of the current tenant (no row without context): bytes used this UTC month (folded snapshot + unfolded usage), bytes reserved by unfinished files (dlw.bytes_reserved; admission counts used + reserved), live (pending/running) tasks, tasks created in the last 60 s (dlw.tasks_recent), storage targets, limits (0 = unlimited), and when the usage fold last ran (snapshot_refreshed_at, age in seconds; NULL = never). storage_gb_used is 0: no storage accounting exists yet.';
 
 -- ---------------------------------------------------------------------------------------
 -- Privileges: the API role calls the entry points; the shared operations also run inside
@@ -352,10 +408,10 @@ COMMENT ON FUNCTION dlw.quota_current() IS
 -- ---------------------------------------------------------------------------------------
 
 REVOKE ALL ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid),
-    dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
+    dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint), dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
     dlw.cancel_task(uuid), dlw.quota_current() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid)
     TO dlw_app, dlw_system;
-GRANT EXECUTE ON FUNCTION dlw.idempotent_replay(bigint, text, bytea),
+GRANT EXECUTE ON FUNCTION dlw.idempotent_replay(bigint, text, bytea), dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint),
     dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
     dlw.cancel_task(uuid), dlw.quota_current() TO dlw_app;

@@ -225,7 +225,14 @@ SELECT t.tenant_id,
        (SELECT q.amount FROM dlw.quota_snapshots q
          WHERE q.tenant_id = t.tenant_id AND q.period = m.period AND q.metric = 'bytes_month') AS snapshot_bytes_month,
        r.refreshed_at AS snapshot_refreshed_at,
-       extract(epoch FROM now() - r.refreshed_at)::double precision AS snapshot_age_seconds
+       extract(epoch FROM now() - r.refreshed_at)::double precision AS snapshot_age_seconds,
+       (SELECT coalesce(sum(f.size), 0)::bigint FROM dlw.task_files f
+         WHERE f.tenant_id = t.tenant_id AND f.status IN ('pending', 'assigned', 'running')) AS bytes_reserved,
+       (SELECT count(*) FROM dlw.tasks x
+         WHERE x.tenant_id = t.tenant_id AND x.created_at > now() - interval '1 minute') AS tasks_last_minute,
+       t.quota_tasks_per_minute,
+       (SELECT count(*) FROM dlw.storage_targets s WHERE s.tenant_id = t.tenant_id) AS storage_targets,
+       t.quota_storage_targets
   FROM dlw.tenants t
  CROSS JOIN LATERAL (SELECT date_trunc('month', now() AT TIME ZONE 'UTC')::date AS period) m
  CROSS JOIN LATERAL (SELECT coalesce(sum(x.amount), 0)::bigint AS bytes_used_month
@@ -244,7 +251,7 @@ SELECT dlw.comment_view_columns('reporting.quota_status', jsonb_build_object(
     'active', 'false: the tenant is deactivated (no logins, no new tasks; data stays readable)',
     'period', 'Current quota period: first day of the current UTC month',
     'bytes_used_month', 'Bytes downloaded this UTC month (every usage event of the month, folded into the snapshot or not: the figure admission checks)',
-    'quota_bytes_month', 'Monthly byte limit; 0 = unlimited. Admission refuses a task whose declared bytes would exceed it',
+    'quota_bytes_month', 'Monthly byte limit; 0 = unlimited. Admission refuses a task when bytes_used_month + bytes_reserved + its declared bytes would exceed it',
     'bytes_remaining_month', 'quota_bytes_month - bytes_used_month (not below 0); NULL when unlimited',
     'bytes_used_pct', 'bytes_used_month as a percentage of quota_bytes_month; NULL when unlimited',
     'concurrent_tasks', 'Live tasks now (pending or running)',
@@ -252,7 +259,12 @@ SELECT dlw.comment_view_columns('reporting.quota_status', jsonb_build_object(
     'quota_storage_gb', 'Storage allowance in GB; 0 = unlimited (not enforced yet)',
     'snapshot_bytes_month', 'Bytes of this month already folded into the usage snapshot; NULL when no snapshot row exists yet',
     'snapshot_refreshed_at', 'When the usage fold (snapshot refresh) last ran, platform-wide; NULL = never',
-    'snapshot_age_seconds', 'Seconds since snapshot_refreshed_at; NULL = never refreshed'));
+    'snapshot_age_seconds', 'Seconds since snapshot_refreshed_at; NULL = never refreshed',
+    'bytes_reserved', 'Declared bytes of your files still to download (pending, assigned or running): admitted, not yet used',
+    'tasks_last_minute', 'Tasks created in the last 60 seconds, cancelled ones included',
+    'quota_tasks_per_minute', 'Limit on tasks created in any 60 seconds; 0 = unlimited',
+    'storage_targets', 'Storage targets you have',
+    'quota_storage_targets', 'Limit on storage targets; 0 = unlimited'));
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.audit_log
@@ -264,7 +276,9 @@ SELECT a.tenant_id,
        a.actor,
        a.action,
        a.target,
-       a.detail
+       a.detail,
+       a.count,
+       a.last_at
   FROM dlw.audit_log a;
 
 COMMENT ON VIEW reporting.audit_log IS
@@ -276,7 +290,9 @@ SELECT dlw.comment_view_columns('reporting.audit_log', jsonb_build_object(
     'actor', 'Who did it: a user id, oidc:<issuer>#<subject>, sa:<service account>, service:system-admin, or the database login of a DBA',
     'action', 'What happened, e.g. task.created, task.cancelled, quota.exceeded, auth.login, tenant.deactivated',
     'target', 'What it happened to (a task id, a user id, a login name, ...)',
-    'detail', 'Details of the action as JSON'));
+    'detail', 'Details of the action as JSON (for a repeat row, of its first occurrence)',
+    'count', 'How many times it happened: 1, or for a repeated permission_denied or quota.exceeded, the occurrences of one actor on one target (and metric) in the UTC minute of at',
+    'last_at', 'For a repeat row, when it last happened; NULL for a single event'));
 
 -- ---------------------------------------------------------------------------------------
 -- Privileges: reporting logins read the views (and, through them, the granted base

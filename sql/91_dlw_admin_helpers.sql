@@ -121,3 +121,41 @@ COMMENT ON FUNCTION dlw.admin_user_id(bigint, text) IS
 REVOKE ALL ON FUNCTION dlw.admin_tenant_id(text), dlw.admin_audit(bigint, text, text, jsonb),
     dlw.admin_check_slug(text), dlw.admin_check_limits(integer, bigint, integer),
     dlw.admin_user_id(bigint, text) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------
+-- Repeats on the audit trail (for the API, not dlw_admin; here because this file holds
+-- dlw_system's audit writers). A flood of permission denials or quota refusals must not grow
+-- the trail without bound: one row per (tenant, UTC minute, action, actor, target, metric of
+-- detail) whose count grows. dlw_app may insert audit rows but never change one, so the
+-- increment is this definer function's: it only ever adds 1 to the count (and moves last_at)
+-- of a repeat row of the context's own tenant, as the context's actor.
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dlw.audit_repeat(p_action text, p_target text, p_detail jsonb DEFAULT '{}'::jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant bigint := dlw.ctx_tenant_id();
+    v_now    timestamptz := clock_timestamp();
+BEGIN
+    IF v_tenant IS NULL THEN
+        RAISE EXCEPTION 'dlw.audit_repeat: no tenant context (call dlw.set_context first)' USING ERRCODE = '42501';
+    END IF;
+    IF p_action IS NULL THEN
+        RAISE EXCEPTION 'dlw.audit_repeat: an action is required' USING ERRCODE = '22004';
+    END IF;
+    INSERT INTO dlw.audit_log AS a (tenant_id, id, at, actor, action, target, detail, count, minute, last_at)
+    VALUES (v_tenant, dlw.new_id(), v_now, dlw.ctx_user_id(), p_action, p_target, coalesce(p_detail, '{}'::jsonb), 1,
+            date_trunc('minute', v_now, 'UTC'), v_now)
+    ON CONFLICT (tenant_id, minute, action, (coalesce(actor, '')), (coalesce(target, '')),
+                 (coalesce(detail ->> 'metric', '')))
+        WHERE minute IS NOT NULL
+    DO UPDATE SET count = a.count + 1, last_at = greatest(a.last_at, excluded.last_at);
+END
+$$;
+COMMENT ON FUNCTION dlw.audit_repeat(text, text, jsonb) IS
+    'Records one occurrence of a repeatable event (permission_denied, quota.exceeded) in the context tenant''s audit trail, as the context''s actor: the first in a UTC minute inserts a repeat row (count 1, minute, at = last_at = now; detail is the first occurrence''s), each further one with the same (action, actor, target, detail->>metric) in that minute adds 1 to its count and moves last_at. SECURITY DEFINER (dlw_system) because dlw_app may not update audit rows; tenant and actor come from the context only. Raises 42501 without context.';
+
+REVOKE ALL ON FUNCTION dlw.audit_repeat(text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.audit_repeat(text, text, jsonb) TO dlw_app;

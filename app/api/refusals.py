@@ -79,7 +79,12 @@ REGISTRY: dict[str, Answers] = {
     ),
     "dlw.quota_current": Answers(missing=TENANT_NOT_FOUND),
     "insert_storage_target": Answers(
-        sqlstates={"23505": Refusal(409, "STORAGE_TARGET_EXISTS", "the tenant has a storage target of that name")}
+        sqlstates={
+            "23505": Refusal(409, "STORAGE_TARGET_EXISTS", "the tenant has a storage target of that name"),
+            # the trigger dlw.storage_target_limits (sql/20_tenants.sql)
+            "DLW02": Refusal(409, "STORAGE_TARGET_LIMIT", "the tenant has as many storage targets as it may"),
+            "DLW03": Refusal(422, "STORAGE_TARGET_CONFIG_TOO_LARGE", "the config is larger than allowed"),
+        }
     ),
     # -- administration (sql/70_administration.sql) ----------------------------------------
     "dlw.platform_create_tenant": Answers(

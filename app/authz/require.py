@@ -12,7 +12,7 @@ from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError
-from app.db.pool import audit, tenant_transaction
+from app.db.pool import audit_repeat, tenant_transaction
 from app.domain import PLATFORM_TENANT_ID
 from app.identity.credentials import current_principal
 from app.identity.principal import Principal
@@ -23,13 +23,15 @@ PermissionDependency = Callable[..., Awaitable[Principal]]
 
 
 async def audit_denial(request: Request, principal: Principal, obj: str, act: str) -> None:
-    """Write the permission_denied row in its own transaction, committed before the 403 is
-    sent, so nothing that happens to the request afterwards can lose it."""
+    """Count the denial on the permission_denied row in its own transaction, committed before
+    the 403 is sent, so nothing that happens to the request afterwards can lose it. Repeats of
+    one principal on one route in one minute share a row (its count grows): a flood of denials
+    adds O(1) rows, not one each."""
     tenant = principal.tenant_id or PLATFORM_TENANT_ID  # system-wide executors have no tenant
     detail = {"role": principal.role, "method": request.method, "path": request.url.path}
     try:
         async with tenant_transaction(request.app.state.pool, tenant, principal.user_id, principal.role) as conn:
-            await audit(conn, "permission_denied", f"{act} {obj}", detail)
+            await audit_repeat(conn, "permission_denied", f"{act} {obj}", detail)
     except (OSError, asyncpg.PostgresError):
         log.exception("could not audit a permission denial: %s %s by %s", act, obj, principal.user_id)
 

@@ -50,3 +50,9 @@ async def tenant_transaction(
 async def audit(conn: asyncpg.Connection, action: str, target: str, detail: dict[str, Any]) -> None:
     """Append a row to the current tenant's audit trail, in the caller's transaction."""
     await conn.execute(SQL["audit"], action, target, json.dumps(detail))
+
+
+async def audit_repeat(conn: asyncpg.Connection, action: str, target: str, detail: dict[str, Any]) -> None:
+    """Count one occurrence of a repeatable event (a denial) on the current tenant's audit trail:
+    one row per actor, action, target and UTC minute, whose count grows (dlw.audit_repeat)."""
+    await conn.execute(SQL["audit_repeat"], action, target, json.dumps(detail))

@@ -8,6 +8,10 @@ SELECT dlw.set_context($1, $2, $3);
 -- name: audit
 SELECT dlw.audit($1, $2, $3::jsonb);
 
+-- name: audit_repeat
+-- A repeatable event (a permission denial): counted on one row per actor, target and minute.
+SELECT dlw.audit_repeat($1, $2, $3::jsonb);
+
 -- name: role_safety
 SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user;
 
@@ -102,7 +106,7 @@ SELECT id, issuer, client_id, role, description, created_at FROM dlw.service_acc
 DELETE FROM dlw.service_accounts WHERE id = $1 RETURNING client_id;
 
 -- name: audit_trail
-SELECT id, at, actor, action, target, detail FROM dlw.audit_log
+SELECT id, at, actor, action, target, detail, count, last_at FROM dlw.audit_log
 WHERE tenant_id = dlw.ctx_tenant_id() AND ($1::timestamptz IS NULL OR (at, id) < ($1, $2))
   AND ($3::text IS NULL OR action = $3)
 ORDER BY at DESC, id DESC LIMIT $4;

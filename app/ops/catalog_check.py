@@ -35,6 +35,8 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw.cancel_overlong_reporting_queries()": _SYSTEM,
     # reporting: when the usage fold last ran, without granting the platform table (sql/80_reporting_refreshed_at.sql)
     "dlw.reporting_snapshot_refreshed_at()": _SYSTEM,
+    # repeats on the audit trail: dlw_app may not update audit rows (sql/91_dlw_admin_helpers.sql)
+    "dlw.audit_repeat(text,text,jsonb)": _SYSTEM,
     # login roles (CREATEROLE), callable by dlw_system only (sql/90_login_roles.sql)
     "dlw.create_login_role(text,text)": _LOGIN_MANAGER,
     "dlw.set_login_role_password(text,text)": _LOGIN_MANAGER,

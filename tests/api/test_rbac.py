@@ -119,6 +119,30 @@ def test_denials_are_audited_even_when_the_request_is_malformed(db: MigratedDb):
     assert rows == [(1, "POST /api/v1/tenants", "tenant_operator"), (1, "GET /api/v1/users", "tenant_operator")]
 
 
+def test_a_flood_of_denials_leaves_o1_audit_rows_with_the_count(db: MigratedDb):
+    """The attack: every forbidden request appended a row, so a loop of 403s grew the trail
+    without bound. Repeats of one principal on one route in one minute now share a row."""
+    with TestClient(create_app(app_settings(db))) as client:
+        viewer = bearer(token(1, "tenant_viewer", user_id="flooder"))
+        for i in range(500):
+            response = client.get("/api/v1/users", headers=viewer, params={"n": i})
+            assert response.status_code == 403
+        assert client.get("/api/v1/audit", headers=viewer).status_code == 403
+        admin = bearer(token(1, "tenant_admin"))
+        page = client.get("/api/v1/audit", headers=admin, params={"action": "permission_denied", "limit": 200})
+        mine = [item for item in page.json()["items"] if item["actor"] == "flooder"]
+    with db.owner() as conn:
+        rows = conn.execute(
+            "SELECT target, count, last_at >= at FROM dlw.audit_log WHERE action = 'permission_denied'"
+            " AND actor = 'flooder' ORDER BY at"
+        ).fetchall()
+    users = [r for r in rows if r[0] == "GET /api/v1/users"]
+    assert len(users) <= 2 and sum(r[1] for r in users) == 500  # two rows only across a minute boundary
+    assert all(r[2] for r in rows)
+    assert [r[0] for r in rows if r[0] != "GET /api/v1/users"] == ["GET /api/v1/audit"]
+    assert sum(item["count"] for item in mine) == 501 and all(item["last_at"] for item in mine)
+
+
 def _time_until(url: str, headers: dict[str, str], status: int, limit: float = 5.0) -> float:
     started = time.monotonic()
     while time.monotonic() - started < limit:

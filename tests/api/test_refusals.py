@@ -63,6 +63,7 @@ def test_every_registry_entry_names_a_call_the_api_makes():
     assert called - set(REGISTRY) <= {
         "dlw.set_context",
         "dlw.audit",
+        "dlw.audit_repeat",
         "dlw.ctx_tenant_id",
         "dlw.refresh_quota_snapshots",
     }

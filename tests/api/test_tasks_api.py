@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from app import domain
 from app.api.factory import create_app
 from tests.support import server
 from tests.support.app import app_settings, bearer, every_page, token
@@ -165,6 +166,49 @@ def test_quota_refusals_are_429_with_the_metric_and_audited(client: TestClient, 
     assert set(quota) >= {"storage_gb_used", "storage_gb_quota", "snapshot_age_seconds"}
 
 
+def test_quota_current_shows_what_live_tasks_reserve(client: TestClient, db: MigratedDb):
+    tid = tenant(db, "reserved", concurrent=0, bytes_month=100)
+    op, viewer = bearer(token(tid, "tenant_operator")), bearer(token(tid, "tenant_viewer"))
+    eighty = body(files=[{"path": "x", "size": 80}])
+    first = client.post("/api/v1/tasks", headers=op, json=eighty)
+    assert first.status_code == 201
+    second = client.post("/api/v1/tasks", headers=op, json=eighty)  # 80 reserved + 80 > 100
+    assert second.status_code == 429 and second.json() == {
+        "detail": {"code": "QUOTA_EXCEEDED", "metric": "bytes_month"}
+    }
+    quota = client.get("/api/v1/quota/current", headers=viewer).json()
+    assert (quota["bytes_used_month"], quota["bytes_reserved"], quota["bytes_quota_month"]) == (0, 80, 100)
+    assert (quota["tasks_last_minute"], quota["storage_targets"]) == (1, 1)
+    assert client.post(f"/api/v1/tasks/{first.json()['id']}/cancel", headers=op).status_code == 202
+    assert client.get("/api/v1/quota/current", headers=viewer).json()["bytes_reserved"] == 0
+    assert client.post("/api/v1/tasks", headers=op, json=eighty).status_code == 201
+
+
+def test_a_create_then_cancel_flood_is_refused_with_429_tasks_per_minute(client: TestClient, db: MigratedDb):
+    tid = tenant(db, "churn", concurrent=1)
+    with db.owner() as conn:
+        conn.execute("UPDATE dlw.tenants SET quota_tasks_per_minute = 10 WHERE tenant_id = %s", (tid,))
+    op = bearer(token(tid, "tenant_operator", user_id="churner"))
+    codes = []
+    for _ in range(30):
+        created = client.post("/api/v1/tasks", headers=op, json=body())
+        codes.append(created.status_code)
+        if created.status_code == 201:
+            assert client.post(f"/api/v1/tasks/{created.json()['id']}/cancel", headers=op).status_code == 202
+        else:
+            assert created.json() == {"detail": {"code": "QUOTA_EXCEEDED", "metric": "tasks_per_minute"}}
+    assert codes == [201] * 10 + [429] * 20
+    quota = client.get("/api/v1/quota/current", headers=op).json()
+    assert (quota["tasks_last_minute"], quota["tasks_per_minute_quota"]) == (10, 10)
+    with db.owner() as conn:
+        assert conn.execute("SELECT count(*) FROM dlw.tasks WHERE tenant_id = %s", (tid,)).fetchone() == (10,)
+        rows, total = conn.execute(
+            "SELECT count(*), sum(count) FROM dlw.audit_log WHERE tenant_id = %s AND action = 'quota.exceeded'",
+            (tid,),
+        ).fetchone()
+    assert rows <= 2 and total == 20
+
+
 def test_an_inactive_tenant_cannot_create(client: TestClient, db: MigratedDb):
     tid = tenant(db, "dormant")
     with db.owner() as conn:
@@ -193,6 +237,25 @@ def test_storage_targets(client: TestClient, db: MigratedDb):
     assert client.post("/api/v1/tasks", headers=admin, json=body(storage_target="fast")).status_code == 201
 
 
+def test_storage_targets_are_capped_in_number_and_config_size(client: TestClient, db: MigratedDb):
+    tid = tenant(db, "hoarder")
+    with db.owner() as conn:
+        conn.execute("UPDATE dlw.tenants SET quota_storage_targets = 3 WHERE tenant_id = %s", (tid,))
+    admin = bearer(token(tid, "tenant_admin"))
+    huge = {"blob": "x" * domain.STORAGE_TARGET_CONFIG_MAX_BYTES}
+    too_big = client.post("/api/v1/storage-targets", headers=admin, json={"name": "huge", "config": huge})
+    assert too_big.status_code == 422 and too_big.json() == {"detail": {"code": "STORAGE_TARGET_CONFIG_TOO_LARGE"}}
+    codes = [
+        client.post("/api/v1/storage-targets", headers=admin, json={"name": f"t{i}"}).status_code for i in range(5)
+    ]
+    assert codes == [201, 201, 409, 409, 409]
+    refused = client.post("/api/v1/storage-targets", headers=admin, json={"name": "t9"})
+    assert refused.json() == {"detail": {"code": "STORAGE_TARGET_LIMIT"}}
+    names = [t["name"] for t in client.get("/api/v1/storage-targets", headers=admin).json()]
+    assert names == ["default", "t0", "t1"]
+    assert client.get("/api/v1/quota/current", headers=admin).json()["storage_targets_quota"] == 3
+
+
 async def _fire(base: str, headers: dict[str, str], bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=200)) as http:
         return await asyncio.gather(*(http.post("/api/v1/tasks", headers=headers, json=b) for b in bodies))
@@ -217,7 +280,7 @@ def test_200_simultaneous_creates_through_the_api_admit_exactly_the_limit(db: Mi
             assert codes.count(201) == limit and codes.count(429) == n - limit, sorted(set(codes))
             assert conn.execute("SELECT count(*) FROM dlw.tasks WHERE tenant_id = %s", (tid,)).fetchone() == (limit,)
             assert conn.execute(
-                "SELECT count(*) FROM dlw.audit_log WHERE tenant_id = %s AND action = 'quota.exceeded'", (tid,)
+                "SELECT sum(count) FROM dlw.audit_log WHERE tenant_id = %s AND action = 'quota.exceeded'", (tid,)
             ).fetchone() == (n - limit,)
 
 

@@ -106,8 +106,13 @@ def live_tasks(db: MigratedDb, tenant_id: int) -> int:
 
 
 def audit_count(db: MigratedDb, tenant_id: int, action: str) -> int:
+    """How many times the action was audited (a repeat row stands for `count` occurrences)."""
     return int(
-        scalar(db, "SELECT count(*) FROM dlw.audit_log WHERE tenant_id = %s AND action = %s", (tenant_id, action))
+        scalar(
+            db,
+            "SELECT coalesce(sum(count), 0) FROM dlw.audit_log WHERE tenant_id = %s AND action = %s",
+            (tenant_id, action),
+        )
     )
 
 
@@ -313,26 +318,38 @@ def test_month_start_is_the_utc_calendar_month_whatever_the_session_time_zone(db
 def test_bytes_quota_counts_this_utc_month_folded_and_unfolded(db):
     tid = provision(db, "bytes", concurrent=0, bytes_month=1000)
     with psycopg.connect(db.app_url) as conn:
-        outcome, task, metric, detail = create(conn, tid, files=one_file(1001))
-        assert (outcome, task, metric) == ("QUOTA_EXCEEDED", None, "bytes_month")
-        assert detail == {"metric": "bytes_month", "limit": 1000, "current": 0, "requested": 1001}
+
+        def admit(size: int) -> tuple[str, str | None, dict[str, Any] | None]:
+            """Create a task of `size` bytes; cancel it at once, so it reserves nothing after."""
+            outcome, task, metric, detail = create(conn, tid, files=one_file(size))
+            if task is not None:
+                as_tenant(conn, tid, "tenant_operator", user="user-1")
+                assert conn.execute("SELECT dlw.cancel_task(%s)", (task,)).fetchone() == ("cancelled",)
+                conn.commit()
+            return outcome, metric, detail
+
+        assert admit(1001) == (
+            "QUOTA_EXCEEDED",
+            "bytes_month",
+            {"metric": "bytes_month", "limit": 1000, "current": 0, "reserved": 0, "requested": 1001},
+        )
         assert audit_count(db, tid, "quota.exceeded") == 1
-        # declared bytes are checked, but (per the issue) live tasks' declared bytes are not usage
-        assert create(conn, tid, files=one_file(1000))[0] == "created"
-        assert create(conn, tid, files=one_file(1000))[0] == "created"
+        assert admit(1000)[0] == "created"
 
         # last month's usage, a microsecond before this UTC month began: does not count
         add_usage(db, tid, 900, "dlw.month_start(now())::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond'")
         assert bytes_used(db, tid) == 0
-        assert create(conn, tid, files=one_file(1000))[0] == "created"
+        assert admit(1000)[0] == "created"
 
         # this month's usage, at the very first instant of the month, not folded yet: counts
         add_usage(db, tid, 300, "dlw.month_start(now())::timestamp AT TIME ZONE 'UTC'")
         assert bytes_used(db, tid) == 300
-        outcome, _, metric, detail = create(conn, tid, files=one_file(701))
-        assert (outcome, metric) == ("QUOTA_EXCEEDED", "bytes_month")
-        assert detail == {"metric": "bytes_month", "limit": 1000, "current": 300, "requested": 701}
-        assert create(conn, tid, files=one_file(700))[0] == "created"
+        assert admit(701) == (
+            "QUOTA_EXCEEDED",
+            "bytes_month",
+            {"metric": "bytes_month", "limit": 1000, "current": 300, "reserved": 0, "requested": 701},
+        )
+        assert admit(700)[0] == "created"
 
         # folded into the snapshot: still counts, exactly once
         fold_everything(db)
@@ -346,15 +363,156 @@ def test_bytes_quota_counts_this_utc_month_folded_and_unfolded(db):
             == 300
         )
         assert bytes_used(db, tid) == 300
-        assert create(conn, tid, files=one_file(701))[0] == "QUOTA_EXCEEDED"
-        assert create(conn, tid, files=one_file(700))[0] == "created"
+        assert admit(701)[0] == "QUOTA_EXCEEDED"
+        assert admit(700)[0] == "created"
 
         # folded plus new unfolded usage
         add_usage(db, tid, 100, "now()")
         assert bytes_used(db, tid) == 400
-        assert create(conn, tid, files=one_file(601))[2] == "bytes_month"
-        assert create(conn, tid, files=one_file(600))[0] == "created"
+        assert admit(601)[1] == "bytes_month"
+        assert admit(600)[0] == "created"
         assert audit_count(db, tid, "quota.exceeded") == 4
+
+
+def finish_file(db: MigratedDb, file_id: uuid.UUID, outcome: str) -> None:
+    """What an executor's report does to a file (as the owner): succeeded appends its usage."""
+    with db.owner() as conn, conn.transaction():
+        conn.execute("UPDATE dlw.task_files SET status = 'assigned' WHERE id = %s", (file_id,))
+        tenant_id, task_id, size = conn.execute(
+            "UPDATE dlw.task_files SET status = %s, bytes_done = size WHERE id = %s RETURNING tenant_id, task_id, size",
+            (outcome, file_id),
+        ).fetchone()
+        if outcome == "succeeded":
+            conn.execute(
+                "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id)"
+                " VALUES (%s, 'bytes_month', %s, %s, %s, %s)",
+                (tenant_id, size, f"file:{file_id}", task_id, file_id),
+            )
+
+
+def test_live_tasks_reserve_their_still_to_download_bytes(db):
+    """The attack: three 80-byte tasks against a 100-byte month all passed, because only usage
+    already downloaded was counted. Admission now reserves what it admits."""
+    tid = provision(db, "reserve", concurrent=0, bytes_month=100)
+    two = [{"path": "a", "size": 30}, {"path": "b", "size": 50}]
+    with psycopg.connect(db.app_url) as conn:
+        outcome, first, _, _ = create(conn, tid, files=two)
+        assert outcome == "created"
+        assert create(conn, tid, files=one_file(80))[2:] == (
+            "bytes_month",
+            {"metric": "bytes_month", "limit": 100, "current": 0, "reserved": 80, "requested": 80},
+        )
+        assert create(conn, tid, files=one_file(21))[0] == "QUOTA_EXCEEDED"
+        assert create(conn, tid, files=one_file(20))[0] == "created"  # 80 + 20 = 100: fits exactly
+        assert create(conn, tid, files=one_file(1))[0] == "QUOTA_EXCEEDED"
+        with db.owner() as owner:
+            files = dict(owner.execute("SELECT path, id FROM dlw.task_files WHERE task_id = %s", (first,)).fetchall())
+        # a downloaded file moves from reserved to used (100 still taken); a failed one frees its bytes
+        finish_file(db, files["a"], "succeeded")
+        assert create(conn, tid, files=one_file(1))[0] == "QUOTA_EXCEEDED"
+        as_tenant(conn, tid, "tenant_viewer", user="user-1")
+        assert conn.execute("SELECT bytes_used_month, bytes_reserved FROM dlw.quota_current()").fetchone() == (30, 70)
+        conn.commit()
+        finish_file(db, files["b"], "failed")
+        assert create(conn, tid, files=one_file(51))[0] == "QUOTA_EXCEEDED"
+        outcome, third, _, _ = create(conn, tid, files=one_file(50))
+        assert outcome == "created"
+        # cancelling a task releases what it reserved
+        as_tenant(conn, tid, "tenant_operator", user="user-1")
+        assert conn.execute("SELECT dlw.cancel_task(%s)", (third,)).fetchone() == ("cancelled",)
+        conn.commit()
+        assert create(conn, tid, files=one_file(50))[0] == "created"
+
+
+def test_200_simultaneous_creates_reserve_no_more_than_the_byte_quota(db):
+    tid = provision(db, "reserve-crowd", concurrent=0, bytes_month=1000)  # FILES: 100 bytes a task
+    with db.owner() as owner:
+        owner.execute("UPDATE dlw.tenants SET quota_tasks_per_minute = 0 WHERE tenant_id = %s", (tid,))
+    n = max_parallel(db, 200)
+    results = concurrently(db, [lambda c: create(c, tid, lock_timeout_ms=60000)] * n)
+    assert not [r for r in results if isinstance(r, Exception)]
+    assert Counter(r[0] for r in results) == {"created": 10, "QUOTA_EXCEEDED": n - 10}
+    assert {r[2] for r in results if r[0] == "QUOTA_EXCEEDED"} == {"bytes_month"}
+    assert {r[3]["reserved"] for r in results if r[0] == "QUOTA_EXCEEDED"} == {1000}
+    assert scalar(db, "SELECT sum(total_bytes) FROM dlw.tasks WHERE tenant_id = %s", (tid,)) == 1000
+    assert audit_count(db, tid, "quota.exceeded") == n - 10
+
+
+def test_the_reserved_bytes_are_summed_from_the_live_files_index(db):
+    with db.owner() as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = conn.execute(
+            "EXPLAIN (FORMAT JSON) SELECT coalesce(sum(f.size), 0) FROM dlw.task_files f"
+            " WHERE f.tenant_id = 1 AND f.status IN ('pending', 'assigned', 'running')"
+        ).fetchone()[0]
+    assert "task_files_tenant_unfinished" in str(plan)
+
+
+# ------------------------------------------------------------------------------------------
+# Tasks per minute
+# ------------------------------------------------------------------------------------------
+
+
+def set_rate(db: MigratedDb, tenant_id: int, per_minute: int) -> None:
+    with db.owner() as owner:
+        owner.execute(
+            "UPDATE dlw.tenants SET quota_tasks_per_minute = %s WHERE tenant_id = %s", (per_minute, tenant_id)
+        )
+
+
+def test_a_create_then_cancel_flood_is_refused_at_the_rate_limit(db):
+    """The attack: create, cancel, create, ... never holds a live task, so the concurrency limit
+    never bit, and the loop filled the tables. Cancelled tasks count against the rate."""
+    tid = provision(db, "flood", concurrent=1)
+    set_rate(db, tid, 5)
+    with psycopg.connect(db.app_url) as conn:
+        for _ in range(5):
+            outcome, task, _, _ = create(conn, tid)
+            assert outcome == "created"
+            as_tenant(conn, tid, "tenant_operator", user="user-1")
+            assert conn.execute("SELECT dlw.cancel_task(%s)", (task,)).fetchone() == ("cancelled",)
+            conn.commit()
+        for _ in range(20):
+            outcome, task, metric, detail = create(conn, tid)
+            assert (outcome, task, metric) == ("QUOTA_EXCEEDED", None, "tasks_per_minute")
+        assert detail == {"metric": "tasks_per_minute", "limit": 5, "current": 5, "requested": 1}
+        assert audit_count(db, tid, "quota.exceeded") == 20
+        assert (
+            scalar(db, "SELECT count(*) FROM dlw.audit_log WHERE tenant_id = %s AND action = 'quota.exceeded'", (tid,))
+            <= 2
+        )
+        as_tenant(conn, tid, "tenant_viewer", user="user-1")
+        assert conn.execute("SELECT tasks_last_minute, tasks_per_minute_quota FROM dlw.quota_current()").fetchone() == (
+            5,
+            5,
+        )
+        conn.commit()
+        # a minute later the window is empty again
+        with db.owner() as owner:
+            owner.execute(
+                "UPDATE dlw.tasks SET created_at = created_at - interval '61 seconds' WHERE tenant_id = %s", (tid,)
+            )
+        assert create(conn, tid)[0] == "created"
+    assert scalar(db, "SELECT count(*) FROM dlw.tasks WHERE tenant_id = %s", (tid,)) == 6
+
+
+def test_200_simultaneous_creates_admit_exactly_the_rate_limit(db):
+    tid = provision(db, "rate-crowd", concurrent=0)
+    set_rate(db, tid, 25)
+    n = max_parallel(db, 200)
+    results = concurrently(db, [lambda c: create(c, tid, lock_timeout_ms=60000)] * n)
+    assert not [r for r in results if isinstance(r, Exception)]
+    assert Counter(r[0] for r in results) == {"created": 25, "QUOTA_EXCEEDED": n - 25}
+    assert {r[2] for r in results if r[0] == "QUOTA_EXCEEDED"} == {"tasks_per_minute"}
+    assert scalar(db, "SELECT count(*) FROM dlw.tasks WHERE tenant_id = %s", (tid,)) == 25
+    assert audit_count(db, tid, "quota.exceeded") == n - 25
+
+
+def test_unlimited_rate_is_zero(db):
+    tid = provision(db, "no-rate", concurrent=0)
+    set_rate(db, tid, 0)
+    with psycopg.connect(db.app_url) as conn:
+        assert {create(conn, tid)[0] for _ in range(3)} == {"created"}
 
 
 def test_the_concurrency_limit_is_checked_before_bytes(db):

@@ -28,6 +28,7 @@ PYTHON_FACTS: dict[str, object] = {
     "storage_target_name_pattern": domain.STORAGE_TARGET_NAME_PATTERN,
     "login_name_pattern": domain.LOGIN_NAME_PATTERN,
     "login_name_reserved_pattern": domain.LOGIN_NAME_RESERVED_PATTERN,
+    "storage_target_config_max_bytes": domain.STORAGE_TARGET_CONFIG_MAX_BYTES,
 }
 
 
@@ -56,6 +57,8 @@ def test_tenant_quota_defaults_are_the_column_defaults(db: MigratedDb):
         "quota_concurrent": domain.DEFAULT_QUOTA_CONCURRENT,
         "quota_bytes_month": domain.DEFAULT_QUOTA_BYTES_MONTH,
         "quota_storage_gb": domain.DEFAULT_QUOTA_STORAGE_GB,
+        "quota_tasks_per_minute": domain.DEFAULT_QUOTA_TASKS_PER_MINUTE,
+        "quota_storage_targets": domain.DEFAULT_QUOTA_STORAGE_TARGETS,
     }
 
 

@@ -265,6 +265,8 @@ class AuditEntry(BaseModel):
     action: str
     target: str | None
     detail: dict[str, Any]
+    count: int = Field(description="occurrences: 1, or those of a repeated denial or refusal in the minute of `at`")
+    last_at: datetime | None = Field(description="a repeat row's latest occurrence; null for a single event")
 
 
 class AuditPage(BaseModel):

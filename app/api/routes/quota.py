@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.api.openapi_errors import error_responses
 from app.api.refusals import found
@@ -28,13 +28,19 @@ class Quota(BaseModel):
     concurrent_quota: int
     snapshot_refreshed_at: datetime | None
     snapshot_age_seconds: float | None
+    bytes_reserved: int = Field(description="declared bytes of unfinished files: admission counts used + reserved")
+    tasks_last_minute: int
+    tasks_per_minute_quota: int
+    storage_targets: int
+    storage_targets_quota: int
 
 
 @router.get("/quota/current", response_model=Quota, responses=error_responses("dlw.quota_current"))
 async def quota_current(
     request: Request, principal: Principal = Depends(require_perm("/api/v1/quota/current", "GET"))
 ) -> Quota:
-    """Limits (0 = unlimited) and exact usage now: this UTC month's bytes and live tasks."""
+    """Limits (0 = unlimited) and exact usage now: this UTC month's bytes used and reserved, live
+    tasks, tasks created in the last minute, storage targets."""
     async with request_transaction(request, principal) as conn:
         row = found("dlw.quota_current", await conn.fetchrow(SQL["quota_current"]))
     return Quota(**{**dict(row), "period": row["period"].isoformat()})

@@ -1,0 +1,169 @@
+"""Limits that a tenant cannot talk around, in SQL as the API's role: the storage-target count
+and config size (the trigger dlw.storage_target_limits), and repeats on the audit trail
+(dlw.audit_repeat) that keep a flood of denials or refusals at O(1) rows."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+from psycopg.types.json import Jsonb
+
+from app import domain
+from tests.support.database import MigratedDb
+from tests.support.tenants import as_tenant, tenant
+
+INSERT_TARGET = "INSERT INTO dlw.storage_targets (tenant_id, name, config) VALUES (dlw.ctx_tenant_id(), %s, %s)"
+
+
+def set_limit(db: MigratedDb, tenant_id: int, column: str, value: int) -> None:
+    with db.owner() as owner:
+        owner.execute(f"UPDATE dlw.tenants SET {column} = %s WHERE tenant_id = %s", (value, tenant_id))
+
+
+def targets(db: MigratedDb, tenant_id: int) -> int:
+    with db.owner() as owner:
+        return int(
+            owner.execute("SELECT count(*) FROM dlw.storage_targets WHERE tenant_id = %s", (tenant_id,)).fetchone()[0]
+        )  # type: ignore[index]
+
+
+def test_a_tenant_cannot_add_storage_targets_beyond_its_limit(db: MigratedDb):
+    tid = tenant(db, "st-count")
+    set_limit(db, tid, "quota_storage_targets", 3)
+    with psycopg.connect(db.app_url) as conn:
+        for name in ("two", "three"):
+            as_tenant(conn, tid, "tenant_admin")
+            conn.execute(INSERT_TARGET, (name, Jsonb({})))
+            conn.commit()
+        as_tenant(conn, tid, "tenant_admin")
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute(INSERT_TARGET, ("four", Jsonb({})))
+        assert refused.value.sqlstate == "DLW02"
+        conn.rollback()
+        # deleting one makes room again; the limit holds for a superuser's insert too
+        as_tenant(conn, tid, "tenant_admin")
+        conn.execute("DELETE FROM dlw.storage_targets WHERE name = 'three'")
+        conn.execute(INSERT_TARGET, ("four", Jsonb({})))
+        conn.commit()
+    with db.owner() as owner, pytest.raises(psycopg.Error) as refused:
+        owner.execute("INSERT INTO dlw.storage_targets (tenant_id, name) VALUES (%s, 'five')", (tid,))
+    assert refused.value.sqlstate == "DLW02"
+    assert targets(db, tid) == 3
+    set_limit(db, tid, "quota_storage_targets", 0)  # 0 = unlimited
+    with db.owner() as owner:
+        owner.execute("INSERT INTO dlw.storage_targets (tenant_id, name) VALUES (%s, 'five')", (tid,))
+
+
+def test_concurrent_storage_target_inserts_never_pass_the_limit(db: MigratedDb):
+    tid = tenant(db, "st-race")
+    set_limit(db, tid, "quota_storage_targets", 5)  # the default target is one of them
+    n = 30
+    barrier = threading.Barrier(n, timeout=60)
+    outcomes: list[Any] = [None] * n
+
+    def worker(i: int) -> None:
+        with psycopg.connect(db.app_url) as conn:
+            as_tenant(conn, tid, "tenant_admin")
+            barrier.wait()
+            try:
+                conn.execute(INSERT_TARGET, (f"t{i}", Jsonb({})))
+                conn.commit()
+                outcomes[i] = "ok"
+            except psycopg.Error as exc:
+                outcomes[i] = exc.sqlstate
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert sorted(outcomes) == ["DLW02"] * (n - 4) + ["ok"] * 4
+    assert targets(db, tid) == 5
+
+
+def test_adding_a_storage_target_is_refused_at_repeatable_read(db: MigratedDb):
+    tid = tenant(db, "st-rr")
+    with psycopg.connect(db.app_url) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        as_tenant(conn, tid, "tenant_admin")
+        with pytest.raises(errors.InvalidTransactionState):
+            conn.execute(INSERT_TARGET, ("rr", Jsonb({})))
+
+
+def test_a_storage_target_config_cannot_exceed_its_size_limit(db: MigratedDb):
+    tid = tenant(db, "st-size")
+    limit = domain.STORAGE_TARGET_CONFIG_MAX_BYTES
+    fits = {"k": "x" * (limit - len('{"k": ""}'))}  # as the database prints it: {"k": "xxx…"}
+    with psycopg.connect(db.app_url) as conn:
+        as_tenant(conn, tid, "tenant_admin")
+        conn.execute(INSERT_TARGET, ("fits", Jsonb(fits)))
+        conn.commit()
+        for sql, args in (
+            (INSERT_TARGET, ("big", Jsonb({"k": "x" * limit}))),
+            ("UPDATE dlw.storage_targets SET config = %s WHERE name = 'fits'", (Jsonb({**fits, "more": 1}),)),
+        ):
+            as_tenant(conn, tid, "tenant_admin")
+            with pytest.raises(psycopg.Error) as refused:
+                conn.execute(sql, args)
+            assert refused.value.sqlstate == "DLW03"
+            conn.rollback()
+    with db.owner() as owner:
+        assert owner.execute(
+            "SELECT octet_length(config::text) FROM dlw.storage_targets WHERE tenant_id = %s AND name = 'fits'", (tid,)
+        ).fetchone() == (limit,)
+
+
+# ------------------------------------------------------------------------------------------
+# Repeats on the audit trail
+# ------------------------------------------------------------------------------------------
+
+
+def test_500_repeats_leave_one_row_with_their_count(db: MigratedDb):
+    tid = tenant(db, "repeats")
+    with psycopg.connect(db.app_url) as conn:
+        for i in range(500):
+            as_tenant(conn, tid, "tenant_viewer", user="flooder")
+            conn.execute(
+                "SELECT dlw.audit_repeat('permission_denied', 'GET /api/v1/users', %s)",
+                (Jsonb({"role": "tenant_viewer", "path": f"/try/{i}"}),),
+            )
+            conn.commit()
+        # another actor, target or metric is another row
+        as_tenant(conn, tid, "tenant_viewer", user="other")
+        conn.execute("SELECT dlw.audit_repeat('permission_denied', 'GET /api/v1/users', '{}')")
+        as_tenant(conn, tid, "tenant_viewer", user="flooder")
+        conn.execute("SELECT dlw.audit_repeat('quota.exceeded', 'org/m', '{\"metric\": \"bytes_month\"}')")
+        conn.execute("SELECT dlw.audit_repeat('quota.exceeded', 'org/m', '{\"metric\": \"tasks_per_minute\"}')")
+        conn.commit()
+    with db.owner() as owner:
+        rows = owner.execute(
+            "SELECT actor, action, coalesce(detail->>'metric', ''), count(*), sum(count), min(at) <= max(last_at)"
+            " FROM dlw.audit_log WHERE tenant_id = %s GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            (tid,),
+        ).fetchall()
+    # a minute boundary during the loop may split the 500 into two rows, never more
+    flooder = rows[0]
+    assert flooder[:3] == ("flooder", "permission_denied", "") and flooder[3] <= 2 and flooder[4] == 500
+    assert flooder[5] is True
+    assert [(*r[:3], r[4]) for r in rows[1:]] == [
+        ("flooder", "quota.exceeded", "bytes_month", 1),
+        ("flooder", "quota.exceeded", "tasks_per_minute", 1),
+        ("other", "permission_denied", "", 1),
+    ]
+
+
+def test_repeats_need_a_context_and_the_app_still_cannot_change_audit_rows(db: MigratedDb):
+    tid = tenant(db, "repeats-locked")
+    with psycopg.connect(db.app_url) as conn:
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("SELECT dlw.audit_repeat('permission_denied', 'x', '{}')")
+        conn.rollback()
+        as_tenant(conn, tid, "tenant_admin")
+        conn.execute("SELECT dlw.audit_repeat('permission_denied', 'x', '{}')")
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("UPDATE dlw.audit_log SET count = 1")
+        conn.rollback()
