@@ -55,8 +55,8 @@ COMMENT ON FUNCTION dlw.is_plain_reporting_login(text) IS
     'Internal (dlw_login_manager): true when a role is a plain reporting login that DLW may re-password or drop (on PostgreSQL 15 CREATEROLE alone would reach any non-superuser role).';
 REVOKE ALL ON FUNCTION dlw.is_plain_reporting_login(text) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION dlw.set_login_role_password(p_login text, p_password text) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+CREATE OR REPLACE FUNCTION dlw.check_plain_reporting_login(p_login text, p_what text) RETURNS void
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -64,11 +64,23 @@ BEGIN
         RAISE EXCEPTION 'role % does not exist', quote_ident(p_login) USING ERRCODE = 'DLWA4';
     END IF;
     -- The same guard as dlw.drop_login_role: on PostgreSQL 15 CREATEROLE could change any
-    -- non-superuser role's password, so refuse anything but a plain reporting login.
+    -- non-superuser role's password or settings, so refuse anything but a plain reporting login.
     IF NOT dlw.is_plain_reporting_login(p_login) THEN
-        RAISE EXCEPTION 'role % is not a plain reporting login; password not changed', quote_ident(p_login)
+        RAISE EXCEPTION 'role % is not a plain reporting login; % not changed', quote_ident(p_login), p_what
             USING ERRCODE = 'DLWA7';
     END IF;
+END
+$$;
+COMMENT ON FUNCTION dlw.check_plain_reporting_login(text, text) IS
+    'Internal (dlw_login_manager): the guard of dlw.set_login_role_password and dlw.set_login_role_limits before they alter a role. Raises DLWA4 when the role does not exist, DLWA7 when it is not a plain reporting login (the message says p_what was not changed).';
+REVOKE ALL ON FUNCTION dlw.check_plain_reporting_login(text, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION dlw.set_login_role_password(p_login text, p_password text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM dlw.check_plain_reporting_login(p_login, 'password');
     BEGIN
         EXECUTE format('ALTER ROLE %I PASSWORD %s', p_login, coalesce(quote_literal(p_password), 'NULL'));
     EXCEPTION WHEN OTHERS THEN
@@ -105,13 +117,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = p_login) THEN
-        RAISE EXCEPTION 'role % does not exist', quote_ident(p_login) USING ERRCODE = 'DLWA4';
-    END IF;
-    IF NOT dlw.is_plain_reporting_login(p_login) THEN
-        RAISE EXCEPTION 'role % is not a plain reporting login; limits not changed', quote_ident(p_login)
-            USING ERRCODE = 'DLWA7';
-    END IF;
+    PERFORM dlw.check_plain_reporting_login(p_login, 'limits');
     -- Plain numbers (ms, kB): stored as given, compared as text by dlw doctor. The values come
     -- from the CHECKed columns of dlw.reporting_logins; %s of an integer cannot inject.
     EXECUTE format('ALTER ROLE %I CONNECTION LIMIT %s', p_login, p_connection_limit::integer);

@@ -6,6 +6,31 @@
 -- Reporting logins
 -- ---------------------------------------------------------------------------------------
 
+-- The mapping of a login that dlw_admin.create_reporting_login made, locked (invoker rights,
+-- owned by dlw_system like its callers, EXECUTE for nobody else).
+CREATE OR REPLACE FUNCTION dlw.lock_managed_reporting_login(p_login text) RETURNS dlw.reporting_logins
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_map dlw.reporting_logins%ROWTYPE;
+BEGIN
+    SELECT * INTO v_map FROM dlw.reporting_logins r WHERE r.login = p_login FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a reporting login of this database', coalesce(quote_ident(p_login), 'NULL')
+            USING ERRCODE = 'DLWA4';
+    END IF;
+    IF NOT v_map.managed_role THEN
+        RAISE EXCEPTION 'role % was not created by dlw_admin.create_reporting_login; a superuser manages it',
+            quote_ident(p_login) USING ERRCODE = 'DLWA7';
+    END IF;
+    RETURN v_map;
+END
+$$;
+COMMENT ON FUNCTION dlw.lock_managed_reporting_login(text) IS
+    'Internal to dlw_admin (dlw_system): the dlw.reporting_logins row of a login, locked FOR UPDATE. Raises DLWA4 (not a reporting login of this database), DLWA7 (role not created by dlw_admin.create_reporting_login). Used by dlw_admin.set_reporting_login_password and dlw_admin.set_reporting_login_limits.';
+REVOKE ALL ON FUNCTION dlw.lock_managed_reporting_login(text) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION dlw_admin.create_reporting_login(login text, tenant_slug text, password text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -49,15 +74,7 @@ DECLARE
     v_login   text := set_reporting_login_password.login;
     v_map     dlw.reporting_logins%ROWTYPE;
 BEGIN
-    SELECT * INTO v_map FROM dlw.reporting_logins r WHERE r.login = v_login FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION '% is not a reporting login of this database', coalesce(quote_ident(v_login), 'NULL')
-            USING ERRCODE = 'DLWA4';
-    END IF;
-    IF NOT v_map.managed_role THEN
-        RAISE EXCEPTION 'role % was not created by dlw_admin.create_reporting_login; a superuser manages it',
-            quote_ident(v_login) USING ERRCODE = 'DLWA7';
-    END IF;
+    v_map := dlw.lock_managed_reporting_login(v_login);
     PERFORM dlw.set_login_role_password(v_login, set_reporting_login_password.password);
     PERFORM dlw.admin_audit(v_map.tenant_id, 'reporting_login.password_set', v_login,
         jsonb_build_object('via', 'dlw_admin.set_reporting_login_password',
@@ -88,15 +105,7 @@ DECLARE
     v_idle   numeric := extract(epoch FROM set_reporting_login_limits.idle_in_transaction_timeout) * 1000;
     v_temp   numeric := ceil(set_reporting_login_limits.temp_file_limit_bytes / 1024.0);
 BEGIN
-    SELECT * INTO v_before FROM dlw.reporting_logins r WHERE r.login = v_login FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION '% is not a reporting login of this database', coalesce(quote_ident(v_login), 'NULL')
-            USING ERRCODE = 'DLWA4';
-    END IF;
-    IF NOT v_before.managed_role THEN
-        RAISE EXCEPTION 'role % was not created by dlw_admin.create_reporting_login; a superuser manages it',
-            quote_ident(v_login) USING ERRCODE = 'DLWA7';
-    END IF;
+    v_before := dlw.lock_managed_reporting_login(v_login);
     IF set_reporting_login_limits.connection_limit NOT BETWEEN 1 AND 100
        OR v_stmt NOT BETWEEN 1000 AND 86400000 OR v_idle NOT BETWEEN 1000 AND 86400000
        OR v_temp NOT BETWEEN 1024 AND 2147483647 THEN

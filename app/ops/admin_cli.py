@@ -236,11 +236,13 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     return run
 
 
-def _database_url_option(parser: argparse.ArgumentParser) -> None:
+def _runs(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
+    """Finish a subcommand: its last option, --database-url, and the command it runs (guarded)."""
     parser.add_argument(
         "--database-url",
         help="a superuser or dlw_admin member login (default: DLW_MIGRATION_DATABASE_URL)",
     )
+    parser.set_defaults(func=_guarded(func))
 
 
 def _non_negative(text: str) -> int:
@@ -276,28 +278,24 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help=f"max bytes per UTC month (default {QUOTA_TIB} TiB)",
     )
     p.add_argument("--quota-storage-gb", type=_non_negative, help=f"storage allowance in GB (default {QUOTA_GB})")
-    _database_url_option(p)
-    p.set_defaults(func=_guarded(cmd_tenant_create))
+    _runs(p, cmd_tenant_create)
 
     p = tsub.add_parser("list", help="every tenant with its usage against its limits")
-    _database_url_option(p)
-    p.set_defaults(func=_guarded(cmd_tenant_list))
+    _runs(p, cmd_tenant_list)
 
     p = tsub.add_parser("set-quota", help="change a tenant's limits (omitted ones are kept; 0 = unlimited)")
     p.add_argument("slug")
     p.add_argument("--concurrent", type=_non_negative, help="max live (pending or running) tasks")
     p.add_argument("--bytes-month", type=_non_negative, help="max bytes per UTC month")
     p.add_argument("--storage-gb", type=_non_negative, help="storage allowance in GB")
-    _database_url_option(p)
-    p.set_defaults(func=_guarded(cmd_tenant_set_quota))
+    _runs(p, cmd_tenant_set_quota)
 
     p = tsub.add_parser(
         "deactivate", help="refuse the tenant's logins and new tasks and cancel its live tasks; data stays readable"
     )
     p.add_argument("slug")
     p.add_argument("--reason", help="recorded in the tenant's audit trail")
-    _database_url_option(p)
-    p.set_defaults(func=_guarded(cmd_tenant_deactivate))
+    _runs(p, cmd_tenant_deactivate)
 
     login = subparsers.add_parser("reporting-login", help="database logins for BI tools, one tenant each")
     lsub = login.add_subparsers(dest="login_command", required=True)
@@ -309,8 +307,7 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     how.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     how.add_argument("--generate-password", action="store_true", help="generate a password and print it once")
     how.add_argument("--no-password", action="store_true", help="no password: certificate or peer authentication")
-    _database_url_option(p)
-    p.set_defaults(func=_guarded(cmd_login_create))
+    _runs(p, cmd_login_create)
 
     p = lsub.add_parser(
         "set-limits", help="change a login's connection limit, timeouts and temp file limit (omitted ones are kept)"
@@ -339,20 +336,17 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         metavar="BYTES",
         help=f"temporary file space per session (default {DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB * 1024} bytes)",
     )
-    _database_url_option(p)
-    p.set_defaults(func=_guarded(cmd_login_set_limits))
+    _runs(p, cmd_login_set_limits)
 
     p = lsub.add_parser("drop", help="remove a reporting login (and its role, if DLW created it)")
     p.add_argument("login")
-    _database_url_option(p)
-    p.set_defaults(func=_guarded(cmd_login_drop))
+    _runs(p, cmd_login_drop)
 
     user = subparsers.add_parser("user", help="a tenant's users and the roles granted to them")
     usub = user.add_subparsers(dest="user_command", required=True)
     p = usub.add_parser("list", help="the tenant's users: email (verified or not), role, granted roles")
     p.add_argument("tenant", help="tenant slug")
-    _database_url_option(p)
-    p.set_defaults(func=_guarded(cmd_user_list))
+    _runs(p, cmd_user_list)
     for name, func, what in (
         ("grant-role", cmd_user_grant_role, "grant a user a tenant role on top of their own"),
         ("revoke-role", cmd_user_revoke_role, "revoke a role granted with grant-role"),
@@ -361,5 +355,4 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         p.add_argument("tenant", help="tenant slug")
         p.add_argument("user", help="user id, or an email the identity provider verified, held by one user only")
         p.add_argument("role", choices=TENANT_ROLES)
-        _database_url_option(p)
-        p.set_defaults(func=_guarded(func))
+        _runs(p, func)

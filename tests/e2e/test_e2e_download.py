@@ -427,6 +427,42 @@ def quota_used(api: str, tid: int) -> int:
     return int(quota.json()["bytes_used_month"])
 
 
+def create_one_file_tasks(
+    api: str,
+    hub: HubServer,
+    tid: int,
+    repo: str,
+    content: bytes,
+    declared: int,
+    cases: dict[str, str | None],
+    announced: str,
+) -> dict[str, str]:
+    """One task per path of cases (path: its sha256, or None), each of one file declared
+    `declared` bytes long and served as `content`; the server announces the length of `announced`
+    only. Returns the task ids by path."""
+    task_ids = {}
+    for path, digest in cases.items():
+        hub.add(repo, "main", path, content)
+        if path != announced:
+            hub.unannounced.add(path)
+        spec = {"path": path, "size": declared, **({"sha256": digest} if digest else {})}
+        created = create_task(api, tid, repo, "main", [spec])
+        assert created.status_code == 201, created.text
+        task_ids[path] = created.json()["id"]
+    return task_ids
+
+
+def run_until_failed(api: str, hub: HubServer, storage: Path, label: str, tid: int, task_ids: dict[str, str]) -> None:
+    """An executor (three downloads at once) runs until every task has failed, then stops cleanly."""
+    executor = start_executor(api, hub, storage, label, "--concurrency", "3")
+    try:
+        for task_id in task_ids.values():
+            wait_for(lambda t=task_id: task_of(api, tid, t)["status"] == "failed", 60, task_id, (executor,))
+    finally:
+        code, err = stop_executor(executor)
+    assert code == 0, err
+
+
 def test_one_byte_files_served_as_5_mb_fail_and_the_quota_holds(db, api, hub, workdir):
     """The attack as reported: tasks declaring 1-byte files, admitted under a 1,000-byte monthly
     quota, pulled 5 MB each through the executor and were counted so. The declared size is a
@@ -436,26 +472,13 @@ def test_one_byte_files_served_as_5_mb_fail_and_the_quota_holds(db, api, hub, wo
     content = random.Random(8).randbytes(5_000_000)
     sha = hashlib.sha256(content).hexdigest()
     cases = {"announced.bin": sha, "unannounced.bin": sha, "no-sha.bin": None}
-    task_ids = {}
-    for path, digest in cases.items():
-        hub.add("org/liar", "main", path, content)
-        if path != "announced.bin":
-            hub.unannounced.add(path)
-            hub.slow[path] = 0.05  # ~4 s for all of it: time enough to see it is not read
-        spec = {"path": path, "size": 1, **({"sha256": digest} if digest else {})}
-        created = create_task(api, tid, "org/liar", "main", [spec])
-        assert created.status_code == 201, created.text
-        task_ids[path] = created.json()["id"]
+    for path in ("unannounced.bin", "no-sha.bin"):
+        hub.slow[path] = 0.05  # ~4 s for all of it: time enough to see it is not read
+    task_ids = create_one_file_tasks(api, hub, tid, "org/liar", content, 1, cases, announced="announced.bin")
 
     storage = workdir / "storage"
     with largest_files_seen(storage) as seen:
-        executor = start_executor(api, hub, storage, "liar", "--concurrency", "3")
-        try:
-            for task_id in task_ids.values():
-                wait_for(lambda t=task_id: task_of(api, tid, t)["status"] == "failed", 60, task_id, (executor,))
-        finally:
-            code, err = stop_executor(executor)
-    assert code == 0, err
+        run_until_failed(api, hub, storage, "liar", tid, task_ids)
 
     for path, task_id in task_ids.items():
         task = task_of(api, tid, task_id)
@@ -481,24 +504,12 @@ def test_a_server_sending_fewer_bytes_than_declared_fails_the_file(db, api, hub,
     sha = hashlib.sha256(content).hexdigest()
     declared = len(content) + 1
     cases = {"short-announced.bin": sha, "short-unannounced.bin": sha, "short-no-sha.bin": None}
-    task_ids = {}
-    for path, digest in cases.items():
-        hub.add("org/short", "main", path, content)
-        if path != "short-announced.bin":
-            hub.unannounced.add(path)
-        spec = {"path": path, "size": declared, **({"sha256": digest} if digest else {})}
-        created = create_task(api, tid, "org/short", "main", [spec])
-        assert created.status_code == 201, created.text
-        task_ids[path] = created.json()["id"]
+    task_ids = create_one_file_tasks(
+        api, hub, tid, "org/short", content, declared, cases, announced="short-announced.bin"
+    )
 
     storage = workdir / "storage"
-    executor = start_executor(api, hub, storage, "short", "--concurrency", "3")
-    try:
-        for task_id in task_ids.values():
-            wait_for(lambda t=task_id: task_of(api, tid, t)["status"] == "failed", 60, task_id, (executor,))
-    finally:
-        code, err = stop_executor(executor)
-    assert code == 0, err
+    run_until_failed(api, hub, storage, "short", tid, task_ids)
     for path, task_id in task_ids.items():
         task = task_of(api, tid, task_id)
         assert task["error"].startswith(f"{path}: server sent fewer than the declared {declared} bytes"), task

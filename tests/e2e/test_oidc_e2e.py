@@ -4,14 +4,12 @@ its client-credentials tokens, and it rotates its signing keys under our feet.""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 
 import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from psycopg import sql
 
 from app.api.factory import create_app
 from app.identity import login_state
@@ -25,7 +23,7 @@ from tests.support.oidc import (
     start_oidc_provider,
 )
 from tests.support.requirements import require
-from tests.support.tenants import drop_login
+from tests.support.tenants import dba_login
 
 WEB_CLIENT, WEB_SECRET = "dlw-web", "webSecret0123456789"
 M2M_CLIENT, M2M_SECRET = "dlw-m2m", "m2mSecret0123456789"
@@ -168,14 +166,8 @@ def test_login_still_works_after_the_provider_rotates_its_keys(app_client: TestC
 @pytest.fixture(scope="module")
 def dba_url(db: MigratedDb) -> Iterator[str]:
     """A DBA's login: a member of dlw_admin, nothing else (docs/dba.md)."""
-    login, password = f"dba_{secrets.token_hex(4)}", secrets.token_urlsafe(16)
-    db.server.execute(
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_admin").format(
-            sql.Identifier(login), sql.Literal(password)
-        )
-    )
-    yield db.url(login, password)
-    drop_login(db, login)
+    with dba_login(db) as url:
+        yield url
 
 
 def grant(dba_url: str, user_ref: str, role: str = "tenant_admin") -> str:

@@ -24,7 +24,7 @@ from app.db.queries import SQL
 from app.ops.lock_waits import MigrateLockTimeout
 from app.ops.migrate import migrate
 from tests.support.database import MigratedDb
-from tests.support.tenants import SeededTenant, drop_login, seed_tenant
+from tests.support.tenants import SeededTenant, seeded_tenants
 
 LOCK_TIMEOUT = 1.0
 # Short waits for the tests; the command's defaults are 2 s, 5 attempts, backoff from 1 s.
@@ -33,11 +33,8 @@ LOCKS: dict[str, Any] = {"lock_timeout": LOCK_TIMEOUT, "lock_attempts": 3, "lock
 
 @pytest.fixture(scope="module")
 def analyst(db: MigratedDb) -> Iterator[SeededTenant]:
-    t = seed_tenant(db, "analyst")
-    try:
+    with seeded_tenants(db, "analyst") as [t]:
         yield t
-    finally:
-        drop_login(db, t.login)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import secrets
 from collections.abc import Iterator
 
 import psycopg
@@ -17,21 +16,15 @@ from psycopg import sql
 from app.ops.admin_cli import add_admin_commands
 from tests.support.database import MigratedDb
 from tests.support.psql import psql, sqlstates
-from tests.support.tenants import drop_login, tenant
+from tests.support.tenants import dba_login, tenant
 
 ISSUER = "https://idp.example"
 
 
 @pytest.fixture(scope="module")
 def dba_url(db: MigratedDb) -> Iterator[str]:
-    login, password = f"dba_{secrets.token_hex(4)}", secrets.token_urlsafe(16)
-    db.server.execute(
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_admin").format(
-            sql.Identifier(login), sql.Literal(password)
-        )
-    )
-    yield db.url(login, password)
-    drop_login(db, login)
+    with dba_login(db) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

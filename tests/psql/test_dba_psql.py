@@ -26,7 +26,7 @@ from app.ops.catalog_check import DEFINER_ALLOWLIST, check_catalog
 from tests.support.app import app_settings, bearer, token
 from tests.support.database import MigratedDb
 from tests.support.psql import lit, ok, psql, sqlstates
-from tests.support.tenants import as_tenant, drop_login
+from tests.support.tenants import as_tenant, create_dba_login, drop_login
 
 PASSWORD = secrets.token_urlsafe(16)
 
@@ -60,11 +60,7 @@ class Dba:
 @pytest.fixture(scope="module")
 def dba(db: MigratedDb) -> Iterator[Dba]:
     d = Dba(db)
-    db.server.execute(
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_admin").format(
-            sql.Identifier(d.login), sql.Literal(PASSWORD)
-        )
-    )
+    create_dba_login(db, d.login, PASSWORD)
     yield d
     for login in reversed(d.logins):
         drop_login(db, login)

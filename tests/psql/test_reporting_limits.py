@@ -23,7 +23,7 @@ from app.ops.catalog_check import check_catalog
 from app.ops.paths import migrations_dir
 from tests.support.database import MigratedDb
 from tests.support.psql import lit, ok, psql, sqlstates
-from tests.support.tenants import apply_login_limits, drop_login
+from tests.support.tenants import apply_login_limits, create_dba_login, drop_login
 
 PASSWORD = secrets.token_urlsafe(16)
 LOGIN_PASSWORD = "limits-pw"
@@ -53,11 +53,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(db: MigratedDb) -> Iterator[Env]:
     e = Env(db)
-    db.server.execute(
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_admin").format(
-            sql.Identifier(e.dba), sql.Literal(PASSWORD)
-        )
-    )
+    create_dba_login(db, e.dba, PASSWORD)
     ok(e.dba_url, "SELECT dlw_admin.create_tenant('limits', 'Limits');")
     yield e
     for login in reversed(e.logins):

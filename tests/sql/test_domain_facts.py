@@ -42,17 +42,23 @@ def test_domain_facts_in_sql_and_python_agree(db: MigratedDb):
     assert facts[0] == PYTHON_FACTS
 
 
+def column_defaults(conn: psycopg.Connection, table: str, columns: str) -> dict[str, object]:
+    """The defaults of the table's columns whose names match the regular expression `columns`,
+    evaluated as the database would (the default expressions are constants)."""
+    defaults = conn.execute(
+        """
+        SELECT a.attname, pg_get_expr(d.adbin, d.adrelid)
+          FROM pg_attrdef d
+          JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+         WHERE d.adrelid = %s::regclass AND a.attname ~ %s""",
+        (table, columns),
+    ).fetchall()
+    return {name: conn.execute(f"SELECT {expr}").fetchone()[0] for name, expr in defaults}  # type: ignore[index]
+
+
 def test_tenant_quota_defaults_are_the_column_defaults(db: MigratedDb):
     with db.owner() as conn:
-        defaults = dict(
-            conn.execute("""
-                SELECT a.attname, pg_get_expr(d.adbin, d.adrelid)
-                  FROM pg_attrdef d
-                  JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-                 WHERE d.adrelid = 'dlw.tenants'::regclass AND a.attname LIKE 'quota\\_%'""").fetchall()
-        )
-        # The default expressions are constants; evaluate them as the database would.
-        values = {name: conn.execute(f"SELECT {expr}").fetchone()[0] for name, expr in defaults.items()}  # type: ignore[index]
+        values = column_defaults(conn, "dlw.tenants", "^quota_")
     assert values == {
         "quota_concurrent": domain.DEFAULT_QUOTA_CONCURRENT,
         "quota_bytes_month": domain.DEFAULT_QUOTA_BYTES_MONTH,
@@ -64,16 +70,11 @@ def test_tenant_quota_defaults_are_the_column_defaults(db: MigratedDb):
 
 def test_reporting_login_limit_defaults_are_the_column_defaults(db: MigratedDb):
     with db.owner() as conn:
-        defaults = dict(
-            conn.execute("""
-                SELECT a.attname, pg_get_expr(d.adbin, d.adrelid)
-                  FROM pg_attrdef d
-                  JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-                 WHERE d.adrelid = 'dlw.reporting_logins'::regclass
-                   AND a.attname IN ('connection_limit', 'statement_timeout_ms',
-                                     'idle_in_transaction_timeout_ms', 'temp_file_limit_kb')""").fetchall()
+        values = column_defaults(
+            conn,
+            "dlw.reporting_logins",
+            "^(connection_limit|statement_timeout_ms|idle_in_transaction_timeout_ms|temp_file_limit_kb)$",
         )
-        values = {name: conn.execute(f"SELECT {expr}").fetchone()[0] for name, expr in defaults.items()}  # type: ignore[index]
         limit_check = _check(conn, "dlw.reporting_logins", "connection_limit")
     assert values == {
         "connection_limit": domain.DEFAULT_REPORTING_CONNECTION_LIMIT,

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from app.api.snapshot_leader import LEADER_LOCK_KEY
 from app.ops.migrate import MIGRATE_LOCK_KEY
 from tests.support.database import MigratedDb
-from tests.support.tenants import SeededTenant, drop_login, seed_tenant
+from tests.support.tenants import SeededTenant, create_dba_login, drop_login, seeded_tenants
 
 REFRESH_LOCK_KEY = 28266757964587376  # sql/50_snapshots.sql
 
@@ -52,21 +51,14 @@ def calls(key: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reporting(db: MigratedDb) -> Iterator[SeededTenant]:
-    t = seed_tenant(db, "locks")
-    try:
+    with seeded_tenants(db, "locks") as [t]:
         yield t
-    finally:
-        drop_login(db, t.login)
 
 
 @pytest.fixture(scope="module")
 def dba(db: MigratedDb) -> Iterator[tuple[str, str]]:
     name, password = f"dba_locks_{secrets.token_hex(3)}", secrets.token_urlsafe(12)
-    db.server.execute(
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_admin").format(
-            sql.Identifier(name), sql.Literal(password)
-        )
-    )
+    create_dba_login(db, name, password)
     try:
         yield name, password
     finally:

@@ -161,3 +161,25 @@ def apply_login_limits(conn: psycopg.Connection, login: str) -> None:
 
 def drop_login(db: MigratedDb, login: str) -> None:
     db.server.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(login)))
+
+
+def create_dba_login(db: MigratedDb, login: str, password: str) -> str:
+    """A DBA's login as docs/dba.md makes it (LOGIN, a member of dlw_admin, nothing else),
+    created by the server's superuser. Returns its URL; drop_login drops it."""
+    db.server.execute(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE dlw_admin").format(
+            sql.Identifier(login), sql.Literal(password)
+        )
+    )
+    return db.url(login, password)
+
+
+@contextmanager
+def dba_login(db: MigratedDb) -> Iterator[str]:
+    """A new DBA login (create_dba_login) for the block: its URL. Dropped after."""
+    login = f"dba_{secrets.token_hex(4)}"
+    url = create_dba_login(db, login, secrets.token_urlsafe(16))
+    try:
+        yield url
+    finally:
+        drop_login(db, login)
