@@ -9,10 +9,12 @@
 -- advisory-lock function to PUBLIC. Privileges on pg_catalog's functions are kept per database
 -- (in its pg_proc), so this database revokes all of them from PUBLIC (every variant, found by
 -- name: session and transaction, shared, bigint and (int, int) keys, try_, unlock, unlock_all)
--- and grants back exactly three: pg_try_advisory_lock(bigint) to dlw_app (the leader),
+-- and grants back exactly these: pg_try_advisory_lock(bigint) to dlw_app (the leader),
 -- pg_advisory_unlock_all() to dlw_app (asyncpg's pool runs it when it resets a connection; it
--- releases only the session's own locks) and pg_try_advisory_xact_lock(bigint) to dlw_system
--- (owner of dlw.refresh_quota_snapshots).
+-- releases only the session's own locks), pg_try_advisory_xact_lock(bigint) to dlw_system
+-- (owner of dlw.refresh_quota_snapshots), and pg_advisory_xact_lock(bigint) to dlw_app and
+-- dlw_system (the storage-target limit trigger, sql/20_tenants.sql, run by whoever inserts a
+-- target: the API or a dlw_admin function; a transaction lock, gone at commit).
 -- Superusers (dlw migrate, pg_cron's job) are unaffected. dlw doctor checks it.
 
 CREATE OR REPLACE FUNCTION dlw.secure_database() RETURNS void
@@ -38,8 +40,9 @@ BEGIN
     END LOOP;
     GRANT EXECUTE ON FUNCTION pg_try_advisory_lock(bigint), pg_advisory_unlock_all() TO dlw_app;
     GRANT EXECUTE ON FUNCTION pg_try_advisory_xact_lock(bigint) TO dlw_system;
+    GRANT EXECUTE ON FUNCTION pg_advisory_xact_lock(bigint) TO dlw_app, dlw_system;
 END
 $$;
 COMMENT ON FUNCTION dlw.secure_database() IS
-    'Re-asserts database-level privileges (CONNECT only for DLW roles, no TEMP or CREATE for PUBLIC) and the per-database EXECUTE on the advisory-lock functions (none for PUBLIC; pg_try_advisory_lock(bigint) and pg_advisory_unlock_all() for dlw_app, pg_try_advisory_xact_lock(bigint) for dlw_system). Run by dlw migrate as a superuser.';
+    'Re-asserts database-level privileges (CONNECT only for DLW roles, no TEMP or CREATE for PUBLIC) and the per-database EXECUTE on the advisory-lock functions (none for PUBLIC; pg_try_advisory_lock(bigint) and pg_advisory_unlock_all() for dlw_app, pg_try_advisory_xact_lock(bigint) for dlw_system, pg_advisory_xact_lock(bigint) for both, for the storage-target limit). Run by dlw migrate as a superuser.';
 REVOKE ALL ON FUNCTION dlw.secure_database() FROM PUBLIC;

@@ -114,14 +114,14 @@ BEGIN
     -- here and is refused by the insert policy anyway).
     SELECT t.quota_storage_targets INTO v_limit FROM dlw.tenants t WHERE t.tenant_id = NEW.tenant_id;
     IF v_limit > 0 THEN
-        -- Race-free: inserts into one tenant queue on the tenant's quota rows (the lock task
-        -- admission takes; no advisory lock: those are the platform's alone) until the holder
+        -- Race-free: inserts into one tenant queue on this transaction lock until the holder
         -- commits, and the count below is a later statement, so at READ COMMITTED it sees every
-        -- target they committed (SERIALIZABLE catches the rest; REPEATABLE READ would not).
+        -- target they committed (SERIALIZABLE catches the rest; REPEATABLE READ would not). Only
+        -- the platform's roles may take advisory locks (dlw.secure_database()).
         IF current_setting('transaction_isolation') = 'repeatable read' THEN
             RAISE EXCEPTION 'storage targets cannot be added at REPEATABLE READ' USING ERRCODE = '25000';
         END IF;
-        PERFORM dlw.lock_tenant_quota_rows(NEW.tenant_id);
+        PERFORM pg_advisory_xact_lock(hashtextextended('dlw.storage_targets', NEW.tenant_id));
         SELECT count(*) INTO v_count FROM dlw.storage_targets s WHERE s.tenant_id = NEW.tenant_id;
         IF v_count + 1 > v_limit THEN
             RAISE EXCEPTION 'tenant % has % storage targets, its limit', NEW.tenant_id, v_count
@@ -132,7 +132,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.storage_target_limits() IS
-    'Trigger of dlw.storage_targets (before insert, or an update of config or tenant_id): raises DLW03 when the config (as JSON text) exceeds dlw.domain_facts().storage_target_config_max_bytes, and DLW02 when the tenant already has quota_storage_targets targets (0 = unlimited), counted while holding the tenant''s quota rows (dlw.lock_tenant_quota_rows; 25000 at REPEATABLE READ, where the count could miss a rival).';
+    'Trigger of dlw.storage_targets (before insert, or an update of config or tenant_id): raises DLW03 when the config (as JSON text) exceeds dlw.domain_facts().storage_target_config_max_bytes, and DLW02 when the tenant already has quota_storage_targets targets (0 = unlimited), counted under a per-tenant transaction advisory lock (25000 at REPEATABLE READ, where the count could miss a rival).';
 
 CREATE OR REPLACE TRIGGER storage_targets_limits
     BEFORE INSERT OR UPDATE OF config, tenant_id ON dlw.storage_targets

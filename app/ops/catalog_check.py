@@ -67,11 +67,14 @@ DEFINER_ALLOWLIST: dict[str, str] = {
 # the pool's reset (unlock_all: own locks only) for dlw_app, the refresh's transaction try-lock for
 # dlw_system. Anyone else who may take an
 # advisory lock can take the platform's (leader, migrate, refresh) and stop it.
-ADVISORY_LOCK_GRANTS: dict[str, str] = {
-    "pg_try_advisory_lock(bigint)": "dlw_app",
-    "pg_advisory_unlock_all()": "dlw_app",
-    "pg_try_advisory_xact_lock(bigint)": "dlw_system",
-}
+ADVISORY_LOCK_GRANTS: tuple[tuple[str, str], ...] = (
+    ("pg_try_advisory_lock(bigint)", "dlw_app"),
+    ("pg_advisory_unlock_all()", "dlw_app"),
+    ("pg_try_advisory_xact_lock(bigint)", "dlw_system"),
+    # the storage-target limit trigger (sql/20_tenants.sql), run by whoever inserts a target
+    ("pg_advisory_xact_lock(bigint)", "dlw_app"),
+    ("pg_advisory_xact_lock(bigint)", "dlw_system"),
+)
 _ADVISORY_FUNCTIONS = """
         SELECT p.oid::regprocedure::text
         FROM pg_proc p
@@ -244,8 +247,8 @@ def check_catalog(url: str) -> list[str]:
         "allowlist": signatures,
         "signatures": signatures,
         "owners": [DEFINER_ALLOWLIST[name] for name in signatures],
-        "lock_functions": list(ADVISORY_LOCK_GRANTS),
-        "lock_roles": list(ADVISORY_LOCK_GRANTS.values()),
+        "lock_functions": [function for function, _ in ADVISORY_LOCK_GRANTS],
+        "lock_roles": [role for _, role in ADVISORY_LOCK_GRANTS],
         "index_allowlist": sorted(INDEX_ALLOWLIST),
     }
     problems: list[str] = []

@@ -121,7 +121,9 @@ def test_only_the_platform_roles_may_execute_advisory_lock_functions(db: Migrate
         ).fetchall()
     assert grants == [
         ("dlw_app", "pg_advisory_unlock_all()"),  # asyncpg's pool resets connections with it
+        ("dlw_app", "pg_advisory_xact_lock(bigint)"),  # the storage-target limit trigger
         ("dlw_app", "pg_try_advisory_lock(bigint)"),
+        ("dlw_system", "pg_advisory_xact_lock(bigint)"),
         ("dlw_system", "pg_try_advisory_xact_lock(bigint)"),
     ]
 
