@@ -266,7 +266,9 @@ BEGIN
                                      'reserved', v_reserved, 'requested', v_requested);
     END IF;
     IF metric IS NOT NULL THEN
-        PERFORM dlw.audit_repeat('quota.exceeded', p_repo_id, detail);
+        -- Keyed on the metric alone (the repo is only in the first occurrence's detail): a caller
+        -- varying repo_id must not get a row per request.
+        PERFORM dlw.audit_repeat('quota.exceeded', NULL, detail || jsonb_build_object('repo_id', p_repo_id));
         outcome := 'QUOTA_EXCEEDED';
         RETURN;
     END IF;

@@ -55,6 +55,7 @@ BEGIN
           JOIN dlw.reporting_logins r ON r.login = a.usename
           JOIN pg_roles ro ON ro.oid = a.usesysid
          WHERE a.backend_type = 'client backend'
+           AND a.datid = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())  -- this database's mapping only
            AND a.pid <> pg_backend_pid()
            AND NOT ro.rolsuper
            AND pg_has_role(a.usesysid, 'dlw_reporting', 'MEMBER')

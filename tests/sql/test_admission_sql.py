@@ -43,6 +43,7 @@ def create(
     project: uuid.UUID | None = None,
     target: str | None = "default",
     commit: bool = True,
+    repo: str = "org/model",
 ) -> tuple[str, uuid.UUID | None, str | None, dict[str, Any] | None]:
     """One API request: set the context, create, commit (unless told not to)."""
     as_tenant(conn, tenant_id, role, user="user-1")
@@ -51,7 +52,7 @@ def create(
         (
             project,
             target,
-            "org/model",
+            repo,
             "main",
             0,
             Jsonb(FILES if files is None else files),
@@ -719,3 +720,15 @@ def test_functions_are_commented_invoker_rights_and_executable_by_the_app_only(d
         if "guard" not in name:
             assert app_exec, name
     assert check_catalog(db.owner_url) == []
+
+
+def test_refusals_for_ever_new_repo_ids_still_leave_one_audit_row(db):
+    """A caller over quota who varies repo_id on every request gets no row per request: quota
+    refusals repeat per (actor, metric, minute), the repo only in the first one's detail."""
+    tid = provision(db, "repo-flood", concurrent=1)
+    with psycopg.connect(db.app_url) as conn:
+        assert create(conn, tid)[0] == "created"
+        outcomes = {create(conn, tid, repo=f"org/flood-{i}")[0] for i in range(50)}
+    assert outcomes == {"QUOTA_EXCEEDED"}
+    rows = scalar(db, "SELECT count(*) FROM dlw.audit_log WHERE tenant_id = %s AND action = 'quota.exceeded'", (tid,))
+    assert (rows, audit_count(db, tid, "quota.exceeded")) in ((1, 50), (2, 50))  # 2: the flood crossed a minute
