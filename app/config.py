@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,10 @@ class Settings(BaseSettings):
     oidc_redirect_url: str | None = None
     oidc_audience: str | None = None
     auth_tenant_rules_json: str = "[]"
+    # Who may read /openapi.json, /docs and /redoc: anyone, any authenticated caller, or nobody
+    # (the routes do not exist). Unset: public in dev mode, authenticated otherwise
+    # (app/api/api_docs.py).
+    api_docs: Literal["public", "authenticated", "off"] | None = None
 
     # Executors (API side): claims a file gets before a retryable failure or an expired lease
     # fails it for good.

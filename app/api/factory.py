@@ -7,7 +7,7 @@ import secrets
 
 from fastapi import FastAPI
 
-from app.api import error_handlers, health
+from app.api import api_docs, error_handlers, health
 from app.api.body_limit import BodySizeLimit
 from app.api.lifespan import StartupRefused, lifespan_for
 from app.api.routes import administration, auth, executor, quota, storage_targets, tasks
@@ -45,13 +45,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # No trailing-slash redirects: Starlette builds their Location from the request's Host
     # header, so anyone could make the API point a client at another host. A path with a
     # stray slash is answered 404 ROUTE_NOT_FOUND instead (app/api/error_handlers.py).
-    app = FastAPI(title="DLW", version="0.1.0", lifespan=lifespan_for(settings), redirect_slashes=False)
+    # The docs pages are added by app/api/api_docs.py (offline assets, DLW_API_DOCS).
+    app = FastAPI(
+        title="DLW",
+        version="0.1.0",
+        lifespan=lifespan_for(settings),
+        redirect_slashes=False,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.tenant_rules = parse_rules(settings.auth_tenant_rules_json)
     app.state.oidc = _oidc_client(settings)
     app.state.expected_schema = health.expected_schema()
     for router in ROUTERS:
         app.include_router(router)
+    api_docs.install(app, settings)
     app.add_middleware(BodySizeLimit)
     error_handlers.install(app)
     return app

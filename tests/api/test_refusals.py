@@ -16,7 +16,7 @@ from app.api.factory import create_app
 from app.api.refusals import REGISTRY, answer_of, found, specific_sqlstates
 from app.api.sqlstates import DB_UNAVAILABLE, answer_for, answer_for_sqlstate
 from app.db.queries import SQL
-from tests.support.app import app_settings, bearer, token
+from tests.support.app import ADMIN_TOKEN, app_settings, bearer, token
 from tests.support.database import MigratedDb
 
 
@@ -176,7 +176,7 @@ def codes(operation: dict[str, Any], status: int) -> set[str]:
 
 
 def test_the_openapi_document_lists_the_registry_codes(client):
-    paths = client.get("/openapi.json").json()["paths"]
+    paths = client.get("/openapi.json", headers=bearer(ADMIN_TOKEN)).json()["paths"]
     cancel = paths["/api/v1/tasks/{task_id}/cancel"]["post"]
     assert codes(cancel, 404) == {"TASK_NOT_FOUND"} and codes(cancel, 409) == {"TASK_TERMINAL"}
     assert "TASK_NOT_FOUND" in cancel["responses"]["404"]["description"]
