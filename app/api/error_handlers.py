@@ -90,7 +90,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     headers = dict(exc.headers or {})
     if isinstance(exc.detail, dict) and isinstance(exc.detail.get("code"), str):
         detail = dict(exc.detail)
-        return error_response(exc.status_code, detail.pop("code"), headers, detail.pop("message", None), **detail)
+        message = detail.pop("message", None) or getattr(exc, "message", None)
+        return error_response(exc.status_code, detail.pop("code"), headers, message, **detail)
     refusal = ROUTING_REFUSALS.get(exc.status_code)
     if refusal is None:
         code = _phrase(exc.status_code).upper().replace(" ", "_").replace("-", "_").replace("'", "")

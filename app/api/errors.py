@@ -13,6 +13,8 @@ class ApiError(HTTPException):
     """An error answer: {"detail": {"code": ..., "message": ..., **extra}}; without a message
     the code's registered description is answered (app/api/error_handlers.py fills it in)."""
 
+    message: str | None = None  # a Refusal's own description (a code may have several)
+
     def __init__(self, status: int, code: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(status_code=status, detail={"code": code, **extra}, headers=headers)
 
@@ -34,7 +36,9 @@ class Refusal:
     def error(self, row: Mapping[str, Any] | None = None) -> ApiError:
         values = {name: row[name] for name in self.fields} if row is not None else {}
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return ApiError(self.status, self.code, headers=headers, **self.extra, **values)
+        error = ApiError(self.status, self.code, headers=headers, **self.extra, **values)
+        error.message = self.description
+        return error
 
 
 # Answers any route may give, whatever SQL it calls.
@@ -58,7 +62,6 @@ VALIDATION_FAILED = Refusal(422, "VALIDATION_FAILED", "the request does not vali
 UNSUPPORTED_MEDIA_TYPE = Refusal(415, "UNSUPPORTED_MEDIA_TYPE", "a request body must be application/json")
 BODY_TOO_LARGE = Refusal(413, "BODY_TOO_LARGE", "the request body is larger than the API accepts")
 TENANT_HEADER_FORBIDDEN = Refusal(403, "TENANT_HEADER_FORBIDDEN", "only a system admin may name another tenant")
-HTTP_ERROR = Refusal(400, "BAD_REQUEST", "the request was refused")
 
 
 def unauthenticated() -> ApiError:
