@@ -6,6 +6,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.errors import BODY_TOO_LARGE
+
 # 10,000 files with long paths and hashes fit comfortably; anything beyond is not a task.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -52,7 +54,7 @@ class BodySizeLimit:
 
     @staticmethod
     async def _reject(send: Send) -> None:
-        body = json.dumps({"detail": {"code": "BODY_TOO_LARGE"}}).encode()
+        body = json.dumps({"detail": {"code": BODY_TOO_LARGE.code, "message": BODY_TOO_LARGE.description}}).encode()
         await send(
             {
                 "type": "http.response.start",

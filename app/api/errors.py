@@ -10,6 +10,11 @@ from fastapi import HTTPException
 
 
 class ApiError(HTTPException):
+    """An error answer: {"detail": {"code": ..., "message": ..., **extra}}; without a message
+    the code's registered description is answered (app/api/error_handlers.py fills it in)."""
+
+    message: str | None = None  # a Refusal's own description (a code may have several)
+
     def __init__(self, status: int, code: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(status_code=status, detail={"code": code, **extra}, headers=headers)
 
@@ -31,7 +36,9 @@ class Refusal:
     def error(self, row: Mapping[str, Any] | None = None) -> ApiError:
         values = {name: row[name] for name in self.fields} if row is not None else {}
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return ApiError(self.status, self.code, headers=headers, **self.extra, **values)
+        error = ApiError(self.status, self.code, headers=headers, **self.extra, **values)
+        error.message = self.description
+        return error
 
 
 # Answers any route may give, whatever SQL it calls.
@@ -46,6 +53,17 @@ ROUTE_NOT_FOUND = Refusal(404, "ROUTE_NOT_FOUND", "no route has this path (paths
 METHOD_NOT_ALLOWED = Refusal(405, "METHOD_NOT_ALLOWED", "the route does not take this method (see the Allow header)")
 
 
+# Answers of the request reader (app/api/strict_input.py) and of request validation.
+INVALID_JSON = Refusal(
+    422, "INVALID_JSON", "the body is not strict JSON (NaN, Infinity, overflowing numbers, lone surrogates)"
+)
+DUPLICATE_KEY = Refusal(422, "DUPLICATE_KEY", "a JSON object of the body names the same key twice")
+VALIDATION_FAILED = Refusal(422, "VALIDATION_FAILED", "the request does not validate (see errors)")
+UNSUPPORTED_MEDIA_TYPE = Refusal(415, "UNSUPPORTED_MEDIA_TYPE", "a request body must be application/json")
+BODY_TOO_LARGE = Refusal(413, "BODY_TOO_LARGE", "the request body is larger than the API accepts")
+TENANT_HEADER_FORBIDDEN = Refusal(403, "TENANT_HEADER_FORBIDDEN", "only a system admin may name another tenant")
+
+
 def unauthenticated() -> ApiError:
     # One terse answer for every authentication failure: the reason is logged, not revealed.
-    return ApiError(401, "UNAUTHENTICATED", headers={"WWW-Authenticate": "Bearer"})
+    return ApiError(401, "UNAUTHENTICATED", headers={"WWW-Authenticate": "Bearer"}, message=UNAUTHENTICATED.description)

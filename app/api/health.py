@@ -23,6 +23,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+UNAVAILABLE = "the database cannot serve right now"
+NOT_MIGRATED = "the database does not carry the schema this code expects: run dlw migrate"
+
+
 @router.get("/readyz", response_model=None)
 async def readyz(request: Request) -> dict[str, str] | JSONResponse:
     """The database answers and carries the schema this code expects."""
@@ -31,9 +35,9 @@ async def readyz(request: Request) -> dict[str, str] | JSONResponse:
         async with request.app.state.pool.acquire(timeout=5) as conn:
             row = await conn.fetchrow(SQL["schema_program"])
     except (OSError, TimeoutError, asyncpg.PostgresError):
-        return JSONResponse(status_code=503, content={"detail": {"code": "DB_UNAVAILABLE"}})
+        return JSONResponse(status_code=503, content={"detail": {"code": "DB_UNAVAILABLE", "message": UNAVAILABLE}})
     if row is None or row["program_sha256"] != expected_program:
-        return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED"}})
+        return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED", "message": NOT_MIGRATED}})
     if not expected_migrations <= set(row["migrations"]):
-        return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED"}})
+        return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED", "message": NOT_MIGRATED}})
     return {"status": "ready"}

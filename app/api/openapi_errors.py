@@ -17,7 +17,17 @@ from app.api.refusals import REGISTRY
 _VALIDATION_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["detail"],
-    "properties": {"detail": {"type": "array", "items": {"type": "object"}}},
+    "properties": {
+        "detail": {
+            "type": "object",
+            "required": ["code", "message", "errors"],
+            "properties": {
+                "code": {"type": "string", "enum": ["VALIDATION_FAILED"]},
+                "message": {"type": "string"},
+                "errors": {"type": "array", "items": {"type": "object"}},
+            },
+        }
+    },
 }
 
 
@@ -28,8 +38,8 @@ def _error_schema(codes: list[str]) -> dict[str, Any]:
         "properties": {
             "detail": {
                 "type": "object",
-                "required": ["code"],
-                "properties": {"code": {"type": "string", "enum": codes}},
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string", "enum": codes}, "message": {"type": "string"}},
             }
         },
     }
@@ -58,6 +68,6 @@ def error_responses(*answers: str | Refusal, authenticated: bool = True, databas
         description = "; ".join(f"`{code}`: {text}" for code, text in sorted(codes.items()))
         if status == 422:  # request validation too (the list form of detail)
             schema = {"anyOf": [schema, _VALIDATION_SCHEMA]}
-            description += "; or request validation failed (detail is a list of errors)"
+            description += "; or `VALIDATION_FAILED`: request validation failed (detail.errors lists the fields)"
         responses[status] = {"description": description, "content": {"application/json": {"schema": schema}}}
     return responses

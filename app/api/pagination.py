@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -17,6 +17,7 @@ from app.api.transaction import fetch_rows
 from app.identity.principal import Principal
 
 MAX_LIMIT = 200
+MAX_CURSOR_LENGTH = 200  # an issued cursor is about 100 characters
 
 
 def encode(at: datetime, row_id: uuid.UUID) -> str:
@@ -27,10 +28,20 @@ def encode(at: datetime, row_id: uuid.UUID) -> str:
 def decode(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
     if cursor is None:
         return None
+    # Anything but the exact form encode() writes is refused: other types, deep nesting (a
+    # RecursionError), naive or out-of-range timestamps (an OverflowError on the way to UTC).
     try:
-        at, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), uuid.UUID(row_id)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        if len(cursor) > MAX_CURSOR_LENGTH:
+            raise ValueError("cursor too long")
+        decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not (isinstance(decoded, list) and len(decoded) == 2 and all(isinstance(v, str) for v in decoded)):
+            raise ValueError("not a cursor")
+        at = datetime.fromisoformat(decoded[0])
+        if at.tzinfo is None:
+            raise ValueError("naive timestamp")
+        at.astimezone(UTC)
+        return at, uuid.UUID(decoded[1])
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError, OverflowError) as exc:
         raise INVALID_CURSOR.error() from exc
 
 

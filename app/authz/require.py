@@ -12,6 +12,7 @@ from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError
+from app.api.strict_input import check_request
 from app.db.pool import audit_repeat, tenant_transaction
 from app.domain import PLATFORM_TENANT_ID
 from app.identity.credentials import current_principal
@@ -73,11 +74,17 @@ class PermissionFirstRoute(APIRoute):
             d.call for d in self.dependant.dependencies if d.call is not None and hasattr(d.call, "dlw_permission")
         ]
         if not checks:
-            return handler
+
+            async def strict_handler(request: Request) -> Response:
+                await check_request(request)
+                return await handler(request)
+
+            return strict_handler
         check = checks[0]
 
         async def authorized_handler(request: Request) -> Response:
             await check(request, await current_principal(request))
+            await check_request(request)  # strict input (app/api/strict_input.py), after the 401/403
             return await handler(request)
 
         return authorized_handler

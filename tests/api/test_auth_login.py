@@ -94,7 +94,7 @@ def test_a_user_of_a_deactivated_tenant_cannot_log_in(dev_client: TestClient, db
         conn.execute("UPDATE dlw.tenants SET active = false WHERE tenant_id = %s", (acme,))
     try:
         response = dev_client.get("/api/v1/auth/login", params={"email": "dave@acme.test"})
-        assert response.status_code == 403 and response.json() == {"detail": {"code": "TENANT_INACTIVE"}}
+        assert response.status_code == 403 and response.json()["detail"]["code"] == "TENANT_INACTIVE"
     finally:
         with db.owner() as conn:
             conn.execute("UPDATE dlw.tenants SET active = true WHERE tenant_id = %s", (acme,))
@@ -104,7 +104,7 @@ def test_dev_codes_are_rejected_when_dev_mode_is_off(real_client: TestClient):
     real_client.cookies.clear()
     response = real_client.get("/api/v1/auth/callback", params={"code": "dev:alice@acme.test", "state": "x"})
     assert response.status_code == 400
-    assert response.json() == {"detail": {"code": "OIDC_INVALID_CODE"}}
+    assert response.json()["detail"]["code"] == "OIDC_INVALID_CODE"
 
 
 def test_real_login_redirects_to_the_provider_with_pkce_state_and_nonce(real_client: TestClient):
@@ -133,7 +133,7 @@ def test_callback_with_missing_or_wrong_state_is_400(real_client: TestClient, st
     params = {"code": "abc"} | ({"state": state} if state else {})
     response = real_client.get("/api/v1/auth/callback", params=params)
     assert response.status_code == 400
-    assert response.json() == {"detail": {"code": "OIDC_STATE_MISMATCH"}}
+    assert response.json()["detail"]["code"] == "OIDC_STATE_MISMATCH"
 
 
 def test_callback_without_the_login_cookie_is_400(real_client: TestClient):
@@ -151,7 +151,7 @@ def test_callback_when_the_provider_is_unreachable_is_503(real_client: TestClien
     assert saved is not None
     response = real_client.get("/api/v1/auth/callback", params={"code": "abc", "state": saved.state})
     assert response.status_code == 503
-    assert response.json() == {"detail": {"code": "OIDC_UPSTREAM"}}
+    assert response.json()["detail"]["code"] == "OIDC_UPSTREAM"
     assert response.headers["retry-after"]
 
 
@@ -161,9 +161,9 @@ def test_login_when_discovery_is_unreachable_is_503(db: MigratedDb):
     )
     with TestClient(create_app(settings)) as c:
         response = c.get("/api/v1/auth/login", follow_redirects=False)
-        assert response.status_code == 503 and response.json() == {"detail": {"code": "OIDC_UPSTREAM"}}
+        assert response.status_code == 503 and response.json()["detail"]["code"] == "OIDC_UPSTREAM"
 
 
 def test_provider_error_on_the_callback_is_400(real_client: TestClient):
     response = real_client.get("/api/v1/auth/callback", params={"error": "access_denied", "state": "x"})
-    assert response.status_code == 400 and response.json() == {"detail": {"code": "OIDC_PROVIDER_ERROR"}}
+    assert response.status_code == 400 and response.json()["detail"]["code"] == "OIDC_PROVIDER_ERROR"

@@ -219,7 +219,7 @@ def test_route_role_tenant(client: TestClient, world: World, method: str, path: 
     response = client.request(method, url, headers=bearer(principal_token), json=body)
     if role not in expect.allowed:
         assert response.status_code == 403, response.text
-        assert response.json() == {"detail": {"code": "RBAC_DENIED"}}
+        assert response.json()["detail"]["code"] == "RBAC_DENIED"
     else:
         wanted = expect.ok if where == "same" else expect.other
         assert response.status_code == wanted, response.text
@@ -232,4 +232,4 @@ def test_an_unknown_id_and_another_tenants_id_look_the_same(client: TestClient, 
     )
     nowhere = client.patch(f"/api/v1/users/{uuid.uuid4()}", headers=admin, json={"role": "tenant_viewer"})
     assert theirs.status_code == nowhere.status_code == 404
-    assert theirs.json() == nowhere.json() == {"detail": {"code": "USER_NOT_FOUND"}}
+    assert theirs.json() == nowhere.json() and nowhere.json()["detail"]["code"] == "USER_NOT_FOUND"

@@ -31,12 +31,12 @@ def test_failures_are_answered_with_stable_codes(db: MigratedDb):
 
     with TestClient(app, raise_server_exceptions=False) as client:
         refused = client.get("/test/forgot-its-permission-check")
-        assert refused.status_code == 403 and refused.json() == {"detail": {"code": "DB_FORBIDDEN"}}
+        assert refused.status_code == 403 and refused.json()["detail"]["code"] == "DB_FORBIDDEN"
         bug = client.get("/test/bug")
-        assert bug.status_code == 500 and bug.json() == {"detail": {"code": "INTERNAL_ERROR"}}
+        assert bug.status_code == 500 and bug.json()["detail"]["code"] == "INTERNAL_ERROR"
         assert "internal detail" not in bug.text and "Traceback" not in bug.text
         down = client.get("/test/db-down")
-        assert down.status_code == 503 and down.json() == {"detail": {"code": "DB_UNAVAILABLE"}}
+        assert down.status_code == 503 and down.json()["detail"]["code"] == "DB_UNAVAILABLE"
         assert "10.0.0.1" not in down.text
     with db.owner() as conn:
         assert conn.execute("SELECT count(*) FROM dlw.storage_targets WHERE name = 'sneaky'").fetchone() == (0,)

@@ -88,7 +88,7 @@ def test_a_changed_cookie_is_refused(client: TestClient):
         login_state.seal("another-secret", login_state.LoginState(query["state"], "n", "v")),
     ):
         response = callback_with(client, forged, query["state"])
-        assert response.status_code == 400 and response.json() == {"detail": {"code": "OIDC_STATE_MISMATCH"}}
+        assert response.status_code == 400 and response.json()["detail"]["code"] == "OIDC_STATE_MISMATCH"
 
 
 def test_an_expired_cookie_is_refused(client: TestClient):
@@ -96,7 +96,7 @@ def test_an_expired_cookie_is_refused(client: TestClient):
     old = login_state.seal(SECRET, state, now=int(time.time()) - login_state.MAX_AGE - 60)
     assert login_state.unseal(SECRET, old) is None
     response = callback_with(client, old, "the-state")
-    assert response.status_code == 400 and response.json() == {"detail": {"code": "OIDC_STATE_MISMATCH"}}
+    assert response.status_code == 400 and response.json()["detail"]["code"] == "OIDC_STATE_MISMATCH"
     fresh = login_state.seal(SECRET, state)
     assert callback_with(client, fresh, "the-state").status_code == 503
 
@@ -124,7 +124,7 @@ PATHS = ["/api/v1/tasks/", "/api/v1/auth/me/", "/api/v1/quota/current/", "/healt
 def test_a_trailing_slash_is_no_route_and_no_redirect(client: TestClient, path: str, headers: dict[str, str]):
     response = client.get(path, headers=headers | bearer(ADMIN_TOKEN), follow_redirects=False)
     assert response.status_code == 404, response.headers
-    assert response.json() == {"detail": {"code": "ROUTE_NOT_FOUND"}}
+    assert response.json()["detail"]["code"] == "ROUTE_NOT_FOUND"
     assert "location" not in response.headers
     assert "evil" not in str(response.headers).lower() + response.text
     # The path without the slash is the route.
@@ -133,13 +133,13 @@ def test_a_trailing_slash_is_no_route_and_no_redirect(client: TestClient, path: 
 
 def test_the_routers_own_refusals_have_the_api_shape(client: TestClient):
     unknown = client.get("/api/v1/nothing-here")
-    assert unknown.status_code == 404 and unknown.json() == {"detail": {"code": "ROUTE_NOT_FOUND"}}
+    assert unknown.status_code == 404 and unknown.json()["detail"]["code"] == "ROUTE_NOT_FOUND"
     wrong_method = client.delete("/healthz")
-    assert wrong_method.status_code == 405 and wrong_method.json() == {"detail": {"code": "METHOD_NOT_ALLOWED"}}
+    assert wrong_method.status_code == 405 and wrong_method.json()["detail"]["code"] == "METHOD_NOT_ALLOWED"
     assert wrong_method.headers["allow"] == "GET"
     # The routes' own refusals keep their codes (and headers).
     me = client.get("/api/v1/auth/me")
-    assert me.status_code == 401 and me.json() == {"detail": {"code": "UNAUTHENTICATED"}}
+    assert me.status_code == 401 and me.json()["detail"]["code"] == "UNAUTHENTICATED"
     assert me.headers["www-authenticate"] == "Bearer"
 
 

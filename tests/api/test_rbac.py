@@ -108,7 +108,7 @@ def test_denials_are_audited_even_when_the_request_is_malformed(db: MigratedDb):
     with TestClient(create_app(app_settings(db))) as client:
         operator = {**bearer(token(1, "tenant_operator", user_id="denied-op")), "Content-Type": "application/json"}
         response = client.post("/api/v1/tenants", headers=operator, content=b"{not json at all")
-        assert response.status_code == 403 and response.json() == {"detail": {"code": "RBAC_DENIED"}}
+        assert response.status_code == 403 and response.json()["detail"]["code"] == "RBAC_DENIED"
         response = client.get("/api/v1/users", headers=operator)
         assert response.status_code == 403
     with db.owner() as conn:

@@ -140,10 +140,10 @@ def test_an_unknown_outcome_from_the_database_is_a_500_not_a_success(client, db,
     task = new_task(client, operator)
     replace_cancel_task(db, "RETURN 'CANCELLED_MAYBE';")
     answer = client.post(f"/api/v1/tasks/{task}/cancel", headers=operator)
-    assert answer.status_code == 500 and answer.json() == {"detail": {"code": "INTERNAL_ERROR"}}
+    assert answer.status_code == 500 and answer.json()["detail"]["code"] == "INTERNAL_ERROR"
     replace_cancel_task(db, "RETURN NULL;")
     answer = client.post(f"/api/v1/tasks/{task}/cancel", headers=operator)
-    assert answer.status_code == 500 and answer.json() == {"detail": {"code": "INTERNAL_ERROR"}}
+    assert answer.status_code == 500 and answer.json()["detail"]["code"] == "INTERNAL_ERROR"
 
 
 def test_database_errors_are_answered_through_the_sqlstate_table(client, db, operator):
@@ -153,18 +153,18 @@ def test_database_errors_are_answered_through_the_sqlstate_table(client, db, ope
         conn.execute("UPDATE dlw.tasks SET status = 'cancelled' WHERE id = %s", (task,))
     replace_cancel_task(db, "UPDATE dlw.tasks SET status = 'running' WHERE id = p_task_id; RETURN 'cancelled';")
     illegal = client.post(f"/api/v1/tasks/{task}/cancel", headers=operator)
-    assert illegal.status_code == 409 and illegal.json() == {"detail": {"code": "ILLEGAL_TRANSITION"}}
+    assert illegal.status_code == 409 and illegal.json()["detail"]["code"] == "ILLEGAL_TRANSITION"
     with db.owner() as conn:
         assert conn.execute("SELECT status FROM dlw.tasks WHERE id = %s", (task,)).fetchone() == ("cancelled",)
     # 22023 raised by SQL, as the functions do for a bad argument.
     replace_cancel_task(db, "RAISE EXCEPTION 'dlw.cancel_task: bad argument' USING ERRCODE = '22023';")
     invalid = client.post(f"/api/v1/tasks/{task}/cancel", headers=operator)
-    assert invalid.status_code == 422 and invalid.json() == {"detail": {"code": "INVALID_ARGUMENT"}}
+    assert invalid.status_code == 422 and invalid.json()["detail"]["code"] == "INVALID_ARGUMENT"
     assert "bad argument" not in invalid.text
     # Anything the table does not list is a 500 without the message.
     replace_cancel_task(db, "RAISE EXCEPTION 'secret internals';")
     other = client.post(f"/api/v1/tasks/{task}/cancel", headers=operator)
-    assert other.status_code == 500 and other.json() == {"detail": {"code": "INTERNAL_ERROR"}}
+    assert other.status_code == 500 and other.json()["detail"]["code"] == "INTERNAL_ERROR"
     assert "secret" not in other.text
 
 

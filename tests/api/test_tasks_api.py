@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from app import domain
 from app.api.factory import create_app
 from tests.support import server
-from tests.support.app import app_settings, bearer, every_page, token
+from tests.support.app import app_settings, bearer, detail, every_page, token
 from tests.support.database import MigratedDb
 from tests.support.tenants import tenant
 
@@ -54,10 +54,10 @@ def test_create_get_list_cancel(client: TestClient, db: MigratedDb):
     assert [t["id"] for t in client.get("/api/v1/tasks", headers=viewer).json()["items"]] == [task["id"]]
     assert client.post(f"/api/v1/tasks/{task['id']}/cancel", headers=op).status_code == 202
     again = client.post(f"/api/v1/tasks/{task['id']}/cancel", headers=op)
-    assert again.status_code == 409 and again.json() == {"detail": {"code": "TASK_TERMINAL"}}
+    assert again.status_code == 409 and again.json()["detail"]["code"] == "TASK_TERMINAL"
     assert client.get(f"/api/v1/tasks/{task['id']}", headers=viewer).json()["status"] == "cancelled"
     missing = client.get(f"/api/v1/tasks/{uuid.uuid4()}", headers=viewer)
-    assert missing.status_code == 404 and missing.json() == {"detail": {"code": "TASK_NOT_FOUND"}}
+    assert missing.status_code == 404 and missing.json()["detail"]["code"] == "TASK_NOT_FOUND"
 
 
 def test_listing_pages_newest_first_and_filters_by_status(client: TestClient, db: MigratedDb):
@@ -105,7 +105,7 @@ def test_malformed_fields_are_422_naming_the_field(client: TestClient, db: Migra
     op = bearer(token(tenant(db, "validator"), "tenant_operator"))
     response = client.post("/api/v1/tasks", headers=op, json=body(**overrides))
     assert response.status_code == 422, response.text
-    locs = [err["loc"] for err in response.json()["detail"]]
+    locs = [err["loc"] for err in response.json()["detail"]["errors"]]
     assert field in locs, locs
 
 
@@ -113,13 +113,13 @@ def test_oversized_or_junk_bodies_are_refused_never_500(client: TestClient, db: 
     op = bearer(token(tenant(db, "junk"), "tenant_operator"))
     too_many = body(files=[{"path": f"f{i}", "size": 1} for i in range(10_001)])
     response = client.post("/api/v1/tasks", headers=op, json=too_many)
-    assert response.status_code == 422 and ["body", "files"] in [e["loc"] for e in response.json()["detail"]]
+    assert response.status_code == 422 and ["body", "files"] in [e["loc"] for e in response.json()["detail"]["errors"]]
     junk = client.post("/api/v1/tasks", headers={**op, "Content-Type": "application/json"}, content=b"\x00{" * 500_000)
     assert junk.status_code in (413, 422)
     huge = client.post(
         "/api/v1/tasks", headers={**op, "Content-Type": "application/json"}, content=b"[" * (17 * 1024 * 1024)
     )
-    assert huge.status_code == 413 and huge.json() == {"detail": {"code": "BODY_TOO_LARGE"}}
+    assert huge.status_code == 413 and huge.json()["detail"]["code"] == "BODY_TOO_LARGE"
     assert client.post("/api/v1/tasks", headers=op, json=["not", "an", "object"]).status_code == 422
 
 
@@ -138,18 +138,18 @@ def test_unknown_or_foreign_project_and_target_are_422_with_a_code(client: TestC
         ({"project_id": str(their_project)}, "UNKNOWN_PROJECT"),
     ):
         response = client.post("/api/v1/tasks", headers=op, json=body(**overrides))
-        assert response.status_code == 422 and response.json() == {"detail": {"code": code}}, overrides
+        assert response.status_code == 422 and detail(response) == {"code": code}, overrides
 
 
 def test_quota_refusals_are_429_with_the_metric_and_audited(client: TestClient, db: MigratedDb):
     tid = tenant(db, "tight", concurrent=1, bytes_month=100)
     op = bearer(token(tid, "tenant_operator"))
     big = client.post("/api/v1/tasks", headers=op, json=body(files=[{"path": "x", "size": 101}]))
-    assert big.status_code == 429 and big.json() == {"detail": {"code": "QUOTA_EXCEEDED", "metric": "bytes_month"}}
+    assert big.status_code == 429 and detail(big) == {"code": "QUOTA_EXCEEDED", "metric": "bytes_month"}
     assert client.post("/api/v1/tasks", headers=op, json=body()).status_code == 201
     second = client.post("/api/v1/tasks", headers=op, json=body())
     assert second.status_code == 429
-    assert second.json() == {"detail": {"code": "QUOTA_EXCEEDED", "metric": "concurrent_tasks"}}
+    assert detail(second) == {"code": "QUOTA_EXCEEDED", "metric": "concurrent_tasks"}
     with db.owner() as conn:
         metrics = [
             r[0]
@@ -173,9 +173,7 @@ def test_quota_current_shows_what_live_tasks_reserve(client: TestClient, db: Mig
     first = client.post("/api/v1/tasks", headers=op, json=eighty)
     assert first.status_code == 201
     second = client.post("/api/v1/tasks", headers=op, json=eighty)  # 80 reserved + 80 > 100
-    assert second.status_code == 429 and second.json() == {
-        "detail": {"code": "QUOTA_EXCEEDED", "metric": "bytes_month"}
-    }
+    assert second.status_code == 429 and detail(second) == {"code": "QUOTA_EXCEEDED", "metric": "bytes_month"}
     quota = client.get("/api/v1/quota/current", headers=viewer).json()
     assert (quota["bytes_used_month"], quota["bytes_reserved"], quota["bytes_quota_month"]) == (0, 80, 100)
     assert (quota["tasks_last_minute"], quota["storage_targets"]) == (1, 1)
@@ -196,7 +194,7 @@ def test_a_create_then_cancel_flood_is_refused_with_429_tasks_per_minute(client:
         if created.status_code == 201:
             assert client.post(f"/api/v1/tasks/{created.json()['id']}/cancel", headers=op).status_code == 202
         else:
-            assert created.json() == {"detail": {"code": "QUOTA_EXCEEDED", "metric": "tasks_per_minute"}}
+            assert detail(created) == {"code": "QUOTA_EXCEEDED", "metric": "tasks_per_minute"}
     assert codes == [201] * 10 + [429] * 20
     quota = client.get("/api/v1/quota/current", headers=op).json()
     assert (quota["tasks_last_minute"], quota["tasks_per_minute_quota"]) == (10, 10)
@@ -214,7 +212,7 @@ def test_an_inactive_tenant_cannot_create(client: TestClient, db: MigratedDb):
     with db.owner() as conn:
         conn.execute("UPDATE dlw.tenants SET active = false WHERE tenant_id = %s", (tid,))
     response = client.post("/api/v1/tasks", headers=bearer(token(tid, "tenant_admin")), json=body())
-    assert response.status_code == 403 and response.json() == {"detail": {"code": "TENANT_INACTIVE"}}
+    assert response.status_code == 403 and response.json()["detail"]["code"] == "TENANT_INACTIVE"
 
 
 def test_idempotency_key_returns_the_first_task_or_conflicts(client: TestClient, db: MigratedDb):
@@ -223,7 +221,7 @@ def test_idempotency_key_returns_the_first_task_or_conflicts(client: TestClient,
     retry = client.post("/api/v1/tasks", headers=op, json=body())
     assert first.status_code == 201 and retry.status_code == 200 and retry.json()["id"] == first.json()["id"]
     other = client.post("/api/v1/tasks", headers=op, json=body(revision="v2"))
-    assert other.status_code == 409 and other.json() == {"detail": {"code": "IDEMPOTENCY_CONFLICT"}}
+    assert other.status_code == 409 and other.json()["detail"]["code"] == "IDEMPOTENCY_CONFLICT"
 
 
 def test_storage_targets(client: TestClient, db: MigratedDb):
@@ -244,13 +242,13 @@ def test_storage_targets_are_capped_in_number_and_config_size(client: TestClient
     admin = bearer(token(tid, "tenant_admin"))
     huge = {"blob": "x" * domain.STORAGE_TARGET_CONFIG_MAX_BYTES}
     too_big = client.post("/api/v1/storage-targets", headers=admin, json={"name": "huge", "config": huge})
-    assert too_big.status_code == 422 and too_big.json() == {"detail": {"code": "STORAGE_TARGET_CONFIG_TOO_LARGE"}}
+    assert too_big.status_code == 422 and too_big.json()["detail"]["code"] == "STORAGE_TARGET_CONFIG_TOO_LARGE"
     codes = [
         client.post("/api/v1/storage-targets", headers=admin, json={"name": f"t{i}"}).status_code for i in range(5)
     ]
     assert codes == [201, 201, 409, 409, 409]
     refused = client.post("/api/v1/storage-targets", headers=admin, json={"name": "t9"})
-    assert refused.json() == {"detail": {"code": "STORAGE_TARGET_LIMIT"}}
+    assert refused.json()["detail"]["code"] == "STORAGE_TARGET_LIMIT"
     names = [t["name"] for t in client.get("/api/v1/storage-targets", headers=admin).json()]
     assert names == ["default", "t0", "t1"]
     assert client.get("/api/v1/quota/current", headers=admin).json()["storage_targets_quota"] == 3

@@ -34,7 +34,7 @@ import pytest
 from app.executor.client import Claimed
 from app.executor.download import UnsafePath, WrongSize, destination, download, file_url
 from tests.support import server
-from tests.support.app import bearer, token
+from tests.support.app import bearer, detail, token
 from tests.support.database import MigratedDb
 from tests.support.tenants import tenant
 
@@ -258,7 +258,7 @@ def test_several_tenants_downloaded_by_two_executors_metered_and_limited(db, api
     alpha = tasks[0][0]
     refused = create_task(api, alpha, "org/alpha", "main", [{"path": "more.bin", "size": 1}])
     assert refused.status_code == 429
-    assert refused.json() == {"detail": {"code": "QUOTA_EXCEEDED", "metric": "bytes_month"}}
+    assert detail(refused) == {"code": "QUOTA_EXCEEDED", "metric": "bytes_month"}
 
 
 def _folded_past(db: MigratedDb, xid: int) -> bool:

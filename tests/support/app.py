@@ -47,3 +47,9 @@ def every_page(client: TestClient, path: str, headers: dict[str, str], params: d
         cursor = page["next_cursor"]
         if not cursor:
             return items
+
+
+def detail(response: Any) -> dict[str, Any]:
+    """An error answer's detail without its human message (asserted separately by the shape test)."""
+    body: dict[str, Any] = response.json()["detail"]
+    return {key: value for key, value in body.items() if key != "message"}

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api import pagination
@@ -32,12 +32,14 @@ router = APIRouter(prefix="/api/v1", tags=["administration"], route_class=Permis
 
 Slug = Annotated[str, Field(pattern=TENANT_SLUG_PATTERN)]
 Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
+INT64_MAX = (1 << 63) - 1
+TenantId = Annotated[int, Path(ge=-INT64_MAX - 1, le=INT64_MAX)]  # a bigint, else 422
 TenantRole = Literal["tenant_admin", "tenant_operator", "tenant_viewer"]  # = app.domain.TENANT_ROLES (tested)
 ServiceAccountRole = Literal["tenant_admin", "tenant_operator", "tenant_viewer", "executor"]  # = SERVICE_ACCOUNT_ROLES
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- tenants (system_admin) ----------------------------------------------------------------
@@ -96,7 +98,7 @@ async def create_tenant(
 @router.get("/tenants", response_model=list[Tenant], responses=error_responses())
 async def list_tenants(
     request: Request,
-    after_id: int = Query(0, ge=0),
+    after_id: int = Query(0, ge=0, le=INT64_MAX),
     limit: Limit = 100,
     principal: Principal = Depends(require_perm("/api/v1/tenants", "GET")),
 ) -> list[Tenant]:
@@ -107,7 +109,7 @@ async def list_tenants(
 @router.get("/tenants/{tenant_id}", response_model=Tenant, responses=error_responses("tenant_by_id"))
 async def get_tenant(
     request: Request,
-    tenant_id: int,
+    tenant_id: TenantId,
     principal: Principal = Depends(require_perm("/api/v1/tenants/{tenant_id}", "GET", tenant_path_param="tenant_id")),
 ) -> Tenant:
     async with request_transaction(request, principal) as conn:
@@ -121,7 +123,7 @@ async def get_tenant(
 )
 async def update_tenant(
     request: Request,
-    tenant_id: int,
+    tenant_id: TenantId,
     body: TenantPatch,
     principal: Principal = Depends(require_perm("/api/v1/tenants/{tenant_id}", "PATCH", tenant_path_param="tenant_id")),
 ) -> Tenant:

@@ -32,7 +32,7 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha
 
 
 class ClaimRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     max_files: int = Field(1, ge=1, le=CLAIM_MAX_FILES)
     lease_seconds: int = Field(
         60,
@@ -67,8 +67,8 @@ class ClaimResponse(BaseModel):
 
 
 class LeaseBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    assignment_token: uuid.UUID
+    model_config = ConfigDict(extra="forbid", strict=True)
+    assignment_token: uuid.UUID = Field(strict=False)  # a UUID is a string in JSON
 
 
 class HeartbeatBody(LeaseBody):

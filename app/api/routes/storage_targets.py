@@ -21,7 +21,7 @@ router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirst
 
 
 class StorageTargetCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(pattern=STORAGE_TARGET_NAME_PATTERN)
     kind: Literal["local"] = "local"
     config: dict[str, Any] = Field(default_factory=dict, description="never returned by the API")

@@ -23,6 +23,7 @@ from app.identity.principal import Principal
 router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirstRoute)
 
 MAX_FILES = 10_000
+INT64_MAX = (1 << 63) - 1  # total_bytes is a bigint
 TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 RepoId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
 Revision = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
@@ -30,7 +31,7 @@ Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
 
 
 class FileSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     path: str = Field(min_length=1, max_length=1024)
     size: int = Field(ge=0, le=1 << 53)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
@@ -51,13 +52,13 @@ class FileSpec(BaseModel):
 
 
 class TaskCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     repo_id: RepoId
     revision: Revision
     storage_target: str = Field("default", min_length=1, max_length=100, description="id or name")
     files: list[FileSpec] = Field(min_length=1, max_length=MAX_FILES)
     priority: int = Field(0, ge=-1000, le=1000)
-    project_id: uuid.UUID | None = None
+    project_id: uuid.UUID | None = Field(None, strict=False)  # a UUID is a string in JSON
 
     @field_validator("revision")
     @classmethod
@@ -73,6 +74,8 @@ class TaskCreate(BaseModel):
             if spec.path in seen:
                 raise ValueError(f"files[{index}].path: duplicate path {spec.path!r}")
             seen.add(spec.path)
+        if sum(spec.size for spec in self.files) > INT64_MAX:
+            raise ValueError("files: the sizes add up to more than 2^63 - 1 bytes")
         return self
 
     def request_hash(self) -> bytes:
