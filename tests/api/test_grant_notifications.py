@@ -5,6 +5,7 @@ trigger sends must carry nothing a listener could learn another tenant's grants 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,12 +22,13 @@ from tests.support.database import MigratedDb
 from tests.support.psql import PSQL
 from tests.support.tenants import SeededTenant, drop_login, seed_tenant
 
-ROUNDS = 5
+ROUNDS = 7
 WINDOW_SECONDS = 1.0
 # One flood statement sends this many notifications (distinct payloads: PostgreSQL folds
-# identical ones within a transaction), then the login sleeps a little: about 2,500 a second.
+# identical ones within a transaction), then the login sleeps a little: about 1,000 a second
+# (on two cores a faster psql flood mostly measures the CPU it takes from the API itself).
 BURST = 100
-PAUSE_SECONDS = 0.04
+PAUSE_SECONDS = 0.1
 # A platform with many grants, so that a reload costs what it would in production.
 GRANTS = 3000
 
@@ -149,10 +151,12 @@ def test_a_flood_of_foreign_notifications_reloads_nothing_and_keeps_throughput(
         received = authz.notifications - notified
         extra_reloads = authz.reloads - reloads
         checks = authz.version_checks - checks
-    ratio = max(flooded) / max(normal)
+    # Each round measures both side by side (order alternating), so load on the shared machine
+    # that drifts between rounds cancels out in that round's ratio; the median round counts.
+    ratio = statistics.median(f / n for n, f in zip(normal, flooded, strict=True))
     print(
         f"\n{received} foreign notifications, {extra_reloads} reloads, {checks} version checks;"
-        f" best {max(normal):.0f} req/s normal, {max(flooded):.0f} req/s flooded, ratio {ratio:.3f}"
+        f" best {max(normal):.0f} req/s normal, {max(flooded):.0f} req/s flooded, median round ratio {ratio:.3f}"
         f"\nnormal {[round(r) for r in normal]}\nflooded {[round(r) for r in flooded]}"
     )
     assert grant_version(db) == version
