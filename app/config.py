@@ -25,6 +25,8 @@ class Settings(BaseSettings):
 
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=20, ge=1)
+    # Seconds a request waits for a pooled connection before answering 503 DB_UNAVAILABLE.
+    db_acquire_timeout_seconds: float = Field(default=10.0, gt=0)
     # Milliseconds a task creation waits for its tenant's quota lock before answering 503.
     quota_lock_timeout_ms: int = Field(default=2000, ge=1)
 

@@ -46,6 +46,12 @@ UNAUTHENTICATED = Refusal(401, "UNAUTHENTICATED", "missing, invalid or expired c
 RBAC_DENIED = Refusal(403, "RBAC_DENIED", "the caller's roles do not allow this route")
 DB_FORBIDDEN = Refusal(403, "DB_FORBIDDEN", "the database refused the statement (row-level security, privileges)")
 DB_UNAVAILABLE = Refusal(503, "DB_UNAVAILABLE", "the database cannot serve right now", retry_after=2)
+COMMIT_UNCERTAIN = Refusal(
+    503,
+    "COMMIT_UNCERTAIN",
+    "the database connection failed during COMMIT: the change may have been made; retry with the same Idempotency-Key",
+    retry_after=1,
+)
 INTERNAL_ERROR = Refusal(500, "INTERNAL_ERROR", "an unexpected failure (logged, never described)")
 # Answers of the router itself. Paths are exact: a trailing slash is not redirected (a redirect
 # would be built from the request's Host header), it is simply no route.
