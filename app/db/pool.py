@@ -16,6 +16,21 @@ from app.db.queries import SQL
 log = logging.getLogger("dlw.db")
 
 
+class OneLineFaults(logging.Filter):
+    """asyncpg's pool logs each failed reconnect (restoring min_size) with a traceback: during an
+    outage, one traceback per retry. A connection fault there is one line, exception included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_connection_fault(record.exc_info[1]):
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(OneLineFaults())
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         url,
