@@ -157,3 +157,38 @@ def test_terminated_backends_never_turn_committed_creates_into_500s(db: Migrated
     assert len(in_db) == QUOTA
     assert quota["concurrent_tasks"] == QUOTA
     assert "Traceback" not in server_log and "Exception in ASGI application" not in server_log
+
+
+def test_a_pool_acquire_timeout_is_503_not_500(db: MigratedDb):
+    """The pool's one connection is held by a create waiting for its quota lock: the next
+    request gives up after DLW_DB_ACQUIRE_TIMEOUT_SECONDS with 503 DB_UNAVAILABLE."""
+    tid = tenant(db, "busy-pool")
+    headers = bearer(token(tid, "tenant_operator"))
+    settings = {
+        "DLW_DB_POOL_MIN_SIZE": "1",
+        "DLW_DB_POOL_MAX_SIZE": "1",
+        "DLW_DB_ACQUIRE_TIMEOUT_SECONDS": "0.5",
+        "DLW_QUOTA_LOCK_TIMEOUT_MS": "30000",
+    }
+    with server.running_server(db, **settings) as base, db.owner() as holder:
+        holder.autocommit = False
+        holder.execute("SELECT dlw.lock_tenant_quota_rows(%s)", (tid,))  # the tenant's quota lock, held
+        created: list[httpx.Response] = []
+        url = f"{base}/api/v1/tasks"
+        creator = threading.Thread(
+            target=lambda: created.append(httpx.post(url, headers=headers, json=_body(0), timeout=60))
+        )
+        creator.start()
+        with db.owner() as watcher:
+            deadline = time.monotonic() + 30
+            while not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dlw-api' AND wait_event_type = 'Lock'"
+            ).fetchone() == (1,):
+                assert time.monotonic() < deadline, "the create never waited for the quota lock"
+                time.sleep(0.05)
+        busy = httpx.get(f"{base}/api/v1/quota/current", headers=headers, timeout=30)
+        holder.rollback()
+        creator.join(60)
+    assert busy.status_code == 503 and busy.json()["detail"]["code"] == "DB_UNAVAILABLE", busy.text
+    assert busy.headers["Retry-After"] == "2"
+    assert [r.status_code for r in created] == [201]
