@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--database-url", help="owner/superuser URL (default: DLW_MIGRATION_DATABASE_URL)")
+        if name == "doctor":
+            p.add_argument(
+                "--citus", action="store_true", help="check instead that the schema stays distributable by tenant_id"
+            )
         if name == "migrate":
             p.add_argument("--reapply-sql", action="store_true", help="re-apply sql/ even if unchanged")
             p.add_argument(

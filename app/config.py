@@ -25,6 +25,8 @@ class Settings(BaseSettings):
 
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=20, ge=1)
+    # Seconds a request waits for a pooled connection before answering 503 DB_UNAVAILABLE.
+    db_acquire_timeout_seconds: float = Field(default=10.0, gt=0)
     # Milliseconds a task creation waits for its tenant's quota lock before answering 503.
     quota_lock_timeout_ms: int = Field(default=2000, ge=1)
 
@@ -51,6 +53,18 @@ class Settings(BaseSettings):
     # leader is replaced within this plus the time the database takes to drop its session).
     snapshot_interval_seconds: float = Field(default=60.0, gt=0)
     snapshot_leader_retry_seconds: float = Field(default=5.0, gt=0, le=10)
+
+    # The HTTP server (`dlw serve`, `dlw dev`; app/api/http_limits.py). Seconds a request may take
+    # from its first byte (or a new connection) to its last header before it is answered 408 and
+    # closed; the bytes and lines its request line and headers may take (else 431); seconds a
+    # keep-alive connection may idle between requests; uvicorn's limit_concurrency (None = off:
+    # beyond it uvicorn answers a plain-text 503); the largest request body (else 413).
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    http_max_header_bytes: int = Field(default=65536, ge=4096)
+    http_max_headers: int = Field(default=100, ge=10)
+    http_keep_alive_seconds: int = Field(default=5, ge=1)
+    http_limit_concurrency: int | None = Field(default=None, ge=1)
+    http_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
     # The reference executor (`dlw executor run`) reads its own DLW_EXECUTOR_* settings:
     # app/executor/settings.py.

@@ -8,8 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import BODY_TOO_LARGE
 
-# 10,000 files with long paths and hashes fit comfortably; anything beyond is not a task.
-MAX_BODY_BYTES = 16 * 1024 * 1024
+# The limit is DLW_HTTP_MAX_BODY_BYTES (16 MiB: 10,000 files with long paths and hashes fit
+# comfortably; anything beyond is not a task).
 
 
 class BodyTooLarge(Exception):
@@ -17,7 +17,7 @@ class BodyTooLarge(Exception):
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
@@ -31,25 +31,34 @@ class BodySizeLimit:
             return
         received = 0
         started = False
+        rejected = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            # A chunked body declares no length: count it. The 413 is sent here, before whoever
+            # reads the body sees the error (FastAPI turns any error while reading it into its own
+            # 400); what the app answers afterwards is dropped.
+            nonlocal received, rejected
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    if not started and not rejected:
+                        rejected = True
+                        await self._reject(send)
                     raise BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if rejected:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
-            if not started:
+            if not started and not rejected:
                 await self._reject(send)
 
     @staticmethod

@@ -14,10 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import errors, refusals, sqlstates
 from app.api.errors import INTERNAL_ERROR, METHOD_NOT_ALLOWED, ROUTE_NOT_FOUND, VALIDATION_FAILED, Refusal
-from app.api.sqlstates import UNAVAILABLE_ERRORS, answer_for
+from app.api.sqlstates import UNAVAILABLE_ERRORS, CommitUncertain, answer_for
 
 log = logging.getLogger("dlw")
 
@@ -125,17 +126,53 @@ async def database_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # Never a stack trace or a library message to the client; the log keeps the details.
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    """Whatever no handler answered: a database fault the table knows (a connection fault raised
+    outside a route's own handlers) is answered so; anything else is 500, and only its log line
+    carries the trace. Never a stack trace or a library message to the client."""
+    if answer_for(exc) is not None:
+        return await database_error(request, exc)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _answer(INTERNAL_ERROR)
+
+
+class AnswerErrors:
+    """The catch-all, as the outermost middleware of ours: it answers and does not re-raise.
+
+    Starlette's own catch-all (ServerErrorMiddleware) re-raises after answering, so uvicorn logs
+    "Exception in ASGI application" with a second traceback and closes the keep-alive
+    connection. Here a handled error is one log line and the connection stays usable. An error
+    after the response started still propagates: closing the connection is then the only way to
+    tell the client the answer is broken."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = await unexpected_error(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:
     # Handlers for specific classes answer inside the routing layer (nothing is re-raised);
-    # the catch-all Exception handler runs in Starlette's outermost middleware.
+    # everything else reaches AnswerErrors, which must be the last middleware added (outermost).
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(asyncpg.PostgresError, database_error)
-    for error in UNAVAILABLE_ERRORS:
+    for error in (*UNAVAILABLE_ERRORS, CommitUncertain):
         app.add_exception_handler(error, database_error)
-    app.add_exception_handler(Exception, unexpected_error)
+    app.add_middleware(AnswerErrors)

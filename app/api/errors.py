@@ -46,6 +46,12 @@ UNAUTHENTICATED = Refusal(401, "UNAUTHENTICATED", "missing, invalid or expired c
 RBAC_DENIED = Refusal(403, "RBAC_DENIED", "the caller's roles do not allow this route")
 DB_FORBIDDEN = Refusal(403, "DB_FORBIDDEN", "the database refused the statement (row-level security, privileges)")
 DB_UNAVAILABLE = Refusal(503, "DB_UNAVAILABLE", "the database cannot serve right now", retry_after=2)
+COMMIT_UNCERTAIN = Refusal(
+    503,
+    "COMMIT_UNCERTAIN",
+    "the database connection failed during COMMIT: the change may have been made; retry with the same Idempotency-Key",
+    retry_after=1,
+)
 INTERNAL_ERROR = Refusal(500, "INTERNAL_ERROR", "an unexpected failure (logged, never described)")
 # Answers of the router itself. Paths are exact: a trailing slash is not redirected (a redirect
 # would be built from the request's Host header), it is simply no route.
@@ -61,6 +67,10 @@ DUPLICATE_KEY = Refusal(422, "DUPLICATE_KEY", "a JSON object of the body names t
 VALIDATION_FAILED = Refusal(422, "VALIDATION_FAILED", "the request does not validate (see errors)")
 UNSUPPORTED_MEDIA_TYPE = Refusal(415, "UNSUPPORTED_MEDIA_TYPE", "a request body must be application/json")
 BODY_TOO_LARGE = Refusal(413, "BODY_TOO_LARGE", "the request body is larger than the API accepts")
+# Answers of the HTTP server itself, before the app runs (app/api/http_limits.py).
+MALFORMED_REQUEST = Refusal(400, "MALFORMED_REQUEST", "the request is not valid HTTP/1.1")
+HEADER_TIMEOUT = Refusal(408, "HEADER_TIMEOUT", "the request headers did not arrive in time")
+HEADERS_TOO_LARGE = Refusal(431, "HEADERS_TOO_LARGE", "the request headers are larger or more than the API accepts")
 TENANT_HEADER_FORBIDDEN = Refusal(403, "TENANT_HEADER_FORBIDDEN", "only a system admin may name another tenant")
 
 

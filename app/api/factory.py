@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     api_docs.install(app, settings)
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.http_max_body_bytes)
     error_handlers.install(app)
     return app
 

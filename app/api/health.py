@@ -6,6 +6,7 @@ import asyncpg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from app.api.sqlstates import UNAVAILABLE_ERRORS
 from app.db.queries import SQL
 from app.ops.migrate import migration_ids, program_files, program_sha256
 
@@ -34,7 +35,7 @@ async def readyz(request: Request) -> dict[str, str] | JSONResponse:
     try:
         async with request.app.state.pool.acquire(timeout=5) as conn:
             row = await conn.fetchrow(SQL["schema_program"])
-    except (OSError, TimeoutError, asyncpg.PostgresError):
+    except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError):
         return JSONResponse(status_code=503, content={"detail": {"code": "DB_UNAVAILABLE", "message": UNAVAILABLE}})
     if row is None or row["program_sha256"] != expected_program:
         return JSONResponse(status_code=503, content={"detail": {"code": "NOT_MIGRATED", "message": NOT_MIGRATED}})

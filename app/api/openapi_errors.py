@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from app.api.errors import DB_FORBIDDEN, DB_UNAVAILABLE, INTERNAL_ERROR, RBAC_DENIED, UNAUTHENTICATED, Refusal
+from app.api.errors import (
+    COMMIT_UNCERTAIN,
+    DB_FORBIDDEN,
+    DB_UNAVAILABLE,
+    INTERNAL_ERROR,
+    RBAC_DENIED,
+    UNAUTHENTICATED,
+    Refusal,
+)
 from app.api.refusals import REGISTRY
 
 # FastAPI's own request validation answers 422 with a list; kept in the schema next to our codes.
@@ -49,14 +57,15 @@ def error_responses(*answers: str | Refusal, authenticated: bool = True, databas
     """The `responses=` of a route: each status with its description and code list.
 
     answers are registry keys (the SQL calls the route makes) or refusals; authenticated adds
-    401 UNAUTHENTICATED and 403 RBAC_DENIED; database adds 403 DB_FORBIDDEN and 503 DB_UNAVAILABLE."""
+    401 UNAUTHENTICATED and 403 RBAC_DENIED; database adds 403 DB_FORBIDDEN and 503 DB_UNAVAILABLE
+    / COMMIT_UNCERTAIN."""
     refusals: list[Refusal] = []
     for answer in answers:
         refusals.extend(REGISTRY[answer].all() if isinstance(answer, str) else [answer])
     if authenticated:
         refusals += [UNAUTHENTICATED, RBAC_DENIED]
     if database:
-        refusals += [DB_FORBIDDEN, DB_UNAVAILABLE]
+        refusals += [DB_FORBIDDEN, DB_UNAVAILABLE, COMMIT_UNCERTAIN]
     refusals.append(INTERNAL_ERROR)
     by_status: dict[int, dict[str, str]] = defaultdict(dict)
     for refusal in refusals:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from app.api.errors import DB_FORBIDDEN, DB_UNAVAILABLE, Refusal
+from app.api.errors import COMMIT_UNCERTAIN, DB_FORBIDDEN, DB_UNAVAILABLE, Refusal
 
 ILLEGAL_TRANSITION = Refusal(409, "ILLEGAL_TRANSITION", "the state machine refused the change (SQLSTATE DLW01)")
 INVALID_ARGUMENT = Refusal(422, "INVALID_ARGUMENT", "the database refused an argument (22xxx, 23514)")
@@ -40,8 +40,18 @@ SQLSTATE_ANSWERS: dict[str, Refusal] = {
     "57P03": DB_UNAVAILABLE,  # cannot_connect_now
 }
 
-# Failures without a SQLSTATE that still mean "the database cannot serve right now".
-UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (OSError, TimeoutError, asyncpg.InterfaceError)
+# Failures without a SQLSTATE that still mean "the database cannot serve right now": the OS's
+# (a reset connection), a pool acquire or connect timeout, and asyncpg's client-side errors (a
+# connection closed mid-operation, "cannot switch to state N" while it resets a dead one).
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+# SQLSTATEs meaning the session is gone (or never started): connection_exception, the
+# operator-intervention shutdowns, cannot_connect_now, too_many_connections.
+CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
 
 
 def answer_for_sqlstate(sqlstate: str | None) -> Refusal | None:
@@ -51,10 +61,33 @@ def answer_for_sqlstate(sqlstate: str | None) -> Refusal | None:
     return SQLSTATE_ANSWERS.get(sqlstate) or SQLSTATE_ANSWERS.get(sqlstate[:2])
 
 
-def answer_for(exc: BaseException) -> Refusal | None:
-    """The answer for a database failure, or None for anything the table does not list."""
+def is_connection_fault(exc: BaseException) -> bool:
+    """Whether exc means the database connection failed (rather than the database refusing)."""
     if isinstance(exc, asyncpg.PostgresError):
-        return answer_for_sqlstate(exc.sqlstate)
-    if isinstance(exc, UNAVAILABLE_ERRORS):
-        return DB_UNAVAILABLE
+        sqlstate = exc.sqlstate or ""
+        return sqlstate in CONNECTION_SQLSTATES or sqlstate[:2] in CONNECTION_SQLSTATES
+    return isinstance(exc, UNAVAILABLE_ERRORS)
+
+
+class CommitUncertain(Exception):
+    """The connection failed while COMMIT was on its way: the change may or may not be made."""
+
+
+def answer_for(exc: BaseException) -> Refusal | None:
+    """The answer for a database failure, or None for anything the table does not list.
+
+    A connection fault anywhere in the exception's chain (a library wrapping it) is one too."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, CommitUncertain):
+            return COMMIT_UNCERTAIN
+        if isinstance(current, asyncpg.PostgresError):
+            answer = answer_for_sqlstate(current.sqlstate)
+            if answer is not None or current is exc:
+                return answer
+        elif is_connection_fault(current):
+            return DB_UNAVAILABLE
+        current = current.__cause__ or current.__context__
+        seen += 1
     return None

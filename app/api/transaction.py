@@ -22,7 +22,11 @@ async def request_transaction(request: Request, principal: Principal, *calls: st
     to the whole block, commit included; other database errors reach the general table."""
     with specific_sqlstates(*calls):
         async with tenant_transaction(
-            request.app.state.pool, principal.tenant_id, principal.user_id, principal.role
+            request.app.state.pool,
+            principal.tenant_id,
+            principal.user_id,
+            principal.role,
+            acquire_timeout=request.app.state.settings.db_acquire_timeout_seconds,
         ) as conn:
             yield conn
 

@@ -12,6 +12,7 @@ from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError
+from app.api.sqlstates import UNAVAILABLE_ERRORS, CommitUncertain
 from app.api.strict_input import check_request
 from app.db.pool import audit_repeat, tenant_transaction
 from app.domain import PLATFORM_TENANT_ID
@@ -31,9 +32,15 @@ async def audit_denial(request: Request, principal: Principal, obj: str, act: st
     tenant = principal.tenant_id or PLATFORM_TENANT_ID  # system-wide executors have no tenant
     detail = {"role": principal.role, "method": request.method, "path": request.url.path}
     try:
-        async with tenant_transaction(request.app.state.pool, tenant, principal.user_id, principal.role) as conn:
+        async with tenant_transaction(
+            request.app.state.pool,
+            tenant,
+            principal.user_id,
+            principal.role,
+            acquire_timeout=request.app.state.settings.db_acquire_timeout_seconds,
+        ) as conn:
             await audit_repeat(conn, "permission_denied", f"{act} {obj}", detail)
-    except (OSError, asyncpg.PostgresError):
+    except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError, CommitUncertain):
         log.exception("could not audit a permission denial: %s %s by %s", act, obj, principal.user_id)
 
 

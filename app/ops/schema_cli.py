@@ -38,6 +38,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from app.ops.catalog_check import check_catalog
 
+    if getattr(args, "citus", False):
+        return _doctor_citus(migration_url(args))
     problems = check_catalog(migration_url(args))
     if problems:
         print(f"dlw doctor: {len(problems)} problem(s)")
@@ -49,4 +51,27 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "definer functions allowlisted, advisory locks for the platform only, roles sane, "
         "reporting views security_invoker)"
     )
+    return 0
+
+
+def _doctor_citus(url: str) -> int:
+    """`dlw doctor --citus`: whether the schema stays distributable by tenant_id (docs/scale-out.md)."""
+    from app.ops.citus_check import KNOWN_OBSTACLES, distributable_problems, distribution_plan
+
+    problems = distributable_problems(url)
+    if problems:
+        print(f"dlw doctor --citus: {len(problems)} problem(s)")
+        for line in problems:
+            print(f"  - {line}")
+        return 1
+    plan = distribution_plan(url)
+    distributed = [name for name, how in plan if how == "distributed by tenant_id"]
+    print(
+        f"dlw doctor --citus: distributable ({len(distributed)} tenant tables keyed by tenant_id, "
+        f"{len(plan) - len(distributed)} global tables listed, {len(KNOWN_OBSTACLES)} known obstacle(s))"
+    )
+    for name, how in plan:
+        print(f"  {name}: {how}")
+    for obstacle, plan_text in KNOWN_OBSTACLES.items():
+        print(f"  known obstacle: {obstacle} -- {plan_text}")
     return 0

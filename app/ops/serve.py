@@ -42,13 +42,14 @@ def serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from app.api.factory import create_app
+    from app.api.http_limits import uvicorn_options
 
     problems = refusals(settings)
     if problems:
         for line in problems:
             print(f"dlw: refusing to start: {line}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", **uvicorn_options(settings))
     return 0
 
 

@@ -181,9 +181,13 @@ def test_the_openapi_document_lists_the_registry_codes(client):
     assert codes(cancel, 404) == {"TASK_NOT_FOUND"} and codes(cancel, 409) == {"TASK_TERMINAL"}
     assert "TASK_NOT_FOUND" in cancel["responses"]["404"]["description"]
     assert codes(cancel, 401) == {"UNAUTHENTICATED"} and codes(cancel, 403) == {"RBAC_DENIED", "DB_FORBIDDEN"}
-    assert codes(cancel, 503) == {"DB_UNAVAILABLE"} and "422" in cancel["responses"]  # FastAPI's validation
+    assert codes(cancel, 503) == {"DB_UNAVAILABLE", "COMMIT_UNCERTAIN"} and "422" in cancel["responses"]  # validation
     create = paths["/api/v1/tasks"]["post"]
-    assert codes(create, 429) == {"QUOTA_EXCEEDED"} and codes(create, 503) == {"DB_UNAVAILABLE", "QUOTA_LOCK_TIMEOUT"}
+    assert codes(create, 429) == {"QUOTA_EXCEEDED"} and codes(create, 503) == {
+        "DB_UNAVAILABLE",
+        "COMMIT_UNCERTAIN",
+        "QUOTA_LOCK_TIMEOUT",
+    }
     assert codes(create, 422) == {"UNKNOWN_PROJECT", "UNKNOWN_STORAGE_TARGET"}
     assert "200" in create["responses"] and "201" in create["responses"]
     heartbeat = paths["/api/v1/executor/files/{file_id}/heartbeat"]["post"]

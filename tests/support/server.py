@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -29,12 +31,14 @@ def serve_env(db: MigratedDb | None, **overrides: str | None) -> dict[str, str]:
     return env
 
 
-def start(env: dict[str, str], port: int, *, stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+def start(
+    env: dict[str, str], port: int, *, stdout: int | None = subprocess.DEVNULL, stderr: int | IO[str] = subprocess.PIPE
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--port", str(port)],
         env=env,
         stdout=stdout,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
     )
 
@@ -61,12 +65,14 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def running_server(db: MigratedDb, **overrides: str | None) -> Iterator[str]:
-    """A ready server on a free port; yields its base URL."""
+def running_server(db: MigratedDb, *, log: Path | None = None, **overrides: str | None) -> Iterator[str]:
+    """A ready server on a free port; yields its base URL. With log, its stderr (its log, which
+    a pipe nobody reads would block once full) goes to that file."""
     port = free_port()
-    proc = start(serve_env(db, **overrides), port)
-    try:
-        wait_ready(proc, port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with open(log or os.devnull, "w") as log_file:
+        proc = start(serve_env(db, **overrides), port, stderr=log_file if log else subprocess.PIPE)
+        try:
+            wait_ready(proc, port)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(proc)
