@@ -30,7 +30,16 @@ import psycopg
 from app.authz.authorizer import CHANNEL
 from app.identity import system_jwt
 from app.identity.principal import Principal
-from bench.create_path import JWT_SECRET, ROOT, BenchCluster, QuietWaiter, base_env, full_stack_env, server
+from bench.create_path import (
+    JWT_SECRET,
+    ROOT,
+    BenchCluster,
+    QuietWaiter,
+    base_env,
+    full_stack_env,
+    process_cpu_s,
+    server,
+)
 from bench.load import build_request
 
 GRANTS = 3000
@@ -53,12 +62,19 @@ class Round:
     number: int
     normal_rps: float
     flooded_rps: float
+    normal_cpu_us: float  # API process CPU per request
+    flooded_cpu_us: float
     sent: int  # notifications the flooder sent during its flooded window
     flood_s: float
 
     @property
     def ratio(self) -> float:
         return self.flooded_rps / self.normal_rps if self.normal_rps else 0.0
+
+    @property
+    def cpu_ratio(self) -> float:
+        """normal / flooded API CPU per request: the req/s ratio if the API's CPU were the only limit."""
+        return self.normal_cpu_us / self.flooded_cpu_us if self.flooded_cpu_us else 0.0
 
 
 def provision(bench: BenchCluster, dbname: str) -> tuple[int, str, str]:
@@ -115,8 +131,9 @@ def sent_notifications(proc: subprocess.Popen[str]) -> int:
     return sum(BURST for line in proc.stdout.read().splitlines() if line.strip() == str(BURST))
 
 
-def measure(port: int, request: str, concurrency: int, warmup: float, duration: float) -> float:
-    """req/s of one window by bench/load.py (its own process), every response a 200."""
+def measure(port: int, pid: int, request: str, concurrency: int, warmup: float, duration: float) -> tuple[float, float]:
+    """(req/s, API CPU µs per request) of one window by bench/load.py (its own process), every
+    response a 200. CPU is the API process's over the whole run (warmup included), per response."""
     spec = {
         "host": "127.0.0.1", "port": port, "requests": [request], "expect": 200,
         "concurrency": concurrency, "warmup": warmup, "duration": duration,
@@ -124,15 +141,17 @@ def measure(port: int, request: str, concurrency: int, warmup: float, duration: 
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(spec, f)
         f.flush()
+        cpu0 = process_cpu_s(pid)
         out = subprocess.run(
             [sys.executable, "-m", "bench.load", f.name], cwd=ROOT, capture_output=True, text=True, check=False
         )
+        cpu = process_cpu_s(pid) - cpu0
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-3000:]}")
     result = json.loads(out.stdout)
     if result["errors"]:
         raise RuntimeError(f"{result['errors']} requests did not answer 200: {result['unexpected']}")
-    return float(result["rps"])
+    return float(result["rps"]), 1e6 * cpu / max(1, int(result["completed"]))
 
 
 def reloads(log: IO[bytes]) -> int:
@@ -158,7 +177,10 @@ def run(
     results: list[Round] = []
     try:
         with tempfile.TemporaryFile() as log:
-            with server(["-m", "app", "serve"], full_stack_env(bench.app_url(dbname)), "/readyz", log=log) as (port, _):
+            with server(["-m", "app", "serve"], full_stack_env(bench.app_url(dbname)), "/readyz", log=log) as (
+                port,
+                pid,
+            ):
                 requests = {
                     name: build_request("127.0.0.1", port, "GET", path, {"Authorization": f"Bearer {token}"}, b"")
                     for name, path in ROUTES.items()
@@ -171,19 +193,19 @@ def run(
                     raise RuntimeError("the API logged no policy load: reloads cannot be counted from its log")
                 for route, request in requests.items():
                     for number in range(rounds):
-                        rps: dict[bool, float] = {}
+                        rps: dict[bool, tuple[float, float]] = {}
                         sent, flood_s = 0, 0.0
                         for flooding in (False, True) if number % 2 == 0 else (True, False):
                             quiet.wait()
                             if not flooding:
-                                rps[False] = measure(port, request, concurrency, warmup, duration)
+                                rps[False] = measure(port, pid, request, concurrency, warmup, duration)
                                 continue
                             # The flood runs its course (psql's buffered output survives only a
                             # normal exit); it outlasts the window a little, bursts taking time.
                             started = time.monotonic()
                             with flood(flooder_url, bench.cluster.bindir, FLOOD_LEAD_S + warmup + duration) as proc:
                                 time.sleep(FLOOD_LEAD_S)  # the flood is under way before the window opens
-                                rps[True] = measure(port, request, concurrency, warmup, duration)
+                                rps[True] = measure(port, pid, request, concurrency, warmup, duration)
                                 sent = sent_notifications(proc)
                                 proc.wait(timeout=30)
                                 flood_s = time.monotonic() - started
@@ -191,11 +213,13 @@ def run(
                                     assert proc.stderr is not None
                                     raise RuntimeError(f"the flood failed: {proc.stderr.read()[-2000:]}")
                             time.sleep(0.3)  # the last notifications drain before the next window
-                        results.append(Round(route, number + 1, rps[False], rps[True], sent, flood_s))
-                        r = results[-1]
+                        (normal, normal_cpu), (flooded, flooded_cpu) = rps[False], rps[True]
+                        r = Round(route, number + 1, normal, flooded, normal_cpu, flooded_cpu, sent, flood_s)
+                        results.append(r)
                         print(
                             f"  notify {route:4} round {r.number}: normal {r.normal_rps:7.0f} req/s,"
-                            f" flooded {r.flooded_rps:7.0f} req/s, ratio {r.ratio:5.2f}"
+                            f" flooded {r.flooded_rps:7.0f} req/s, ratio {r.ratio:5.2f}; API CPU/request"
+                            f" {r.normal_cpu_us:5.0f} / {r.flooded_cpu_us:5.0f} µs"
                             f"  ({r.sent / r.flood_s:,.0f} notifications/s sent)",
                             flush=True,
                         )
@@ -213,5 +237,5 @@ def run(
     }
 
 
-def median_ratio(rounds: list[Round], route: str) -> float:
-    return statistics.median(r.ratio for r in rounds if r.route == route)
+def median_ratio(rounds: list[Round], route: str, *, cpu: bool = False) -> float:
+    return statistics.median(r.cpu_ratio if cpu else r.ratio for r in rounds if r.route == route)
