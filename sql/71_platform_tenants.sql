@@ -95,7 +95,7 @@ AS $$
 DECLARE
     v_before  dlw.tenants%ROWTYPE;
     v_after   dlw.tenants%ROWTYPE;
-    v_stopped record;
+    v_stopped jsonb := '{}'::jsonb;  -- the counts of a deactivation, for the audit row
 BEGIN
     IF dlw.ctx_role() IS DISTINCT FROM 'system_admin' THEN
         RAISE EXCEPTION 'only a system_admin changes tenants' USING ERRCODE = '42501';
@@ -113,7 +113,9 @@ BEGIN
     END IF;
     SELECT * INTO v_before FROM dlw.tenants t WHERE t.tenant_id = p_tenant_id FOR UPDATE;
     IF p_active IS FALSE THEN
-        SELECT * INTO v_stopped FROM dlw.deactivate_tenant_in(p_tenant_id, dlw.ctx_user_id(), 'api');
+        SELECT jsonb_build_object('tasks_cancelled', d.tasks_cancelled, 'files_cancelled', d.files_cancelled)
+          INTO v_stopped
+          FROM dlw.deactivate_tenant_in(p_tenant_id, dlw.ctx_user_id(), 'api') d;
     END IF;
     UPDATE dlw.tenants t SET
         quota_concurrent  = coalesce(p_quota_concurrent, t.quota_concurrent),
@@ -126,11 +128,7 @@ BEGIN
     RETURNING * INTO v_after;
     PERFORM dlw.audit_append(p_tenant_id, dlw.ctx_user_id(), 'tenant.updated', p_tenant_id::text,
         jsonb_build_object('before', to_jsonb(v_before) - 'created_at' - 'updated_at',
-                           'after', to_jsonb(v_after) - 'created_at' - 'updated_at')
-        || CASE WHEN p_active IS FALSE
-                THEN jsonb_build_object('tasks_cancelled', v_stopped.tasks_cancelled,
-                                        'files_cancelled', v_stopped.files_cancelled)
-                ELSE '{}'::jsonb END);
+                           'after', to_jsonb(v_after) - 'created_at' - 'updated_at') || v_stopped);
     RETURN 'ok';
 END
 $$;
