@@ -3,9 +3,9 @@
 The database is the source: `dlw.domain_facts()` (sql/01_domain_facts.sql) for roles, the
 platform tenant, executor limits and name patterns, the column defaults of `dlw.tenants`
 (migrations/0002.schema.sql) for the default quotas, and those of `dlw.reporting_logins`
-(migrations/0013.reporting_login_limits.sql) for the reporting logins' limits. These constants mirror them;
-tests/sql/test_domain_facts.py fails when a value here and the database disagree. Change both
-together.
+(migrations/0013.reporting_login_limits.sql, 0014.reporting_transaction_age.sql) for the
+reporting logins' limits. These constants mirror them; tests/sql/test_domain_facts.py fails
+when a value here and the database disagree. Change both together.
 """
 
 from __future__ import annotations
@@ -57,5 +57,7 @@ DEFAULT_REPORTING_STATEMENT_TIMEOUT_MS: Final[int] = 300_000
 """statement_timeout of a new reporting login (5 min); the watchdog enforces it."""
 DEFAULT_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_MS: Final[int] = 300_000
 """idle_in_transaction_session_timeout of a new reporting login (5 min); the watchdog enforces it."""
+DEFAULT_REPORTING_TRANSACTION_TIMEOUT_MS: Final[int] = 900_000
+"""Longest transaction of a new reporting login (15 min); the watchdog alone enforces it."""
 DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB: Final[int] = 1 << 20
 """temp_file_limit of a new reporting login (1 GB, in kB); a login cannot raise it."""

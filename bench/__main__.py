@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only create|list|refresh]` (or `./run bench`): the DESIGN.md §6
+"""`python -m bench [--quick] [--only create|list|notify|refresh]` (or `./run bench`): the DESIGN.md §6
 performance targets, measured in one run on an embedded PostgreSQL, printed as tables of ratios.
 See bench/README.md for what each part measures and how to read the output."""
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.load import print_table_head
 
-PARTS = ("create", "list", "refresh")
+PARTS = ("create", "list", "notify", "refresh")
 CREATE_MIN_VS_BARE = 0.8
 CREATE_MIN_VS_PGBENCH = 0.3
 LIST_MAX_OVERHEAD = 1.10
@@ -164,6 +164,58 @@ def report_list(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------
+# Notify: throughput under a flood of foreign grant notifications
+# ------------------------------------------------------------------------------------------
+
+
+def report_notify(result: dict[str, Any]) -> list[dict[str, Any]]:
+    from app.authz.authorizer import CHANNEL
+    from bench import notify_flood
+
+    rounds = result["rounds"]
+    print(f"\n== Notify: req/s under a flood of foreign pg_notify on {CHANNEL} ({notify_flood.GRANTS:,} grant rows) ==")
+    print("full = `python -m app serve`; flooder = the tenant's reporting login in psql, bursts of")
+    print(f"{notify_flood.BURST} distinct notifications then {notify_flood.PAUSE_S} s of sleep;")
+    print(f"load = bench/load.py, {result['concurrency']} keep-alive connections, viewer JWT; routes:")
+    for name, path in notify_flood.ROUTES.items():
+        print(f"  {name:4} GET {path}")
+    print("Each round measures normal and flooded side by side (order alternating); the median round counts.\n")
+    print("req/s columns are client-side; cpu µs = the API process's CPU per request (normal, flooded) and")
+    print("cpu ratio = normal/flooded of it (informational: what the req/s ratio would be if the API's CPU")
+    print("were the only limit; it moves less when other work shares the machine).\n")
+    print_table_head(
+        f"{'route':5} {'round':>5} {'normal':>8} {'flooded':>8} {'ratio':>6} {'notify/s':>9}"
+        f" {'cpu µs':>7} {'cpu µs':>7} {'cpu ratio':>9}"
+    )
+    for r in rounds:
+        print(
+            f"{r.route:5} {r.number:>5} {r.normal_rps:>8.0f} {r.flooded_rps:>8.0f} {r.ratio:>6.2f}"
+            f" {r.sent / r.flood_s if r.flood_s else 0:>9,.0f}"
+            f" {r.normal_cpu_us:>7.0f} {r.flooded_cpu_us:>7.0f} {r.cpu_ratio:>9.2f}"
+        )
+    print(
+        f"\npolicy reloads during the flooded rounds: {result['extra_reloads']} (coalescing: expected 0);"
+        f" notification queue usage after: {result['queue_usage']:.4f}"
+    )
+    rows: list[dict[str, Any]] = []
+    for name in notify_flood.ROUTES:
+        ratio = notify_flood.median_ratio(rounds, name)
+        met = ratio >= notify_flood.TARGET
+        cpu = notify_flood.median_ratio(rounds, name, cpu=True)
+        print(
+            f"{name:5} median flooded/normal {ratio:.2f}  (target >= {notify_flood.TARGET}: {_verdict(met)});"
+            f" median cpu ratio {cpu:.2f}"
+        )
+        rows.append({"measure": f"notify flood {name} flooded/normal req/s", "ratio": ratio, "target": ">= 0.9",
+                     "met": met})  # fmt: skip
+        rows.append({"measure": f"notify flood {name} cpu normal/flooded", "ratio": cpu, "target": "(info)",
+                     "met": None})  # fmt: skip
+    rows.append({"measure": "notify flood policy reloads (0)", "ratio": float(result["extra_reloads"]),
+                 "target": "0", "met": result["extra_reloads"] == 0})  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
 # Refresh cost (bench/refresh_cost.py, written separately)
 # ------------------------------------------------------------------------------------------
 
@@ -223,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     refresh_rows: list[dict[str, Any]] | None = None
     status = 0
 
-    if "create" in parts or "list" in parts:
-        from bench import create_path, list_rls
+    if "create" in parts or "list" in parts or "notify" in parts:
+        from bench import create_path, list_rls, notify_flood
 
         print("starting the embedded PostgreSQL and migrating a template database ...", flush=True)
         with create_path.bench_cluster() as bench:
@@ -252,6 +304,16 @@ def main(argv: list[str] | None = None) -> int:
                         warmup=50 if args.quick else 200,
                     )
                     rows += report_list(result)
+            if "notify" in parts:
+                with timed_part("notify"):
+                    print("\nnotify: alternating rounds of normal and flooded throughput:", flush=True)
+                    flood = notify_flood.run(
+                        bench,
+                        rounds=3 if args.quick else 7,
+                        duration=1.0 if args.quick else 2.0,
+                        quiet_budget_s=5 if args.quick else 60,
+                    )
+                    rows += report_notify(flood)
 
     if "refresh" in parts:
         with timed_part("refresh", load_average=False):

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import psycopg
@@ -248,10 +248,15 @@ def _wait_http(proc: subprocess.Popen[bytes], url: str, timeout: float = 60) -> 
 
 
 @contextmanager
-def server(argv: list[str], env: dict[str, str], ready_path: str) -> Iterator[tuple[int, int]]:
-    """A server subprocess on a free port; yields (port, pid). Its log goes to a temp file."""
+def server(
+    argv: list[str], env: dict[str, str], ready_path: str, log: IO[bytes] | None = None
+) -> Iterator[tuple[int, int]]:
+    """A server subprocess on a free port; yields (port, pid). Its log goes to `log` (for a part
+    that reads it) or a temp file."""
     port = free_port()
-    with tempfile.TemporaryFile() as log:
+    with ExitStack() as stack:
+        if log is None:
+            log = stack.enter_context(tempfile.TemporaryFile())
         proc = subprocess.Popen(
             [sys.executable, *argv, "--port", str(port)],
             env=env,

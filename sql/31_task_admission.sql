@@ -39,7 +39,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.lock_tenant_quota_rows(bigint) IS
-    'Serialises with task admission: creates (if missing) and locks FOR UPDATE the tenant''s bytes_month rows of dlw.quota_snapshots for the previous and the current UTC month, in period order. Returns false when no row could be locked (RLS hid them). Used by dlw.create_task and dlw_admin.deactivate_tenant.';
+    'Serialises with task admission: creates (if missing) and locks FOR UPDATE the tenant''s bytes_month rows of dlw.quota_snapshots for the previous and the current UTC month, in period order. Returns false when no row could be locked (RLS hid them). Used by dlw.create_task and dlw.deactivate_tenant_in (the API''s and the DBA''s deactivation).';
 
 CREATE OR REPLACE FUNCTION dlw.cancel_unfinished_files(
     p_tenant_id bigint, p_task_id uuid, p_error text DEFAULT NULL, p_error_if_none text DEFAULT NULL,

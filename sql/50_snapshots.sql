@@ -32,7 +32,10 @@
 -- idle_in_transaction_session_timeout (even ALTER ROLE itself SET them) to 0; the limits of its
 -- row in dlw.reporting_logins hold anyway: statements running longer are cancelled
 -- (pg_cancel_backend), sessions idle in a transaction for longer are terminated
--- (pg_terminate_backend), as the timeouts themselves would. dlw_system holds pg_read_all_stats
+-- (pg_terminate_backend), as the timeouts themselves would. Sessions whose transaction is older
+-- than the login's transaction_timeout_ms are terminated too, however busy they keep it (a short
+-- statement every second defeats both timeouts; PostgreSQL 15/16 have no setting for a
+-- transaction's age, migrations/0014). dlw_system holds pg_read_all_stats
 -- (to see those backends' state and times) and pg_signal_backend (migrations/0013); this
 -- function signals only backends whose session user is a non-superuser reporting login mapped
 -- in this database (in any database of the cluster, since the role is cluster-wide).
@@ -50,7 +53,10 @@ BEGIN
     FOR v IN
         SELECT a.pid AS b_pid, a.usename AS b_login, a.state AS b_state,
                clock_timestamp() - a.query_start AS running, clock_timestamp() - a.state_change AS idle,
-               r.statement_timeout_ms AS stmt_ms, r.idle_in_transaction_timeout_ms AS idle_ms
+               clock_timestamp() - a.xact_start AS age,
+               r.statement_timeout_ms AS stmt_ms, r.idle_in_transaction_timeout_ms AS idle_ms,
+               r.transaction_timeout_ms AS xact_ms,
+               clock_timestamp() - a.xact_start > r.transaction_timeout_ms * interval '1 millisecond' AS too_old
           FROM pg_stat_activity a
           JOIN dlw.reporting_logins r ON r.login = a.usename
           JOIN pg_roles ro ON ro.oid = a.usesysid
@@ -59,13 +65,21 @@ BEGIN
            AND a.pid <> pg_backend_pid()
            AND NOT ro.rolsuper
            AND pg_has_role(a.usesysid, 'dlw_reporting', 'MEMBER')
-           AND ((a.state IN ('active', 'fastpath function call')
+           AND ((a.xact_start IS NOT NULL
+                 AND clock_timestamp() - a.xact_start > r.transaction_timeout_ms * interval '1 millisecond')
+             OR (a.state IN ('active', 'fastpath function call')
                  AND clock_timestamp() - a.query_start > r.statement_timeout_ms * interval '1 millisecond')
              OR (a.state IN ('idle in transaction', 'idle in transaction (aborted)')
                  AND clock_timestamp() - a.state_change > r.idle_in_transaction_timeout_ms * interval '1 millisecond'))
          ORDER BY a.pid
     LOOP
-        IF v.b_state IN ('active', 'fastpath function call') THEN
+        IF v.too_old THEN
+            -- Only the end of the session ends a transaction that keeps busy.
+            IF pg_terminate_backend(v.b_pid) THEN
+                pid := v.b_pid; login := v.b_login; action := 'terminated'; elapsed := v.age; limit_ms := v.xact_ms;
+                RETURN NEXT;
+            END IF;
+        ELSIF v.b_state IN ('active', 'fastpath function call') THEN
             IF pg_cancel_backend(v.b_pid) THEN
                 pid := v.b_pid; login := v.b_login; action := 'cancelled'; elapsed := v.running;
                 limit_ms := v.stmt_ms;
@@ -79,7 +93,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.cancel_overlong_reporting_queries() IS
-$c$The reporting watchdog: cancels (pg_cancel_backend) every statement of a reporting login that has run longer than its statement_timeout_ms, and terminates (pg_terminate_backend) every session of one idle in a transaction longer than its idle_in_transaction_timeout_ms (dlw.reporting_logins), whatever the login SET itself. Only backends of non-superuser members of dlw_reporting mapped in this database; never another role's. Returns one row per backend signalled (pid, login, action cancelled | terminated, elapsed, limit_ms).
+$c$The reporting watchdog: cancels (pg_cancel_backend) every statement of a reporting login that has run longer than its statement_timeout_ms, and terminates (pg_terminate_backend) every session of one idle in a transaction longer than its idle_in_transaction_timeout_ms or whose transaction is older than its transaction_timeout_ms, however busy (dlw.reporting_logins), whatever the login SET itself. Only backends of non-superuser members of dlw_reporting mapped in this database; never another role's. Returns one row per backend signalled (pid, login, action cancelled | terminated, elapsed: the statement's run time, the idle time or the transaction's age, limit_ms: the limit it exceeded).
 Run by dlw.refresh_quota_snapshots(), i.e. about once a minute by the pg_cron job or the API leader; callable directly by dlw_system (and superusers).$c$;
 
 CREATE OR REPLACE FUNCTION dlw.refresh_quota_snapshots(

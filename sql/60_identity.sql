@@ -28,8 +28,8 @@ BEGIN
     IF FOUND THEN
         SELECT * INTO STRICT v_tenant FROM dlw.tenants t WHERE t.tenant_id = v_user.tenant_id;
         IF NOT v_tenant.active THEN
-            PERFORM dlw.audit_append(v_tenant.tenant_id, v_actor, 'auth.login_denied', v_user.id::text,
-                                     jsonb_build_object('reason', 'TENANT_INACTIVE'));
+            PERFORM dlw.audit_repeat_in(v_tenant.tenant_id, v_actor, 'auth.login_denied', v_user.id::text,
+                                        jsonb_build_object('reason', 'TENANT_INACTIVE'));
             RETURN QUERY SELECT 'TENANT_INACTIVE'::text, v_tenant.tenant_id, v_user.id, v_user.role;
             RETURN;
         END IF;
@@ -49,7 +49,7 @@ BEGIN
     END IF;
     IF p_rule_tenant IS NULL OR v_tenant.tenant_id IS NULL THEN
         -- No tenant to hold the row: denied logins without one go to the platform tenant.
-        PERFORM dlw.audit_append((SELECT f.platform_tenant_id FROM dlw.domain_facts() f), v_actor,
+        PERFORM dlw.audit_repeat_in((SELECT f.platform_tenant_id FROM dlw.domain_facts() f), v_actor,
             'auth.login_denied', NULL,
             jsonb_build_object('reason', 'TENANT_UNRESOLVED', 'email', v_email, 'rule_tenant', p_rule_tenant));
         RETURN QUERY SELECT 'TENANT_UNRESOLVED'::text, NULL::bigint, NULL::uuid, NULL::text;
@@ -71,7 +71,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.login_user(text, text, text, boolean, text, text) IS
-    'Login of a verified OIDC identity: a known (issuer, subject) keeps its tenant and role; a new one is placed in the tenant and role its first matching rule named, if that tenant exists and is active. The email is stored (and audited) only when p_email_verified is true, else NULL, at every login. Outcome ok | TENANT_UNRESOLVED | TENANT_INACTIVE; audited either way.';
+    'Login of a verified OIDC identity: a known (issuer, subject) keeps its tenant and role; a new one is placed in the tenant and role its first matching rule named, if that tenant exists and is active. The email is stored (and audited) only when p_email_verified is true, else NULL, at every login. Outcome ok | TENANT_UNRESOLVED | TENANT_INACTIVE; audited either way, a denied login as a repeat row (dlw.audit_repeat_in: one per tenant, login subject, user and UTC minute, whose count grows).';
 
 CREATE OR REPLACE FUNCTION dlw.find_service_account(p_issuer text, p_client_id text)
 RETURNS TABLE (tenant_id bigint, account_id uuid, role text, tenant_active boolean)

@@ -123,30 +123,32 @@ REVOKE ALL ON FUNCTION dlw.admin_tenant_id(text), dlw.admin_audit(bigint, text, 
     dlw.admin_user_id(bigint, text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------
--- Repeats on the audit trail (for the API, not dlw_admin; here because this file holds
--- dlw_system's audit writers). A flood of permission denials or quota refusals must not grow
--- the trail without bound: one row per (tenant, UTC minute, action, actor, target, metric of
--- detail) whose count grows. dlw_app may insert audit rows but never change one, so the
--- increment is this definer function's: it only ever adds 1 to the count (and moves last_at)
--- of a repeat row of the context's own tenant, as the context's actor.
+-- Repeats on the audit trail (for the API and the login function, not dlw_admin; here because
+-- this file holds dlw_system's audit writers). A flood of permission denials, quota refusals or
+-- failed logins must not grow the trail without bound: one row per (tenant, UTC minute, action,
+-- actor, target, metric of detail) whose count grows. dlw.audit_repeat_in is the one writer of
+-- repeat rows; its callers choose tenant and actor: dlw.audit_repeat (the API) from the context
+-- only, dlw.login_user (sql/60_identity.sql) the tenant it resolved and the login's subject.
+-- dlw_app may insert audit rows but never change one, so the increment is dlw_system's: it
+-- only ever adds 1 to the count (and moves last_at) of a repeat row.
 -- ---------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION dlw.audit_repeat(p_action text, p_target text, p_detail jsonb DEFAULT '{}'::jsonb)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+CREATE OR REPLACE FUNCTION dlw.audit_repeat_in(
+    p_tenant_id bigint, p_actor text, p_action text, p_target text, p_detail jsonb DEFAULT '{}'::jsonb
+) RETURNS void
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_tenant bigint := dlw.ctx_tenant_id();
-    v_now    timestamptz := clock_timestamp();
+    v_now timestamptz := clock_timestamp();
 BEGIN
-    IF v_tenant IS NULL THEN
-        RAISE EXCEPTION 'dlw.audit_repeat: no tenant context (call dlw.set_context first)' USING ERRCODE = '42501';
+    IF p_tenant_id IS NULL THEN
+        RAISE EXCEPTION 'dlw.audit_repeat_in: a tenant is required' USING ERRCODE = '22004';
     END IF;
     IF p_action IS NULL THEN
-        RAISE EXCEPTION 'dlw.audit_repeat: an action is required' USING ERRCODE = '22004';
+        RAISE EXCEPTION 'dlw.audit_repeat_in: an action is required' USING ERRCODE = '22004';
     END IF;
     INSERT INTO dlw.audit_log AS a (tenant_id, id, at, actor, action, target, detail, count, minute, last_at)
-    VALUES (v_tenant, dlw.new_id(), v_now, dlw.ctx_user_id(), p_action, p_target, coalesce(p_detail, '{}'::jsonb), 1,
+    VALUES (p_tenant_id, dlw.new_id(), v_now, p_actor, p_action, p_target, coalesce(p_detail, '{}'::jsonb), 1,
             date_trunc('minute', v_now, 'UTC'), v_now)
     ON CONFLICT (tenant_id, minute, action, (coalesce(actor, '')), (coalesce(target, '')),
                  (coalesce(detail ->> 'metric', '')))
@@ -154,8 +156,26 @@ BEGIN
     DO UPDATE SET count = a.count + 1, last_at = greatest(a.last_at, excluded.last_at);
 END
 $$;
-COMMENT ON FUNCTION dlw.audit_repeat(text, text, jsonb) IS
-    'Records one occurrence of a repeatable event (permission_denied, quota.exceeded) in the context tenant''s audit trail, as the context''s actor: the first in a UTC minute inserts a repeat row (count 1, minute, at = last_at = now; detail is the first occurrence''s), each further one with the same (action, actor, target, detail->>metric) in that minute adds 1 to its count and moves last_at. SECURITY DEFINER (dlw_system) because dlw_app may not update audit rows; tenant and actor come from the context only. Raises 42501 without context.';
+COMMENT ON FUNCTION dlw.audit_repeat_in(bigint, text, text, text, jsonb) IS
+    'Internal (dlw_system''s definer functions only): records one occurrence of a repeatable event in a tenant''s audit trail: the first in a UTC minute inserts a repeat row (count 1, minute, at = last_at = now; detail is the first occurrence''s), each further one with the same (action, actor, target, detail->>metric) in that minute adds 1 to its count and moves last_at. The one writer of repeat rows; callers choose tenant and actor (dlw.audit_repeat from the context, dlw.login_user for failed logins).';
 
-REVOKE ALL ON FUNCTION dlw.audit_repeat(text, text, jsonb) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION dlw.audit_repeat(p_action text, p_target text, p_detail jsonb DEFAULT '{}'::jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tenant bigint := dlw.ctx_tenant_id();
+BEGIN
+    IF v_tenant IS NULL THEN
+        RAISE EXCEPTION 'dlw.audit_repeat: no tenant context (call dlw.set_context first)' USING ERRCODE = '42501';
+    END IF;
+    PERFORM dlw.audit_repeat_in(v_tenant, dlw.ctx_user_id(), p_action, p_target, p_detail);
+END
+$$;
+COMMENT ON FUNCTION dlw.audit_repeat(text, text, jsonb) IS
+    'Records one occurrence of a repeatable event (permission_denied, quota.exceeded) in the context tenant''s audit trail, as the context''s actor, through dlw.audit_repeat_in (one repeat row per action, actor, target, detail->>metric and UTC minute, whose count grows). SECURITY DEFINER (dlw_system) because dlw_app may not update audit rows; tenant and actor come from the context only. Raises 42501 without context.';
+
+REVOKE ALL ON FUNCTION dlw.audit_repeat(text, text, jsonb), dlw.audit_repeat_in(bigint, text, text, text, jsonb)
+    FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.audit_repeat(text, text, jsonb) TO dlw_app;

@@ -87,46 +87,15 @@ AS $$
 #variable_conflict use_column
 DECLARE
     v_id      bigint := dlw.admin_tenant_id(deactivate_tenant.tenant_slug);
-    v_reason  text := deactivate_tenant.reason;
-    v_was     boolean;
-    v_tasks   bigint;
-    v_files   bigint;
+    v_stopped record;
 BEGIN
-    IF v_id = (SELECT f.platform_tenant_id FROM dlw.domain_facts() f) THEN
-        RAISE EXCEPTION 'the platform tenant (id 1) cannot be deactivated' USING ERRCODE = 'DLWA6',
-            DETAIL = 'the service token and system_admin principals act in tenant 1';
-    END IF;
-    -- Serialise with task admission: lock the rows dlw.create_task locks (insert-then-lock,
-    -- previous then current month). An admission in flight finishes first and its task is
-    -- cancelled below; one that starts later sees the tenant inactive.
-    PERFORM dlw.lock_tenant_quota_rows(v_id);
-    SELECT t.active INTO v_was FROM dlw.tenants t WHERE t.tenant_id = v_id FOR UPDATE;
-    UPDATE dlw.tenants t SET active = false, updated_at = now() WHERE t.tenant_id = v_id;
-
-    -- Files first, then tasks (the order in which executors update them). Clearing the
-    -- assignment token and lease invalidates every executor lease.
-    v_files := dlw.cancel_unfinished_files(v_id, NULL, NULL, 'tenant deactivated');
-    WITH live AS (
-        SELECT x.id, x.status FROM dlw.tasks x
-         WHERE x.tenant_id = v_id AND x.status IN ('pending', 'running')
-           FOR UPDATE
-    ), cancelled AS (
-        UPDATE dlw.tasks x
-           SET status = 'cancelled', error = coalesce(x.error, 'tenant deactivated')
-          FROM live
-         WHERE x.tenant_id = v_id AND x.id = live.id
-        RETURNING x.id, live.status AS previous_status
-    )
-    SELECT count(dlw.audit_append(v_id, session_user, 'task.cancelled', c.id::text,
-                 jsonb_build_object('previous_status', c.previous_status, 'reason', 'tenant deactivated',
-                                    'via', 'dlw_admin.deactivate_tenant')))
-      INTO v_tasks
-      FROM cancelled c;
-
+    -- The one deactivation (sql/71_platform_tenants.sql), shared with the API's.
+    SELECT * INTO v_stopped FROM dlw.deactivate_tenant_in(v_id, session_user, 'dlw_admin.deactivate_tenant');
     PERFORM dlw.admin_audit(v_id, 'tenant.deactivated', v_id::text,
-        jsonb_build_object('via', 'dlw_admin.deactivate_tenant', 'reason', v_reason, 'was_active', v_was,
-                           'tasks_cancelled', v_tasks, 'files_cancelled', v_files));
-    RETURN QUERY SELECT v_tasks, v_files;
+        jsonb_build_object('via', 'dlw_admin.deactivate_tenant', 'reason', deactivate_tenant.reason,
+                           'was_active', v_stopped.was_active, 'tasks_cancelled', v_stopped.tasks_cancelled,
+                           'files_cancelled', v_stopped.files_cancelled));
+    RETURN QUERY SELECT v_stopped.tasks_cancelled, v_stopped.files_cancelled;
 END
 $$;
 COMMENT ON FUNCTION dlw_admin.deactivate_tenant(text, text) IS

@@ -62,7 +62,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw_admin.create_reporting_login(text, text, text) IS
-$c$Creates a database login for BI tools and analysts that sees only this tenant's rows: CREATE ROLE <login> LOGIN IN ROLE dlw_reporting, mapped to the tenant in dlw.reporting_logins, with the default limits (CONNECTION LIMIT 5; statement_timeout and idle_in_transaction_session_timeout 5 min, temp_file_limit 1 GB; change them with dlw_admin.set_reporting_login_limits). password NULL = no password: the login then authenticates by client certificate (CN = login) or peer/ident, per pg_hba.conf. A password may also be given as a SCRAM-SHA-256 verifier. Audited as reporting_login.created (never the password).
+$c$Creates a database login for BI tools and analysts that sees only this tenant's rows: CREATE ROLE <login> LOGIN IN ROLE dlw_reporting, mapped to the tenant in dlw.reporting_logins, with the default limits (CONNECTION LIMIT 5; statement_timeout and idle_in_transaction_session_timeout 5 min, temp_file_limit 1 GB, transactions 15 min at most; change them with dlw_admin.set_reporting_login_limits). password NULL = no password: the login then authenticates by client certificate (CN = login) or peer/ident, per pg_hba.conf. A password may also be given as a SCRAM-SHA-256 verifier. Audited as reporting_login.created (never the password).
 Raises DLWA1 (no such tenant), 22023 (invalid login name), DLWA3 (a role of that name exists in the cluster).$c$;
 
 CREATE OR REPLACE FUNCTION dlw_admin.set_reporting_login_password(login text, password text)
@@ -85,15 +85,20 @@ COMMENT ON FUNCTION dlw_admin.set_reporting_login_password(text, text) IS
 $c$Sets (rotates) the password of a reporting login created by dlw_admin.create_reporting_login; NULL removes it (certificate/peer authentication only). Open sessions stay connected. Audited as reporting_login.password_set.
 Raises DLWA4 (not a reporting login of this database), DLWA7 (role not created by DLW).$c$;
 
+-- The signature before migration 0014 had no transaction_timeout: gone, so one function sets
+-- every limit.
+DROP FUNCTION IF EXISTS dlw_admin.set_reporting_login_limits(text, integer, interval, interval, bigint);
+
 CREATE OR REPLACE FUNCTION dlw_admin.set_reporting_login_limits(
     login text,
     connection_limit integer DEFAULT NULL,
     statement_timeout interval DEFAULT NULL,
     idle_in_transaction_timeout interval DEFAULT NULL,
-    temp_file_limit_bytes bigint DEFAULT NULL
+    temp_file_limit_bytes bigint DEFAULT NULL,
+    transaction_timeout interval DEFAULT NULL
 )
 RETURNS TABLE (connections_limit integer, statement_timeout_limit interval, idle_in_transaction_limit interval,
-               temp_file_bytes_limit bigint)
+               temp_file_bytes_limit bigint, transaction_limit interval)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -104,11 +109,12 @@ DECLARE
     v_stmt   numeric := extract(epoch FROM set_reporting_login_limits.statement_timeout) * 1000;
     v_idle   numeric := extract(epoch FROM set_reporting_login_limits.idle_in_transaction_timeout) * 1000;
     v_temp   numeric := ceil(set_reporting_login_limits.temp_file_limit_bytes / 1024.0);
+    v_xact   numeric := extract(epoch FROM set_reporting_login_limits.transaction_timeout) * 1000;
 BEGIN
     v_before := dlw.lock_managed_reporting_login(v_login);
     IF set_reporting_login_limits.connection_limit NOT BETWEEN 1 AND 100
        OR v_stmt NOT BETWEEN 1000 AND 86400000 OR v_idle NOT BETWEEN 1000 AND 86400000
-       OR v_temp NOT BETWEEN 1024 AND 2147483647 THEN
+       OR v_xact NOT BETWEEN 1000 AND 86400000 OR v_temp NOT BETWEEN 1024 AND 2147483647 THEN
         RAISE EXCEPTION 'reporting login limits out of range' USING ERRCODE = '22023',
             HINT = 'connection_limit 1 to 100; timeouts 1 s to 1 day; temp_file_limit_bytes 1 MB to 2 TB';
     END IF;
@@ -116,9 +122,11 @@ BEGIN
        SET connection_limit = coalesce(set_reporting_login_limits.connection_limit, r.connection_limit),
            statement_timeout_ms = coalesce(v_stmt::integer, r.statement_timeout_ms),
            idle_in_transaction_timeout_ms = coalesce(v_idle::integer, r.idle_in_transaction_timeout_ms),
-           temp_file_limit_kb = coalesce(v_temp::integer, r.temp_file_limit_kb)
+           temp_file_limit_kb = coalesce(v_temp::integer, r.temp_file_limit_kb),
+           transaction_timeout_ms = coalesce(v_xact::integer, r.transaction_timeout_ms)
      WHERE r.login = v_login
     RETURNING r.* INTO v_after;
+    -- transaction_timeout_ms has no role setting on PostgreSQL 15/16: the watchdog alone holds it.
     PERFORM dlw.set_login_role_limits(v_login, v_after.connection_limit, v_after.statement_timeout_ms,
                                       v_after.idle_in_transaction_timeout_ms, v_after.temp_file_limit_kb);
     PERFORM dlw.admin_audit(v_after.tenant_id, 'reporting_login.limits_set', v_login,
@@ -126,18 +134,21 @@ BEGIN
             'before', jsonb_build_object('connection_limit', v_before.connection_limit,
                                          'statement_timeout_ms', v_before.statement_timeout_ms,
                                          'idle_in_transaction_timeout_ms', v_before.idle_in_transaction_timeout_ms,
-                                         'temp_file_limit_kb', v_before.temp_file_limit_kb),
+                                         'temp_file_limit_kb', v_before.temp_file_limit_kb,
+                                         'transaction_timeout_ms', v_before.transaction_timeout_ms),
             'after', jsonb_build_object('connection_limit', v_after.connection_limit,
                                         'statement_timeout_ms', v_after.statement_timeout_ms,
                                         'idle_in_transaction_timeout_ms', v_after.idle_in_transaction_timeout_ms,
-                                        'temp_file_limit_kb', v_after.temp_file_limit_kb)));
+                                        'temp_file_limit_kb', v_after.temp_file_limit_kb,
+                                        'transaction_timeout_ms', v_after.transaction_timeout_ms)));
     RETURN QUERY SELECT v_after.connection_limit, v_after.statement_timeout_ms * interval '1 millisecond',
                         v_after.idle_in_transaction_timeout_ms * interval '1 millisecond',
-                        v_after.temp_file_limit_kb::bigint * 1024;
+                        v_after.temp_file_limit_kb::bigint * 1024,
+                        v_after.transaction_timeout_ms * interval '1 millisecond';
 END
 $$;
-COMMENT ON FUNCTION dlw_admin.set_reporting_login_limits(text, integer, interval, interval, bigint) IS
-$c$Changes the limits of a reporting login created by dlw_admin.create_reporting_login; arguments left out (NULL) are kept. Returns the limits now in force (connections_limit, statement_timeout_limit, idle_in_transaction_limit, temp_file_bytes_limit). connection_limit (1 to 100): CONNECTION LIMIT, for new connections. statement_timeout, idle_in_transaction_timeout (1 s to 1 day): role defaults for new sessions; the login may lower or disable them with SET, and the watchdog run with every usage fold (about once a minute) cancels its statements, and terminates its sessions idle in a transaction, that run longer anyway. temp_file_limit_bytes (1 MB to 2 TB, rounded up to kB): role default the login cannot raise (a superuser-only setting). Open sessions keep their settings until they reconnect. Audited as reporting_login.limits_set with the limits before and after.
+COMMENT ON FUNCTION dlw_admin.set_reporting_login_limits(text, integer, interval, interval, bigint, interval) IS
+$c$Changes the limits of a reporting login created by dlw_admin.create_reporting_login; arguments left out (NULL) are kept. Returns the limits now in force (connections_limit, statement_timeout_limit, idle_in_transaction_limit, temp_file_bytes_limit, transaction_limit). connection_limit (1 to 100): CONNECTION LIMIT, for new connections. statement_timeout, idle_in_transaction_timeout (1 s to 1 day): role defaults for new sessions; the login may lower or disable them with SET, and the watchdog run with every usage fold (about once a minute) cancels its statements, and terminates its sessions idle in a transaction, that run longer anyway. temp_file_limit_bytes (1 MB to 2 TB, rounded up to kB): role default the login cannot raise (a superuser-only setting). transaction_timeout (1 s to 1 day, default 15 min): the longest transaction; the watchdog terminates a session whose transaction is older, however busy it keeps it (no role setting exists for it on PostgreSQL 15/16); applies to open sessions at once. Other settings reach open sessions when they reconnect. Audited as reporting_login.limits_set with the limits before and after.
 Raises DLWA4 (not a reporting login of this database), DLWA7 (role not created by DLW), 22023 (out of range).$c$;
 
 CREATE OR REPLACE FUNCTION dlw_admin.drop_reporting_login(login text)

@@ -27,6 +27,7 @@ from app.domain import (
     DEFAULT_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_MS,
     DEFAULT_REPORTING_STATEMENT_TIMEOUT_MS,
     DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB,
+    DEFAULT_REPORTING_TRANSACTION_TIMEOUT_MS,
     REPORTING_CONNECTION_LIMIT_MAX,
     TENANT_ROLES,
 )
@@ -166,18 +167,25 @@ def cmd_login_create(args: argparse.Namespace) -> int:
 
 
 def cmd_login_set_limits(args: argparse.Namespace) -> int:
-    given = (args.connection_limit, args.statement_timeout, args.idle_in_transaction_timeout, args.temp_file_limit)
+    given = (
+        args.connection_limit,
+        args.statement_timeout,
+        args.idle_in_transaction_timeout,
+        args.temp_file_limit,
+        args.transaction_timeout,
+    )
     if all(value is None for value in given):
         raise CommandError(
-            "nothing to set: give --connection-limit, --statement-timeout, --idle-in-transaction-timeout"
-            " and/or --temp-file-limit"
+            "nothing to set: give --connection-limit, --statement-timeout, --idle-in-transaction-timeout,"
+            " --temp-file-limit and/or --transaction-timeout"
         )
     _, rows = _call(args, "admin_set_reporting_login_limits", (args.login, *given))
-    connections, statement, idle, temp_bytes = rows[0]
+    connections, statement, idle, temp_bytes, transaction = rows[0]
     print(
         f"reporting login {args.login}: connection_limit={connections}"
         f" statement_timeout={int(statement.total_seconds())}s"
         f" idle_in_transaction_timeout={int(idle.total_seconds())}s temp_file_limit={temp_bytes} bytes"
+        f" transaction_timeout={int(transaction.total_seconds())}s"
     )
     return 0
 
@@ -335,6 +343,12 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         type=int,
         metavar="BYTES",
         help=f"temporary file space per session (default {DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB * 1024} bytes)",
+    )
+    p.add_argument(
+        "--transaction-timeout",
+        type=int,
+        metavar="SECONDS",
+        help=f"longest transaction, however busy (default {DEFAULT_REPORTING_TRANSACTION_TIMEOUT_MS // 1000} s)",
     )
     _runs(p, cmd_login_set_limits)
 

@@ -51,7 +51,7 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw_admin.list_tenants()": _SYSTEM,
     "dlw_admin.create_reporting_login(text,text,text)": _SYSTEM,
     "dlw_admin.set_reporting_login_password(text,text)": _SYSTEM,
-    "dlw_admin.set_reporting_login_limits(text,integer,interval,interval,bigint)": _SYSTEM,
+    "dlw_admin.set_reporting_login_limits(text,integer,interval,interval,bigint,interval)": _SYSTEM,
     "dlw_admin.drop_reporting_login(text)": _SYSTEM,
     "dlw_admin.list_reporting_logins(text)": _SYSTEM,
     "dlw_admin.list_users(text)": _SYSTEM,
@@ -225,6 +225,19 @@ CHECKS: dict[str, str] = {
         WHERE NOT ro.rolsuper
           AND (ro.rolconnlimit <> r.connection_limit OR m.missing IS NOT NULL OR o.overridden)
         ORDER BY 1""",
+    # The transaction-age limit (migrations/0014) has no role setting on PostgreSQL 15/16: only the
+    # watchdog run with every usage fold (about once a minute) holds it. A reporting transaction
+    # older than its limit plus a grace for the watchdog's period means the watchdog is not
+    # running (no pg_cron job and no API leader) or cannot signal.
+    "reporting transaction older than its login's limit (is the watchdog running?)": """
+        SELECT format('%%s (pid %%s): transaction open %%s s, limit %%s s', a.usename, a.pid,
+                      round(extract(epoch FROM clock_timestamp() - a.xact_start)), r.transaction_timeout_ms / 1000)
+        FROM pg_stat_activity a
+        JOIN dlw.reporting_logins r ON r.login = a.usename
+        WHERE a.backend_type = 'client backend' AND a.datname = current_database() AND a.xact_start IS NOT NULL
+          AND clock_timestamp() - a.xact_start
+              > r.transaction_timeout_ms * interval '1 millisecond' + %(watchdog_grace_s)s * interval '1 second'
+        ORDER BY 1""",
     "reporting watchdog cannot see or signal reporting backends": """
         SELECT format('dlw_system lacks %s', g) FROM unnest(ARRAY['pg_read_all_stats', 'pg_signal_backend']) AS g
         WHERE NOT pg_has_role('dlw_system', g, 'USAGE')
@@ -240,7 +253,12 @@ CHECKS: dict[str, str] = {
 }
 
 
-def check_catalog(url: str) -> list[str]:
+# How late the watchdog may be before a reporting transaction over its age limit is a problem:
+# two periods of the per-minute usage fold that runs it.
+WATCHDOG_GRACE_S = 120
+
+
+def check_catalog(url: str, *, watchdog_grace_s: float = WATCHDOG_GRACE_S) -> list[str]:
     """Return one readable line per problem found; an empty list means the catalog is sound."""
     signatures = sorted(DEFINER_ALLOWLIST)
     params = {
@@ -250,6 +268,7 @@ def check_catalog(url: str) -> list[str]:
         "lock_functions": [function for function, _ in ADVISORY_LOCK_GRANTS],
         "lock_roles": [role for _, role in ADVISORY_LOCK_GRANTS],
         "index_allowlist": sorted(INDEX_ALLOWLIST),
+        "watchdog_grace_s": watchdog_grace_s,
     }
     problems: list[str] = []
     with psycopg.connect(url) as conn:

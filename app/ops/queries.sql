@@ -52,8 +52,9 @@ SELECT dlw_admin.revoke_role($1, $2, $3)
 
 -- Timeouts in seconds (NULL = keep), temp_file_limit in bytes.
 -- name: admin_set_reporting_login_limits
-SELECT connections_limit, statement_timeout_limit, idle_in_transaction_limit, temp_file_bytes_limit
-FROM dlw_admin.set_reporting_login_limits($1, $2, $3 * interval '1 second', $4 * interval '1 second', $5)
+SELECT connections_limit, statement_timeout_limit, idle_in_transaction_limit, temp_file_bytes_limit, transaction_limit
+FROM dlw_admin.set_reporting_login_limits($1, $2, $3 * interval '1 second', $4 * interval '1 second', $5,
+                                          $6 * interval '1 second')
 
 -- The sessions that block a waiting connection of one `dlw migrate` run (found by the run's
 -- application_name, $1): who they are and how long they have been in their state. Run by

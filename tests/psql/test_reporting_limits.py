@@ -231,7 +231,7 @@ def test_the_dba_function_changes_the_limits_and_is_audited(db: MigratedDb, env:
         f"SELECT * FROM dlw_admin.set_reporting_login_limits({lit(login)}, connection_limit => 2,"
         " statement_timeout => '30 s', temp_file_limit_bytes => pg_size_bytes('64 MB'));",
     )
-    assert out == "2|00:00:30|00:05:00|67108864\n"
+    assert out == "2|00:00:30|00:05:00|67108864|00:15:00\n"
     assert role_limits(db, login) == (
         2,
         ["idle_in_transaction_session_timeout=300000", "statement_timeout=30000", "temp_file_limit=65536"],
@@ -262,6 +262,8 @@ def test_the_dba_function_changes_the_limits_and_is_audited(db: MigratedDb, env:
         f"{lit(login)}, statement_timeout => '0'": "22023",
         f"{lit(login)}, idle_in_transaction_timeout => '2 days'": "22023",
         f"{lit(login)}, temp_file_limit_bytes => -1": "22023",
+        f"{lit(login)}, transaction_timeout => '0.5 s'": "22023",
+        f"{lit(login)}, transaction_timeout => '2 days'": "22023",
         f"'nobody_{secrets.token_hex(2)}', connection_limit => 3": "DLWA4",
         f"{lit(outside)}, connection_limit => 3": "DLWA7",
     }.items():
@@ -274,6 +276,7 @@ def test_the_dba_function_changes_the_limits_and_is_audited(db: MigratedDb, env:
     add_admin_commands(parser.add_subparsers(dest="command", required=True))
     for argv, code, expected in (
         (["--connection-limit", "4", "--idle-in-transaction-timeout", "90"], 0, "connection_limit=4"),
+        (["--transaction-timeout", "600"], 0, "transaction_timeout=600s"),
         ([], 1, "nothing to set"),
         (["--connection-limit", "0"], 1, "[22023]"),
     ):

@@ -73,7 +73,7 @@ def test_reporting_login_limit_defaults_are_the_column_defaults(db: MigratedDb):
         values = column_defaults(
             conn,
             "dlw.reporting_logins",
-            "^(connection_limit|statement_timeout_ms|idle_in_transaction_timeout_ms|temp_file_limit_kb)$",
+            "^(connection_limit|statement_timeout_ms|idle_in_transaction_timeout_ms|temp_file_limit_kb|transaction_timeout_ms)$",
         )
         limit_check = _check(conn, "dlw.reporting_logins", "connection_limit")
     assert values == {
@@ -81,6 +81,7 @@ def test_reporting_login_limit_defaults_are_the_column_defaults(db: MigratedDb):
         "statement_timeout_ms": domain.DEFAULT_REPORTING_STATEMENT_TIMEOUT_MS,
         "idle_in_transaction_timeout_ms": domain.DEFAULT_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_MS,
         "temp_file_limit_kb": domain.DEFAULT_REPORTING_TEMP_FILE_LIMIT_KB,
+        "transaction_timeout_ms": domain.DEFAULT_REPORTING_TRANSACTION_TIMEOUT_MS,
     }
     assert f"(connection_limit <= {domain.REPORTING_CONNECTION_LIMIT_MAX})" in limit_check, limit_check
 

@@ -167,3 +167,65 @@ def test_repeats_need_a_context_and_the_app_still_cannot_change_audit_rows(db: M
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("UPDATE dlw.audit_log SET count = 1")
         conn.rollback()
+
+
+def _trail(db: MigratedDb, tenant_id: int) -> list[tuple[Any, ...]]:
+    with db.owner() as owner:
+        return owner.execute(
+            "SELECT id, actor, action, target, count, last_at FROM dlw.audit_log WHERE tenant_id = %s ORDER BY id",
+            (tenant_id,),
+        ).fetchall()
+
+
+def test_a_flood_of_failed_logins_leaves_a_bounded_number_of_rows_with_their_counts(db: MigratedDb):
+    """Failed logins are denials too (issue 11, item 3): one repeat row per tenant, login subject,
+    user and minute, through the same helper as the API's denials, never one row per attempt."""
+    inactive = tenant(db, "logins-inactive")
+    bystander = tenant(db, "logins-bystander")
+    with psycopg.connect(db.app_url, autocommit=True) as app:
+        # A user of a tenant that is then deactivated, and a bystander tenant with its own trail.
+        login = "SELECT * FROM dlw.login_user('https://idp.test', %s, NULL, false, %s, 'tenant_viewer')"
+        app.execute(login, ("dormant", "logins-inactive"))
+        with db.owner() as owner:
+            owner.execute("UPDATE dlw.tenants SET active = false WHERE tenant_id = %s", (inactive,))
+        with app.transaction():
+            as_tenant(app, bystander, "tenant_viewer", user="bystander-user")
+            app.execute("SELECT dlw.audit_repeat('permission_denied', 'GET /api/v1/users', '{}')")
+        bystander_before = _trail(db, bystander)
+        attempts = 300
+        for i in range(attempts):
+            # no tenant for this identity (rows in the platform tenant), then the inactive tenant's user
+            outcome = app.execute(
+                "SELECT outcome FROM dlw.login_user('https://idp.test', 'mallory', %s, true, %s, 'tenant_admin')",
+                (f"m{i}@evil.test", f"nowhere-{i}"),
+            ).fetchone()
+            assert outcome == ("TENANT_UNRESOLVED",)
+            outcome = app.execute(
+                "SELECT outcome FROM dlw.login_user('https://idp.test', 'dormant', NULL, false, NULL, NULL)"
+            ).fetchone()
+            assert outcome == ("TENANT_INACTIVE",)
+        # another subject is another row
+        app.execute("SELECT * FROM dlw.login_user('https://idp.test', 'trudy', NULL, false, 'nowhere', 'x')")
+    platform = domain.PLATFORM_TENANT_ID
+    with db.owner() as owner:
+        rows = owner.execute(
+            "SELECT tenant_id, actor, count(*), sum(count), min(minute) IS NOT NULL, bool_and(last_at >= at)"
+            " FROM dlw.audit_log WHERE action = 'auth.login_denied' AND tenant_id IN (%s, %s)"
+            " AND actor LIKE 'oidc:https://idp.test#%%' GROUP BY 1, 2 ORDER BY 1, 2",
+            (platform, inactive),
+        ).fetchall()
+        first = owner.execute(
+            "SELECT detail FROM dlw.audit_log WHERE action = 'auth.login_denied' AND actor = 'oidc:https://idp.test#mallory'"
+            " ORDER BY at LIMIT 1"
+        ).fetchone()
+    by_actor = {(r[0], r[1]): r[2:] for r in rows}
+    # a minute boundary during the loop may split a run into two rows, never more
+    mallory = by_actor[(platform, "oidc:https://idp.test#mallory")]
+    dormant = by_actor[(inactive, "oidc:https://idp.test#dormant")]
+    trudy = by_actor[(platform, "oidc:https://idp.test#trudy")]
+    assert mallory[0] <= 2 and mallory[1] == attempts and mallory[2:] == (True, True), mallory
+    assert dormant[0] <= 2 and dormant[1] == attempts and dormant[2:] == (True, True), dormant
+    assert trudy[:2] == (1, 1)
+    # the repeat row keeps the first attempt's detail
+    assert first is not None and first[0]["email"] == "m0@evil.test" and first[0]["reason"] == "TENANT_UNRESOLVED"
+    assert _trail(db, bystander) == bystander_before
