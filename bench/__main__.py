@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.load import print_table_head
 
-PARTS = ("create", "list", "refresh")
+PARTS = ("create", "list", "refresh", "executor")
 CREATE_MIN_VS_BARE = 0.8
 CREATE_MIN_VS_PGBENCH = 0.3
 LIST_MAX_OVERHEAD = 1.10
@@ -252,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
                         warmup=50 if args.quick else 200,
                     )
                     rows += report_list(result)
+
+    if "executor" in parts:
+        from bench import create_path, executor
+
+        with timed_part("executor"), create_path.bench_cluster() as bench:
+            print("\nexecutor: transfers vs curl ...", flush=True)
+            try:
+                rows += executor.run(bench, quick=args.quick)
+            except Exception:
+                traceback.print_exc()
+                status = 1
 
     if "refresh" in parts:
         with timed_part("refresh", load_average=False):

@@ -161,6 +161,7 @@ REGISTRY: dict[str, Answers] = {
     "dlw.executor_fail": Answers(
         success=frozenset({"requeued", "failed"}), refusals=LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES
     ),
+    "dlw.executor_report_batch": Answers(sqlstates=EXECUTOR_SQLSTATES),
     "dlw.executor_release": Answers(
         success=frozenset({"released"}),
         refusals={**LEASE_REFUSALS, "BAD_CHECKPOINT": BAD_CHECKPOINT},

@@ -121,6 +121,9 @@ SELECT * FROM dlw.executor_claim($1, $2, $3, $4);
 -- name: executor_heartbeat
 SELECT * FROM dlw.executor_heartbeat($1, $2, $3, $4, $5);
 
+-- name: executor_report_batch
+SELECT * FROM dlw.executor_report_batch($1::jsonb, $2::jsonb);
+
 -- name: executor_complete
 SELECT * FROM dlw.executor_complete($1, $2, $3, $4);
 

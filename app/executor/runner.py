@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
 from app.executor.download import (
     Busy,
@@ -43,6 +44,7 @@ class ReferenceExecutor:
         self.stopping = asyncio.Event()
         self.active: dict[str, tuple[Claimed, asyncio.Task[None]]] = {}
         self._api: ExecutorApi | None = None
+        self.reporter: Reporter
         self.hub_headers = {"User-Agent": USER_AGENT}
         if config.hf_token:
             self.hub_headers["Authorization"] = f"Bearer {config.hf_token}"  # dropped on cross-origin redirects
@@ -74,6 +76,8 @@ class ReferenceExecutor:
             base_url=self.config.base_url, headers=headers, timeout=30, trust_env=False
         ) as api:
             self._api = ExecutorApi(api)
+            self.reporter = Reporter(api)
+            self.reporter.start()
             log.info(
                 "executor %s: claiming from %s, files from %s, into %s",
                 self.config.label,
@@ -142,6 +146,7 @@ class ReferenceExecutor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.reporter.close()  # completions already queued still go out
 
     # -- one file --------------------------------------------------------------------------
     async def _work(self, item: Claimed) -> None:
@@ -193,7 +198,9 @@ class ReferenceExecutor:
             return
         os.replace(result.tmp, result.target)  # on disk before the server hears "succeeded"
         # result.size is the declared size (checked above): the only count the server accepts.
-        outcome = await self.api.report(item, "complete", {"bytes": result.size, "sha256": result.sha256})
+        outcome = await self.reporter.complete(item, result.size, result.sha256)
+        if outcome not in ("completed", "already_completed"):
+            log.warning("%s: complete refused: %s", item.path, outcome)
         if outcome in ("completed", "already_completed"):
             self.progress.done += 1
             log.info("%s/%s@%s:%s done (%d bytes)", item.tenant, item.repo_id, item.revision, item.path, result.size)
@@ -217,7 +224,7 @@ class ReferenceExecutor:
             await asyncio.sleep(interval)
             try:
                 body = {"bytes_done": item.bytes_done, **await self._checkpoint_body(item)}
-                await self.api.report(item, "heartbeat", body, raise_lost=True)
+                await self.reporter.heartbeat(item, body)
             except LeaseLost:
                 lost.set()
                 fetch.cancel()

@@ -23,7 +23,7 @@ from urllib.parse import urljoin, urlsplit
 
 BUFFER = 4 << 20  # the most one socket read may bring: per-call Python cost vanishes
 HASH_READ = 8 << 20
-CHUNK = 16 << 20  # one Range request of a parallel download; files under two chunks come in one stream
+MIN_CHUNK, MAX_CHUNK = 4 << 20, 64 << 20  # one Range request of a parallel download
 MAX_REDIRECTS = 5
 
 
@@ -168,9 +168,12 @@ class Transfer:
     def _plan(self) -> list[tuple[int, int]]:
         """[start, stop) byte ranges of what is left, in order."""
         left = self.size - self.resume_at
-        if self.connections <= 1 or left < 2 * CHUNK:
+        # Eight chunks per connection: the hashed prefix (what a resume keeps) trails the furthest
+        # byte by about 1/8 of the file at most, with few requests per file.
+        chunk = min(MAX_CHUNK, max(MIN_CHUNK, self.size // (8 * max(self.connections, 1))))
+        if self.connections <= 1 or left < 2 * chunk:
             return [(self.resume_at, self.size)]
-        return [(at, min(self.size, at + CHUNK)) for at in range(self.resume_at, self.size, CHUNK)]
+        return [(at, min(self.size, at + chunk)) for at in range(self.resume_at, self.size, chunk)]
 
     # -- progress --------------------------------------------------------------------------
     def checkpoint(self) -> tuple[int, str]:

@@ -28,6 +28,7 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw.executor_complete(uuid,uuid,bigint,text)": _SYSTEM,
     "dlw.executor_fail(uuid,uuid,text,boolean,integer)": _SYSTEM,
     "dlw.executor_release(uuid,uuid,bigint,text)": _SYSTEM,
+    "dlw.executor_report_batch(jsonb,jsonb)": _SYSTEM,
     # the usage fold and its drift check read every tenant's usage (sql/50_snapshots.sql)
     "dlw.refresh_quota_snapshots()": _SYSTEM,
     "dlw.quota_drift()": _SYSTEM,
