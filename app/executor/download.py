@@ -15,13 +15,21 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from app.executor.client import Claimed
-from app.executor.transfer import Cancelled, RangeIgnored, Transfer, Upstream, WrongSize, hash_prefix
+from app.executor.transfer import (
+    Cancelled,
+    ConnectionPool,
+    RangeIgnored,
+    Transfer,
+    Upstream,
+    WrongSize,
+    hash_prefix,
+)
 
 __all__ = ["Busy", "Cancelled", "Downloaded", "UnsafePath", "Upstream", "WrongSize", "download", "mismatch"]
 
@@ -73,6 +81,7 @@ class Tuning:
     connections_per_file: int = 4
     slots: threading.BoundedSemaphore | None = None
     timeout: float = 60.0
+    pool: ConnectionPool = field(default_factory=ConnectionPool)
 
 
 def _resume_point(fd: int, item: Claimed) -> tuple[int, Any]:
@@ -111,63 +120,69 @@ async def download(
     """Fetch the file into its partial file, resuming from the claim's checkpoint when the partial
     file matches it. While it runs, item.transfer gives heartbeats their checkpoint. The partial
     file is kept on a transfer error or cancellation (a later attempt may resume it) and removed
-    when the bytes are not the declared file (WrongSize)."""
-    target = destination(storage, item)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(target, item)
-    fd = await asyncio.to_thread(_open_partial, tmp)
+    when the bytes are not the declared file (WrongSize). One worker thread does all of it, so a
+    small file costs one hop off the event loop."""
+    cancel = threading.Event()
+    worker = asyncio.ensure_future(
+        asyncio.to_thread(_fetch_blocking, storage, endpoint, item, headers, tuning, on_bytes, cancel)
+    )
     try:
-        start, digest = await asyncio.to_thread(_resume_point, fd, item)
-        try:
-            sha256 = await _fetch(
-                fd, endpoint, item, headers, tuning, on_bytes, start, digest, tuning.connections_per_file
-            )
-        except RangeIgnored:
-            # No ranges there: the whole file in one stream, from the beginning.
-            await asyncio.to_thread(os.ftruncate, fd, 0)
-            sha256 = await _fetch(fd, endpoint, item, headers, tuning, on_bytes, 0, hash_prefix(fd, 0), 1)
-    except WrongSize:
-        tmp.unlink(missing_ok=True)
+        return await asyncio.shield(worker)
+    except asyncio.CancelledError:
+        cancel.set()  # the threads stop at their next read; wait so the partial file is closed
+        await asyncio.gather(worker, return_exceptions=True)
         raise
     finally:
         item.transfer = None
-        os.close(fd)
-    return Downloaded(target, tmp, sha256, item.size)
 
 
-async def _fetch(
-    fd: int,
+def _fetch_blocking(
+    storage: Path,
     endpoint: str,
     item: Claimed,
     headers: dict[str, str],
     tuning: Tuning,
     on_bytes: Callable[[int], None],
-    start: int,
-    digest: Any,
-    connections: int,
-) -> str:
-    item.resumed_from = start
-    item.bytes_done = start
-    transfer = Transfer(
-        url=file_url(endpoint, item),
-        headers=headers,
-        fd=fd,
-        size=item.size,
-        resume_at=start,
-        digest=digest,
-        connections=connections,
-        slots=tuning.slots,
-        timeout=tuning.timeout,
-        on_bytes=on_bytes,
-    )
-    item.transfer = transfer
-    worker = asyncio.ensure_future(asyncio.to_thread(transfer.run))
+    cancel: threading.Event,
+) -> Downloaded:
+    target = destination(storage, item)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(target, item)
+    fd = _open_partial(tmp)
     try:
-        return await asyncio.shield(worker)
-    except asyncio.CancelledError:
-        transfer.cancel.set()  # the threads stop at their next read; wait so the fd is ours to close
-        await asyncio.gather(worker, return_exceptions=True)
+        start, digest = _resume_point(fd, item)
+
+        def fetch(start: int, digest: Any, connections: int) -> str:
+            item.resumed_from = item.bytes_done = start
+            transfer = Transfer(
+                url=file_url(endpoint, item),
+                headers=headers,
+                fd=fd,
+                size=item.size,
+                resume_at=start,
+                digest=digest,
+                connections=connections,
+                slots=tuning.slots,
+                timeout=tuning.timeout,
+                on_bytes=on_bytes,
+                cancel=cancel,
+                pool=tuning.pool,
+            )
+            item.transfer = transfer
+            return transfer.run()
+
+        try:
+            sha256 = fetch(start, digest, tuning.connections_per_file)
+        except RangeIgnored:
+            # No ranges there: the whole file in one stream, from the beginning.
+            os.ftruncate(fd, 0)
+            sha256 = fetch(0, hash_prefix(fd, 0), 1)
+    except WrongSize:
+        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
+    return Downloaded(target, tmp, sha256, item.size)
 
 
 def discard(storage: Path, item: Claimed) -> None:

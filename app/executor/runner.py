@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from app.domain import CLAIM_MAX_FILES
 from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
 from app.executor.download import (
@@ -51,6 +53,7 @@ class ReferenceExecutor:
         self.tuning = Tuning(
             connections_per_file=config.connections_per_file, slots=threading.BoundedSemaphore(config.max_connections)
         )
+        self.slots = asyncio.Semaphore(config.concurrency)
         self.exit_code = 0
 
     def stop(self) -> None:
@@ -72,6 +75,9 @@ class ReferenceExecutor:
         headers = {"Authorization": f"Bearer {self.config.token}", "User-Agent": USER_AGENT}
         self.config.storage.mkdir(parents=True, exist_ok=True)
         self._loop_ref = loop
+        # One worker thread per download slot (asyncio's default pool is min(32, cores + 4)),
+        # plus a few for checkpoints and file operations.
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(self.config.concurrency + 4))
         async with httpx.AsyncClient(
             base_url=self.config.base_url, headers=headers, timeout=30, trust_env=False
         ) as api:
@@ -97,8 +103,10 @@ class ReferenceExecutor:
         try:
             while not self.stopping.is_set():
                 claimed = 0
-                free = self.config.concurrency - len(self.active)
-                if free > 0:
+                free = min(self.config.prefetch - len(self.active), CLAIM_MAX_FILES)
+                # Claim in batches (half the prefetch at least, unless idle): one claim per file
+                # freed would cost a transaction per small file.
+                if free > 0 and (free >= (self.config.prefetch + 1) // 2 or not self.active):
                     try:
                         claimed = await self._claim(free)
                     except TokenRefused as exc:
@@ -110,7 +118,7 @@ class ReferenceExecutor:
                         log.warning("claim failed: %s", exc)
                 # Wait for a free slot, a stop, or (when the queue was empty) the poll interval.
                 waiting: set[asyncio.Future[Any]] = {stop_wait, *(task for _, task in self.active.values())}
-                timeout = 0 if claimed and len(self.active) < self.config.concurrency else self.config.poll_seconds
+                timeout = 0 if claimed and len(self.active) < self.config.prefetch else self.config.poll_seconds
                 if timeout:
                     await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 self._draw()
@@ -149,9 +157,10 @@ class ReferenceExecutor:
         await self.reporter.close()  # completions already queued still go out
 
     # -- one file --------------------------------------------------------------------------
-    async def _work(self, item: Claimed) -> None:
-        fetch = asyncio.create_task(
-            download(
+    async def _download(self, item: Claimed) -> Downloaded:
+        # Claimed files beyond the download slots wait here, their leases kept by heartbeats.
+        async with self.slots:
+            return await download(
                 self.config.storage,
                 self.config.hf_endpoint,
                 item,
@@ -159,7 +168,9 @@ class ReferenceExecutor:
                 self.tuning,
                 self._bytes_counter(item),
             )
-        )
+
+    async def _work(self, item: Claimed) -> None:
+        fetch = asyncio.create_task(self._download(item))
         lost = asyncio.Event()
         beats = asyncio.create_task(self._heartbeats(item, fetch, lost))
         try:

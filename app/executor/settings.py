@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.domain import LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
+from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
 
 
 class ExecutorSettings(BaseSettings):
@@ -33,6 +33,7 @@ class ExecutorSettings(BaseSettings):
     progress_seconds: float = 2.0
     connections_per_file: int = 4
     max_connections: int = 8
+    prefetch: int | None = None
     label: str | None = None
 
 
@@ -55,6 +56,7 @@ class Config:
     progress_seconds: float = 2.0
     connections_per_file: int = 4
     max_connections: int = 8
+    prefetch: int = 8
     label: str = field(default_factory=_default_label)
 
 
@@ -74,6 +76,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--connections-per-file", type=int, help="byte ranges fetched at once for a large file (default 4)"
     )
     parser.add_argument("--max-connections", type=int, help="connections to the file endpoint in all (default 8)")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        help="files held under lease at once, downloading or waiting for a slot (default 4 x concurrency, at most 100)",
+    )
     parser.add_argument("--label", help="instance label recorded with each lease (default: host-pid)")
 
 
@@ -93,6 +100,8 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
     progress_seconds: float = env.progress_seconds if args.progress_seconds is None else args.progress_seconds
     per_file: int = env.connections_per_file if args.connections_per_file is None else args.connections_per_file
     max_connections: int = env.max_connections if args.max_connections is None else args.max_connections
+    prefetch_arg = env.prefetch if args.prefetch is None else args.prefetch
+    prefetch: int = min(4 * concurrency, CLAIM_MAX_FILES) if prefetch_arg is None else prefetch_arg
     problems = []
     if not token:
         problems.append("no executor token: pass --token or set DLW_EXECUTOR_TOKEN")
@@ -104,6 +113,8 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         )
     if progress_seconds <= 0 or per_file < 1 or max_connections < 1:
         problems.append("--progress-seconds must be > 0, --connections-per-file and --max-connections >= 1")
+    if not concurrency <= prefetch <= CLAIM_MAX_FILES:
+        problems.append(f"--prefetch must be --concurrency..{CLAIM_MAX_FILES}")
     if problems:
         return problems
     assert token and storage
@@ -120,5 +131,6 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         progress_seconds=progress_seconds,
         connections_per_file=per_file,
         max_connections=max_connections,
+        prefetch=prefetch,
         **({"label": label} if label else {}),
     )

@@ -24,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 BUFFER = 4 << 20  # the most one socket read may bring: per-call Python cost vanishes
 HASH_READ = 8 << 20
 MIN_CHUNK, MAX_CHUNK = 4 << 20, 64 << 20  # one Range request of a parallel download
+INLINE_BELOW = 8 << 20  # smaller files (or what is left of them) are fetched and hashed in one thread
 MAX_REDIRECTS = 5
 
 
@@ -55,33 +56,91 @@ def _retry_after(value: str | None) -> float | None:
     return None
 
 
-def _connect(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Upstream(0, url)
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context()
-        )
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    target = parts.path or "/"
-    return conn, target + (f"?{parts.query}" if parts.query else "")
+Origin = tuple[str, str | None, int | None]
 
 
-def _origin(url: str) -> tuple[str, str | None, int | None]:
+def _origin(url: str) -> Origin:
     parts = urlsplit(url)
     return parts.scheme, parts.hostname, parts.port
 
 
+class ConnectionPool:
+    """Idle keep-alive connections per origin, shared by an executor's transfers: small files
+    reuse connections instead of opening one each (as curl --parallel does)."""
+
+    def __init__(self, per_origin: int = 16) -> None:
+        self.per_origin = per_origin
+        self._idle: dict[Origin, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, url: str, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to the URL's origin and whether it was idle in the pool."""
+        with self._lock:
+            idle = self._idle.get(_origin(url))
+            if idle:
+                return idle.pop(), True
+        return self.connect(url, timeout), False
+
+    @staticmethod
+    def connect(url: str, timeout: float) -> http.client.HTTPConnection:
+        scheme, host, port = _origin(url)
+        if scheme not in ("http", "https") or not host:
+            raise Upstream(0, url)
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def put(self, url: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(_origin(url), [])
+            if len(idle) < self.per_origin:
+                idle.append(conn)
+                return
+        conn.close()
+
+
+def _target(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _send(
+    conn: http.client.HTTPConnection, url: str, headers: dict[str, str]
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    try:
+        conn.request("GET", _target(url), headers=headers)
+        return conn, conn.getresponse()
+    except BaseException:
+        conn.close()
+        raise
+
+
+def _request(
+    pool: ConnectionPool, url: str, headers: dict[str, str], timeout: float
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn, reused = pool.get(url, timeout)
+    try:
+        return _send(conn, url, headers)
+    except (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionError):
+        if not reused:
+            raise
+    # The server closed the idle connection meanwhile: once more, on a new one.
+    return _send(pool.connect(url, timeout), url, headers)
+
+
 def open_range(
-    url: str, headers: dict[str, str], start: int, end: int | None, timeout: float, auth_origin: str
+    url: str,
+    headers: dict[str, str],
+    start: int,
+    end: int | None,
+    timeout: float,
+    auth_origin: str,
+    pool: ConnectionPool,
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
     """GET bytes start..end (inclusive; None: to the end, no Range header at 0), following
-    redirects; returns the connection (the caller closes it), the answer and the URL that gave
-    it. The Authorization header goes only to `auth_origin` (the file endpoint): LFS files
-    redirect to a CDN, which must not see the hub token."""
+    redirects; returns the connection (the caller gives it back to the pool or closes it), the
+    answer and the URL that gave it. The Authorization header goes only to `auth_origin` (the
+    file endpoint): LFS files redirect to a CDN, which must not see the hub token."""
     trusted = _origin(auth_origin)
     for _ in range(MAX_REDIRECTS + 1):
         send = {"Accept-Encoding": "identity", **headers}
@@ -89,13 +148,7 @@ def open_range(
             send.pop("Authorization", None)
         if start or end is not None:
             send["Range"] = f"bytes={start}-{'' if end is None else end}"
-        conn, target = _connect(url, timeout)
-        try:
-            conn.request("GET", target, headers=send)
-            response = conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
+        conn, response = _request(pool, url, send, timeout)
         if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
             url = urljoin(url, response.getheader("Location", ""))
             conn.close()
@@ -155,6 +208,7 @@ class Transfer:
     timeout: float = 60.0
     on_bytes: Callable[[int], None] = lambda _n: None
     cancel: threading.Event = field(default_factory=threading.Event)
+    pool: ConnectionPool = field(default_factory=ConnectionPool)
 
     def __post_init__(self) -> None:
         self._lock = threading.Condition()
@@ -164,6 +218,7 @@ class Transfer:
         self._next = 0
         self._error: BaseException | None = None
         self._final_url = self.url
+        self._hash_inline = False
 
     def _plan(self) -> list[tuple[int, int]]:
         """[start, stop) byte ranges of what is left, in order."""
@@ -189,6 +244,8 @@ class Transfer:
         RangeIgnored, Upstream, OSError/HTTPException, or Cancelled)."""
         if self.resume_at > self.size:
             raise WrongSize(f"partial file longer than the declared {self.size} bytes")
+        if self.size - self.resume_at < INLINE_BELOW:
+            return self._run_inline()
         hasher = threading.Thread(target=self._hash_loop, name="hasher", daemon=True)
         hasher.start()
         # The first chunk is fetched here (it learns the redirect target); more workers start
@@ -206,6 +263,17 @@ class Transfer:
         hasher.join()
         if self._error is not None:
             raise self._error
+        if self._hashed != self.size:
+            raise WrongSize(f"server sent fewer than the declared {self.size} bytes ({self._hashed})")
+        os.fsync(self.fd)
+        return str(self.digest.hexdigest())
+
+    def _run_inline(self) -> str:
+        """A small file: one stream, hashed as it arrives, in this thread (no helper threads:
+        for small files their start-up would cost more than the overlap gains)."""
+        self._hash_inline = True
+        self._first_answered = threading.Event()
+        self._chunk(0)
         if self._hashed != self.size:
             raise WrongSize(f"server sent fewer than the declared {self.size} bytes ({self._hashed})")
         os.fsync(self.fd)
@@ -260,7 +328,7 @@ class Transfer:
         last = index == len(self._chunks) - 1
         end = stop - 1
         conn, response, answered_at = open_range(
-            self._final_url, self.headers, start, None if last else end, self.timeout, self.url
+            self._final_url, self.headers, start, None if last else end, self.timeout, self.url, self.pool
         )
         if index == 0:
             self._final_url = answered_at  # later ranges skip the redirect
@@ -287,10 +355,20 @@ class Transfer:
                 self.on_bytes(got)
                 with self._lock:
                     self._written[index] = pos
+                    if self._hash_inline:
+                        self.digest.update(data)
+                        self._hashed = pos
                     self._lock.notify_all()
             if pos < stop:
                 raise WrongSize(f"server sent fewer than the declared {self.size} bytes ({pos} of them)")
-        finally:
+            if response.length == 0:
+                response.read()  # ends the answer (read1 does not), so the connection can be reused
+        except BaseException:
+            conn.close()
+            raise
+        if response.isclosed() and not response.will_close:
+            self.pool.put(answered_at, conn)  # read to its end: the connection can carry the next file
+        else:
             conn.close()
 
     def _hash_loop(self) -> None:

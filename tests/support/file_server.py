@@ -43,6 +43,9 @@ class FileServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body are two writes: without TCP_NODELAY a keep-alive answer waits for
+            # the client's delayed ACK (40 ms a file), which no real file endpoint does.
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
                 parts = self.path.split("?", 1)[0].split("/")
