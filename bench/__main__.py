@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only create|list|refresh]` (or `./run bench`): the DESIGN.md §6
+"""`python -m bench [--quick] [--only create|list|refresh|executor]` (or `./run bench`): the DESIGN.md §6
 performance targets, measured in one run on an embedded PostgreSQL, printed as tables of ratios.
 See bench/README.md for what each part measures and how to read the output."""
 
