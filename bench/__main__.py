@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only create|list|notify|refresh]` (or `./run bench`): the DESIGN.md §6
+"""`python -m bench [--quick] [--only create|list|notify|refresh|executor]` (or `./run bench`): the DESIGN.md §6
 performance targets, measured in one run on an embedded PostgreSQL, printed as tables of ratios.
 See bench/README.md for what each part measures and how to read the output."""
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.load import print_table_head
 
-PARTS = ("create", "list", "notify", "refresh")
+PARTS = ("create", "list", "notify", "refresh", "executor")
 CREATE_MIN_VS_BARE = 0.8
 CREATE_MIN_VS_PGBENCH = 0.3
 LIST_MAX_OVERHEAD = 1.10
@@ -314,6 +314,17 @@ def main(argv: list[str] | None = None) -> int:
                         quiet_budget_s=5 if args.quick else 60,
                     )
                     rows += report_notify(flood)
+
+    if "executor" in parts:
+        from bench import create_path, executor
+
+        with timed_part("executor"), create_path.bench_cluster() as bench:
+            print("\nexecutor: transfers vs curl ...", flush=True)
+            try:
+                rows += executor.run(bench, quick=args.quick)
+            except Exception:
+                traceback.print_exc()
+                status = 1
 
     if "refresh" in parts:
         with timed_part("refresh", load_average=False):

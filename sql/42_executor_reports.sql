@@ -55,14 +55,46 @@ COMMENT ON FUNCTION dlw.executor_locked_file(uuid, uuid, boolean) IS
     'Internal (dlw_system, inside the executor reports): finds the file in the acting executor''s scope (42501 without an executor context) and locks it, after its task when p_lock_task (task before file). Returns the file''s figures (sha256, attempts and declared size included), its task''s status (only when p_lock_task) and refusal: NULL while p_assignment_token holds the lease, LEASE_LOST (see dlw.lease_held) or NOT_FOUND (no such file in scope; every other column NULL).';
 REVOKE ALL ON FUNCTION dlw.executor_locked_file(uuid, uuid, boolean) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION dlw.executor_heartbeat(p_file_id uuid, p_assignment_token uuid, p_bytes_done bigint DEFAULT NULL)
+-- The checkpoint of a partial download (see migrations/0022): recorded by heartbeats and
+-- releases, handed to the next claim. Internal; the caller holds the file row.
+CREATE OR REPLACE FUNCTION dlw.record_checkpoint(p_tenant_id bigint, p_file_id uuid, p_bytes bigint, p_sha256 text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_bytes IS NULL AND p_sha256 IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF p_bytes IS NULL OR p_sha256 IS NULL OR p_bytes < 0 OR p_sha256 !~ '^[0-9a-f]{64}$'
+       OR p_bytes > (SELECT f.size FROM dlw.task_files f WHERE f.tenant_id = p_tenant_id AND f.id = p_file_id) THEN
+        RETURN 'BAD_CHECKPOINT';
+    END IF;
+    UPDATE dlw.task_files f
+       SET resume_bytes = p_bytes, resume_sha256 = CASE WHEN p_bytes = 0 THEN NULL ELSE p_sha256 END
+     WHERE f.tenant_id = p_tenant_id AND f.id = p_file_id;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION dlw.record_checkpoint(bigint, uuid, bigint, text) IS
+    'Internal (caller holds the file row): records a partial download''s checkpoint (the first p_bytes bytes, synced, have sha256 p_sha256) as the file''s resume point. Both NULL: nothing to record (NULL). Returns BAD_CHECKPOINT, changing nothing, for one of them NULL, a negative count, a count beyond the declared size or a hash that is not 64 lowercase hex digits; else NULL.';
+REVOKE ALL ON FUNCTION dlw.record_checkpoint(bigint, uuid, bigint, text) FROM PUBLIC;
+
+-- Dropped first: heartbeats and releases gained the checkpoint arguments.
+DROP FUNCTION IF EXISTS dlw.executor_heartbeat(uuid, uuid, bigint);
+DROP FUNCTION IF EXISTS dlw.executor_release(uuid, uuid);
+CREATE OR REPLACE FUNCTION dlw.executor_heartbeat(
+    p_file_id uuid, p_assignment_token uuid, p_bytes_done bigint DEFAULT NULL,
+    p_checkpoint_bytes bigint DEFAULT NULL, p_checkpoint_sha256 text DEFAULT NULL
+)
 RETURNS TABLE (outcome text, lease_expires_at timestamptz)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_file record;
+    v_file    record;
+    v_refusal text;
 BEGIN
     -- Only the file changes (assigned -> running, the lease), so only the file is locked.
     SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, false);
@@ -77,6 +109,11 @@ BEGIN
         RETURN QUERY SELECT 'SIZE_MISMATCH'::text, NULL::timestamptz;
         RETURN;
     END IF;
+    v_refusal := dlw.record_checkpoint(v_file.tenant_id, p_file_id, p_checkpoint_bytes, p_checkpoint_sha256);
+    IF v_refusal IS NOT NULL THEN
+        RETURN QUERY SELECT v_refusal, NULL::timestamptz;
+        RETURN;
+    END IF;
     RETURN QUERY
     UPDATE dlw.task_files f
        SET status = 'running',
@@ -86,8 +123,8 @@ BEGIN
     RETURNING 'ok'::text, f.lease_expires_at;
 END
 $$;
-COMMENT ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint) IS
-    'The holder of a live lease reports progress: the file becomes running, its lease is extended by its lease_seconds from now, bytes_done is recorded (NULL keeps it). Returns (outcome, lease_expires_at): ok | SIZE_MISMATCH (bytes_done beyond the file''s declared size; nothing changes, the lease is not extended) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor''s scope). Raises 42501 without an executor context.';
+COMMENT ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text) IS
+    'The holder of a live lease reports progress: the file becomes running, its lease is extended by its lease_seconds from now, bytes_done is recorded (NULL keeps it), and a checkpoint (p_checkpoint_bytes synced bytes with sha256 p_checkpoint_sha256; both NULL: none) becomes the file''s resume point. Returns (outcome, lease_expires_at): ok | SIZE_MISMATCH (bytes_done beyond the file''s declared size; nothing changes, the lease is not extended) | BAD_CHECKPOINT (see dlw.record_checkpoint; nothing changes) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor''s scope). Raises 42501 without an executor context.';
 
 CREATE OR REPLACE FUNCTION dlw.executor_complete(
     p_file_id uuid, p_assignment_token uuid, p_bytes bigint, p_sha256 text
@@ -144,7 +181,8 @@ BEGIN
     END IF;
 
     UPDATE dlw.task_files f
-       SET status = 'succeeded', bytes_done = v_file.size, lease_expires_at = NULL, error = NULL
+       SET status = 'succeeded', bytes_done = v_file.size, lease_expires_at = NULL, error = NULL,
+           resume_bytes = 0, resume_sha256 = NULL
      WHERE f.tenant_id = v_tenant AND f.id = p_file_id;
     INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id, occurred_at)
     VALUES (v_tenant, 'bytes_month', v_file.size, 'file:' || p_file_id, v_task, p_file_id, now())
@@ -202,27 +240,34 @@ COMMENT ON FUNCTION dlw.executor_fail(uuid, uuid, text, boolean, integer) IS
 $c$The holder of a live lease reports a failure. Retryable while attempts < p_max_attempts: the file returns to the queue (pending, token cleared). Otherwise it fails finally: the task fails (task.failed audit row) and its other unfinished files are cancelled, losing their leases.
 Returns (outcome, task_status): requeued | failed | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope). Raises 42501 without an executor context.$c$;
 
-CREATE OR REPLACE FUNCTION dlw.executor_release(p_file_id uuid, p_assignment_token uuid)
+CREATE OR REPLACE FUNCTION dlw.executor_release(
+    p_file_id uuid, p_assignment_token uuid, p_checkpoint_bytes bigint DEFAULT NULL, p_checkpoint_sha256 text DEFAULT NULL
+)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_file record;
+    v_file    record;
+    v_refusal text;
 BEGIN
     -- Only the file changes, so only the file is locked.
     SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, false);
     IF v_file.refusal IS NOT NULL THEN
         RETURN v_file.refusal;
     END IF;
+    v_refusal := dlw.record_checkpoint(v_file.tenant_id, p_file_id, p_checkpoint_bytes, p_checkpoint_sha256);
+    IF v_refusal IS NOT NULL THEN
+        RETURN v_refusal;
+    END IF;
     PERFORM dlw.requeue_file(v_file.tenant_id, p_file_id, NULL, true);
     RETURN 'released';
 END
 $$;
-COMMENT ON FUNCTION dlw.executor_release(uuid, uuid) IS
-    'The holder of a live lease gives the file back untouched (an executor shutting down): it returns to the queue at once and the claim does not count as an attempt. Returns released | LEASE_LOST (nothing changes) | NOT_FOUND. Raises 42501 without an executor context.';
+COMMENT ON FUNCTION dlw.executor_release(uuid, uuid, bigint, text) IS
+    'The holder of a live lease gives the file back untouched (an executor shutting down), with the checkpoint of its partial download if any (as for dlw.executor_heartbeat): it returns to the queue at once and the claim does not count as an attempt. Returns released | BAD_CHECKPOINT (nothing changes) | LEASE_LOST (nothing changes) | NOT_FOUND. Raises 42501 without an executor context.';
 
-REVOKE ALL ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint), dlw.executor_complete(uuid, uuid, bigint, text),
-    dlw.executor_fail(uuid, uuid, text, boolean, integer), dlw.executor_release(uuid, uuid) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint), dlw.executor_complete(uuid, uuid, bigint, text),
-    dlw.executor_fail(uuid, uuid, text, boolean, integer), dlw.executor_release(uuid, uuid) TO dlw_app;
+REVOKE ALL ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text), dlw.executor_complete(uuid, uuid, bigint, text),
+    dlw.executor_fail(uuid, uuid, text, boolean, integer), dlw.executor_release(uuid, uuid, bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text), dlw.executor_complete(uuid, uuid, bigint, text),
+    dlw.executor_fail(uuid, uuid, text, boolean, integer), dlw.executor_release(uuid, uuid, bigint, text) TO dlw_app;

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app.api import api_docs, error_handlers, health
 from app.api.body_limit import BodySizeLimit
 from app.api.lifespan import StartupRefused, lifespan_for
-from app.api.routes import administration, auth, executor, quota, storage_targets, tasks
+from app.api.routes import administration, auth, executor, executor_batch, quota, storage_targets, tasks
 from app.api.startup_guard import configuration_problems
 from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
 from app.identity.oidc import OidcClient
@@ -26,6 +26,7 @@ ROUTERS = (
     auth.router,
     administration.router,
     executor.router,
+    executor_batch.router,
     health.router,
 )
 

@@ -55,6 +55,12 @@ LEASE_LOST = Refusal(409, "LEASE_LOST", "the lease is not (or no longer) the cal
 EXECUTOR_RETRY = Refusal(503, "EXECUTOR_RETRY", "a deadlock or serialization failure: retry", retry_after=1)
 EXECUTOR_SQLSTATES = {"40001": EXECUTOR_RETRY, "40P01": EXECUTOR_RETRY}
 LEASE_REFUSALS = {"NOT_FOUND": FILE_NOT_FOUND, "LEASE_LOST": LEASE_LOST}
+BAD_CHECKPOINT = Refusal(
+    422,
+    "BAD_CHECKPOINT",
+    "checkpoint_bytes and checkpoint_sha256 come together: 0..the declared size, 64 lowercase hex digits;"
+    " nothing changed",
+)
 
 REGISTRY: dict[str, Answers] = {
     # -- tasks (sql/30_tasks.sql) ----------------------------------------------------------
@@ -135,6 +141,7 @@ REGISTRY: dict[str, Answers] = {
             "SIZE_MISMATCH": Refusal(
                 422, "SIZE_MISMATCH", "bytes_done beyond the declared size: nothing changed, lease not extended"
             ),
+            "BAD_CHECKPOINT": BAD_CHECKPOINT,
         },
         sqlstates=EXECUTOR_SQLSTATES,
     ),
@@ -154,8 +161,11 @@ REGISTRY: dict[str, Answers] = {
     "dlw.executor_fail": Answers(
         success=frozenset({"requeued", "failed"}), refusals=LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES
     ),
+    "dlw.executor_report_batch": Answers(sqlstates=EXECUTOR_SQLSTATES),
     "dlw.executor_release": Answers(
-        success=frozenset({"released"}), refusals=LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES
+        success=frozenset({"released"}),
+        refusals={**LEASE_REFUSALS, "BAD_CHECKPOINT": BAD_CHECKPOINT},
+        sqlstates=EXECUTOR_SQLSTATES,
     ),
 }
 

@@ -119,7 +119,10 @@ SELECT * FROM dlw.login_user($1, $2, $3, $4, $5, $6);
 SELECT * FROM dlw.executor_claim($1, $2, $3, $4);
 
 -- name: executor_heartbeat
-SELECT * FROM dlw.executor_heartbeat($1, $2, $3);
+SELECT * FROM dlw.executor_heartbeat($1, $2, $3, $4, $5);
+
+-- name: executor_report_batch
+SELECT * FROM dlw.executor_report_batch($1::jsonb, $2::jsonb);
 
 -- name: executor_complete
 SELECT * FROM dlw.executor_complete($1, $2, $3, $4);
@@ -128,7 +131,7 @@ SELECT * FROM dlw.executor_complete($1, $2, $3, $4);
 SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5);
 
 -- name: executor_release
-SELECT dlw.executor_release($1, $2) AS outcome;
+SELECT dlw.executor_release($1, $2, $3, $4) AS outcome;
 
 -- name: snapshot_runner
 SELECT runner, runner_detail FROM dlw.snapshot_state;

@@ -37,7 +37,11 @@ class Claimed:
     sha256: str | None
     token: str
     lease_seconds: int
+    resume_bytes: int = 0
+    resume_sha256: str | None = None
     bytes_done: int = 0
+    resumed_from: int = 0  # where this attempt's download started (the verified checkpoint)
+    transfer: Any = None  # the running app.executor.transfer.Transfer, for checkpoints
 
     @classmethod
     def from_api(cls, item: dict[str, Any]) -> Claimed:
@@ -51,6 +55,8 @@ class Claimed:
             sha256=item.get("sha256"),
             token=str(item["assignment_token"]),
             lease_seconds=int(item["lease_seconds"]),
+            resume_bytes=int(item.get("resume_bytes") or 0),
+            resume_sha256=item.get("resume_sha256"),
         )
 
 

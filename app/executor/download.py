@@ -1,38 +1,45 @@
-"""One file's bytes: where it may go on disk, where it comes from, and the streamed download
-through a temporary file whose sha256 and size are computed on the way. The declared size is a
-promise: the download stops at one byte more, never writes past it, and fails on fewer."""
+"""One file's bytes: where it may go on disk, where it comes from, and the download into a
+partial file next to its destination (app/executor/transfer.py moves the bytes). The declared size
+is a promise: the download stops at one byte more, never writes past it, and fails on fewer.
+
+The partial file is named after the file id, so a later attempt on the same storage finds it:
+it is kept only when its prefix hashes to the checkpoint the server returned with the claim, and
+the download continues after that prefix. An exclusive flock keeps two holders of one file (an
+expired lease and its successor in another process) from writing it at once."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import errno
+import fcntl
 import os
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from app.executor.client import Claimed
+from app.executor.transfer import (
+    Cancelled,
+    ConnectionPool,
+    RangeIgnored,
+    Transfer,
+    Upstream,
+    WrongSize,
+    hash_prefix,
+)
+
+__all__ = ["Busy", "Cancelled", "Downloaded", "UnsafePath", "Upstream", "WrongSize", "download", "mismatch"]
 
 
 class UnsafePath(ValueError):
     """A file whose destination would leave the storage directory."""
 
 
-class WrongSize(ValueError):
-    """The file endpoint sends (or announces) more or fewer bytes than the file's declared size:
-    not the declared file, so a final failure, never a download."""
-
-
-class Upstream(Exception):
-    """The file endpoint answered with an error status."""
-
-    def __init__(self, status: int, url: str) -> None:
-        super().__init__(f"HTTP {status} from {url}")
-        self.status = status
+class Busy(Exception):
+    """Another process holds this file's partial download (an expired lease still running)."""
 
 
 @dataclass(frozen=True)
@@ -63,67 +70,127 @@ def file_url(endpoint: str, item: Claimed) -> str:
     return f"{endpoint.rstrip('/')}/{item.repo_id}/resolve/{quote(item.revision, safe='')}/{quote(item.path, safe='/')}"
 
 
-def _announced_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("Content-Length")
-    return int(value) if value is not None and value.strip().isdigit() else None
+def partial_path(target: Path, item: Claimed) -> Path:
+    return target.parent / f".{target.name}.{item.id}.part"
 
 
-def _too_many(size: int, detail: str = "") -> WrongSize:
-    return WrongSize(f"server sent more than the declared {size} bytes{detail}")
+@dataclass(frozen=True)
+class Tuning:
+    """How one executor moves bytes: connections per large file and in all (a shared cap)."""
+
+    connections_per_file: int = 4
+    slots: threading.BoundedSemaphore | None = None
+    timeout: float = 60.0
+    pool: ConnectionPool = field(default_factory=ConnectionPool)
 
 
-def _too_few(size: int, got: int, detail: str = "") -> WrongSize:
-    return WrongSize(f"server sent fewer than the declared {size} bytes ({got}{detail})")
+def _resume_point(fd: int, item: Claimed) -> tuple[int, Any]:
+    """(offset, sha256 state) to continue from: the server's checkpoint when this partial file
+    holds exactly that prefix, else (0, empty) and the partial file is emptied."""
+    have = os.fstat(fd).st_size
+    if item.resume_bytes and item.resume_sha256 and have >= item.resume_bytes:
+        digest = hash_prefix(fd, item.resume_bytes)
+        if digest.hexdigest() == item.resume_sha256:
+            os.ftruncate(fd, item.resume_bytes)  # bytes after the checkpoint were never verified
+            return item.resume_bytes, digest
+    os.ftruncate(fd, 0)
+    return 0, hash_prefix(fd, 0)
 
 
-def _flush_and_sync(out: BinaryIO) -> None:
-    out.flush()
-    os.fsync(out.fileno())
+def _open_partial(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise Busy(f"{path.name} is being written by another process") from exc
+        raise
+    return fd
 
 
 async def download(
-    hub: httpx.AsyncClient, storage: Path, endpoint: str, item: Claimed, on_bytes: Callable[[int], None]
+    storage: Path,
+    endpoint: str,
+    item: Claimed,
+    headers: dict[str, str],
+    tuning: Tuning,
+    on_bytes: Callable[[int], None],
 ) -> Downloaded:
-    """Stream the file next to its destination, counting item.bytes_done; the partial file is
-    removed on any failure or cancellation. At most item.size bytes are ever written: a
-    Content-Length other than it, a chunk that would pass it, or a body that ends short of it
-    raises WrongSize. The bytes are stored as sent (identity encoding asked for, nothing decoded),
-    so what is counted is what came over the wire and no compressed body can expand on disk."""
+    """Fetch the file into its partial file, resuming from the claim's checkpoint when the partial
+    file matches it. While it runs, item.transfer gives heartbeats their checkpoint. The partial
+    file is kept on a transfer error or cancellation (a later attempt may resume it) and removed
+    when the bytes are not the declared file (WrongSize). One worker thread does all of it, so a
+    small file costs one hop off the event loop."""
+    cancel = threading.Event()
+    worker = asyncio.ensure_future(
+        asyncio.to_thread(_fetch_blocking, storage, endpoint, item, headers, tuning, on_bytes, cancel)
+    )
+    try:
+        return await asyncio.shield(worker)
+    except asyncio.CancelledError:
+        cancel.set()  # the threads stop at their next read; wait so the partial file is closed
+        await asyncio.gather(worker, return_exceptions=True)
+        raise
+    finally:
+        item.transfer = None
+
+
+def _fetch_blocking(
+    storage: Path,
+    endpoint: str,
+    item: Claimed,
+    headers: dict[str, str],
+    tuning: Tuning,
+    on_bytes: Callable[[int], None],
+    cancel: threading.Event,
+) -> Downloaded:
     target = destination(storage, item)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The lease token in the name keeps two holders of the same file (an expired lease and its
-    # successor) from writing into one temporary file.
-    tmp = target.parent / f".{target.name}.{item.token}.part"
-    digest = hashlib.sha256()
-    url = file_url(endpoint, item)
+    tmp = partial_path(target, item)
+    fd = _open_partial(tmp)
     try:
-        async with hub.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
-            if response.status_code != 200:
-                raise Upstream(response.status_code, url)
-            announced = _announced_length(response)
-            if announced is not None and announced > item.size:
-                raise _too_many(item.size, f" (Content-Length {announced})")
-            if announced is not None and announced < item.size:
-                raise _too_few(item.size, announced, " announced by Content-Length")
-            out = await asyncio.to_thread(open, tmp, "wb")
-            try:
-                # As the transport reads (at most one read past the declared size is received).
-                async for chunk in response.aiter_raw():
-                    if item.bytes_done + len(chunk) > item.size:
-                        raise _too_many(item.size)
-                    await asyncio.to_thread(out.write, chunk)
-                    digest.update(chunk)
-                    item.bytes_done += len(chunk)
-                    on_bytes(len(chunk))
-                if item.bytes_done < item.size:
-                    raise _too_few(item.size, item.bytes_done)
-                await asyncio.to_thread(_flush_and_sync, out)
-            finally:
-                out.close()
-    except BaseException:
+        start, digest = _resume_point(fd, item)
+
+        def fetch(start: int, digest: Any, connections: int) -> str:
+            item.resumed_from = item.bytes_done = start
+            transfer = Transfer(
+                url=file_url(endpoint, item),
+                headers=headers,
+                fd=fd,
+                size=item.size,
+                resume_at=start,
+                digest=digest,
+                connections=connections,
+                slots=tuning.slots,
+                timeout=tuning.timeout,
+                on_bytes=on_bytes,
+                cancel=cancel,
+                pool=tuning.pool,
+            )
+            item.transfer = transfer
+            return transfer.run()
+
+        try:
+            sha256 = fetch(start, digest, tuning.connections_per_file)
+        except RangeIgnored:
+            # No ranges there: the whole file in one stream, from the beginning.
+            os.ftruncate(fd, 0)
+            sha256 = fetch(0, hash_prefix(fd, 0), 1)
+    except WrongSize:
         tmp.unlink(missing_ok=True)
         raise
-    return Downloaded(target, tmp, digest.hexdigest(), item.bytes_done)
+    finally:
+        os.close(fd)
+    return Downloaded(target, tmp, sha256, item.size)
+
+
+def discard(storage: Path, item: Claimed) -> None:
+    """Remove the file's partial download (its lease is gone, or its bytes are not the file)."""
+    try:
+        partial_path(destination(storage, item), item).unlink(missing_ok=True)
+    except UnsafePath:
+        pass
 
 
 def mismatch(item: Claimed, result: Downloaded) -> str | None:

@@ -5,18 +5,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import httpx
 
+from app.domain import CLAIM_MAX_FILES
+from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
-from app.executor.download import Downloaded, UnsafePath, Upstream, WrongSize, download, mismatch
+from app.executor.download import (
+    Busy,
+    Downloaded,
+    Tuning,
+    UnsafePath,
+    Upstream,
+    WrongSize,
+    discard,
+    download,
+    mismatch,
+)
 from app.executor.progress import Progress, route_logs_around
 from app.executor.settings import Config, config_from
 
@@ -32,7 +46,14 @@ class ReferenceExecutor:
         self.stopping = asyncio.Event()
         self.active: dict[str, tuple[Claimed, asyncio.Task[None]]] = {}
         self._api: ExecutorApi | None = None
-        self._hub: httpx.AsyncClient | None = None
+        self.reporter: Reporter
+        self.hub_headers = {"User-Agent": USER_AGENT}
+        if config.hf_token:
+            self.hub_headers["Authorization"] = f"Bearer {config.hf_token}"  # dropped on cross-origin redirects
+        self.tuning = Tuning(
+            connections_per_file=config.connections_per_file, slots=threading.BoundedSemaphore(config.max_connections)
+        )
+        self.slots = asyncio.Semaphore(config.concurrency)
         self.exit_code = 0
 
     def stop(self) -> None:
@@ -52,15 +73,17 @@ class ReferenceExecutor:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         headers = {"Authorization": f"Bearer {self.config.token}", "User-Agent": USER_AGENT}
-        hub_headers = {"User-Agent": USER_AGENT}
-        if self.config.hf_token:
-            hub_headers["Authorization"] = f"Bearer {self.config.hf_token}"  # httpx drops it on cross-origin redirects
         self.config.storage.mkdir(parents=True, exist_ok=True)
-        async with (
-            httpx.AsyncClient(base_url=self.config.base_url, headers=headers, timeout=30, trust_env=False) as api,
-            httpx.AsyncClient(headers=hub_headers, follow_redirects=True, timeout=httpx.Timeout(60, connect=10)) as hub,
-        ):
-            self._api, self._hub = ExecutorApi(api), hub
+        self._loop_ref = loop
+        # One worker thread per download slot (asyncio's default pool is min(32, cores + 4)),
+        # plus a few for checkpoints and file operations.
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(self.config.concurrency + 4))
+        async with httpx.AsyncClient(
+            base_url=self.config.base_url, headers=headers, timeout=30, trust_env=False
+        ) as api:
+            self._api = ExecutorApi(api)
+            self.reporter = Reporter(api)
+            self.reporter.start()
             log.info(
                 "executor %s: claiming from %s, files from %s, into %s",
                 self.config.label,
@@ -80,8 +103,10 @@ class ReferenceExecutor:
         try:
             while not self.stopping.is_set():
                 claimed = 0
-                free = self.config.concurrency - len(self.active)
-                if free > 0:
+                free = min(self.config.prefetch - len(self.active), CLAIM_MAX_FILES)
+                # Claim in batches (half the prefetch at least, unless idle): one claim per file
+                # freed would cost a transaction per small file.
+                if free > 0 and (free >= (self.config.prefetch + 1) // 2 or not self.active):
                     try:
                         claimed = await self._claim(free)
                     except TokenRefused as exc:
@@ -93,7 +118,7 @@ class ReferenceExecutor:
                         log.warning("claim failed: %s", exc)
                 # Wait for a free slot, a stop, or (when the queue was empty) the poll interval.
                 waiting: set[asyncio.Future[Any]] = {stop_wait, *(task for _, task in self.active.values())}
-                timeout = 0 if claimed and len(self.active) < self.config.concurrency else self.config.poll_seconds
+                timeout = 0 if claimed and len(self.active) < self.config.prefetch else self.config.poll_seconds
                 if timeout:
                     await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 self._draw()
@@ -114,32 +139,54 @@ class ReferenceExecutor:
     def _draw(self) -> None:
         self.progress.draw([c for c, _ in self.active.values()])
 
-    def _on_bytes(self, n: int) -> None:
+    def _on_bytes(self, item: Claimed, n: int) -> None:
+        item.bytes_done += n
         self.progress.add_bytes(n)
         self._draw()
+
+    def _bytes_counter(self, item: Claimed) -> Any:
+        """A callback for the transfer threads: counts on the event loop's thread."""
+        loop = self._loop_ref
+        return lambda n: loop.call_soon_threadsafe(self._on_bytes, item, n)
 
     async def _shutdown(self) -> None:
         tasks = [task for _, task in self.active.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.reporter.close()  # completions already queued still go out
 
     # -- one file --------------------------------------------------------------------------
+    async def _download(self, item: Claimed) -> Downloaded:
+        # Claimed files beyond the download slots wait here, their leases kept by heartbeats.
+        async with self.slots:
+            return await download(
+                self.config.storage,
+                self.config.hf_endpoint,
+                item,
+                self.hub_headers,
+                self.tuning,
+                self._bytes_counter(item),
+            )
+
     async def _work(self, item: Claimed) -> None:
-        assert self._hub is not None
-        fetch = asyncio.create_task(
-            download(self._hub, self.config.storage, self.config.hf_endpoint, item, self._on_bytes)
-        )
+        fetch = asyncio.create_task(self._download(item))
         lost = asyncio.Event()
         beats = asyncio.create_task(self._heartbeats(item, fetch, lost))
         try:
             result: Downloaded = await fetch
         except asyncio.CancelledError:
             if lost.is_set():  # our own heartbeat stopped it: the lease is gone, report nothing
+                discard(self.config.storage, item)
                 log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", item.path)
                 return
-            await self.api.report(item, "release", {})  # shutting down: back to the queue at once
+            # Shutting down: back to the queue at once, with what is on disk as its resume point.
+            await self.api.report(item, "release", await self._checkpoint_body(item))
             raise
+        except Busy as exc:  # an expired holder in another process still writes it: not ours yet
+            log.warning("%s: %s; given back", item.path, exc)
+            await self.api.report(item, "release", {})
+            return
         except (UnsafePath, WrongSize) as exc:  # not the declared file, or nowhere safe for it: final
             await self._fail(item, str(exc), retryable=False)
             return
@@ -153,6 +200,8 @@ class ReferenceExecutor:
             beats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
+        if item.resumed_from:
+            log.info("%s: resumed at byte %d of %d", item.path, item.resumed_from, item.size)
         problem = mismatch(item, result)
         if problem:
             result.tmp.unlink(missing_ok=True)
@@ -160,17 +209,33 @@ class ReferenceExecutor:
             return
         os.replace(result.tmp, result.target)  # on disk before the server hears "succeeded"
         # result.size is the declared size (checked above): the only count the server accepts.
-        outcome = await self.api.report(item, "complete", {"bytes": result.size, "sha256": result.sha256})
+        outcome = await self.reporter.complete(item, result.size, result.sha256)
+        if outcome not in ("completed", "already_completed"):
+            log.warning("%s: complete refused: %s", item.path, outcome)
         if outcome in ("completed", "already_completed"):
             self.progress.done += 1
             log.info("%s/%s@%s:%s done (%d bytes)", item.tenant, item.repo_id, item.revision, item.path, result.size)
 
+    async def _checkpoint_body(self, item: Claimed) -> dict[str, Any]:
+        """The partial download's checkpoint (synced prefix and its sha256), when one runs."""
+        transfer = item.transfer
+        if transfer is None:
+            return {}
+        try:
+            done, sha256 = await asyncio.to_thread(transfer.checkpoint)
+        except OSError:
+            return {}
+        return {"checkpoint_bytes": done, "checkpoint_sha256": sha256}
+
     async def _heartbeats(self, item: Claimed, fetch: asyncio.Task[Any], lost: asyncio.Event) -> None:
-        interval = max(item.lease_seconds / 3, 0.5)
+        # Within a third of the lease, and often enough that progress (and the resume point)
+        # is current: `GET /tasks/{id}` shows bytes done while the file downloads.
+        interval = max(min(item.lease_seconds / 3, self.config.progress_seconds), 0.2)
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.api.report(item, "heartbeat", {"bytes_done": item.bytes_done}, raise_lost=True)
+                body = {"bytes_done": item.bytes_done, **await self._checkpoint_body(item)}
+                await self.reporter.heartbeat(item, body)
             except LeaseLost:
                 lost.set()
                 fetch.cancel()
@@ -179,6 +244,8 @@ class ReferenceExecutor:
                 log.warning("%s: heartbeat failed (%s); retrying", item.path, exc)
 
     async def _fail(self, item: Claimed, error: str, *, retryable: bool) -> None:
+        if not retryable:  # a final failure leaves nothing behind; a retryable one keeps its resume point
+            discard(self.config.storage, item)
         self.progress.failed += 1
         log.warning("%s: %s (%s)", item.path, error, "retryable" if retryable else "final")
         await self.api.report(item, "fail", {"error": error[:2000], "retryable": retryable})

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.domain import LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
+from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
 
 
 class ExecutorSettings(BaseSettings):
@@ -30,6 +30,10 @@ class ExecutorSettings(BaseSettings):
     concurrency: int = 2
     lease_seconds: int = 60
     poll_seconds: float = 2.0
+    progress_seconds: float = 2.0
+    connections_per_file: int = 4
+    max_connections: int = 8
+    prefetch: int | None = None
     label: str | None = None
 
 
@@ -49,6 +53,10 @@ class Config:
     concurrency: int = 2
     lease_seconds: int = 60
     poll_seconds: float = 2.0
+    progress_seconds: float = 2.0
+    connections_per_file: int = 4
+    max_connections: int = 8
+    prefetch: int = 8
     label: str = field(default_factory=_default_label)
 
 
@@ -61,6 +69,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, help="files downloaded at once (default 2)")
     parser.add_argument("--lease-seconds", type=int, help="lease asked for each file (default 60)")
     parser.add_argument("--poll-seconds", type=float, help="wait when the queue is empty (default 2)")
+    parser.add_argument(
+        "--progress-seconds", type=float, help="heartbeat (progress, resume point) at least this often (default 2)"
+    )
+    parser.add_argument(
+        "--connections-per-file", type=int, help="byte ranges fetched at once for a large file (default 4)"
+    )
+    parser.add_argument("--max-connections", type=int, help="connections to the file endpoint in all (default 8)")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        help="files held under lease at once, downloading or waiting for a slot (default 4 x concurrency, at most 100)",
+    )
     parser.add_argument("--label", help="instance label recorded with each lease (default: host-pid)")
 
 
@@ -77,6 +97,11 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
     concurrency: int = env.concurrency if args.concurrency is None else args.concurrency
     lease_seconds: int = env.lease_seconds if args.lease_seconds is None else args.lease_seconds
     poll_seconds: float = env.poll_seconds if args.poll_seconds is None else args.poll_seconds
+    progress_seconds: float = env.progress_seconds if args.progress_seconds is None else args.progress_seconds
+    per_file: int = env.connections_per_file if args.connections_per_file is None else args.connections_per_file
+    max_connections: int = env.max_connections if args.max_connections is None else args.max_connections
+    prefetch_arg = env.prefetch if args.prefetch is None else args.prefetch
+    prefetch: int = min(4 * concurrency, CLAIM_MAX_FILES) if prefetch_arg is None else prefetch_arg
     problems = []
     if not token:
         problems.append("no executor token: pass --token or set DLW_EXECUTOR_TOKEN")
@@ -86,6 +111,10 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         problems.append(
             f"--concurrency must be >= 1, --lease-seconds {LEASE_SECONDS_MIN}..{LEASE_SECONDS_MAX}, --poll-seconds > 0"
         )
+    if progress_seconds <= 0 or per_file < 1 or max_connections < 1:
+        problems.append("--progress-seconds must be > 0, --connections-per-file and --max-connections >= 1")
+    if not concurrency <= prefetch <= CLAIM_MAX_FILES:
+        problems.append(f"--prefetch must be --concurrency..{CLAIM_MAX_FILES}")
     if problems:
         return problems
     assert token and storage
@@ -99,5 +128,9 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         concurrency=concurrency,
         lease_seconds=lease_seconds,
         poll_seconds=poll_seconds,
+        progress_seconds=progress_seconds,
+        connections_per_file=per_file,
+        max_connections=max_connections,
+        prefetch=prefetch,
         **({"label": label} if label else {}),
     )

@@ -24,10 +24,11 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     # executors: claims and reports across tenants, scoped by the executor's context
     # (sql/41_executor_claim.sql, sql/42_executor_reports.sql)
     "dlw.executor_claim(integer,integer,text,integer)": _SYSTEM,
-    "dlw.executor_heartbeat(uuid,uuid,bigint)": _SYSTEM,
+    "dlw.executor_heartbeat(uuid,uuid,bigint,bigint,text)": _SYSTEM,
     "dlw.executor_complete(uuid,uuid,bigint,text)": _SYSTEM,
     "dlw.executor_fail(uuid,uuid,text,boolean,integer)": _SYSTEM,
-    "dlw.executor_release(uuid,uuid)": _SYSTEM,
+    "dlw.executor_release(uuid,uuid,bigint,text)": _SYSTEM,
+    "dlw.executor_report_batch(jsonb,jsonb)": _SYSTEM,
     # the usage fold and its drift check read every tenant's usage (sql/50_snapshots.sql)
     "dlw.refresh_quota_snapshots()": _SYSTEM,
     "dlw.quota_drift()": _SYSTEM,

@@ -123,6 +123,9 @@ MATRIX: dict[tuple[str, str], Expect] = {
     ("POST", "/api/v1/executor/claim"): Expect(
         frozenset({"executor"}), 200, body=lambda w, t: {"max_files": 1, "lease_seconds": 60}
     ),
+    ("POST", "/api/v1/executor/reports"): Expect(
+        frozenset({"executor"}), 200, body=lambda w, t: {"completions": [], "heartbeats": []}
+    ),
     **{
         ("POST", f"/api/v1/executor/files/{{file_id}}/{action}"): Expect(
             frozenset({"executor"}),

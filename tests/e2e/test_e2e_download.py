@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from app.executor.client import Claimed
-from app.executor.download import UnsafePath, WrongSize, destination, download, file_url
+from app.executor.download import Tuning, UnsafePath, WrongSize, destination, download, file_url, partial_path
 from tests.support import server
 from tests.support.app import bearer, detail, token
 from tests.support.database import MigratedDb
@@ -528,19 +528,20 @@ def test_the_download_stops_at_the_declared_size_and_never_writes_past_it(hub, w
     hub.slow["long.bin"] = 0.01
     declared = 5 * CHUNK + 123
     item = Claimed("f", "acme", "org/cut", "main", "long.bin", declared, None, "tok", 60)
-    tmp = destination(workdir, item).parent / f".long.bin.{item.token}.part"
+    tmp = partial_path(destination(workdir, item), item)
     sizes: list[int] = []
+    counted: list[int] = []
 
-    def after_write(_n: int) -> None:
+    def after_write(n: int) -> None:
+        counted.append(n)
         sizes.append(tmp.stat().st_size)
         assert sizes[-1] <= declared
 
     async def fetch() -> None:
-        async with httpx.AsyncClient() as client:
-            await download(client, workdir, hub.url, item, after_write)
+        await download(workdir, hub.url, item, {}, Tuning(), after_write)
 
     with pytest.raises(WrongSize, match=f"^server sent more than the declared {declared} bytes$"):
         asyncio.run(fetch())
-    assert sizes and max(sizes) <= declared and item.bytes_done == max(sizes)
+    assert sizes and max(sizes) <= declared and sum(counted) == max(sizes)
     assert not tmp.exists()
     assert hub.sent["long.bin"] < len(content)

@@ -60,6 +60,11 @@ class ClaimedFile(BaseModel):
     assignment_token: uuid.UUID
     lease_seconds: int
     lease_expires_at: datetime
+    resume_bytes: int = Field(
+        description="an earlier attempt's checkpoint: keep a partial file only if its first resume_bytes bytes"
+        " hash to resume_sha256, and continue after them (0: start from the beginning)"
+    )
+    resume_sha256: str | None
 
 
 class ClaimResponse(BaseModel):
@@ -71,7 +76,15 @@ class LeaseBody(BaseModel):
     assignment_token: uuid.UUID = Field(strict=False)  # a UUID is a string in JSON
 
 
-class HeartbeatBody(LeaseBody):
+class Checkpoint(LeaseBody):
+    """A partial download's resume point: the first checkpoint_bytes bytes are on disk (synced)
+    and hash to checkpoint_sha256. Both or neither; the next claim of the file returns them."""
+
+    checkpoint_bytes: int | None = Field(None, ge=0, le=1 << 62)
+    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
+class HeartbeatBody(Checkpoint):
     bytes_done: int | None = Field(
         None, ge=0, le=1 << 62, description="bytes downloaded so far; beyond the declared size: 422 SIZE_MISMATCH"
     )
@@ -138,6 +151,8 @@ async def claim(
                 assignment_token=r["assignment_token"],
                 lease_seconds=r["lease_seconds"],
                 lease_expires_at=r["lease_expires_at"],
+                resume_bytes=r["resume_bytes"],
+                resume_sha256=r["resume_sha256"],
             )
             for r in rows
         ]
@@ -162,6 +177,8 @@ async def heartbeat(
         file_id,
         body.assignment_token,
         body.bytes_done,
+        body.checkpoint_bytes,
+        body.checkpoint_sha256,
     )
     return HeartbeatResponse(lease_expires_at=row["lease_expires_at"])
 
@@ -215,11 +232,19 @@ async def fail(
 async def release(
     request: Request,
     file_id: uuid.UUID,
-    body: LeaseBody,
+    body: Checkpoint,
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/release", "POST")),
 ) -> Report:
-    """Give the file back untouched (the executor is stopping): queued again, no attempt used."""
+    """Give the file back (the executor is stopping): queued again, no attempt used, with the
+    partial download's checkpoint if any."""
     outcome, _ = await call_for_outcome(
-        request, principal, "dlw.executor_release", SQL["executor_release"], file_id, body.assignment_token
+        request,
+        principal,
+        "dlw.executor_release",
+        SQL["executor_release"],
+        file_id,
+        body.assignment_token,
+        body.checkpoint_bytes,
+        body.checkpoint_sha256,
     )
     return Report(outcome=outcome, task_status=None)

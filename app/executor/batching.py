@@ -1,0 +1,89 @@
+"""Reports sent together: completions and heartbeats of the files in flight go out in one
+request (POST /api/v1/executor/reports, one transaction) as soon as the previous batch answered,
+so a stream of small files costs a request per batch, not per file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+
+from app.domain import CLAIM_MAX_FILES
+from app.executor.client import REPORT_ATTEMPTS, Claimed, LeaseLost
+
+log = logging.getLogger("dlw.executor")
+
+
+class Reporter:
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self._pending: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="reports")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            while self._pending:  # what is queued still goes out
+                self._wake.set()
+                await asyncio.sleep(0.01)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def complete(self, item: Claimed, size: int, sha256: str) -> str:
+        """The completion's outcome (completed, already_completed, or the error code), or
+        UNREPORTED when the API could not be reached."""
+        return await self._submit("complete", item, {"bytes": size, "sha256": sha256})
+
+    async def heartbeat(self, item: Claimed, body: dict[str, Any]) -> None:
+        """Raises LeaseLost when the lease is gone, ValueError for another refusal and
+        httpx.HTTPError when the API could not be reached."""
+        outcome = await self._submit("heartbeat", item, body)
+        if outcome in ("LEASE_LOST", "FILE_NOT_FOUND"):
+            raise LeaseLost(item.id)
+        if outcome == "UNREPORTED":
+            raise httpx.TransportError("heartbeat not delivered")
+        if outcome != "ok":
+            raise ValueError(f"heartbeat answered {outcome}")
+
+    async def _submit(self, action: str, item: Claimed, body: dict[str, Any]) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((action, item, body, future))
+        self._wake.set()
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:CLAIM_MAX_FILES], self._pending[CLAIM_MAX_FILES:]
+                await self._send(batch)
+
+    async def _send(self, batch: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]]) -> None:
+        payload: dict[str, list[dict[str, Any]]] = {"completions": [], "heartbeats": []}
+        for action, item, body, _ in batch:
+            entry = {"file_id": item.id, "assignment_token": item.token, **body}
+            payload["completions" if action == "complete" else "heartbeats"].append(entry)
+        answers: dict[tuple[str, str], str] = {}
+        for attempt in range(REPORT_ATTEMPTS):
+            try:
+                response = await self.http.post("/api/v1/executor/reports", json=payload)
+            except httpx.HTTPError as exc:
+                log.warning("reports not delivered (%s); attempt %d of %d", exc, attempt + 1, REPORT_ATTEMPTS)
+            else:
+                if response.status_code == 200:
+                    for result in response.json()["results"]:
+                        answers[(result["action"], result["file_id"])] = str(result["outcome"])
+                    break
+                log.warning("reports answered %d: %s", response.status_code, response.text[:200])
+                if response.status_code != 503:
+                    break
+            await asyncio.sleep(0.5 * (attempt + 1))
+        for action, item, _, future in batch:
+            if not future.done():
+                future.set_result(answers.get((action, item.id), "UNREPORTED"))

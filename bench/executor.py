@@ -1,0 +1,238 @@
+"""The reference executor against the field's tools, side by side in one run (issue 17):
+
+- large: one file (1 GiB; 256 MiB with --quick) — `curl` into tmpfs followed by an in-process
+  sha256, vs `dlw executor run` (claim, parallel ranges, verified sha256, complete) from the task's
+  creation until the API says succeeded;
+- small: 500 files of 2 KB — `curl --parallel --parallel-max 8`, vs the executor with 8 slots;
+- resume: the executor is killed (SIGKILL) when half of a rate-limited file was served; a second
+  one on the same storage finishes it. The file server counts every byte it sent.
+
+The file server (tests/support/file_server.py) sends with sendfile(2); its own speed is shown
+as `curl -o /dev/null`, so a reader can see it is not the bottleneck. Targets: large >= 0.8,
+small >= 0.5 (the baseline's time over the executor's), resume < 1.6 file sizes served in all.
+
+    python -m bench --only executor [--quick]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from app.identity import system_jwt
+from app.identity.principal import Principal
+from bench.create_path import JWT_SECRET, ROOT, BenchCluster, full_stack_env, server
+from bench.load import print_table_head
+from tests.support.file_server import FileServer, served_bytes
+
+MB = 1 << 20
+LARGE_MIN_RATIO, SMALL_MIN_RATIO, RESUME_MAX_SERVED = 0.8, 0.5, 1.6
+
+
+def _token(tenant_id: int, role: str) -> str:
+    return system_jwt.issue(JWT_SECRET, Principal(user_id=f"bench-{role}", tenant_id=tenant_id, role=role), 7200)
+
+
+def _tmpfs() -> Path:
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="dlw-bench-xfer-", dir=shm if shm.is_dir() else None))
+
+
+@contextmanager
+def _executor(port: int, endpoint: str, storage: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    env = {
+        **full_stack_env(""),
+        "DLW_EXECUTOR_TOKEN": _token(0, "executor"),
+        "DLW_EXECUTOR_BASE_URL": f"http://127.0.0.1:{port}",
+    }
+    command = [sys.executable, "-m", "app", "executor", "run", "--storage", str(storage), "--hf-endpoint", endpoint]
+    proc = subprocess.Popen(
+        [*command, "--poll-seconds", "0.05", *extra],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _create(api: httpx.Client, tenant: int, repo: str, files: list[dict[str, Any]]) -> str:
+    response = api.post(
+        "/api/v1/tasks",
+        headers={"Authorization": f"Bearer {_token(tenant, 'tenant_operator')}"},
+        json={"repo_id": repo, "revision": "main", "files": files},
+    )
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+def _wait_done(api: httpx.Client, tenant: int, task_id: str, timeout: float = 600) -> str:
+    headers = {"Authorization": f"Bearer {_token(tenant, 'tenant_viewer')}"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = str(api.get(f"/api/v1/tasks/{task_id}", headers=headers).json()["status"])
+        if status in ("succeeded", "failed", "cancelled"):
+            return status
+        time.sleep(0.01)
+    raise RuntimeError(f"task {task_id} did not finish in {timeout} s")
+
+
+def _curl_one(url: str, out: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["curl", "-sf", "-o", str(out), url], check=True)
+    digest = hashlib.sha256()
+    with out.open("rb") as f:
+        while block := f.read(8 * MB):
+            digest.update(block)
+    elapsed = time.perf_counter() - t0
+    out.unlink()
+    return elapsed
+
+
+def _curl_null(url: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["curl", "-sf", "-o", "/dev/null", url], check=True)
+    return time.perf_counter() - t0
+
+
+def _curl_parallel(urls: list[str], outdir: Path) -> float:
+    outdir.mkdir(parents=True, exist_ok=True)
+    config = outdir / "curl.cfg"
+    config.write_text("".join(f'url = "{u}"\noutput = "{outdir / str(i)}"\n' for i, u in enumerate(urls)))
+    t0 = time.perf_counter()
+    subprocess.run(["curl", "-sf", "--parallel", "--parallel-max", "8", "-K", str(config)], check=True)
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(outdir)
+    return elapsed
+
+
+def _provision(bench: BenchCluster, dbname: str) -> int:
+    with psycopg.connect(bench.superuser_url(dbname), autocommit=True) as conn:
+        row = conn.execute("SELECT dlw.provision_tenant('bench-xfer', 'transfer bench', 0, 0, 0)").fetchone()
+        conn.execute("UPDATE dlw.tenants SET quota_tasks_per_minute = 0 WHERE slug = 'bench-xfer'")
+    assert row is not None
+    return int(row[0])
+
+
+def _timed_task(api: httpx.Client, tenant: int, repo: str, files: list[dict[str, Any]]) -> float:
+    """Seconds from the task's creation (the API answered 201) until it succeeded: the
+    executor's claims, downloads, verification and completions."""
+    task_id = _create(api, tenant, repo, files)
+    t0 = time.perf_counter()
+    status = _wait_done(api, tenant, task_id)
+    if status != "succeeded":
+        raise RuntimeError(f"bench task {task_id} ended {status}")
+    return time.perf_counter() - t0
+
+
+def run(bench: BenchCluster, *, quick: bool) -> list[dict[str, Any]]:
+    dbname = bench.new_database("bench_executor")
+    tenant = _provision(bench, dbname)
+    work = _tmpfs()
+    fs = FileServer()
+    endpoint = fs.start()
+    rounds = 1 if quick else 3
+    large_size = (256 if quick else 1024) * MB
+    rows: list[dict[str, Any]] = []
+    try:
+        served = work / "served"
+        big = fs.add(served, "bench/large", "main", "large.bin", os.urandom(large_size))
+        small = [fs.add(served, "bench/small", "main", f"f{i:03}.bin", os.urandom(2048)) for i in range(500)]
+        with (
+            server(["-m", "app", "serve"], full_stack_env(bench.app_url(dbname)), "/readyz") as (port, _pid),
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as api,
+        ):
+            large_url = f"{endpoint}/bench/large/resolve/main/large.bin"
+            small_urls = [f"{endpoint}/bench/small/resolve/main/{f['path']}" for f in small]
+            times: dict[str, list[float]] = {k: [] for k in ("null", "curl", "ours", "curl_par", "ours_small")}
+            for r in range(rounds):
+                storage = work / f"storage-{r}"
+                with _executor(port, endpoint, storage, "--concurrency", "8"):
+                    times["null"].append(_curl_null(large_url))
+                    times["curl"].append(_curl_one(large_url, work / "curl.bin"))
+                    times["ours"].append(_timed_task(api, tenant, "bench/large", [big]))
+                    shutil.rmtree(storage / "bench-xfer" / "bench" / "large", ignore_errors=True)
+                    times["curl_par"].append(_curl_parallel(small_urls, work / "curl-small"))
+                    times["ours_small"].append(_timed_task(api, tenant, "bench/small", small))
+                    shutil.rmtree(storage, ignore_errors=True)
+                print(
+                    f"  executor round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+                )
+            best = {k: min(v) for k, v in times.items()}
+            rows.append(_row("large file: curl + sha256 / executor", best["curl"] / best["ours"], LARGE_MIN_RATIO))
+            rows.append(
+                _row(
+                    "500 small files: curl --parallel / executor",
+                    best["curl_par"] / best["ours_small"],
+                    SMALL_MIN_RATIO,
+                )
+            )
+            resume = _resume(api, port, endpoint, fs, served, work, tenant, quick)
+            rows.append({**resume, "met": resume["ratio"] < RESUME_MAX_SERVED})
+        _report(best, large_size, rows)
+    finally:
+        fs.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _row(measure: str, ratio: float, target: float) -> dict[str, Any]:
+    return {"measure": measure, "ratio": ratio, "target": f">= {target}", "met": ratio >= target}
+
+
+def _resume(
+    api: httpx.Client, port: int, endpoint: str, fs: FileServer, served: Path, work: Path, tenant: int, quick: bool
+) -> dict[str, Any]:
+    size = (64 if quick else 256) * MB
+    spec = fs.add(served, "bench/resume", "main", "resume.bin", os.urandom(size))
+    fs.rate["resume.bin"] = size / 4  # four seconds for the whole file
+    storage = work / "storage-resume"
+    args = ("--lease-seconds", "5", "--progress-seconds", "0.2")
+    task_id = ""
+    with _executor(port, endpoint, storage, *args) as first:
+        task_id = _create(api, tenant, "bench/resume", [spec])
+        while served_bytes(fs, "resume.bin") < size // 2:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+    at_kill = served_bytes(fs, "resume.bin")
+    fs.rate.pop("resume.bin")
+    with _executor(port, endpoint, storage, *args):
+        status = _wait_done(api, tenant, task_id)
+    total = served_bytes(fs, "resume.bin")
+    print(f"  resume: killed at {at_kill / size:.0%} served; {status}; served in all {total / size:.2f} file sizes")
+    return {"measure": "resume after a kill at 50 %: bytes served / size", "ratio": total / size, "target": "< 1.6"}
+
+
+def _report(best: dict[str, float], large_size: int, rows: list[dict[str, Any]]) -> None:
+    print("\n== Executor transfers: the reference executor vs curl (best round of each) ==")
+    print(
+        f"file server alone (curl -o /dev/null, {large_size // MB} MiB): {best['null']:.2f} s"
+        f" = {large_size / best['null'] / MB:.0f} MiB/s"
+    )
+    print_table_head(f"{'case':30} {'baseline s':>10} {'executor s':>10} {'MiB/s':>8}")
+    print(
+        f"{'large: curl+sha256 | executor':30} {best['curl']:>10.2f} {best['ours']:>10.2f}"
+        f" {large_size / best['ours'] / MB:>8.0f}"
+    )
+    print(f"{'500 x 2 KB: curl --parallel':30} {best['curl_par']:>10.2f} {best['ours_small']:>10.2f} {'':>8}")
+    print_table_head(f"{'measure':50} {'ratio':>6} {'target':>8}  result")
+    for row in rows:
+        print(f"{row['measure']:50} {row['ratio']:>6.2f} {row['target']:>8}  {'met' if row['met'] else 'MISSED'}")

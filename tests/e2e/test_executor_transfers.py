@@ -1,0 +1,185 @@
+"""The reference executor's transfers (issue 17): parallel byte ranges verified as one file,
+resume from the server's checkpoint after a kill or a stop, and a corrupt range caught. A real
+`dlw serve`, real `dlw executor run` processes and a file server that counts the bytes it sends."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_e2e_download import (
+    create_task,
+    provision,
+    start_executor,
+    stop_executor,
+    task_of,
+    wait_for,
+)
+from tests.support import server
+from tests.support.database import MigratedDb
+from tests.support.file_server import FileServer, served_bytes
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def api(db: MigratedDb) -> Iterator[str]:
+    with server.running_server(db, DLW_SNAPSHOT_INTERVAL_SECONDS="1") as url:
+        yield url
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A private directory (not pytest's tmp_path: concurrent pytest runs prune each other's)."""
+    path = Path(tempfile.mkdtemp(prefix="dlw-xfer-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def files(workdir: Path) -> Iterator[tuple[FileServer, Path]]:
+    fs = FileServer()
+    fs.start()
+    yield fs, workdir / "served"
+    fs.close()
+
+
+def _file_row(db: MigratedDb, file_id: str) -> dict[str, Any]:
+    with db.owner() as conn:
+        row = conn.execute(
+            "SELECT status, resume_bytes, resume_sha256 FROM dlw.task_files WHERE id = %s", (file_id,)
+        ).fetchone()
+    return dict(zip(("status", "resume_bytes", "resume_sha256"), row, strict=True))
+
+
+def _one_file_task(api: str, tid: int, repo: str, spec: dict[str, Any]) -> tuple[str, str]:
+    created = create_task(api, tid, repo, "main", [spec])
+    assert created.status_code == 201, created.text
+    task_id = created.json()["id"]
+    return task_id, task_of(api, tid, task_id)["files"][0]["id"]
+
+
+def _target(storage: Path, slug: str, repo: str, path: str) -> Path:
+    return storage / slug / repo / "main" / path
+
+
+def test_a_large_file_comes_in_parallel_ranges_and_is_verified_whole(db, api, files, workdir):
+    fs, root = files
+    tid = provision(db, "xfer-ranges")
+    content = random.Random(17).randbytes(80 * MB + 12345)
+    spec = fs.add(root, "org/ranges", "main", "big.bin", content)
+    task_id, _ = _one_file_task(api, tid, "org/ranges", spec)
+    storage = workdir / "storage"
+    executor = start_executor(api, fs, storage, "ranges", "--connections-per-file", "4")
+    try:
+        wait_for(lambda: task_of(api, tid, task_id)["status"] == "succeeded", 120, "the ranged download", (executor,))
+    finally:
+        code, log = stop_executor(executor)
+    assert code == 0, log
+    assert fs.ranged["big.bin"] >= 8  # chunks of 1/16 of the file: many Range requests
+    assert served_bytes(fs, "big.bin") == len(content)  # every byte once
+    assert (
+        hashlib.sha256(_target(storage, "xfer-ranges", "org/ranges", "big.bin").read_bytes()).hexdigest()
+        == spec["sha256"]
+    )
+
+
+def test_a_corrupt_range_fails_the_file_and_leaves_nothing(db, api, files, workdir):
+    fs, root = files
+    tid = provision(db, "xfer-corrupt")
+    content = random.Random(18).randbytes(40 * MB)
+    spec = fs.add(root, "org/corrupt", "main", "big.bin", content)
+    fs.corrupt_ranges.add("big.bin")  # every answer that starts past byte 0 has one flipped byte
+    task_id, _ = _one_file_task(api, tid, "org/corrupt", spec)
+    storage = workdir / "storage"
+    executor = start_executor(api, fs, storage, "corrupt", "--connections-per-file", "4")
+    try:
+        wait_for(lambda: task_of(api, tid, task_id)["status"] == "failed", 120, "the corrupt download", (executor,))
+    finally:
+        code, log = stop_executor(executor)
+    assert code == 0, log
+    task = task_of(api, tid, task_id)
+    assert "sha256 mismatch" in task["error"], task
+    assert fs.ranged["big.bin"] >= 1
+    assert not [p for p in storage.rglob("*") if p.is_file()]  # neither the file nor a partial one
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_the_next_attempt_resumes_after_the_checkpoint(db, api, files, workdir, stop):
+    """Killed at half the file (the lease then expires) or stopped (the file is released with its
+    checkpoint): the next executor on the same storage verifies the partial file against the
+    server's checkpoint and fetches only the rest. Bytes served in all: under 1.6 times the file."""
+    fs, root = files
+    slug = f"xfer-resume-{stop.name.lower()}"
+    tid = provision(db, slug)
+    content = random.Random(19).randbytes(24 * MB)
+    spec = fs.add(root, "org/resume", "main", "big.bin", content)
+    fs.rate["big.bin"] = 8 * MB  # about 3 s for the file
+    task_id, file_id = _one_file_task(api, tid, "org/resume", spec)
+    storage = workdir / "storage"
+    args = ("--lease-seconds", "5", "--progress-seconds", "0.2", "--connections-per-file", "1")
+
+    first = start_executor(api, fs, storage, "first", *args)
+    wait_for(lambda: served_bytes(fs, "big.bin") >= len(content) // 2, 60, "half the file", (first,))
+    stop_executor(first, stop)
+    checkpoint = _file_row(db, file_id)
+    assert 0 < checkpoint["resume_bytes"] <= len(content) // 2 + 4 * MB, checkpoint
+    assert checkpoint["resume_sha256"] == hashlib.sha256(content[: checkpoint["resume_bytes"]]).hexdigest()
+
+    fs.rate.pop("big.bin")
+    second = start_executor(api, fs, storage, "second", *args)
+    try:
+        wait_for(lambda: task_of(api, tid, task_id)["status"] == "succeeded", 60, "the resumed download", (second,))
+    finally:
+        code, log = stop_executor(second)
+    assert code == 0, log
+    assert f"resumed at byte {checkpoint['resume_bytes']}" in log
+    assert served_bytes(fs, "big.bin") < 1.6 * len(content)
+    target = _target(storage, slug, "org/resume", "big.bin")
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == spec["sha256"]
+    assert _file_row(db, file_id) == {"status": "succeeded", "resume_bytes": 0, "resume_sha256": None}
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".part")]
+
+
+def test_a_partial_file_that_no_longer_matches_is_discarded(db, api, files, workdir):
+    """A partial file changed on disk after its checkpoint is not trusted: the download starts
+    over and still ends verified."""
+    fs, root = files
+    tid = provision(db, "xfer-tampered")
+    content = random.Random(20).randbytes(16 * MB)
+    spec = fs.add(root, "org/tampered", "main", "big.bin", content)
+    fs.rate["big.bin"] = 8 * MB
+    task_id, file_id = _one_file_task(api, tid, "org/tampered", spec)
+    storage = workdir / "storage"
+    args = ("--lease-seconds", "5", "--progress-seconds", "0.2", "--connections-per-file", "1")
+
+    first = start_executor(api, fs, storage, "first", *args)
+    wait_for(lambda: _file_row(db, file_id)["resume_bytes"] > MB, 60, "a checkpoint", (first,))
+    stop_executor(first, signal.SIGTERM)
+    (partial,) = [p for p in storage.rglob("*.part")]
+    with partial.open("r+b") as f:  # one byte inside the checkpointed prefix
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    sent_before = served_bytes(fs, "big.bin")
+
+    fs.rate.pop("big.bin")
+    second = start_executor(api, fs, storage, "second", *args)
+    try:
+        wait_for(lambda: task_of(api, tid, task_id)["status"] == "succeeded", 60, "the fresh download", (second,))
+    finally:
+        code, log = stop_executor(second)
+    assert code == 0, log
+    assert "resumed at byte" not in log
+    assert served_bytes(fs, "big.bin") - sent_before == len(content)  # all of it again
+    target = _target(storage, "xfer-tampered", "org/tampered", "big.bin")
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == spec["sha256"]
