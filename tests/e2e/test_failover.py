@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import secrets
 import subprocess
 import sys
 import threading
@@ -40,8 +39,8 @@ import pytest
 from tests.e2e.test_e2e_download import HubServer, start_executor, stop_executor
 from tests.support import server
 from tests.support.app import bearer, token
-from tests.support.database import MigratedDb, PgServer, free_port
-from tests.support.formation import FORMATION_DB, Formation, missing_pg_auto_failover
+from tests.support.database import MigratedDb, free_port
+from tests.support.formation import Formation, migrated, missing_pg_auto_failover
 from tests.support.requirements import require
 from tests.support.tenants import tenant
 
@@ -66,15 +65,7 @@ def formation() -> Iterator[Formation]:
 
 @pytest.fixture(scope="module")
 def ha_db(formation: Formation) -> MigratedDb:
-    """The formation's database, migrated through the multi-host URL with `dlw migrate`."""
-    env = server.serve_env(None, DLW_MIGRATION_DATABASE_URL=formation.superuser_url())
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "migrate"], env=env, capture_output=True, text=True, timeout=180
-    )
-    assert result.returncode == 0, result.stderr
-    srv = PgServer(formation.superuser_url(), "pg_auto_failover", secrets.token_urlsafe(18))
-    srv.execute(f"ALTER ROLE dlw_app PASSWORD '{srv.app_password}'")
-    return MigratedDb(srv, FORMATION_DB)
+    return migrated(formation)
 
 
 @dataclass
@@ -188,11 +179,15 @@ def test_failover_loses_nothing_acknowledged(formation: Formation, ha_db: Migrat
     workdir = tmp_path_factory.mktemp("failover")
     db = ha_db
     with psycopg.connect(formation.node_url(formation.node("node1")), autocommit=True) as conn:
-        assert conn.execute("SHOW synchronous_standby_names").fetchone()[0].startswith("ANY 1 ("), formation.show_state()
+        assert conn.execute("SHOW synchronous_standby_names").fetchone()[0].startswith("ANY 1 ("), (
+            formation.show_state()
+        )
     steady_id = tenant(db, "ha-steady", concurrent=0, bytes_month=0, storage_gb=0)
     burst_id = tenant(db, "ha-burst", concurrent=0, bytes_month=BURST_TASKS * FILE_BYTES, storage_gb=0)
     with db.owner() as conn:
-        conn.execute("UPDATE dlw.tenants SET quota_tasks_per_minute = 0 WHERE tenant_id IN (%s, %s)", (steady_id, burst_id))
+        conn.execute(
+            "UPDATE dlw.tenants SET quota_tasks_per_minute = 0 WHERE tenant_id IN (%s, %s)", (steady_id, burst_id)
+        )
 
     hub = HubServer()
     hub.start()

@@ -15,12 +15,15 @@ proves its SCRAM password, by a rule appended after pg_autoctl's own.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,9 +32,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import sql
 
 from app.ops.embedded import SYSTEM_USER, debian_bindir
-from tests.support.database import free_port
+from tests.support.database import MigratedDb, PgServer, free_port
+from tests.support.server import serve_env
 
 T = TypeVar("T")
 PG_AUTOCTL = "/usr/bin/pg_autoctl"
@@ -165,9 +170,7 @@ class Formation:
                         "--auth", "trust", "--no-ssl", "--pgctl", ctl, "--replication-quorum", "true",
                         "--candidate-priority", "50", "--run")  # fmt: skip
             wanted = "single" if index == 1 else "secondary"
-            # pg_autoctl's pg_basebackup waits for a spread checkpoint (minutes): hurry it.
-            hurry = (lambda: self.checkpoint(self.nodes[0])) if index == 2 else (lambda: None)
-            self.wait(lambda n=node, w=wanted: hurry() or self.node_state(n.name) == (w, w), 90, f"{node.name} {wanted}")
+            self.wait(functools.partial(self._reached, node, wanted), 90, f"{node.name} {wanted}")
             for key, value in KEEPER_SETTINGS.items():
                 self.run(PG_AUTOCTL, "config", "set", "--pgdata", str(node.pgdata), key, value)
             if index == 1:
@@ -177,6 +180,12 @@ class Formation:
                     hba.write(f"host {FORMATION_DB} dlw_app,+dlw_reporting 127.0.0.1/32 scram-sha-256\n")
                 self.run(ctl, "-D", str(node.pgdata), "reload")
         self.wait(lambda: self.node_state("node1") == ("primary", "primary"), 60, "node1 primary")
+
+    def _reached(self, node: Node, state: str) -> bool:
+        if node is not self.nodes[0]:
+            # pg_autoctl's pg_basebackup waits for a spread checkpoint (minutes): hurry it.
+            self.checkpoint(self.nodes[0])
+        return self.node_state(node.name) == (state, state)
 
     def checkpoint(self, node: Node) -> None:
         with psycopg.connect(self.socket_conninfo(node), autocommit=True) as conn:
@@ -254,6 +263,19 @@ class Formation:
                     os.killpg(node.proc.pid, signal.SIGKILL)
             self.run(str(self.bindir / "pg_ctl"), "-D", str(node.pgdata), "stop", "-m", "immediate", check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def migrated(formation: Formation) -> MigratedDb:
+    """The formation's database, migrated with `dlw migrate` through the multi-host URL (it
+    migrates whichever node is read-write), dlw_app given a password."""
+    env = serve_env(None, DLW_MIGRATION_DATABASE_URL=formation.superuser_url())
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "migrate"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    srv = PgServer(formation.superuser_url(), "pg_auto_failover", secrets.token_urlsafe(18))
+    srv.execute(sql.SQL("ALTER ROLE dlw_app PASSWORD {}").format(sql.Literal(srv.app_password)))
+    return MigratedDb(srv, FORMATION_DB)
 
 
 def _session_members(sid: int) -> list[int]:
