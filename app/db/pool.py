@@ -42,9 +42,17 @@ async def tenant_transaction(
 ) -> AsyncIterator[asyncpg.Connection]:
     """One transaction acting for one tenant: the context is set first, in one statement,
     transaction-locally, so it cannot leak to the next user of the pooled connection."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(SQL["set_context"], tenant_id, user_id, role)
-        yield conn
+    async with pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                await conn.execute(SQL["set_context"], tenant_id, user_id, role)
+                yield conn
+        except asyncpg.ReadOnlySQLTransactionError:
+            # The server stopped taking writes under the pool (pg_auto_failover fences a node with
+            # default_transaction_read_only while it promotes or demotes): replace every pooled
+            # connection, so that the next ones are chosen again by target_session_attrs.
+            await pool.expire_connections()
+            raise
 
 
 async def audit(conn: asyncpg.Connection, action: str, target: str, detail: dict[str, Any]) -> None:

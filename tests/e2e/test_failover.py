@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -175,8 +176,15 @@ def sessions_on(formation: Formation, node_name: str) -> set[str]:
     return {"leader" if name.startswith("dlw-snapshot-runner") and locked else name for name, locked in found}
 
 
-def test_failover_loses_nothing_acknowledged(formation: Formation, ha_db: MigratedDb, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("failover")
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """Logs and storage; kept (and named in the output) when the test fails."""
+    path = Path(tempfile.mkdtemp(prefix="dlw-failover-"))
+    yield path
+    print(f"failover logs: {path}")
+
+
+def test_failover_loses_nothing_acknowledged(formation: Formation, ha_db: MigratedDb, workdir: Path):
     db = ha_db
     with psycopg.connect(formation.node_url(formation.node("node1")), autocommit=True) as conn:
         assert conn.execute("SHOW synchronous_standby_names").fetchone()[0].startswith("ANY 1 ("), (
@@ -203,8 +211,8 @@ def test_failover_loses_nothing_acknowledged(formation: Formation, ha_db: Migrat
         time.sleep(1)
         acked_before = len(steady.acked) + len(burst.acked)
 
-        killed_at = time.monotonic()
         formation.kill(formation.node("node1"))
+        killed_at = time.monotonic()  # the primary's PostgreSQL is gone (pg_ctl waited for it)
         formation.wait(
             lambda: formation.node_state("node2") in {("wait_primary", "wait_primary"), ("primary", "primary")},
             90,
@@ -226,11 +234,13 @@ def test_failover_loses_nothing_acknowledged(formation: Formation, ha_db: Migrat
         formation.wait(lambda: {"leader", "dlw-api-listen"} <= sessions_on(formation, "node2"), 30, "leader+listener")
         refreshed = rows(db, "SELECT refreshed_at > now() - interval '5 seconds' FROM dlw.snapshot_state")
         # Every task reaches the end: both executors kept running through the failover.
+        drain_from = time.monotonic()
         formation.wait(
             lambda: rows(db, "SELECT count(*) FROM dlw.tasks WHERE status <> 'succeeded'") == [(0,)],
             120,
             "every task succeeded",
         )
+        drained = time.monotonic() - drain_from
     finally:
         steady.finish()
         burst.finish()
@@ -240,7 +250,11 @@ def test_failover_loses_nothing_acknowledged(formation: Formation, ha_db: Migrat
         hub.close()
     assert all(code == 0 for code, _ in logs), logs
 
-    figures: dict[str, Any] = {"promotion_s": round(promoted, 1), "recovery_s": round(recovery, 1)}
+    figures: dict[str, Any] = {
+        "promotion_s": round(promoted, 1),
+        "recovery_s": round(recovery, 1),
+        "drain_after_load_s": round(drained, 1),
+    }
     for load in (steady, burst):
         in_db = {str(r[0]) for r in rows(db, "SELECT id FROM dlw.tasks WHERE tenant_id = %s", load.tenant_id)}
         acked = {task for task, _, _ in load.acked.values()}
@@ -268,7 +282,13 @@ def test_failover_loses_nothing_acknowledged(formation: Formation, ha_db: Migrat
         " (SELECT count(*) FROM (SELECT file_id FROM dlw.usage_records GROUP BY tenant_id, file_id"
         "   HAVING count(*) > 1) d)",
     )
-    figures["usage"] = {"files_completed": files, "usage_rows": usage_rows, "bytes": usage_bytes, "doubled": doubled}
+    figures["usage"] = {
+        "files_completed": files,
+        "usage_rows": usage_rows,
+        "bytes": int(usage_bytes),
+        "doubled": doubled,
+        "downloads_from_hub": sum(hub.requests.values()),  # > files: a lease expired, the file was fetched again
+    }
     print(f"\nfailover figures: acknowledged before kill {acked_before}; {figures}")
     print(formation.show_state())
     assert over == 0, figures
