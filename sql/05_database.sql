@@ -23,6 +23,8 @@ SET search_path = pg_catalog
 AS $$
 DECLARE
     v_function regprocedure;
+    v_object   text;
+    v_kind     text;
 BEGIN
     -- Only DLW's roles connect; nobody but the owner creates schemas or temporary objects.
     EXECUTE format('REVOKE CONNECT, TEMPORARY, CREATE ON DATABASE %I FROM PUBLIC', current_database());
@@ -41,8 +43,22 @@ BEGIN
     GRANT EXECUTE ON FUNCTION pg_try_advisory_lock(bigint), pg_advisory_unlock_all() TO dlw_app;
     GRANT EXECUTE ON FUNCTION pg_try_advisory_xact_lock(bigint) TO dlw_system;
     GRANT EXECUTE ON FUNCTION pg_advisory_xact_lock(bigint) TO dlw_app, dlw_system;
+
+    -- pg_stat_statements, when present (pg_auto_failover's pg_autoctl creates it in the database
+    -- it manages), grants PUBLIC the statistics of every role's statements: no login of one
+    -- tenant reads another's. Superusers and pg_read_all_stats members still read them.
+    FOR v_object, v_kind IN
+        SELECT d.objid::regclass::text, 'TABLE' FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+         WHERE e.extname = 'pg_stat_statements' AND d.deptype = 'e' AND d.classid = 'pg_class'::regclass
+        UNION ALL
+        SELECT d.objid::regprocedure::text, 'FUNCTION' FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+         WHERE e.extname = 'pg_stat_statements' AND d.deptype = 'e' AND d.classid = 'pg_proc'::regclass
+        ORDER BY 1
+    LOOP
+        EXECUTE format('REVOKE ALL ON %s %s FROM PUBLIC', v_kind, v_object);
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION dlw.secure_database() IS
-    'Re-asserts database-level privileges (CONNECT only for DLW roles, no TEMP or CREATE for PUBLIC) and the per-database EXECUTE on the advisory-lock functions (none for PUBLIC; pg_try_advisory_lock(bigint) and pg_advisory_unlock_all() for dlw_app, pg_try_advisory_xact_lock(bigint) for dlw_system, pg_advisory_xact_lock(bigint) for both, for the storage-target limit). Run by dlw migrate as a superuser.';
+    'Re-asserts database-level privileges (CONNECT only for DLW roles, no TEMP or CREATE for PUBLIC) and the per-database EXECUTE on the advisory-lock functions (none for PUBLIC; pg_try_advisory_lock(bigint) and pg_advisory_unlock_all() for dlw_app, pg_try_advisory_xact_lock(bigint) for dlw_system, pg_advisory_xact_lock(bigint) for both, for the storage-target limit), and revokes from PUBLIC the objects of pg_stat_statements when that extension is installed here (pg_autoctl installs it): other roles'' statement statistics. Run by dlw migrate as a superuser.';
 REVOKE ALL ON FUNCTION dlw.secure_database() FROM PUBLIC;

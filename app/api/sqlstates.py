@@ -38,6 +38,7 @@ SQLSTATE_ANSWERS: dict[str, Refusal] = {
     "57P01": DB_UNAVAILABLE,  # admin_shutdown
     "57P02": DB_UNAVAILABLE,  # crash_shutdown
     "57P03": DB_UNAVAILABLE,  # cannot_connect_now
+    "25006": DB_UNAVAILABLE,  # read_only_sql_transaction: a standby, or a node fenced during failover
 }
 
 # Failures without a SQLSTATE that still mean "the database cannot serve right now": the OS's

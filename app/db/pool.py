@@ -75,7 +75,12 @@ async def tenant_transaction(
         try:
             await conn.execute(SQL["set_context"], tenant_id, user_id, role)
             yield conn
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+                # The server stopped taking writes under the pool (pg_auto_failover fences a node
+                # with default_transaction_read_only while it promotes or demotes): replace every
+                # pooled connection, so the next ones are chosen again by target_session_attrs.
+                await pool.expire_connections()
             await _rollback(transaction)
             raise
         await _commit(conn, transaction)

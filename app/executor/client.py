@@ -4,7 +4,9 @@ their retry policy."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +14,17 @@ import httpx
 
 log = logging.getLogger("dlw.executor")
 
-# A report is tried this often: transport errors and 503s are worth a retry, refusals are not.
+# A report is tried at least this often: transport errors and 503s are worth a retry, refusals
+# are not.
 REPORT_ATTEMPTS = 3
+
+
+def retry_after(response: httpx.Response) -> float:
+    """The pause a 503 asks for (Retry-After seconds), between 0.2 and 2 s (1 s when absent)."""
+    try:
+        return min(max(float(response.headers.get("Retry-After", "1")), 0.2), 2.0)
+    except ValueError:
+        return 1.0
 
 
 class LeaseLost(Exception):
@@ -83,8 +94,12 @@ class ExecutorApi:
         With raise_lost (heartbeats) a lost lease raises LeaseLost and any other failure raises,
         so the caller decides; otherwise failures are logged and returned as a code."""
         payload = {"assignment_token": item.token, **body}
-        for attempt in range(REPORT_ATTEMPTS):
-            last = attempt == REPORT_ATTEMPTS - 1
+        # A completion not heard is a file downloaded again once its lease expires: outside
+        # heartbeats, keep trying through a database failover (503s, ~30 s) for up to half the
+        # lease (at least 2/3 of it is left after the last heartbeat), then give up.
+        keep_trying_until = time.monotonic() + (0 if raise_lost else item.lease_seconds / 2)
+        for attempt in itertools.count():
+            last = attempt >= REPORT_ATTEMPTS - 1 and time.monotonic() >= keep_trying_until
             try:
                 response = await self.http.post(f"/api/v1/executor/files/{item.id}/{action}", json=payload)
             except httpx.HTTPError as exc:
@@ -93,13 +108,13 @@ class ExecutorApi:
                 if last:
                     log.warning("%s: %s not reported: %s", item.path, action, exc)
                     return "UNREPORTED"
-                await asyncio.sleep(0.5 * (attempt + 1))
+                await asyncio.sleep(min(0.5 * (attempt + 1), 2))
                 continue
             if response.status_code == 200:
                 return str(response.json().get("outcome", "ok"))
             code = str(response.json().get("detail", {}).get("code", response.status_code))
             if response.status_code == 503 and not last:
-                await asyncio.sleep(1)
+                await asyncio.sleep(retry_after(response))
                 continue
             if code in ("LEASE_LOST", "FILE_NOT_FOUND") and raise_lost:
                 raise LeaseLost(item.id)
@@ -108,4 +123,4 @@ class ExecutorApi:
             if raise_lost:
                 raise ValueError(f"{action} answered {response.status_code} {code}")
             return code
-        return "UNREPORTED"
+        raise AssertionError("unreachable")  # the last attempt returns or raises

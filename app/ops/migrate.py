@@ -17,6 +17,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -45,6 +46,18 @@ def yoyo_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+def pinned_to(url: str, conn: psycopg.Connection) -> str:
+    """A multi-host URL (a failover formation's `host1:p1,host2:p2/...?target_session_attrs=
+    read-write`, docs/operator.md) narrowed to the server `conn` reached: yoyo parses one host
+    only, and every step must migrate the server that holds the migrate lock."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts or conn.info.host.startswith("/"):
+        return url
+    host = f"[{conn.info.host}]" if ":" in conn.info.host else conn.info.host
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}:{conn.info.port}"))
 
 
 def program_files(directory: Path | None = None) -> list[Path]:
@@ -142,10 +155,10 @@ def migrate(
     (app/ops/lock_waits.py), then MigrateLockTimeout."""
     policy = LockPolicy(lock_timeout, lock_attempts, lock_backoff)
     session = f"dlw migrate {os.getpid()}-{secrets.token_hex(3)}"
-    step_url = session_url(url, session, policy.timeout)
     files = program_files()
     sha = program_sha256(files)
     with psycopg.connect(url, autocommit=True) as lock_conn:
+        step_url = session_url(pinned_to(url, lock_conn), session, policy.timeout)
         take_migrate_lock(lock_conn)
         backend = get_backend(yoyo_url(step_url))
         try:
