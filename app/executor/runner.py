@@ -17,7 +17,8 @@ import httpx
 
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
 from app.executor.download import Downloaded, UnsafePath, Upstream, WrongSize, download, mismatch
-from app.executor.progress import Progress, route_logs_around
+from app.executor.metrics import ExecutorMetrics
+from app.executor.progress import Mode, Progress, route_logs_around, where
 from app.executor.settings import Config, config_from
 
 log = logging.getLogger("dlw.executor")
@@ -26,9 +27,10 @@ USER_AGENT = "dlw-reference-executor"
 
 
 class ReferenceExecutor:
-    def __init__(self, config: Config, *, progress: bool | None = None) -> None:
+    def __init__(self, config: Config, *, progress: Mode | None = None) -> None:
         self.config = config
-        self.progress = Progress(sys.stderr.isatty() if progress is None else progress)
+        self.progress = Progress(progress or ("bar" if sys.stderr.isatty() else "lines"))
+        self.metrics = ExecutorMetrics()
         self.stopping = asyncio.Event()
         self.active: dict[str, tuple[Claimed, asyncio.Task[None]]] = {}
         self._api: ExecutorApi | None = None
@@ -113,9 +115,11 @@ class ReferenceExecutor:
 
     def _draw(self) -> None:
         self.progress.draw([c for c, _ in self.active.values()])
+        self.metrics.active.set(len(self.active))
 
     def _on_bytes(self, n: int) -> None:
         self.progress.add_bytes(n)
+        self.metrics.bytes.inc(n)
         self._draw()
 
     async def _shutdown(self) -> None:
@@ -136,9 +140,11 @@ class ReferenceExecutor:
             result: Downloaded = await fetch
         except asyncio.CancelledError:
             if lost.is_set():  # our own heartbeat stopped it: the lease is gone, report nothing
-                log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", item.path)
+                log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", where(item))
+                self.metrics.files.labels("lease_lost").inc()
                 return
             await self.api.report(item, "release", {})  # shutting down: back to the queue at once
+            self.metrics.files.labels("released").inc()
             raise
         except (UnsafePath, WrongSize) as exc:  # not the declared file, or nowhere safe for it: final
             await self._fail(item, str(exc), retryable=False)
@@ -163,7 +169,8 @@ class ReferenceExecutor:
         outcome = await self.api.report(item, "complete", {"bytes": result.size, "sha256": result.sha256})
         if outcome in ("completed", "already_completed"):
             self.progress.done += 1
-            log.info("%s/%s@%s:%s done (%d bytes)", item.tenant, item.repo_id, item.revision, item.path, result.size)
+            self.metrics.files.labels("succeeded").inc()
+            log.info("%s done (%d bytes)", where(item), result.size)
 
     async def _heartbeats(self, item: Claimed, fetch: asyncio.Task[Any], lost: asyncio.Event) -> None:
         interval = max(item.lease_seconds / 3, 0.5)
@@ -176,11 +183,12 @@ class ReferenceExecutor:
                 fetch.cancel()
                 return
             except (httpx.HTTPError, ValueError) as exc:
-                log.warning("%s: heartbeat failed (%s); retrying", item.path, exc)
+                log.warning("%s: heartbeat failed (%s); retrying", where(item), exc)
 
     async def _fail(self, item: Claimed, error: str, *, retryable: bool) -> None:
         self.progress.failed += 1
-        log.warning("%s: %s (%s)", item.path, error, "retryable" if retryable else "final")
+        self.metrics.files.labels("failed_retryable" if retryable else "failed_final").inc()
+        log.warning("%s: %s (%s)", where(item), error, "retryable" if retryable else "final")
         await self.api.report(item, "fail", {"error": error[:2000], "retryable": retryable})
 
 
@@ -193,5 +201,12 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll is noise
     executor = ReferenceExecutor(config)
+    if config.metrics_port is not None:
+        try:
+            executor.metrics.serve(config.metrics_host, config.metrics_port)
+        except OSError as exc:
+            print(f"dlw executor: --metrics-port {config.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
     route_logs_around(executor.progress)
     return asyncio.run(executor.run())
