@@ -136,8 +136,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from app.operator_errors import reported
 
     with reported():
-        configure_logging()
-        args = build_parser().parse_args(argv)
-        code = args.func(args)
-        sys.stdout.flush()  # a closed pipe shows here, inside reported(), not at interpreter exit
+        try:
+            configure_logging()
+            args = build_parser().parse_args(argv)
+            code = args.func(args)
+        finally:  # even after --help: a closed pipe shows here, inside reported(), not at exit
+            sys.stdout.flush()
     sys.exit(code)
