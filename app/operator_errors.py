@@ -70,10 +70,20 @@ def _database_problem(exc: BaseException) -> str | None:
     return None
 
 
+def settings_problems(exc: BaseException) -> list[str] | None:
+    """A DLW_* variable pydantic-settings refused, one entry each; None if `exc` is not that."""
+    if type(exc).__name__ != "ValidationError" or not hasattr(exc, "errors"):
+        return None
+    return [f"DLW_{'_'.join(str(p) for p in err['loc']).upper()}: {one_line(err['msg'])}" for err in exc.errors()]
+
+
 def describe(exc: BaseException) -> str | None:
     """The one line an operator should read for `exc`, or None when it is not an operator error."""
     if isinstance(exc, OperatorError):
         return str(exc)
+    problems = settings_problems(exc)
+    if problems:
+        return "invalid setting " + "; ".join(problems)
     return _database_problem(exc)
 
 

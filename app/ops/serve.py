@@ -76,4 +76,15 @@ def serve(settings: Settings, host: str, port: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return serve(get_settings(), args.host, args.port)
+    from app.operator_errors import settings_problems
+
+    try:
+        settings = get_settings()
+    except Exception as exc:  # a DLW_* value that does not parse is a refusal like the others
+        problems = settings_problems(exc)
+        if not problems:
+            raise
+        for line in problems:
+            print(f"dlw: refusing to start: {line}", file=sys.stderr)
+        return 2
+    return serve(settings, args.host, args.port)
