@@ -452,8 +452,9 @@ def create_one_file_tasks(
     return task_ids
 
 
-def run_until_failed(api: str, hub: HubServer, storage: Path, label: str, tid: int, task_ids: dict[str, str]) -> None:
-    """An executor (three downloads at once) runs until every task has failed, then stops cleanly."""
+def run_until_failed(api: str, hub: HubServer, storage: Path, label: str, tid: int, task_ids: dict[str, str]) -> str:
+    """An executor (three downloads at once) runs until every task has failed, then stops cleanly;
+    returns its log."""
     executor = start_executor(api, hub, storage, label, "--concurrency", "3")
     try:
         for task_id in task_ids.values():
@@ -461,6 +462,7 @@ def run_until_failed(api: str, hub: HubServer, storage: Path, label: str, tid: i
     finally:
         code, err = stop_executor(executor)
     assert code == 0, err
+    return err
 
 
 def test_one_byte_files_served_as_5_mb_fail_and_the_quota_holds(db, api, hub, workdir):
@@ -509,8 +511,10 @@ def test_a_server_sending_fewer_bytes_than_declared_fails_the_file(db, api, hub,
     )
 
     storage = workdir / "storage"
-    run_until_failed(api, hub, storage, "short", tid, task_ids)
+    log = run_until_failed(api, hub, storage, "short", tid, task_ids)
     for path, task_id in task_ids.items():
+        # Failure lines name the file as success lines do: tenant/repo@revision:path.
+        assert f"e2e-short/org/short@main:{path}: server sent fewer than the declared" in log, log
         task = task_of(api, tid, task_id)
         assert task["error"].startswith(f"{path}: server sent fewer than the declared {declared} bytes"), task
         assert [(f["status"], f["attempts"]) for f in task["files"]] == [("failed", 1)]
