@@ -71,7 +71,7 @@ def formatter() -> logging.Formatter:
 
 def configure_logging() -> None:
     """One stderr handler on the root logger; uvicorn's loggers propagate to it (serve passes
-    log_config=None), so its lines take the same format."""
+    log_config=None), so its lines take the same format. The access log (dlw.access) is on stdout."""
     level = os.environ.get("DLW_LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if level not in logging.getLevelNamesMapping():
         raise OperatorError(f"DLW_LOG_LEVEL must be a logging level (INFO, DEBUG, ...), not {level!r}", EXIT_USAGE)
@@ -82,4 +82,13 @@ def configure_logging() -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Access lines go to stdout, everything else to stderr, as uvicorn's own access log did:
+    # a supervisor that discards or pipes stdout never stalls the API on its request volume.
+    access = logging.getLogger("dlw.access")
+    for old in list(access.handlers):
+        access.removeHandler(old)
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(handler.formatter)
+    access.addHandler(out)
+    access.propagate = False
     logging.getLogger("yoyo").setLevel(logging.WARNING)  # one line per step is noise

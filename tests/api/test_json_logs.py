@@ -45,10 +45,12 @@ def test_json_lines_with_request_fields_and_no_secrets(db: MigratedDb):
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=30)
-    lines = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line parses
+    # Every line of both streams parses; the access lines are on stdout (as uvicorn's were).
+    lines = [json.loads(line) for line in (err + out).splitlines() if line.strip()]
     assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert any(line["logger"].startswith("uvicorn") for line in lines), "uvicorn's own lines are JSON too"
-    access = [line for line in lines if line["logger"] == "dlw.access"]
+    access = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert access and all(line["logger"] == "dlw.access" for line in access)
     post = next(line for line in access if line["request_id"] == "trace-abc.123")
     assert post["method"] == "POST" and post["route"] == "/api/v1/tasks" and post["status"] == 201
     assert post["tenant_id"] == tid and post["principal_id"] == "alice@jsonlogs.test"

@@ -113,7 +113,7 @@ def test_the_wheel_runs_outside_the_checkout(installed: Path, db: MigratedDb, tm
             if executor is not None and executor.poll() is None:
                 executor.kill()
             api.terminate()
-            _, api_err = api.communicate(timeout=30)
-        assert "POST /api/v1/executor/claim 200" in api_err, api_err[-2000:]
+            api_out, api_err = api.communicate(timeout=30)
+        assert "POST /api/v1/executor/claim 200" in api_out, api_out[-2000:] + api_err[-2000:]
     finally:
         db.server.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
