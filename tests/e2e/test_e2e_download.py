@@ -35,7 +35,7 @@ from app.executor.client import Claimed
 from app.executor.download import UnsafePath, WrongSize, destination, download, file_url
 from tests.support import server
 from tests.support.app import bearer, detail, token
-from tests.support.database import MigratedDb
+from tests.support.database import MigratedDb, free_port
 from tests.support.tenants import tenant
 
 CHUNK = 64 * 1024
@@ -192,6 +192,17 @@ def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+def executor_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def test_several_tenants_downloaded_by_two_executors_metered_and_limited(db, api, hub, workdir):
     rng = random.Random(6)
     plan = {
@@ -218,10 +229,27 @@ def test_several_tenants_downloaded_by_two_executors_metered_and_limited(db, api
             tasks.append((tid, slug, created.json()["id"], specs))
 
     storage = workdir / "storage"
-    executors = [start_executor(api, hub, storage, f"exec-{i}", "--concurrency", "2") for i in (1, 2)]
+    ports = [free_port(), free_port()]
+    executors = [
+        start_executor(api, hub, storage, f"exec-{i}", "--concurrency", "2", "--metrics-port", str(ports[i - 1]))
+        for i in (1, 2)
+    ]
     try:
         for tid, _, task_id, _ in tasks:
             wait_for(lambda tid=tid, task_id=task_id: task_of(api, tid, task_id)["status"] == "succeeded", 60, task_id)
+
+        # Each executor's own metrics (--metrics-port): together they downloaded every byte and file once.
+        # (Polled: an executor counts a file just after the API has recorded it.)
+        def counted() -> tuple[float, float]:
+            scraped = [executor_metrics(port) for port in ports]
+            done = ("dlw_executor_files_total", (("outcome", "succeeded"),))
+            return (
+                sum(m.get(("dlw_executor_downloaded_bytes_total", ()), 0) for m in scraped),
+                sum(m.get(done, 0) for m in scraped),
+            )
+
+        expected = (sum(totals.values()), sum(len(specs) for *_, specs in tasks))
+        wait_for(lambda: counted() == expected, 10, f"executor metrics (bytes, files) == {expected}")
     finally:
         codes = [stop_executor(proc) for proc in executors]
     assert [code for code, _ in codes] == [0, 0], codes  # SIGTERM: a clean stop
