@@ -50,7 +50,10 @@ def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContext
             )
             listener = None
             if settings.metrics_access == "port":  # a listener of its own (app/api/metrics.py)
-                listener = MetricsListener(app.state.metrics, settings.metrics_bind, asyncio.get_running_loop())
+                try:
+                    listener = MetricsListener(app.state.metrics, settings.metrics_bind, asyncio.get_running_loop())
+                except OSError as exc:
+                    raise StartupRefused(f"DLW_METRICS_BIND {settings.metrics_bind}: {exc.strerror or exc}") from None
                 listener.start()
                 log.info("metrics on http://%s/metrics", settings.metrics_bind)
             try:
