@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from app.api.errors import unauthenticated
 from app.config import Settings
+from app.db.queries import SQL
 
 log = logging.getLogger("dlw.metrics")
 
@@ -56,7 +57,7 @@ class DatabaseGauges(Collector):
                 return
             try:
                 self.rows = await pool.fetch(
-                    "SELECT * FROM dlw.platform_metrics($1)",
+                    SQL["platform_metrics"],
                     self.settings.metrics_tenant_labels,
                     timeout=QUERY_TIMEOUT_S,
                 )
