@@ -98,16 +98,23 @@ def test_the_wheel_runs_outside_the_checkout(installed: Path, db: MigratedDb, tm
                 time.sleep(0.2)
             else:
                 raise AssertionError("the installed API did not become ready")
-            executor = subprocess.Popen(
-                [str(installed / "dlw"), "executor", "run", "--base-url", f"http://127.0.0.1:{port}",
-                 "--storage", str(tmp_path / "downloads"), "--poll-seconds", "0.2"],
-                cwd=elsewhere, env=product_env(DLW_EXECUTOR_TOKEN=executor_token),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            time.sleep(3)  # a few empty claims
-            assert executor.poll() is None, executor.communicate()
+            log_path = tmp_path / "executor.log"
+            with log_path.open("w") as log:
+                executor = subprocess.Popen(
+                    [str(installed / "dlw"), "executor", "run", "--base-url", f"http://127.0.0.1:{port}",
+                     "--storage", str(tmp_path / "downloads"), "--poll-seconds", "0.2"],
+                    cwd=elsewhere, env=product_env(DLW_EXECUTOR_TOKEN=executor_token),
+                    stdout=subprocess.DEVNULL, stderr=log, text=True,
+                )  # fmt: skip
+            # In its run loop (signal handlers installed), then a few empty claims.
+            deadline = time.monotonic() + 180
+            while "claiming from" not in log_path.read_text():
+                assert executor.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            time.sleep(1)
             executor.send_signal(signal.SIGTERM)
-            _, err = executor.communicate(timeout=30)
+            executor.wait(timeout=30)
+            err = log_path.read_text()
             assert executor.returncode == 0, err
             assert "claiming from" in err and "Traceback" not in err
         finally:
