@@ -4,8 +4,6 @@ layer: app/ops/ (serve, dev, migrate/doctor, token, DBA commands) and app/execut
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,25 +30,45 @@ class LazyCommand:
         return self.resolve()(args)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+# Option types raise ArgumentTypeError themselves: for a plain ValueError argparse would name the
+# function ("invalid _positive_int value") instead of saying what the option wants.
+def _number(text: str, kind: type[int] | type[float], wants: str) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wants}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wants}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return int(_number(text, int, "a positive whole number of seconds"))
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
+    return _number(text, float, "a positive number of seconds")
 
 
 def _positive_int_count(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
+    return int(_number(text, int, "a positive whole number"))
+
+
+def command_group(sub: argparse._SubParsersAction, name: str, help: str, dest: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    """A command made of subcommands (`dlw token issue`): alone, it prints its help (exit 2)."""
+    parser = sub.add_parser(name, help=help)
+    parser.set_defaults(func=_HelpOf(parser))
+    group: argparse._SubParsersAction = parser.add_subparsers(dest=dest, title="commands", metavar="COMMAND")  # type: ignore[type-arg]
+    return group
+
+
+@dataclass(frozen=True)
+class _HelpOf:
+    parser: argparse.ArgumentParser
+
+    def __call__(self, _args: argparse.Namespace) -> int:
+        self.parser.print_help(sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     from app.ops.admin_cli import add_admin_commands
 
     parser = argparse.ArgumentParser(prog="dlw", description="DLW control plane")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.set_defaults(func=_HelpOf(parser))
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the API (connects as dlw_app via DLW_DATABASE_URL)")
     p.add_argument("--host", default="127.0.0.1")
@@ -72,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-db-running", action="store_true", help="leave PostgreSQL running on exit")
     p.set_defaults(func=LazyCommand("app.ops.dev", "cmd_dev"))
 
-    token = sub.add_parser("token", help="system JWTs").add_subparsers(dest="token_command", required=True)
+    token = command_group(sub, "token", "system JWTs", "token_command")
     p = token.add_parser("issue", help="mint a system JWT and print only the token")
     p.add_argument("--tenant", help="tenant slug or id (optional only for --role executor: all tenants)")
     p.add_argument("--role", required=True, choices=ROLES)
@@ -81,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="to resolve the tenant (default: DLW_DATABASE_URL, then the migration URL)")
     p.set_defaults(func=LazyCommand("app.ops.token_cli", "cmd_token_issue"))
 
-    executor = sub.add_parser("executor", help="the reference executor").add_subparsers(
-        dest="executor_command", required=True
-    )
+    executor = command_group(sub, "executor", "the reference executor", "executor_command")
     p = executor.add_parser("run", help="claim, download and report files until SIGTERM (see docs/executors.md)")
     add_run_arguments(p)
     p.set_defaults(func=LazyCommand("app.executor.runner", "run_command"))
@@ -119,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("DLW_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("yoyo").setLevel(logging.WARNING)  # one line per step is noise
-    args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    from app.logs import configure_logging
+    from app.operator_errors import reported
+
+    with reported():
+        try:
+            configure_logging()
+            args = build_parser().parse_args(argv)
+            code = args.func(args)
+        finally:  # even after --help: a closed pipe shows here, inside reported(), not at exit
+            sys.stdout.flush()
+    sys.exit(code)

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     system_jwt_ttl_seconds: int = Field(default=3600, ge=60)
     system_admin_token: str | None = None
     auth_dev_mode: bool = False
+    # How people authenticate outside dev mode: oidc (an identity provider, DLW_OIDC_*) or tokens
+    # (no identity provider: machines only, with tokens from `dlw token issue` and the
+    # system_admin token; every DLW_OIDC_* setting and login rule must then be unset).
+    auth_mode: Literal["oidc", "tokens"] = "oidc"
     oidc_issuer: str | None = None
     oidc_client_id: str | None = None
     oidc_client_secret: str | None = None
@@ -65,6 +69,16 @@ class Settings(BaseSettings):
     http_keep_alive_seconds: int = Field(default=5, ge=1)
     http_limit_concurrency: int | None = Field(default=None, ge=1)
     http_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+    # /metrics (app/api/metrics.py, docs/operator.md "Metrics"): off (the default: no such route),
+    # token (on the API's port, for the DLW_SYSTEM_ADMIN_TOKEN only) or port (a listener of its
+    # own on DLW_METRICS_BIND, without authentication: the bind address is the restriction).
+    metrics_access: Literal["off", "token", "port"] = "off"
+    metrics_bind: str = "127.0.0.1:9464"
+    # Series labelled with a tenant slug: the N busiest tenants by queue (0 = no tenant label).
+    metrics_tenant_labels: int = Field(default=0, ge=0, le=50)
+    # The SQL-backed gauges are refreshed at most once per this many seconds, whoever scrapes.
+    metrics_cache_seconds: float = Field(default=5.0, gt=0, le=300)
 
     # The reference executor (`dlw executor run`) reads its own DLW_EXECUTOR_* settings:
     # app/executor/settings.py.

@@ -141,6 +141,8 @@ BEGIN
     SELECT count(dlw.requeue_file(e.tenant_id, e.id, left(format('lease of %s expired', e.executor_id), 2000)))
       INTO v_requeued
       FROM expired e;
+    -- /metrics counts expiries (dlw_lease_expiries_total; migrations/0021).
+    PERFORM nextval('dlw.lease_expiries') FROM generate_series(1, v_requeued);
 
     -- Files out of attempts fail, and so does their task: task first (SKIP LOCKED: a task a
     -- cancel or completion holds is left for the next sweep), then the file, re-checked.
@@ -166,6 +168,7 @@ BEGIN
             format('lease expired on attempt %s of %s (last held by %s)', v_file.attempts, p_max_attempts,
                    v_file.executor_id));
         v_failed := v_failed + 1;
+        PERFORM nextval('dlw.lease_expiries');
     END LOOP;
     RETURN v_requeued + v_failed;
 END

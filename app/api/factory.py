@@ -7,9 +7,10 @@ import secrets
 
 from fastapi import FastAPI
 
-from app.api import api_docs, error_handlers, health
+from app.api import api_docs, error_handlers, health, metrics
 from app.api.body_limit import BodySizeLimit
 from app.api.lifespan import StartupRefused, lifespan_for
+from app.api.request_context import RequestContext
 from app.api.routes import administration, auth, executor, executor_batch, quota, storage_targets, tasks
 from app.api.startup_guard import configuration_problems
 from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
@@ -63,7 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     api_docs.install(app, settings)
+    metrics.install(app, settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.http_max_body_bytes)
+    app.add_middleware(RequestContext)  # outermost of ours: sees every answer, even a 413
     error_handlers.install(app)
     return app
 

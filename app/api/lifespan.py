@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.metrics import MetricsListener
 from app.api.snapshot_leader import SnapshotRunner
 from app.authz.authorizer import Authorizer
 from app.config import Settings
@@ -46,10 +48,20 @@ def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContext
                 interval=settings.snapshot_interval_seconds,
                 retry=settings.snapshot_leader_retry_seconds,
             )
+            listener = None
+            if settings.metrics_access == "port":  # a listener of its own (app/api/metrics.py)
+                try:
+                    listener = MetricsListener(app.state.metrics, settings.metrics_bind, asyncio.get_running_loop())
+                except OSError as exc:
+                    raise StartupRefused(f"DLW_METRICS_BIND {settings.metrics_bind}: {exc.strerror or exc}") from None
+                listener.start()
+                log.info("metrics on http://%s/metrics", settings.metrics_bind)
             try:
                 await app.state.snapshot_runner.start(pool)
                 yield
             finally:
+                if listener is not None:
+                    listener.stop()
                 await app.state.snapshot_runner.stop()
                 await app.state.authz.stop()
         finally:

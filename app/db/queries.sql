@@ -160,3 +160,7 @@ SELECT ptype, v0, v1, v2, v3, v4, v5 FROM dlw.casbin_rule ORDER BY id
 -- name: grant_version
 -- The counter the casbin_rule trigger bumps: a notification reloads the policy only when it moved.
 SELECT version FROM dlw.grant_version
+
+-- name: platform_metrics
+-- /metrics (app/api/metrics.py): counts across tenants, the $1 busiest tenants labelled by slug.
+SELECT metric, tenant, state, value FROM dlw.platform_metrics($1);

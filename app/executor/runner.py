@@ -31,7 +31,8 @@ from app.executor.download import (
     download,
     mismatch,
 )
-from app.executor.progress import Progress, route_logs_around
+from app.executor.metrics import ExecutorMetrics
+from app.executor.progress import Mode, Progress, route_logs_around, where
 from app.executor.settings import Config, config_from
 
 log = logging.getLogger("dlw.executor")
@@ -40,9 +41,10 @@ USER_AGENT = "dlw-reference-executor"
 
 
 class ReferenceExecutor:
-    def __init__(self, config: Config, *, progress: bool | None = None) -> None:
+    def __init__(self, config: Config, *, progress: Mode | None = None) -> None:
         self.config = config
-        self.progress = Progress(sys.stderr.isatty() if progress is None else progress)
+        self.progress = Progress(progress or ("bar" if sys.stderr.isatty() else "lines"))
+        self.metrics = ExecutorMetrics()
         self.stopping = asyncio.Event()
         self.active: dict[str, tuple[Claimed, asyncio.Task[None]]] = {}
         self._api: ExecutorApi | None = None
@@ -138,10 +140,12 @@ class ReferenceExecutor:
 
     def _draw(self) -> None:
         self.progress.draw([c for c, _ in self.active.values()])
+        self.metrics.active.set(len(self.active))
 
     def _on_bytes(self, item: Claimed, n: int) -> None:
         item.bytes_done += n
         self.progress.add_bytes(n)
+        self.metrics.bytes.inc(n)
         self._draw()
 
     def _bytes_counter(self, item: Claimed) -> Any:
@@ -178,13 +182,15 @@ class ReferenceExecutor:
         except asyncio.CancelledError:
             if lost.is_set():  # our own heartbeat stopped it: the lease is gone, report nothing
                 discard(self.config.storage, item)
-                log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", item.path)
+                log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", where(item))
+                self.metrics.files.labels("lease_lost").inc()
                 return
             # Shutting down: back to the queue at once, with what is on disk as its resume point.
             await self.api.report(item, "release", await self._checkpoint_body(item))
+            self.metrics.files.labels("released").inc()
             raise
         except Busy as exc:  # an expired holder in another process still writes it: not ours yet
-            log.warning("%s: %s; given back", item.path, exc)
+            log.warning("%s: %s; given back", where(item), exc)
             await self.api.report(item, "release", {})
             return
         except (UnsafePath, WrongSize) as exc:  # not the declared file, or nowhere safe for it: final
@@ -201,7 +207,7 @@ class ReferenceExecutor:
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
         if item.resumed_from:
-            log.info("%s: resumed at byte %d of %d", item.path, item.resumed_from, item.size)
+            log.info("%s: resumed at byte %d of %d", where(item), item.resumed_from, item.size)
         problem = mismatch(item, result)
         if problem:
             result.tmp.unlink(missing_ok=True)
@@ -211,10 +217,11 @@ class ReferenceExecutor:
         # result.size is the declared size (checked above): the only count the server accepts.
         outcome = await self.reporter.complete(item, result.size, result.sha256)
         if outcome not in ("completed", "already_completed"):
-            log.warning("%s: complete refused: %s", item.path, outcome)
+            log.warning("%s: complete refused: %s", where(item), outcome)
         if outcome in ("completed", "already_completed"):
             self.progress.done += 1
-            log.info("%s/%s@%s:%s done (%d bytes)", item.tenant, item.repo_id, item.revision, item.path, result.size)
+            self.metrics.files.labels("succeeded").inc()
+            log.info("%s done (%d bytes)", where(item), result.size)
 
     async def _checkpoint_body(self, item: Claimed) -> dict[str, Any]:
         """The partial download's checkpoint (synced prefix and its sha256), when one runs."""
@@ -241,13 +248,14 @@ class ReferenceExecutor:
                 fetch.cancel()
                 return
             except (httpx.HTTPError, ValueError) as exc:
-                log.warning("%s: heartbeat failed (%s); retrying", item.path, exc)
+                log.warning("%s: heartbeat failed (%s); retrying", where(item), exc)
 
     async def _fail(self, item: Claimed, error: str, *, retryable: bool) -> None:
         if not retryable:  # a final failure leaves nothing behind; a retryable one keeps its resume point
             discard(self.config.storage, item)
         self.progress.failed += 1
-        log.warning("%s: %s (%s)", item.path, error, "retryable" if retryable else "final")
+        self.metrics.files.labels("failed_retryable" if retryable else "failed_final").inc()
+        log.warning("%s: %s (%s)", where(item), error, "retryable" if retryable else "final")
         await self.api.report(item, "fail", {"error": error[:2000], "retryable": retryable})
 
 
@@ -260,5 +268,12 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll is noise
     executor = ReferenceExecutor(config)
+    if config.metrics_port is not None:
+        try:
+            executor.metrics.serve(config.metrics_host, config.metrics_port)
+        except OSError as exc:
+            print(f"dlw executor: --metrics-port {config.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
     route_logs_around(executor.progress)
     return asyncio.run(executor.run())

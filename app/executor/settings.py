@@ -8,6 +8,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,8 @@ class ExecutorSettings(BaseSettings):
     max_connections: int = 8
     prefetch: int | None = None
     label: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 def _default_label() -> str:
@@ -58,6 +61,8 @@ class Config:
     max_connections: int = 8
     prefetch: int = 8
     label: str = field(default_factory=_default_label)
+    metrics_port: int | None = None  # Prometheus metrics on metrics_host:metrics_port (app/executor/metrics.py)
+    metrics_host: str = "127.0.0.1"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +87,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="files held under lease at once, downloading or waiting for a slot (default 4 x concurrency, at most 100)",
     )
     parser.add_argument("--label", help="instance label recorded with each lease (default: host-pid)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port (DLW_EXECUTOR_METRICS_PORT; default off)",
+    )
+    parser.add_argument("--metrics-host", help="address of the metrics listener (default 127.0.0.1)")
+
+
+def _http_url(text: str) -> bool:
+    """Checked up front: httpx refuses a URL without scheme only at the first claim, which the
+    loop would retry forever."""
+    parts = urlsplit(text)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def config_from(args: argparse.Namespace) -> Config | list[str]:
@@ -115,15 +133,26 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         problems.append("--progress-seconds must be > 0, --connections-per-file and --max-connections >= 1")
     if not concurrency <= prefetch <= CLAIM_MAX_FILES:
         problems.append(f"--prefetch must be --concurrency..{CLAIM_MAX_FILES}")
+    base_url = args.base_url or env.base_url
+    if not _http_url(base_url):
+        problems.append(f"--base-url must be an http:// or https:// URL with a host, not {base_url!r}")
+    hf_endpoint = args.hf_endpoint or env.hf_endpoint
+    if not _http_url(hf_endpoint):
+        problems.append(f"--hf-endpoint must be an http:// or https:// URL with a host, not {hf_endpoint!r}")
+    metrics_port = env.metrics_port if args.metrics_port is None else args.metrics_port
+    if metrics_port is not None and not 0 < metrics_port < 65536:
+        problems.append(f"--metrics-port must be 1..65535, not {metrics_port}")
+    if storage and Path(storage).exists() and not Path(storage).is_dir():
+        problems.append(f"--storage {storage} is not a directory (the executor writes files under it)")
     if problems:
         return problems
     assert token and storage
     label = args.label or env.label
     return Config(
-        base_url=args.base_url or env.base_url,
+        base_url=base_url,
         token=token,
         storage=Path(storage),
-        hf_endpoint=args.hf_endpoint or env.hf_endpoint,
+        hf_endpoint=hf_endpoint,
         hf_token=env.hf_token,
         concurrency=concurrency,
         lease_seconds=lease_seconds,
@@ -132,5 +161,7 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         connections_per_file=per_file,
         max_connections=max_connections,
         prefetch=prefetch,
+        metrics_port=metrics_port,
+        metrics_host=args.metrics_host or env.metrics_host,
         **({"label": label} if label else {}),
     )

@@ -254,7 +254,10 @@ def _runs(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], 
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0 (0 = unlimited)")
     return value
@@ -269,8 +272,11 @@ IDLE_S = DEFAULT_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_MS // 1000
 def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `tenant create|list|set-quota|deactivate`, `reporting-login create|set-limits|drop` and
     `user list|grant-role|revoke-role`."""
-    tenant = subparsers.add_parser("tenant", help="tenants: create, list, set quotas, deactivate (dlw_admin.*)")
-    tsub = tenant.add_subparsers(dest="tenant_command", required=True)
+    from app.cli import command_group
+
+    tsub = command_group(
+        subparsers, "tenant", "tenants: create, list, set quotas, deactivate (dlw_admin.*)", "tenant_command"
+    )
 
     p = tsub.add_parser("create", help="create a tenant with its default project and storage target")
     p.add_argument("slug", help="short name: a lowercase letter, then lowercase letters, digits or hyphens")
@@ -305,8 +311,9 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--reason", help="recorded in the tenant's audit trail")
     _runs(p, cmd_tenant_deactivate)
 
-    login = subparsers.add_parser("reporting-login", help="database logins for BI tools, one tenant each")
-    lsub = login.add_subparsers(dest="login_command", required=True)
+    lsub = command_group(
+        subparsers, "reporting-login", "database logins for BI tools, one tenant each", "login_command"
+    )
 
     p = lsub.add_parser("create", help="create a login that sees only one tenant's rows (schema reporting)")
     p.add_argument("login", help="the database role name to create")
@@ -356,8 +363,7 @@ def add_admin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("login")
     _runs(p, cmd_login_drop)
 
-    user = subparsers.add_parser("user", help="a tenant's users and the roles granted to them")
-    usub = user.add_subparsers(dest="user_command", required=True)
+    usub = command_group(subparsers, "user", "a tenant's users and the roles granted to them", "user_command")
     p = usub.add_parser("list", help="the tenant's users: email (verified or not), role, granted roles")
     p.add_argument("tenant", help="tenant slug")
     _runs(p, cmd_user_list)

@@ -36,6 +36,8 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw.cancel_overlong_reporting_queries()": _SYSTEM,
     # reporting: when the usage fold last ran, without granting the platform table (sql/80_reporting_refreshed_at.sql)
     "dlw.reporting_snapshot_refreshed_at()": _SYSTEM,
+    # /metrics: queue, leases and snapshot age across tenants, as counts only (sql/95_platform_metrics.sql)
+    "dlw.platform_metrics(integer)": _SYSTEM,
     # repeats on the audit trail: dlw_app may not update audit rows (sql/91_dlw_admin_helpers.sql)
     "dlw.audit_repeat(text,text,jsonb)": _SYSTEM,
     # login roles (CREATEROLE), callable by dlw_system only (sql/90_login_roles.sql)

@@ -133,6 +133,22 @@ def record_program(conn: psycopg.Connection, files: list[Path], sha: str, ids: l
     return program_applied
 
 
+def require_superuser(conn: psycopg.Connection) -> None:
+    """Refuse at once unless this login is a superuser: migrate creates cluster-wide roles and
+    grants BYPASSRLS, which only a superuser may, and any other login would only get as far as
+    yoyo's lock table (where it used to wait ten minutes for a lock it could never create)."""
+    from app.operator_errors import EXIT_USAGE, OperatorError
+
+    row = conn.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    if row is None or not row[1]:
+        who = row[0] if row else "?"
+        raise OperatorError(
+            f"migrate: database role {who} is not a superuser; dlw migrate needs a superuser URL"
+            " (--database-url or DLW_MIGRATION_DATABASE_URL): it creates the dlw_* roles and grants BYPASSRLS",
+            EXIT_USAGE,
+        )
+
+
 def take_migrate_lock(conn: psycopg.Connection) -> None:
     """The advisory lock that serialises migrate runs on one database (only superusers may take
     advisory locks there besides the platform's two try-locks; sql/05_database.sql)."""
@@ -157,7 +173,8 @@ def migrate(
     session = f"dlw migrate {os.getpid()}-{secrets.token_hex(3)}"
     files = program_files()
     sha = program_sha256(files)
-    with psycopg.connect(url, autocommit=True) as lock_conn:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as lock_conn:
+        require_superuser(lock_conn)
         step_url = session_url(pinned_to(url, lock_conn), session, policy.timeout)
         take_migrate_lock(lock_conn)
         backend = get_backend(yoyo_url(step_url))

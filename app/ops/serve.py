@@ -10,13 +10,26 @@ import asyncpg
 
 from app.config import Settings, get_settings
 
+NOT_MIGRATED = "not migrated: run dlw migrate (with DLW_MIGRATION_DATABASE_URL, a superuser URL)"
 
-async def _role_problem(url: str) -> str | None:
+
+async def _database_problems(url: str) -> tuple[str | None, str | None]:
+    """(role problem, schema problem) of the database the API would serve from."""
+    from app.api.health import expected_schema
     from app.db.pool import role_safety_problem
+    from app.db.queries import SQL
 
     conn = await asyncpg.connect(url, timeout=10)
     try:
-        return await role_safety_problem(conn)
+        role = await role_safety_problem(conn)
+        try:
+            row = await conn.fetchrow(SQL["schema_program"])
+        except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.InsufficientPrivilegeError):
+            return role, NOT_MIGRATED
+        program, migrations = expected_schema()
+        if row is None or row["program_sha256"] != program or not migrations <= set(row["migrations"]):
+            return role, NOT_MIGRATED.replace("not migrated", "not migrated to this version")
+        return role, None
     finally:
         await conn.close()
 
@@ -28,12 +41,19 @@ def refusals(settings: Settings) -> list[str]:
     problems = configuration_problems(settings)
     if not settings.database_url:
         return [*problems, "DLW_DATABASE_URL is not set (the API connects as dlw_app)"]
+    from app.operator_errors import describe, one_line
+
     try:
-        role_problem = asyncio.run(_role_problem(settings.database_url))
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        return [*problems, f"DLW_DATABASE_URL: cannot connect ({exc.__class__.__name__}: {exc})"]
+        role_problem, schema_problem = asyncio.run(_database_problems(settings.database_url))
+    except Exception as exc:  # any connection failure is the operator's to fix, in one line
+        what = describe(exc)
+        if what is None and not isinstance(exc, ValueError):
+            raise
+        return [*problems, f"DLW_DATABASE_URL: {what or one_line(exc)}"]
     if role_problem and not settings.auth_dev_mode:
         problems.append(f"DLW_DATABASE_URL: {role_problem}")
+    if schema_problem:
+        problems.append(f"DLW_DATABASE_URL: {schema_problem}")
     return problems
 
 
@@ -49,9 +69,31 @@ def serve(settings: Settings, host: str, port: int) -> int:
         for line in problems:
             print(f"dlw: refusing to start: {line}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", **uvicorn_options(settings))
+    # log_config=None: uvicorn's loggers propagate to the handler app/logs.py installed (text or
+    # JSON); its own access line is replaced by dlw.access (app/api/request_context.py), which
+    # knows the route template, the request id and the principal.
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        log_config=None,
+        access_log=False,
+        **uvicorn_options(settings),
+    )
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return serve(get_settings(), args.host, args.port)
+    from app.operator_errors import settings_problems
+
+    try:
+        settings = get_settings()
+    except Exception as exc:  # a DLW_* value that does not parse is a refusal like the others
+        problems = settings_problems(exc)
+        if not problems:
+            raise
+        for line in problems:
+            print(f"dlw: refusing to start: {line}", file=sys.stderr)
+        return 2
+    return serve(settings, args.host, args.port)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import psycopg
 
 from app.ops.embedded import LocalCluster
@@ -59,3 +60,49 @@ def test_dev_serves_as_dlw_app_and_keeps_its_data_across_restarts(tmp_path: Path
     finally:
         stop(proc)
         cluster.destroy()
+
+
+def test_a_second_dev_on_the_same_data_directory_or_port_refuses_at_once(tmp_path: Path):
+    data_dir, port = tmp_path / "devdata", free_port()
+    cluster = LocalCluster(data_dir / "pgdata")
+    first = start_dev(data_dir, port)
+    try:
+        server.wait_ready(first, port, timeout=90)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")}
+        same_dir = subprocess.run(
+            [sys.executable, "-m", "app", "dev", "--data-dir", str(data_dir), "--port", str(free_port())],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert same_dir.returncode == 1 and "Traceback" not in same_dir.stderr, same_dir.stderr
+        assert f"in use by another dlw dev (pid {first.pid})" in same_dir.stderr
+        other_dir = tmp_path / "other"
+        same_port = subprocess.run(
+            [sys.executable, "-m", "app", "dev", "--data-dir", str(other_dir), "--port", str(port)],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert same_port.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in same_port.stderr
+        assert not other_dir.exists(), "the port is checked before anything is touched"
+        # The first one is unharmed: its PostgreSQL runs and it still serves.
+        assert cluster.running()
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    finally:
+        output = stop(first)
+    assert "run an executor" in output and "dlw executor run --base-url" in output
+    assert not cluster.running()
+
+
+def test_dev_never_stops_a_cluster_it_did_not_start(tmp_path: Path):
+    data_dir, port = tmp_path / "devdata", free_port()
+    cluster = LocalCluster(data_dir / "pgdata")
+    cluster.start()  # someone else's (e.g. a dev run with --keep-db-running)
+    try:
+        proc = start_dev(data_dir, port)
+        try:
+            server.wait_ready(proc, port, timeout=90)
+            assert cluster.running()
+        finally:
+            output = stop(proc)
+        assert "not started by us" in output
+        assert cluster.running(), output
+    finally:
+        cluster.stop()

@@ -35,7 +35,7 @@ from app.executor.client import Claimed
 from app.executor.download import Tuning, UnsafePath, WrongSize, destination, download, file_url, partial_path
 from tests.support import server
 from tests.support.app import bearer, detail, token
-from tests.support.database import MigratedDb
+from tests.support.database import MigratedDb, free_port
 from tests.support.tenants import tenant
 
 CHUNK = 64 * 1024
@@ -192,6 +192,17 @@ def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+def executor_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def test_several_tenants_downloaded_by_two_executors_metered_and_limited(db, api, hub, workdir):
     rng = random.Random(6)
     plan = {
@@ -218,10 +229,27 @@ def test_several_tenants_downloaded_by_two_executors_metered_and_limited(db, api
             tasks.append((tid, slug, created.json()["id"], specs))
 
     storage = workdir / "storage"
-    executors = [start_executor(api, hub, storage, f"exec-{i}", "--concurrency", "2") for i in (1, 2)]
+    ports = [free_port(), free_port()]
+    executors = [
+        start_executor(api, hub, storage, f"exec-{i}", "--concurrency", "2", "--metrics-port", str(ports[i - 1]))
+        for i in (1, 2)
+    ]
     try:
         for tid, _, task_id, _ in tasks:
             wait_for(lambda tid=tid, task_id=task_id: task_of(api, tid, task_id)["status"] == "succeeded", 60, task_id)
+
+        # Each executor's own metrics (--metrics-port): together they downloaded every byte and file once.
+        # (Polled: an executor counts a file just after the API has recorded it.)
+        def counted() -> tuple[float, float]:
+            scraped = [executor_metrics(port) for port in ports]
+            done = ("dlw_executor_files_total", (("outcome", "succeeded"),))
+            return (
+                sum(m.get(("dlw_executor_downloaded_bytes_total", ()), 0) for m in scraped),
+                sum(m.get(done, 0) for m in scraped),
+            )
+
+        expected = (sum(totals.values()), sum(len(specs) for *_, specs in tasks))
+        wait_for(lambda: counted() == expected, 10, f"executor metrics (bytes, files) == {expected}")
     finally:
         codes = [stop_executor(proc) for proc in executors]
     assert [code for code, _ in codes] == [0, 0], codes  # SIGTERM: a clean stop
@@ -452,8 +480,9 @@ def create_one_file_tasks(
     return task_ids
 
 
-def run_until_failed(api: str, hub: HubServer, storage: Path, label: str, tid: int, task_ids: dict[str, str]) -> None:
-    """An executor (three downloads at once) runs until every task has failed, then stops cleanly."""
+def run_until_failed(api: str, hub: HubServer, storage: Path, label: str, tid: int, task_ids: dict[str, str]) -> str:
+    """An executor (three downloads at once) runs until every task has failed, then stops cleanly;
+    returns its log."""
     executor = start_executor(api, hub, storage, label, "--concurrency", "3")
     try:
         for task_id in task_ids.values():
@@ -461,6 +490,7 @@ def run_until_failed(api: str, hub: HubServer, storage: Path, label: str, tid: i
     finally:
         code, err = stop_executor(executor)
     assert code == 0, err
+    return err
 
 
 def test_one_byte_files_served_as_5_mb_fail_and_the_quota_holds(db, api, hub, workdir):
@@ -509,8 +539,10 @@ def test_a_server_sending_fewer_bytes_than_declared_fails_the_file(db, api, hub,
     )
 
     storage = workdir / "storage"
-    run_until_failed(api, hub, storage, "short", tid, task_ids)
+    log = run_until_failed(api, hub, storage, "short", tid, task_ids)
     for path, task_id in task_ids.items():
+        # Failure lines name the file as success lines do: tenant/repo@revision:path.
+        assert f"e2e-short/org/short@main:{path}: server sent fewer than the declared" in log, log
         task = task_of(api, tid, task_id)
         assert task["error"].startswith(f"{path}: server sent fewer than the declared {declared} bytes"), task
         assert [(f["status"], f["attempts"]) for f in task["files"]] == [("failed", 1)]

@@ -34,6 +34,28 @@ CASES = {
         "DLW_DATABASE_URL: database role postgres is a superuser",
     ),
     "no database": ({"DLW_DATABASE_URL": None}, "DLW_DATABASE_URL is not set"),
+    "tokens mode with an issuer": (
+        {"DLW_AUTH_MODE": "tokens"},
+        "DLW_AUTH_MODE=tokens has no identity provider: unset DLW_OIDC_ISSUER",
+    ),
+    "tokens mode with login rules": (
+        {
+            "DLW_AUTH_MODE": "tokens",
+            "DLW_OIDC_ISSUER": None,
+            "DLW_AUTH_TENANT_RULES_JSON": '[{"email_domain": "acme.test", "tenant": "acme"}]',
+        },
+        "DLW_AUTH_MODE=tokens has no logins to place",
+    ),
+    "tokens mode keeps the secret guard": (
+        {"DLW_AUTH_MODE": "tokens", "DLW_OIDC_ISSUER": None, "DLW_SYSTEM_JWT_SECRET": None},
+        "DLW_SYSTEM_JWT_SECRET is the default",
+    ),
+    "an unknown auth mode": ({"DLW_AUTH_MODE": "none"}, "DLW_AUTH_MODE"),
+    "metrics by token without a token": ({"DLW_METRICS_ACCESS": "token"}, "DLW_METRICS_ACCESS=token needs"),
+    "metrics on a bad bind": (
+        {"DLW_METRICS_ACCESS": "port", "DLW_METRICS_BIND": "9464"},
+        "DLW_METRICS_BIND must be HOST:PORT",
+    ),
 }
 
 
@@ -63,3 +85,14 @@ def test_bypassrls_app_role_stops_serve(db: MigratedDb):
 def test_a_secure_configuration_serves(db: MigratedDb):
     with server.running_server(db) as base:
         assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+
+
+def test_token_only_mode_serves_without_an_identity_provider(db: MigratedDb):
+    """DLW_AUTH_MODE=tokens: no DLW_OIDC_*; tokens work, logins answer OIDC_NOT_CONFIGURED."""
+    from tests.support.app import token
+
+    with server.running_server(db, DLW_AUTH_MODE="tokens", DLW_OIDC_ISSUER=None) as base:
+        viewer = {"Authorization": f"Bearer {token(1, 'tenant_viewer')}"}
+        assert httpx.get(f"{base}/api/v1/tasks", headers=viewer).status_code == 200
+        login = httpx.get(f"{base}/api/v1/auth/login")
+        assert login.status_code >= 400 and login.json()["detail"]["code"] == "OIDC_NOT_CONFIGURED"

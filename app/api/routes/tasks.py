@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.api import pagination
+from app.api.metrics import count_admission
 from app.api.openapi_errors import error_responses
 from app.api.refusals import INVALID_CURSOR, answer_of, found
 from app.api.transaction import call_for_outcome, fetch_rows, request_transaction
@@ -149,6 +150,8 @@ async def create_task(
         if result is not None and result["outcome"] == "existing":  # a retry answers with the task as it is now
             existing = await conn.fetchrow(SQL["task_by_id"], result["task_id"])
     # Refusals are answered after the transaction committed: a quota refusal's audit row stays.
+    if result is not None:
+        count_admission(request, result["outcome"], result["metric"])  # /metrics: dlw_admissions_total
     outcome = answer_of("dlw.create_task", result)
     if outcome == "existing":
         return JSONResponse(Task(**dict(found("task_by_id", existing))).model_dump(mode="json"), status_code=200)
