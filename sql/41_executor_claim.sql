@@ -5,7 +5,9 @@
 -- The executor API, claims (SECURITY DEFINER, owned by dlw_system)
 -- ---------------------------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION dlw.executor_claim(
+-- Its row grew (issue 14: repo_type, commit, hub_token), which CREATE OR REPLACE cannot do.
+DROP FUNCTION IF EXISTS dlw.executor_claim(integer, integer, text, integer);
+CREATE FUNCTION dlw.executor_claim(
     p_max_files integer,
     p_lease_seconds integer,
     p_executor text DEFAULT NULL,
@@ -25,7 +27,10 @@ RETURNS TABLE (
     attempts integer,
     assignment_token uuid,
     lease_seconds integer,
-    lease_expires_at timestamptz
+    lease_expires_at timestamptz,
+    repo_type text,
+    "commit" text,
+    hub_token bytea
 )
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -154,17 +159,19 @@ BEGIN
                   f.assignment_token, f.lease_seconds, f.lease_expires_at
     )
     SELECT a.id, a.task_id, a.tenant_id, t.slug, x.repo_id, x.revision, a.path, a.size, a.sha256, a.priority,
-           a.attempts, a.assignment_token, a.lease_seconds, a.lease_expires_at
+           a.attempts, a.assignment_token, a.lease_seconds, a.lease_expires_at, x.repo_type, x."commit",
+           h.ciphertext
       FROM assigned a
       JOIN dlw.tasks x ON x.tenant_id = a.tenant_id AND x.id = a.task_id
       JOIN dlw.tenants t ON t.tenant_id = a.tenant_id
+      LEFT JOIN dlw.hub_tokens h ON h.tenant_id = a.tenant_id
      ORDER BY a.priority DESC, a.tenant_id, a.path;
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_claim(integer, integer, text, integer) IS
 $c$Claims up to p_max_files files for the acting executor (context role executor; its tenant, or every tenant for tenant 0) under a lease of p_lease_seconds, after returning expired leases of its scope to the queue (a file out of its p_max_attempts fails, with its task).
 Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody), priority order (then oldest) within a tenant; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
-Returns one row per claimed file (possibly none). p_executor is an instance label recorded in task_files.executor_id after the token subject.
+Returns one row per claimed file (possibly none), with the task's repo_type and resolved commit (what to download) and the file's tenant's hub token as stored (ciphertext, NULL when none; only ever for a file this claim assigned). p_executor is an instance label recorded in task_files.executor_id after the token subject.
 Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.$c$;
 
 REVOKE ALL ON FUNCTION dlw.executor_claim(integer, integer, text, integer) FROM PUBLIC;

@@ -26,6 +26,8 @@ def configuration_problems(settings: Settings) -> list[str]:
         problems.append("DLW_AUTH_TENANT_RULES_JSON has a wildcard email_domain rule (anyone could join a tenant)")
     if settings.system_admin_token is not None and len(settings.system_admin_token.encode()) < MIN_SECRET_BYTES:
         problems.append(f"DLW_SYSTEM_ADMIN_TOKEN is shorter than {MIN_SECRET_BYTES} bytes")
+    if not settings.secret_key or len(settings.secret_key.encode()) < MIN_SECRET_BYTES:
+        problems.append(f"DLW_SECRET_KEY is not set or shorter than {MIN_SECRET_BYTES} bytes (it encrypts hub tokens)")
     if settings.oidc_client_id and not (settings.oidc_client_secret and settings.oidc_redirect_url):
         problems.append("DLW_OIDC_CLIENT_SECRET and DLW_OIDC_REDIRECT_URL must be set with DLW_OIDC_CLIENT_ID")
     return problems

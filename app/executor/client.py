@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -38,6 +38,14 @@ class Claimed:
     token: str
     lease_seconds: int
     bytes_done: int = 0
+    repo_type: str = "model"
+    commit: str | None = None  # what to download; None (an unresolved task): the revision
+    hub_token: str | None = field(default=None, repr=False)  # the tenant's, for this file only
+
+    @property
+    def ref(self) -> str:
+        """The revision to download: the resolved commit, so a branch moving changes nothing."""
+        return self.commit or self.revision
 
     @classmethod
     def from_api(cls, item: dict[str, Any]) -> Claimed:
@@ -51,6 +59,9 @@ class Claimed:
             sha256=item.get("sha256"),
             token=str(item["assignment_token"]),
             lease_seconds=int(item["lease_seconds"]),
+            repo_type=str(item.get("repo_type") or "model"),
+            commit=item.get("commit"),
+            hub_token=item.get("hub_token"),
         )
 
 

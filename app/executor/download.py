@@ -60,7 +60,10 @@ def destination(storage: Path, item: Claimed) -> Path:
 
 
 def file_url(endpoint: str, item: Claimed) -> str:
-    return f"{endpoint.rstrip('/')}/{item.repo_id}/resolve/{quote(item.revision, safe='')}/{quote(item.path, safe='/')}"
+    """The hub's resolve URL of the file at the task's commit (datasets live under /datasets/)."""
+    kind = "datasets/" if item.repo_type == "dataset" else ""
+    ref = quote(item.ref, safe="")
+    return f"{endpoint.rstrip('/')}/{kind}{item.repo_id}/resolve/{ref}/{quote(item.path, safe='/')}"
 
 
 def _announced_length(response: httpx.Response) -> int | None:
@@ -97,7 +100,10 @@ async def download(
     digest = hashlib.sha256()
     url = file_url(endpoint, item)
     try:
-        async with hub.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
+        headers = {"Accept-Encoding": "identity"}
+        if item.hub_token:  # the tenant's token overrides the executor's own (httpx drops it off-origin)
+            headers["Authorization"] = f"Bearer {item.hub_token}"
+        async with hub.stream("GET", url, headers=headers) as response:
             if response.status_code != 200:
                 raise Upstream(response.status_code, url)
             announced = _announced_length(response)
