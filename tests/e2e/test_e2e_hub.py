@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_e2e_download import start_executor, stop_executor, wait_for
 from tests.support import server
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb
+from tests.support.executors import start_executor, stop_executor, wait_for
 from tests.support.hub import HubEmulator, running_hub
 from tests.support.tenants import tenant
 
@@ -67,7 +67,7 @@ def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
 
 
 def run_until_done(api: str, hub: HubEmulator, storage: Path, tid: int, task_ids: list[str]) -> None:
-    executor = start_executor(api, hub, storage, f"hub-{tid}")  # type: ignore[arg-type]
+    executor = start_executor(api, hub, storage, f"hub-{tid}")
     try:
         for task_id in task_ids:
             wait_for(
