@@ -203,12 +203,14 @@ def test_no_hub_at_all_is_503(db):
     assert refused.status_code == 503 and code(refused) == "HUB_UNAVAILABLE"
 
 
-def test_a_repository_of_twelve_thousand_files_over_paginated_listings(client, db, hub):
+def test_a_repository_of_twelve_thousand_files_over_paginated_listings(db, hub):
     repo = hub.hub.repo("org/huge")
     repo.commit({f"shards/{i:05d}.bin": i.to_bytes(4, "big") for i in range(12_000)})
     before = len(hub.hub.requests)
     tid = tenant(db, "hub-huge")
-    created = create(client, tid, repo_id="org/huge")
+    # The module's client has tight timeouts for the slow-hub test; 13 pages take longer on a loaded machine.
+    with TestClient(create_app(app_settings(db, hf_endpoint=hub.url, hub_timeout_seconds=120))) as big:
+        created = create(big, tid, repo_id="org/huge")
     assert created.status_code == 201, created.text
     assert created.json()["file_count"] == 12_000 and created.json()["total_bytes"] == 48_000
     tree_pages = [p for _, p in hub.hub.requests[before:] if "/tree/" in p]

@@ -294,18 +294,19 @@ def _tree_entries(commit: Commit, prefix: str, *, recursive: bool, expand: bool)
 
 
 class HubEmulator:
-    """The hub and its CDN on two local ports (two origins). Use as a context manager."""
+    """The hub (127.0.0.1) and its CDN (127.0.0.2): two hosts. Use as a context manager."""
 
     def __init__(self, hub: Hub | None = None) -> None:
         self.hub = hub or Hub()
         self.chunk_delay = 0.0  # seconds between 64 KiB chunks of a file body (slow downloads)
         handler = type("Handler", (_Handler,), {"hub": self.hub, "emulator": self})
         self.api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.cdn = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        # Another host, not only another port (as cdn-lfs.hf.co is): clients compare host names.
+        self.cdn = ThreadingHTTPServer(("127.0.0.2", 0), handler)
         for server in (self.api, self.cdn):
             server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.api.server_address[1]}"
-        self.cdn_url = f"http://127.0.0.1:{self.cdn.server_address[1]}"
+        self.cdn_url = f"http://127.0.0.2:{self.cdn.server_address[1]}"
 
     def blob_by_sha256(self, sha256: str) -> Blob | None:
         for repo in list(self.hub.repos.values()):
