@@ -150,3 +150,27 @@ def test_rate_limit_and_down(emulator):
     limited = httpx.get(f"{emulator.url}/api/models/org/toy/revision/main")
     assert limited.status_code == 429 and limited.headers["Retry-After"] == "7"
     assert httpx.get(f"{emulator.url}/api/models/org/toy/revision/main").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude"),
+    [
+        (None, None),
+        (["*.json"], None),
+        (None, ["*.bin"]),
+        (["sub/"], ["sub/dir/*"]),
+        (["*.safetensors", "README*"], [".*"]),
+        (["sub/*"], None),
+        (["*/tokenizer.json"], ["config.json"]),
+        (["[cR]*"], None),
+    ],
+)
+def test_include_exclude_select_what_huggingface_hub_selects(include, exclude):
+    """The API's selection (app/api/hub.select) against huggingface_hub's own filter."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from app.api.hub import select
+
+    paths = [*FILES, ".gitattributes", "sub/.hidden", "Sub/x.bin"]
+    expected = list(filter_repo_objects(paths, allow_patterns=include, ignore_patterns=exclude))
+    assert select(paths, include, exclude) == expected
