@@ -212,8 +212,7 @@ async def fail(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/fail", "POST")),
 ) -> Report:
     """Report a failure: retryable ones requeue the file while it has attempts left."""
-    settings = request.app.state.settings
-    max_attempts = settings.executor_max_attempts
+    max_attempts = request.app.state.settings.executor_max_attempts
     outcome, row = await call_for_outcome(
         request,
         principal,
