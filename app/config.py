@@ -80,6 +80,16 @@ class Settings(BaseSettings):
     # The SQL-backed gauges are refreshed at most once per this many seconds, whoever scrapes.
     metrics_cache_seconds: float = Field(default=5.0, gt=0, le=300)
 
+    # The Hugging Face Hub (or a compatible mirror) that task creation asks for a revision's
+    # commit and manifest; a bound on all of its answers for one creation (seconds, then 503
+    # HUB_UNAVAILABLE), and on each request.
+    hf_endpoint: str = "https://huggingface.co"
+    hub_timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    hub_request_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Encrypts the tenants' hub tokens at rest (app/api/hub_secrets.py); required (>= 32 bytes)
+    # outside dev mode. Changing it makes the stored tokens undecryptable: set them again.
+    secret_key: str | None = None
+
     # The reference executor (`dlw executor run`) reads its own DLW_EXECUTOR_* settings:
     # app/executor/settings.py.
 

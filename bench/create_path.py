@@ -291,6 +291,8 @@ def full_stack_env(app_url: str) -> dict[str, str]:
         "DLW_DATABASE_URL": app_url,
         "DLW_SYSTEM_JWT_SECRET": JWT_SECRET,
         "DLW_OIDC_ISSUER": UNUSED_ISSUER,
+        "DLW_SECRET_KEY": secrets.token_urlsafe(48),
+        "DLW_HF_ENDPOINT": "",  # measured: admission, not a hub (bench tasks carry their files)
         "DLW_DB_POOL_MIN_SIZE": str(POOL_MIN),
         "DLW_DB_POOL_MAX_SIZE": str(POOL_MAX),
     }

@@ -114,6 +114,8 @@ $$;
 COMMENT ON FUNCTION dlw.idempotent_replay(bigint, text, bytea) IS
     'The answer of dlw.create_task to an idempotency key the tenant used before: existing with the first task (same request hash) or IDEMPOTENCY_CONFLICT (another hash); NULLs when the key is new (or NULL).';
 
+-- Issue 14 added the repository kind and the resolved commit (the old signature is dropped).
+DROP FUNCTION IF EXISTS dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer);
 CREATE OR REPLACE FUNCTION dlw.create_task(
     p_project_id uuid,
     p_storage_target text,
@@ -124,6 +126,8 @@ CREATE OR REPLACE FUNCTION dlw.create_task(
     p_idempotency_key text DEFAULT NULL,
     p_request_hash bytea DEFAULT NULL,
     p_lock_timeout_ms integer DEFAULT NULL,
+    p_repo_type text DEFAULT 'model',
+    p_commit text DEFAULT NULL,
     OUT outcome text,
     OUT task_id uuid,
     OUT metric text,
@@ -275,9 +279,9 @@ BEGIN
 
     WITH new_task AS (
         INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision, priority,
-                               file_count, total_bytes, created_by)
+                               file_count, total_bytes, created_by, repo_type, "commit")
         VALUES (v_tenant, v_project, v_target, p_repo_id, p_revision, coalesce(p_priority, 0),
-                v_file_count, v_requested, dlw.ctx_user_id())
+                v_file_count, v_requested, dlw.ctx_user_id(), coalesce(p_repo_type, 'model'), p_commit)
         RETURNING id
     ), new_files AS (
         INSERT INTO dlw.task_files (tenant_id, task_id, path, size, sha256, priority)
@@ -291,7 +295,8 @@ BEGIN
     )
     SELECT n.id INTO task_id FROM new_task n;
     PERFORM dlw.audit_append(v_tenant, dlw.ctx_user_id(), 'task.created', task_id::text,
-        jsonb_build_object('repo_id', p_repo_id, 'revision', p_revision, 'file_count', v_file_count,
+        jsonb_build_object('repo_id', p_repo_id, 'repo_type', coalesce(p_repo_type, 'model'), 'revision', p_revision,
+                           'commit', p_commit, 'file_count', v_file_count,
                            'total_bytes', v_requested, 'idempotent', p_idempotency_key IS NOT NULL));
     outcome := 'created';
     -- What the caller needs to describe the new task without reading it back.
@@ -299,8 +304,8 @@ BEGIN
                                  'total_bytes', v_requested, 'created_at', now());
 END
 $$;
-COMMENT ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer) IS
-$c$Creates a task for the current tenant with quota admission ("insert-then-lock"); call as dlw_app at READ COMMITTED after dlw.set_context(). Arguments: project (NULL = default project), storage target (id or name; NULL = "default"), repo, revision, priority, files (jsonb array of {path, size, sha256?}), idempotency key (NULL = none), request hash (required with a key), lock_timeout in ms (NULL = leave the setting alone).
+COMMENT ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text) IS
+$c$Creates a task for the current tenant with quota admission ("insert-then-lock"); call as dlw_app at READ COMMITTED after dlw.set_context(). Arguments: project (NULL = default project), storage target (id or name; NULL = "default"), repo, revision, priority, files (jsonb array of {path, size, sha256?}), idempotency key (NULL = none), request hash (required with a key), lock_timeout in ms (NULL = leave the setting alone), repo type (model | dataset), the 40-hex commit the revision resolved to on the hub (NULL = not resolved: executors download the revision).
 Returns one row (outcome, task_id, metric, detail). outcome: created (detail {project_id, storage_target_id, file_count, total_bytes, created_at}) | existing (same key and hash: the first task) | IDEMPOTENCY_CONFLICT (same key, other hash) | QUOTA_EXCEEDED (metric concurrent_tasks, tasks_per_minute or bytes_month, checked in that order; detail {metric, limit, current, requested}, for bytes_month also reserved; the refusal is counted on the audit trail by dlw.audit_repeat and must be committed) | UNKNOWN_PROJECT | UNKNOWN_STORAGE_TARGET | TENANT_INACTIVE.
 Rate check: tasks of the tenant created in the 60 s before now() (dlw.tasks_recent, cancelled ones included) + 1 > quota_tasks_per_minute refuses.
 Bytes check: bytes used this UTC month (folded snapshot + unfolded usage events) + bytes reserved (dlw.bytes_reserved: the declared size of every pending, assigned or running file) + the new task's declared bytes > quota_bytes_month refuses. 0 = unlimited for every limit.
@@ -410,10 +415,10 @@ COMMENT ON FUNCTION dlw.quota_current() IS
 -- ---------------------------------------------------------------------------------------
 
 REVOKE ALL ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid),
-    dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint), dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
+    dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint), dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text),
     dlw.cancel_task(uuid), dlw.quota_current() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid)
     TO dlw_app, dlw_system;
 GRANT EXECUTE ON FUNCTION dlw.idempotent_replay(bigint, text, bytea), dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint),
-    dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer),
+    dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text),
     dlw.cancel_task(uuid), dlw.quota_current() TO dlw_app;

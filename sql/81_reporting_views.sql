@@ -72,7 +72,9 @@ SELECT t.tenant_id,
        t.created_at,
        t.updated_at,
        t.finished_at,
-       extract(epoch FROM t.finished_at - t.created_at)::double precision AS duration_seconds
+       extract(epoch FROM t.finished_at - t.created_at)::double precision AS duration_seconds,
+       t.repo_type,
+       t."commit"
   FROM dlw.tasks t
   LEFT JOIN dlw.projects p ON p.tenant_id = t.tenant_id AND p.id = t.project_id
   LEFT JOIN dlw.storage_targets s ON s.tenant_id = t.tenant_id AND s.id = t.storage_target_id;
@@ -101,7 +103,9 @@ SELECT dlw.comment_view_columns('reporting.tasks', jsonb_build_object(
     'created_at', 'When the task was admitted',
     'updated_at', 'Last change of the task row',
     'finished_at', 'When the task reached a final status; NULL while live',
-    'duration_seconds', 'finished_at - created_at in seconds; NULL while live'));
+    'duration_seconds', 'finished_at - created_at in seconds; NULL while live',
+    'repo_type', 'Kind of hub repository: model or dataset',
+    'commit', 'The 40-hex commit the revision resolved to when the task was created: what was downloaded (NULL: the hub could not be asked and the client''s manifest was taken as given)'));
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.task_files

@@ -11,7 +11,7 @@ from app.api import api_docs, error_handlers, health, metrics
 from app.api.body_limit import BodySizeLimit
 from app.api.lifespan import StartupRefused, lifespan_for
 from app.api.request_context import RequestContext
-from app.api.routes import administration, auth, executor, executor_batch, quota, storage_targets, tasks
+from app.api.routes import administration, auth, executor, executor_batch, hub_token, quota, storage_targets, tasks
 from app.api.startup_guard import configuration_problems
 from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
 from app.identity.oidc import OidcClient
@@ -24,6 +24,7 @@ ROUTERS = (
     tasks.router,
     quota.router,
     storage_targets.router,
+    hub_token.router,
     auth.router,
     administration.router,
     executor.router,

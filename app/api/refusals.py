@@ -47,6 +47,33 @@ OIDC_STATE_MISMATCH = Refusal(400, "OIDC_STATE_MISMATCH", "the login state does 
 OIDC_NONCE_MISMATCH = Refusal(400, "OIDC_NONCE_MISMATCH", "the ID token's nonce does not match")
 OIDC_PROVIDER_ERROR = Refusal(400, "OIDC_PROVIDER_ERROR", "the identity provider reported an error")
 
+# Task creation by name: what the hub answered (app/api/hub.py), or what the selection left.
+REPO_NOT_FOUND = Refusal(
+    422, "REPO_NOT_FOUND", "the hub has no such repository (or it is private and the tenant's hub token has no access)"
+)
+REVISION_NOT_FOUND = Refusal(422, "REVISION_NOT_FOUND", "the repository has no such branch, tag or commit")
+HUB_ACCESS_DENIED = Refusal(
+    422, "HUB_ACCESS_DENIED", "the repository is gated or private: the tenant's hub token is missing or has no access"
+)
+HUB_UNAVAILABLE = Refusal(
+    503, "HUB_UNAVAILABLE", "the hub did not answer in time, rate-limited us or failed: retry", retry_after=5
+)
+EMPTY_SELECTION = Refusal(422, "EMPTY_SELECTION", "no file of the revision matches include/exclude")
+MANIFEST_MISMATCH = Refusal(
+    422, "MANIFEST_MISMATCH", "a listed file is not in the revision on the hub, or its size or sha256 differs"
+)
+MANIFEST_TOO_LARGE = Refusal(422, "MANIFEST_TOO_LARGE", "the selection has more files than a task may hold")
+HUB_TOKEN_NOT_SET = Refusal(404, "HUB_TOKEN_NOT_SET", "the tenant has no hub token")
+HUB_REFUSALS = (
+    REPO_NOT_FOUND,
+    REVISION_NOT_FOUND,
+    HUB_ACCESS_DENIED,
+    HUB_UNAVAILABLE,
+    EMPTY_SELECTION,
+    MANIFEST_MISMATCH,
+    MANIFEST_TOO_LARGE,
+)
+
 TASK_NOT_FOUND = Refusal(404, "TASK_NOT_FOUND", "no such task in the tenant")
 TENANT_NOT_FOUND = Refusal(404, "TENANT_NOT_FOUND", "no such tenant")
 TENANT_INACTIVE = Refusal(403, "TENANT_INACTIVE", "the tenant is switched off")
@@ -84,6 +111,9 @@ REGISTRY: dict[str, Answers] = {
         },
     ),
     "dlw.quota_current": Answers(missing=TENANT_NOT_FOUND),
+    # -- hub token (sql/32_hub_tokens.sql) -------------------------------------------------
+    "dlw.set_hub_token": Answers(success=frozenset({"set", "rotated"})),
+    "dlw.clear_hub_token": Answers(success=frozenset({"cleared"}), refusals={"NOT_SET": HUB_TOKEN_NOT_SET}),
     "insert_storage_target": Answers(
         sqlstates={
             "23505": Refusal(409, "STORAGE_TARGET_EXISTS", "the tenant has a storage target of that name"),

@@ -29,6 +29,8 @@ def configuration_problems(settings: Settings) -> list[str]:
         problems.append("DLW_METRICS_ACCESS=token needs DLW_SYSTEM_ADMIN_TOKEN (the only credential /metrics accepts)")
     if settings.metrics_access == "port" and not _valid_bind(settings.metrics_bind):
         problems.append(f"DLW_METRICS_BIND must be HOST:PORT, not {settings.metrics_bind!r}")
+    if not settings.secret_key or len(settings.secret_key.encode()) < MIN_SECRET_BYTES:
+        problems.append(f"DLW_SECRET_KEY is not set or shorter than {MIN_SECRET_BYTES} bytes (it encrypts hub tokens)")
     if settings.oidc_client_id and not (settings.oidc_client_secret and settings.oidc_redirect_url):
         problems.append("DLW_OIDC_CLIENT_SECRET and DLW_OIDC_REDIRECT_URL must be set with DLW_OIDC_CLIENT_ID")
     return problems

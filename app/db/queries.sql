@@ -19,10 +19,10 @@ SELECT current_user AS name, rolsuper, rolbypassrls FROM pg_roles WHERE rolname 
 SELECT program_sha256, migrations FROM dlw.schema_program;
 
 -- name: create_task
-SELECT * FROM dlw.create_task($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9);
+SELECT * FROM dlw.create_task($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11);
 
 -- name: task_by_id
-SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
        created_by, error, created_at, updated_at, finished_at
 FROM dlw.tasks WHERE id = $1;
 
@@ -33,22 +33,22 @@ FROM dlw.task_files WHERE task_id = $1 ORDER BY path;
 -- name: list_tasks
 -- One text per filter shape (not `$n IS NULL OR ...`): each keeps a cheap generic plan on the
 -- index (tenant_id, created_at DESC, id DESC). Parameters: limit, [status], [cursor at, id].
-SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
        created_by, error, created_at, updated_at, finished_at
 FROM dlw.tasks ORDER BY created_at DESC, id DESC LIMIT $1;
 
 -- name: list_tasks_by_status
-SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
        created_by, error, created_at, updated_at, finished_at
 FROM dlw.tasks WHERE status = $2 ORDER BY created_at DESC, id DESC LIMIT $1;
 
 -- name: list_tasks_after
-SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
        created_by, error, created_at, updated_at, finished_at
 FROM dlw.tasks WHERE (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $1;
 
 -- name: list_tasks_by_status_after
-SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
+SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
        created_by, error, created_at, updated_at, finished_at
 FROM dlw.tasks WHERE status = $2 AND (created_at, id) < ($3, $4) ORDER BY created_at DESC, id DESC LIMIT $1;
 
@@ -164,3 +164,15 @@ SELECT version FROM dlw.grant_version
 -- name: platform_metrics
 -- /metrics (app/api/metrics.py): counts across tenants, the $1 busiest tenants labelled by slug.
 SELECT metric, tenant, state, value FROM dlw.platform_metrics($1);
+
+-- name: hub_token_ciphertext
+SELECT dlw.hub_token_ciphertext() AS ciphertext;
+
+-- name: set_hub_token
+SELECT dlw.set_hub_token($1) AS outcome;
+
+-- name: clear_hub_token
+SELECT dlw.clear_hub_token() AS outcome;
+
+-- name: hub_token_status
+SELECT * FROM dlw.hub_token_status();

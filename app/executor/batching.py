@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -70,11 +71,16 @@ class Reporter:
             entry = {"file_id": item.id, "assignment_token": item.token, **body}
             payload["completions" if action == "complete" else "heartbeats"].append(entry)
         answers: dict[tuple[str, str], str] = {}
-        for attempt in range(REPORT_ATTEMPTS):
+        # Through an outage (a failover answers 503 for seconds) keep trying for half the shortest
+        # lease, as single reports do: a completion given up on costs a download again.
+        keep_trying_until = time.monotonic() + min(item.lease_seconds for _, item, _, _ in batch) / 2
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 response = await self.http.post("/api/v1/executor/reports", json=payload)
             except httpx.HTTPError as exc:
-                log.warning("reports not delivered (%s); attempt %d of %d", exc, attempt + 1, REPORT_ATTEMPTS)
+                log.warning("reports not delivered (%s); attempt %d", exc, attempt)
             else:
                 if response.status_code == 200:
                     for result in response.json()["results"]:
@@ -83,7 +89,9 @@ class Reporter:
                 log.warning("reports answered %d: %s", response.status_code, response.text[:200])
                 if response.status_code != 503:
                     break
-            await asyncio.sleep(0.5 * (attempt + 1))
+            if attempt >= REPORT_ATTEMPTS and time.monotonic() >= keep_trying_until:
+                break
+            await asyncio.sleep(min(0.5 * attempt, 2.0))
         for action, item, _, future in batch:
             if not future.done():
                 future.set_result(answers.get((action, item.id), "UNREPORTED"))

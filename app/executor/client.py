@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -53,6 +53,14 @@ class Claimed:
     bytes_done: int = 0
     resumed_from: int = 0  # where this attempt's download started (the verified checkpoint)
     transfer: Any = None  # the running app.executor.transfer.Transfer, for checkpoints
+    repo_type: str = "model"
+    commit: str | None = None  # what to download; None (an unresolved task): the revision
+    hub_token: str | None = field(default=None, repr=False)  # the tenant's, for this file only
+
+    @property
+    def ref(self) -> str:
+        """The revision to download: the resolved commit, so a branch moving changes nothing."""
+        return self.commit or self.revision
 
     @classmethod
     def from_api(cls, item: dict[str, Any]) -> Claimed:
@@ -68,6 +76,9 @@ class Claimed:
             lease_seconds=int(item["lease_seconds"]),
             resume_bytes=int(item.get("resume_bytes") or 0),
             resume_sha256=item.get("resume_sha256"),
+            repo_type=str(item.get("repo_type") or "model"),
+            commit=item.get("commit"),
+            hub_token=item.get("hub_token"),
         )
 
 

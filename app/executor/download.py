@@ -67,7 +67,10 @@ def destination(storage: Path, item: Claimed) -> Path:
 
 
 def file_url(endpoint: str, item: Claimed) -> str:
-    return f"{endpoint.rstrip('/')}/{item.repo_id}/resolve/{quote(item.revision, safe='')}/{quote(item.path, safe='/')}"
+    """The hub's resolve URL of the file at the task's commit (datasets live under /datasets/)."""
+    kind = "datasets/" if item.repo_type == "dataset" else ""
+    ref = quote(item.ref, safe="")
+    return f"{endpoint.rstrip('/')}/{kind}{item.repo_id}/resolve/{ref}/{quote(item.path, safe='/')}"
 
 
 def partial_path(target: Path, item: Claimed) -> Path:
@@ -148,6 +151,8 @@ def _fetch_blocking(
     target = destination(storage, item)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(target, item)
+    if item.hub_token:  # the tenant's token (from this file's claim) overrides the executor's own
+        headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
     fd = _open_partial(tmp)
     try:
         start, digest = _resume_point(fd, item)

@@ -40,6 +40,16 @@ class World:
         with self.db.owner() as conn:
             return str(conn.execute(*_task_sql(self.ids[tenant]["tenant_id"])).fetchone()[0])
 
+    def hub_token_set(self, tenant: str) -> dict[str, str]:
+        """Give the tenant a (stand-in) hub token, so a DELETE finds one; no path parameters."""
+        assert self.db is not None
+        with self.db.owner() as conn:
+            conn.execute(
+                "INSERT INTO dlw.hub_tokens (tenant_id, ciphertext) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (self.ids[tenant]["tenant_id"], b"\x01" + secrets.token_bytes(40)),
+            )
+        return {}
+
     def fresh_service_account(self, tenant: str) -> str:
         assert self.db is not None
         with self.db.owner() as conn:
@@ -117,6 +127,9 @@ MATRIX: dict[tuple[str, str], Expect] = {
     ("GET", "/api/v1/quota/current"): Expect(READERS, 200),
     ("GET", "/api/v1/storage-targets"): Expect(READERS, 200),
     ("POST", "/api/v1/storage-targets"): Expect(ADMIN, 201, body=lambda w, t: {"name": "t-" + secrets.token_hex(4)}),
+    ("GET", "/api/v1/hub-token"): Expect(ADMIN, 200),
+    ("PUT", "/api/v1/hub-token"): Expect(ADMIN, 200, body=lambda w, t: {"token": "hf_matrix"}),
+    ("DELETE", "/api/v1/hub-token"): Expect(ADMIN, 204, path_ids=lambda w, t: w.hub_token_set(t)),
     # Executor routes: only executors pass RBAC. The matrix's executor token is limited to tenant a:
     # with a made-up assignment token its own tenant's file is LEASE_LOST (409, the route ran and
     # checked the lease), and the other tenant's file does not exist for it (404).

@@ -66,6 +66,8 @@ def test_every_registry_entry_names_a_call_the_api_makes():
         "dlw.audit_repeat",
         "dlw.ctx_tenant_id",
         "dlw.refresh_quota_snapshots",
+        "dlw.hub_token_ciphertext",
+        "dlw.hub_token_status",
     }
     codes = [(r.status, r.code) for answers in REGISTRY.values() for r in answers.all()]
     assert all(400 <= status < 600 and re.fullmatch(r"[A-Z][A-Z0-9_]+", code) for status, code in codes)
@@ -183,12 +185,18 @@ def test_the_openapi_document_lists_the_registry_codes(client):
     assert codes(cancel, 401) == {"UNAUTHENTICATED"} and codes(cancel, 403) == {"RBAC_DENIED", "DB_FORBIDDEN"}
     assert codes(cancel, 503) == {"DB_UNAVAILABLE", "COMMIT_UNCERTAIN"} and "422" in cancel["responses"]  # validation
     create = paths["/api/v1/tasks"]["post"]
-    assert codes(create, 429) == {"QUOTA_EXCEEDED"} and codes(create, 503) == {
-        "DB_UNAVAILABLE",
-        "COMMIT_UNCERTAIN",
-        "QUOTA_LOCK_TIMEOUT",
+    assert codes(create, 429) == {"QUOTA_EXCEEDED"}
+    assert codes(create, 503) == {"DB_UNAVAILABLE", "COMMIT_UNCERTAIN", "QUOTA_LOCK_TIMEOUT", "HUB_UNAVAILABLE"}
+    assert codes(create, 422) == {
+        "UNKNOWN_PROJECT",
+        "UNKNOWN_STORAGE_TARGET",
+        "REPO_NOT_FOUND",
+        "REVISION_NOT_FOUND",
+        "HUB_ACCESS_DENIED",
+        "EMPTY_SELECTION",
+        "MANIFEST_MISMATCH",
+        "MANIFEST_TOO_LARGE",
     }
-    assert codes(create, 422) == {"UNKNOWN_PROJECT", "UNKNOWN_STORAGE_TARGET"}
     assert "200" in create["responses"] and "201" in create["responses"]
     heartbeat = paths["/api/v1/executor/files/{file_id}/heartbeat"]["post"]
     assert codes(heartbeat, 409) == {"LEASE_LOST"} and "EXECUTOR_RETRY" in codes(heartbeat, 503)

@@ -38,10 +38,11 @@ import httpx
 import psycopg
 import pytest
 
-from tests.e2e.test_e2e_download import HubServer, start_executor, stop_executor
+from tests.e2e.test_e2e_download import HubServer
 from tests.support import server
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb, free_port
+from tests.support.executors import start_executor, stop_executor
 from tests.support.formation import Formation, migrated, missing_pg_auto_failover
 from tests.support.requirements import require
 from tests.support.tenants import tenant

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.support import server
-from tests.support.app import SECRET, UNUSED_ISSUER
+from tests.support.app import SECRET, SECRET_KEY, UNUSED_ISSUER
 from tests.support.database import MigratedDb, free_port
 
 
@@ -17,13 +17,20 @@ def serve(env_overrides: dict[str, str | None], port: int = 0) -> subprocess.Pop
 
 
 def secure_env(db: MigratedDb) -> dict[str, str | None]:
-    return {"DLW_DATABASE_URL": db.app_url, "DLW_SYSTEM_JWT_SECRET": SECRET, "DLW_OIDC_ISSUER": UNUSED_ISSUER}
+    return {
+        "DLW_DATABASE_URL": db.app_url,
+        "DLW_SYSTEM_JWT_SECRET": SECRET,
+        "DLW_OIDC_ISSUER": UNUSED_ISSUER,
+        "DLW_SECRET_KEY": SECRET_KEY,
+    }
 
 
 CASES = {
     "default secret": ({"DLW_SYSTEM_JWT_SECRET": None}, "DLW_SYSTEM_JWT_SECRET is the default"),
     "short secret": ({"DLW_SYSTEM_JWT_SECRET": "x" * 31}, "DLW_SYSTEM_JWT_SECRET is the default or shorter than 32"),
     "no issuer": ({"DLW_OIDC_ISSUER": None}, "DLW_OIDC_ISSUER is not set"),
+    "no secret key": ({"DLW_SECRET_KEY": None}, "DLW_SECRET_KEY is not set or shorter than 32 bytes"),
+    "short secret key": ({"DLW_SECRET_KEY": "k" * 31}, "DLW_SECRET_KEY is not set or shorter than 32 bytes"),
     "wildcard rule": (
         {"DLW_AUTH_TENANT_RULES_JSON": '[{"email_domain": "*", "tenant": "acme"}]'},
         "DLW_AUTH_TENANT_RULES_JSON has a wildcard email_domain rule",

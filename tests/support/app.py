@@ -13,6 +13,7 @@ from tests.support.database import MigratedDb
 
 SECRET = "test-system-jwt-secret-0123456789abcdef"  # >= 32 bytes, as the startup guard demands
 ADMIN_TOKEN = "test-service-token-0123456789abcdefghij"
+SECRET_KEY = "test-hub-token-encryption-key-0123456789"  # DLW_SECRET_KEY, >= 32 bytes
 UNUSED_ISSUER = "http://127.0.0.1:9/no-provider"  # the discard port: nothing answers
 
 
@@ -22,6 +23,8 @@ def app_settings(db: MigratedDb, **overrides: Any) -> Settings:
         "system_jwt_secret": SECRET,
         "system_admin_token": ADMIN_TOKEN,
         "oidc_issuer": UNUSED_ISSUER,
+        "secret_key": SECRET_KEY,
+        "hf_endpoint": "",  # no hub unless a test brings one (tests/support/hub): manifests unchecked
         "db_pool_min_size": 1,
         "db_pool_max_size": 4,
     }

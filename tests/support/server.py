@@ -14,7 +14,7 @@ from typing import IO
 
 import httpx
 
-from tests.support.app import SECRET, UNUSED_ISSUER
+from tests.support.app import SECRET, SECRET_KEY, UNUSED_ISSUER
 from tests.support.database import MigratedDb, free_port
 
 
@@ -22,7 +22,13 @@ def serve_env(db: MigratedDb | None, **overrides: str | None) -> dict[str, str]:
     """The environment of a server: this process's, minus any DLW_ setting, plus a secure config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")}
     if db is not None:
-        env.update(DLW_DATABASE_URL=db.app_url, DLW_SYSTEM_JWT_SECRET=SECRET, DLW_OIDC_ISSUER=UNUSED_ISSUER)
+        env.update(
+            DLW_DATABASE_URL=db.app_url,
+            DLW_SYSTEM_JWT_SECRET=SECRET,
+            DLW_OIDC_ISSUER=UNUSED_ISSUER,
+            DLW_SECRET_KEY=SECRET_KEY,
+            DLW_HF_ENDPOINT="",  # no hub unless the test brings one
+        )
     for key, value in overrides.items():
         if value is None:
             env.pop(key, None)

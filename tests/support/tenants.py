@@ -118,6 +118,11 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
             (tid,),
         )
         q("INSERT INTO dlw.audit_log (tenant_id, actor, action) VALUES (%s, 'seed', 'seeded')", (tid,))
+        # A stand-in ciphertext (the API seals real ones): the row is what isolation is about.
+        q(
+            "INSERT INTO dlw.hub_tokens (tenant_id, ciphertext) VALUES (%s, %s)",
+            (tid, b"\x01" + secrets.token_bytes(40)),
+        )
         if reporting_login:
             t.login = f"rep_{slug}_{secrets.token_hex(4)}"
             t.password = secrets.token_urlsafe(12)

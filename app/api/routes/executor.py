@@ -19,6 +19,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api import hub_secrets
 from app.api.openapi_errors import error_responses
 from app.api.transaction import call_for_outcome, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
@@ -51,7 +52,12 @@ class ClaimedFile(BaseModel):
     tenant_id: int
     tenant: str = Field(description="tenant slug: files land in <storage>/<tenant>/<repo_id>/<revision>/<path>")
     repo_id: str
+    repo_type: str = Field(description="model or dataset (dataset files are under /datasets/ on the hub)")
     revision: str
+    commit: str | None = Field(description="what to download: the commit the revision resolved to (null: the revision)")
+    hub_token: str | None = Field(
+        description="the tenant's hub token, for this file's download only (null: none; ask anonymously)"
+    )
     path: str
     size: int
     sha256: str | None
@@ -125,7 +131,8 @@ async def claim(
     principal: Principal = Depends(require_perm("/api/v1/executor/claim", "POST")),
 ) -> ClaimResponse:
     """Claim up to max_files files (possibly none), fairly across the tenants the token covers."""
-    max_attempts = request.app.state.settings.executor_max_attempts
+    settings = request.app.state.settings
+    max_attempts = settings.executor_max_attempts
     async with request_transaction(request, principal, "dlw.executor_claim") as conn:
         rows = await conn.fetch(
             SQL["executor_claim"],
@@ -134,6 +141,12 @@ async def claim(
             body.executor,
             max_attempts,
         )
+    # One decryption per tenant of the claim; the token goes only with that tenant's files.
+    tokens = {
+        r["tenant_id"]: hub_secrets.opened(settings.secret_key, settings.auth_dev_mode, r["tenant_id"], r["hub_token"])
+        for r in rows
+        if r["hub_token"] is not None
+    }
     return ClaimResponse(
         files=[
             ClaimedFile(
@@ -142,7 +155,10 @@ async def claim(
                 tenant_id=r["tenant_id"],
                 tenant=r["tenant_slug"],
                 repo_id=r["repo_id"],
+                repo_type=r["repo_type"],
                 revision=r["revision"],
+                commit=r["commit"],
+                hub_token=tokens.get(r["tenant_id"]),
                 path=r["path"],
                 size=r["size"],
                 sha256=r["sha256"],

@@ -10,12 +10,14 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.api import pagination
+from app.api.hub import unavailable
 from app.api.metrics import count_admission
 from app.api.openapi_errors import error_responses
-from app.api.refusals import INVALID_CURSOR, answer_of, found
+from app.api.refusals import HUB_REFUSALS, INVALID_CURSOR, answer_of, found
+from app.api.task_manifest import Wanted, settle
 from app.api.transaction import call_for_outcome, fetch_rows, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
@@ -29,6 +31,9 @@ TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 RepoId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
 Revision = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
 Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
+RepoType = Literal["model", "dataset"]
+Pattern = Annotated[str, Field(min_length=1, max_length=500)]
+Patterns = Annotated[list[Pattern], Field(max_length=100)]
 
 
 class FileSpec(BaseModel):
@@ -55,9 +60,19 @@ class FileSpec(BaseModel):
 class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     repo_id: RepoId
-    revision: Revision
+    revision: Revision = Field("main", description="branch, tag or commit; the task keeps the commit it resolves to")
+    repo_type: RepoType = "model"
     storage_target: str = Field("default", min_length=1, max_length=100, description="id or name")
-    files: list[FileSpec] = Field(min_length=1, max_length=MAX_FILES)
+    include: Patterns | None = Field(
+        None, description="glob patterns (huggingface_hub allow_patterns): only matching files; `dir/` = below dir"
+    )
+    exclude: Patterns | None = Field(None, description="glob patterns (huggingface_hub ignore_patterns) left out")
+    files: list[FileSpec] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_FILES,
+        description="the manifest, when not resolved from the hub; checked against the hub when it answers",
+    )
     priority: int = Field(0, ge=-1000, le=1000)
     project_id: uuid.UUID | None = Field(None, strict=False)  # a UUID is a string in JSON
 
@@ -70,6 +85,10 @@ class TaskCreate(BaseModel):
 
     @model_validator(mode="after")
     def unique_paths(self) -> TaskCreate:
+        if self.files is None:
+            return self
+        if self.include is not None or self.exclude is not None:
+            raise ValueError("include/exclude select from the hub's listing: give them or files, not both")
         seen: set[str] = set()
         for index, spec in enumerate(self.files):
             if spec.path in seen:
@@ -100,7 +119,12 @@ class Task(BaseModel):
     project_id: uuid.UUID
     storage_target_id: uuid.UUID
     repo_id: str
-    revision: str
+    repo_type: str
+    revision: str = Field(description="as asked (branch, tag or commit)")
+    commit: str | None = Field(
+        description="the commit the revision resolved to at creation: what executors download"
+        " (null only when the hub could not be asked and the client's files were taken as given)"
+    )
     status: str
     priority: int
     file_count: int
@@ -122,7 +146,10 @@ class TaskPage(BaseModel):
     "/tasks",
     status_code=201,
     response_model=Task,
-    responses={200: {"description": "An Idempotency-Key retry: the first task"}, **error_responses("dlw.create_task")},
+    responses={
+        200: {"description": "An Idempotency-Key retry: the first task"},
+        **error_responses("dlw.create_task", *HUB_REFUSALS),
+    },
 )
 async def create_task(
     request: Request,
@@ -130,8 +157,26 @@ async def create_task(
     idempotency_key: str | None = Header(None, min_length=1, max_length=200),
     principal: Principal = Depends(require_perm("/api/v1/tasks", "POST")),
 ) -> JSONResponse:
-    """Create a task; the database admits it against the tenant's quota (429 when refused)."""
-    files = json.dumps([f.model_dump() for f in body.files])
+    """Create a task from a repository name (the hub resolves the revision to a commit and lists
+    the files, with include/exclude) or from a files list (checked against the hub); the database
+    then admits it against the tenant's quota (429 when refused)."""
+    wanted = Wanted(
+        body.repo_type,
+        body.repo_id,
+        body.revision,
+        body.include,
+        body.exclude,
+        None if body.files is None else [f.model_dump() for f in body.files],
+    )
+    # Before the admission transaction, holding no connection or lock (bounded in time).
+    manifest = await settle(request, principal, wanted)
+    try:  # what the hub listed passes the same checks as a client's list
+        checked = [FileSpec(**f).model_dump() for f in manifest.files]
+    except ValidationError as exc:
+        raise unavailable(None, f"the hub listed an unusable file: {exc.errors()[:1]}") from exc
+    if sum(f["size"] for f in checked) > INT64_MAX:
+        raise unavailable(None, "the hub's sizes add up to more than 2^63 - 1 bytes")
+    files = json.dumps(checked)
     lock_timeout = request.app.state.settings.quota_lock_timeout_ms
     async with request_transaction(request, principal, "dlw.create_task") as conn:
         result = await conn.fetchrow(
@@ -145,6 +190,8 @@ async def create_task(
             idempotency_key,
             body.request_hash() if idempotency_key else None,
             lock_timeout,
+            body.repo_type,
+            manifest.commit,
         )
         existing = None
         if result is not None and result["outcome"] == "existing":  # a retry answers with the task as it is now
@@ -161,7 +208,9 @@ async def create_task(
         project_id=made["project_id"],
         storage_target_id=made["storage_target_id"],
         repo_id=body.repo_id,
+        repo_type=body.repo_type,
         revision=body.revision,
+        commit=manifest.commit,
         status="pending",
         priority=body.priority,
         file_count=made["file_count"],

@@ -1,0 +1,66 @@
+"""Reference executors (`dlw executor run`) as real processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from tests.support import server
+from tests.support.app import token
+
+
+class HasUrl(Protocol):
+    """A file endpoint: the e2e file server or the hub emulator."""
+
+    url: str
+
+
+def start_executor(api: str, hub: HasUrl, storage: Path, label: str, *extra: str) -> subprocess.Popen[str]:
+    """A real `dlw executor run`, returned once it is in its run loop (so a SIGTERM from the test
+    is the clean stop the test means, not one that lands while the interpreter still imports).
+    Its log goes to a file next to the storage, read back by stop_executor."""
+    env = server.serve_env(
+        None, DLW_EXECUTOR_TOKEN=token(0, "executor", user_id="e2e-executor"), DLW_EXECUTOR_BASE_URL=api
+    )
+    command = [sys.executable, "-m", "app", "executor", "run", "--storage", str(storage), "--hf-endpoint", hub.url]
+    log_path = storage.parent / f"executor-{label}-{time.monotonic_ns()}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [*command, "--label", label, "--poll-seconds", "0.2", *extra],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 60
+    while f"executor {label}: claiming from" not in log_path.read_text() and proc.poll() is None:
+        assert time.monotonic() < deadline, f"executor {label} did not start: {log_path.read_text()}"
+        time.sleep(0.05)
+    return proc
+
+
+def stop_executor(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    proc.wait(timeout=20)
+    return proc.returncode, proc.log_path.read_text()  # type: ignore[attr-defined]
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, executors: tuple[subprocess.Popen[str], ...] = ()
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    logs = [stop_executor(proc, signal.SIGKILL) for proc in executors]
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; executors (exit code, log): {logs}")
