@@ -68,6 +68,7 @@ def test_every_registry_entry_names_a_call_the_api_makes():
         "dlw.refresh_quota_snapshots",
         "dlw.hub_token_ciphertext",
         "dlw.hub_token_status",
+        "dlw.platform_metrics",
     }
     codes = [(r.status, r.code) for answers in REGISTRY.values() for r in answers.all()]
     assert all(400 <= status < 600 and re.fullmatch(r"[A-Z][A-Z0-9_]+", code) for status, code in codes)
