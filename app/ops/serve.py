@@ -11,14 +11,22 @@ import asyncpg
 from app.config import Settings, get_settings
 
 
-async def _role_problem(url: str) -> str | None:
+async def _role_problem(settings: Settings) -> tuple[str | None, str | None]:
+    """(role problem, pooler problem) of DLW_DATABASE_URL."""
+    from app.db.connect import PoolerMisconfigured, connect_once, resolve_endpoints
     from app.db.pool import role_safety_problem
 
-    conn = await asyncpg.connect(url, timeout=10)
+    assert settings.database_url
+    conn = await connect_once(settings.database_url)
     try:
-        return await role_safety_problem(conn)
+        role_problem = await role_safety_problem(conn)
     finally:
         await conn.close()
+    try:
+        await resolve_endpoints(settings)
+    except PoolerMisconfigured as exc:
+        return role_problem, str(exc)
+    return role_problem, None
 
 
 def refusals(settings: Settings) -> list[str]:
@@ -29,11 +37,13 @@ def refusals(settings: Settings) -> list[str]:
     if not settings.database_url:
         return [*problems, "DLW_DATABASE_URL is not set (the API connects as dlw_app)"]
     try:
-        role_problem = asyncio.run(_role_problem(settings.database_url))
+        role_problem, pooler_problem = asyncio.run(_role_problem(settings))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         return [*problems, f"DLW_DATABASE_URL: cannot connect ({exc.__class__.__name__}: {exc})"]
     if role_problem and not settings.auth_dev_mode:
         problems.append(f"DLW_DATABASE_URL: {role_problem}")
+    if pooler_problem:  # in dev mode too: grants and snapshots would silently stop
+        problems.append(pooler_problem)
     return problems
 
 
