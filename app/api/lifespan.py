@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from app.api.snapshot_leader import SnapshotRunner
 from app.authz.authorizer import Authorizer
 from app.config import Settings
-from app.db.connect import PoolerMisconfigured, resolve_endpoints
-from app.db.pool import create_pool, role_safety_problem
+from app.db.connect import PoolerMisconfigured, resolve_endpoints, role_problems
+from app.db.pool import create_pool
 
 log = logging.getLogger("dlw")
 
@@ -36,11 +36,10 @@ def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContext
             **endpoints.pool_options(),
         )
         try:
-            async with pool.acquire() as conn:
-                problem = await role_safety_problem(conn)
-            if problem and not settings.auth_dev_mode:
-                raise StartupRefused(f"DLW_DATABASE_URL: {problem}")
-            if problem:
+            problems = await role_problems(endpoints)
+            if problems and not settings.auth_dev_mode:
+                raise StartupRefused(problems[0])
+            for problem in problems:
                 log.warning("dev mode: %s", problem)
             app.state.pool = pool
             app.state.authz = Authorizer(pool)

@@ -2,7 +2,8 @@
 
 Where the database preloads pg_cron, `dlw migrate` schedules a cron job and records it in
 dlw.snapshot_state.runner; the API then runs nothing. Otherwise every API instance competes for
-leadership: each keeps one dedicated connection (not from the pool) and tries the session-level
+leadership: each keeps one dedicated session connection (not from the pool:
+DLW_DIRECT_DATABASE_URL, never a transaction pooler) and tries the session-level
 advisory lock LEADER_LOCK_KEY on it every `retry` seconds. The holder refreshes on that same
 connection every `interval` seconds, and probes it in between. So:
 

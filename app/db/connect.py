@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.config import Settings
+from app.db.pool import role_safety_problem
 from app.db.queries import SQL
 
 log = logging.getLogger("dlw.db")
@@ -40,6 +41,10 @@ NO_NAMED_STATEMENTS: dict[str, int] = {"statement_cache_size": 0}
 
 class PoolerMisconfigured(RuntimeError):
     """A transaction pooler without a session connection for LISTEN and the leader."""
+
+
+class Unreachable(RuntimeError):
+    """A configured URL does not connect; the message names the setting."""
 
 
 @dataclass(frozen=True)
@@ -93,3 +98,24 @@ async def resolve_endpoints(settings: Settings) -> Endpoints:
     if pooled:
         log.info("DLW_DATABASE_URL is a pooler: no named prepared statements; sessions use DLW_DIRECT_DATABASE_URL")
     return Endpoints(url=url, direct_url=direct, pooled=pooled)
+
+
+async def role_problems(endpoints: Endpoints) -> list[str]:
+    """`SETTING: problem` for each URL whose role would defeat row-level security: the direct
+    URL runs as dlw_app too, and is checked like DLW_DATABASE_URL."""
+    urls = {"DLW_DATABASE_URL": endpoints.url}
+    if endpoints.direct_url != endpoints.url:
+        urls["DLW_DIRECT_DATABASE_URL"] = endpoints.direct_url
+    problems = []
+    for setting, url in urls.items():
+        try:
+            conn = await connect_once(url)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise Unreachable(f"{setting}: cannot connect ({exc.__class__.__name__}: {exc})") from exc
+        try:
+            problem = await role_safety_problem(conn)
+        finally:
+            await conn.close()
+        if problem:
+            problems.append(f"{setting}: {problem}")
+    return problems

@@ -11,22 +11,20 @@ import asyncpg
 from app.config import Settings, get_settings
 
 
-async def _role_problem(settings: Settings) -> tuple[str | None, str | None]:
-    """(role problem, pooler problem) of DLW_DATABASE_URL."""
-    from app.db.connect import PoolerMisconfigured, connect_once, resolve_endpoints
-    from app.db.pool import role_safety_problem
+async def _database_problems(settings: Settings) -> list[str]:
+    """The refusals about the database URLs: a role that defeats RLS, a pooler without a
+    session URL (in dev mode too: grants and snapshots would silently stop)."""
+    from app.db.connect import Endpoints, PoolerMisconfigured, resolve_endpoints, role_problems
 
     assert settings.database_url
-    conn = await connect_once(settings.database_url)
     try:
-        role_problem = await role_safety_problem(conn)
-    finally:
-        await conn.close()
-    try:
-        await resolve_endpoints(settings)
+        endpoints = await resolve_endpoints(settings)
     except PoolerMisconfigured as exc:
-        return role_problem, str(exc)
-    return role_problem, None
+        url = settings.database_url
+        roles = await role_problems(Endpoints(url=url, direct_url=url, pooled=True))
+        return [*([] if settings.auth_dev_mode else roles), str(exc)]
+    roles = await role_problems(endpoints)
+    return [] if settings.auth_dev_mode else roles
 
 
 def refusals(settings: Settings) -> list[str]:
@@ -36,15 +34,14 @@ def refusals(settings: Settings) -> list[str]:
     problems = configuration_problems(settings)
     if not settings.database_url:
         return [*problems, "DLW_DATABASE_URL is not set (the API connects as dlw_app)"]
+    from app.db.connect import Unreachable
+
     try:
-        role_problem, pooler_problem = asyncio.run(_role_problem(settings))
+        return [*problems, *asyncio.run(_database_problems(settings))]
+    except Unreachable as exc:
+        return [*problems, str(exc)]
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         return [*problems, f"DLW_DATABASE_URL: cannot connect ({exc.__class__.__name__}: {exc})"]
-    if role_problem and not settings.auth_dev_mode:
-        problems.append(f"DLW_DATABASE_URL: {role_problem}")
-    if pooler_problem:  # in dev mode too: grants and snapshots would silently stop
-        problems.append(pooler_problem)
-    return problems
 
 
 def serve(settings: Settings, host: str, port: int) -> int:

@@ -72,6 +72,13 @@ def test_the_pooler_is_detected_and_serving_without_a_direct_url_is_refused(db: 
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 2, err
         assert "set DLW_DIRECT_DATABASE_URL to a session connection" in err, err
+    # The session URL runs as dlw_app too: a superuser there is refused like on DLW_DATABASE_URL.
+    proc = server.start(
+        server.serve_env(db, DLW_DATABASE_URL=bouncer.app_url, DLW_DIRECT_DATABASE_URL=db.owner_url), free_port()
+    )
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert "DLW_DIRECT_DATABASE_URL: database role" in err and "is a superuser" in err, err
 
 
 def test_named_statements_break_when_the_pooler_switches_server_connections(db: MigratedDb):
