@@ -61,7 +61,7 @@ def trio(db: MigratedDb) -> Iterator[Trio]:
     procs = [server.start(env, port) for port in ports]
     try:
         for proc, port in zip(procs, ports, strict=True):
-            server.wait_ready(proc, port)
+            server.wait_ready(proc, port, timeout=90)  # three start at once on a busy 2-core machine
         yield Trio(
             db=db,
             procs={p.pid: p for p in procs},
