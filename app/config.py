@@ -18,6 +18,12 @@ class Settings(BaseSettings):
 
     # Runtime connection of the API, as dlw_app (never a superuser or BYPASSRLS role).
     database_url: str | None = None
+    # A session connection (PostgreSQL itself, or a session-mode pool) for what needs one: LISTEN
+    # and the snapshot leader's lock. Unset: DLW_DATABASE_URL (refused behind a transaction pooler).
+    direct_database_url: str | None = None
+    # Whether DLW_DATABASE_URL is a transaction pooler (PgBouncer pool_mode=transaction): then no
+    # named prepared statements are used on it. auto: detected at startup (app/db/connect.py).
+    database_pooler: Literal["auto", "none", "transaction"] = "auto"
     # Connection used by `dlw migrate` / `dlw doctor`: the schema owner or a superuser.
     migration_database_url: str | None = None
     # Where `dlw dev` keeps its embedded PostgreSQL (relative to the working directory).

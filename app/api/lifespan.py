@@ -1,4 +1,5 @@
-"""What the API holds while it runs: the pool, the authorizer and the snapshot runner."""
+"""What the API holds while it runs: the pool, the authorizer and the snapshot runner (the last
+two on the session connection, DLW_DIRECT_DATABASE_URL: app/db/connect.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from app.api.metrics import MetricsListener
 from app.api.snapshot_leader import SnapshotRunner
 from app.authz.authorizer import Authorizer
 from app.config import Settings
-from app.db.pool import create_pool, role_safety_problem
+from app.db.connect import PoolerMisconfigured, resolve_endpoints, role_problems
+from app.db.pool import create_pool
 
 log = logging.getLogger("dlw")
 
@@ -25,26 +27,29 @@ class StartupRefused(RuntimeError):
 def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not settings.database_url:
-            raise StartupRefused("DLW_DATABASE_URL is not set (the API connects as dlw_app)")
+        try:
+            endpoints = await resolve_endpoints(settings)
+        except PoolerMisconfigured as exc:
+            raise StartupRefused(str(exc)) from None
         pool = await create_pool(
-            settings.database_url,
+            endpoints.url,
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
+            **endpoints.pool_options(),
         )
         try:
-            async with pool.acquire() as conn:
-                problem = await role_safety_problem(conn)
-            if problem and not settings.auth_dev_mode:
-                raise StartupRefused(f"DLW_DATABASE_URL: {problem}")
-            if problem:
+            problems = await role_problems(endpoints)
+            if problems and not settings.auth_dev_mode:
+                raise StartupRefused(problems[0])
+            for problem in problems:
                 log.warning("dev mode: %s", problem)
             app.state.pool = pool
             app.state.authz = Authorizer(pool)
-            await app.state.authz.start(settings.database_url)
+            # LISTEN and the leader's advisory lock need a session: the direct URL.
+            await app.state.authz.start(endpoints.direct_url)
             # Usage snapshots: nothing to run under pg_cron, else compete for leadership.
             app.state.snapshot_runner = SnapshotRunner(
-                settings.database_url,
+                endpoints.direct_url,
                 interval=settings.snapshot_interval_seconds,
                 retry=settings.snapshot_leader_retry_seconds,
             )

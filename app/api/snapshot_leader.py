@@ -2,7 +2,8 @@
 
 Where the database preloads pg_cron, `dlw migrate` schedules a cron job and records it in
 dlw.snapshot_state.runner; the API then runs nothing. Otherwise every API instance competes for
-leadership: each keeps one dedicated connection (not from the pool) and tries the session-level
+leadership: each keeps one dedicated session connection (not from the pool:
+DLW_DIRECT_DATABASE_URL, never a transaction pooler) and tries the session-level
 advisory lock LEADER_LOCK_KEY on it every `retry` seconds. The holder refreshes on that same
 connection every `interval` seconds, and probes it in between. So:
 
@@ -30,14 +31,16 @@ import time
 
 import asyncpg
 
+from app.db.connect import connect_once
 from app.db.queries import SQL
 
 log = logging.getLogger("dlw.snapshots")
 
 LEADER_LOCK_KEY = 28266757846557028  # "dlwlead"; the refresh's own lock is "dlwsnap" (sql/50_snapshots.sql)
 # The server drops the session of a client that vanished without closing its socket after
-# idle 5 s + 3 probes 2 s apart; any role may set these.
-KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
+# idle 5 s + 3 probes 2 s apart; any role may set these. Set by a statement after connecting, not
+# as startup parameters, which a pooler in front would refuse.
+KEEPALIVES = ("5", "2", "3")  # tcp_keepalives_idle, _interval, _count
 # The leader's session may be idle this many probe intervals (at least IDLE_LIMIT_MIN s) before
 # the server drops it and the lock with it.
 IDLE_LIMIT_PROBES = 3
@@ -99,12 +102,11 @@ class SnapshotRunner:
             await asyncio.sleep(self.retry)
 
     async def _session(self) -> None:
-        conn: asyncpg.Connection = await asyncpg.connect(
-            self.database_url,
-            timeout=10,
-            server_settings={"application_name": f"dlw-snapshot-runner:{os.getpid()}", **KEEPALIVES},
+        conn = await connect_once(
+            self.database_url, server_settings={"application_name": f"dlw-snapshot-runner:{os.getpid()}"}
         )
         try:
+            await conn.fetchval(SQL["session_keepalives"], *KEEPALIVES, timeout=self.probe + 5)
             while True:
                 idle_ms = str(round(self.idle_limit * 1000))
                 if await conn.fetchval(SQL["try_leader_lock"], LEADER_LOCK_KEY, idle_ms, timeout=self.probe + 5):

@@ -31,14 +31,18 @@ class OneLineFaults(logging.Filter):
 logging.getLogger("asyncpg.pool").addFilter(OneLineFaults())
 
 
-async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20, **options: Any) -> asyncpg.Pool:
+    """The request pool; `options` are Endpoints.pool_options() (no statement cache behind a
+    transaction pooler, app/db/connect.py)."""
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,
         max_size=max_size,
         # Nothing request-scoped may survive on a pooled connection: settings are set with
         # set_config(..., true) inside the request transaction, and reset anyway on release.
+        # Only startup parameters PgBouncer tracks itself (it refuses any other).
         server_settings={"application_name": "dlw-api", "timezone": "UTC"},
+        **options,
     )
     assert pool is not None
     return pool

@@ -149,6 +149,17 @@ SELECT CASE WHEN pg_try_advisory_lock($1)
 -- name: probe
 SELECT 1;
 
+-- name: session_keepalives
+-- The leader's session: the server drops it when its client vanishes without closing the socket
+-- (idle $1 s, then $3 probes $2 s apart). Set after connecting rather than as startup parameters:
+-- a pooler in front (PgBouncer) refuses startup parameters it does not know.
+SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $2, false),
+       set_config('tcp_keepalives_count', $3, false);
+
+-- name: pooler_probe
+-- True when the startup parameter $1 = $2 did not arrive: a pooler dropped it (app/db/connect.py).
+SELECT current_setting($1, true) IS DISTINCT FROM $2;
+
 -- name: refresh_quota_snapshots
 SELECT ran, events, tenants, periods, folded_below::text AS folded_below FROM dlw.refresh_quota_snapshots();
 

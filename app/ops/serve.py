@@ -13,25 +13,43 @@ from app.config import Settings, get_settings
 NOT_MIGRATED = "not migrated: run dlw migrate (with DLW_MIGRATION_DATABASE_URL, a superuser URL)"
 
 
-async def _database_problems(url: str) -> tuple[str | None, str | None]:
-    """(role problem, schema problem) of the database the API would serve from."""
+async def _schema_problem(url: str) -> str | None:
+    """Why the database at url is not migrated to this version, or None (asked over the session
+    URL, without named statements, so a pooler in front of it does not matter)."""
     from app.api.health import expected_schema
-    from app.db.pool import role_safety_problem
+    from app.db.connect import connect_once
     from app.db.queries import SQL
 
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await connect_once(url)
     try:
-        role = await role_safety_problem(conn)
         try:
             row = await conn.fetchrow(SQL["schema_program"])
         except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.InsufficientPrivilegeError):
-            return role, NOT_MIGRATED
+            return NOT_MIGRATED
         program, migrations = expected_schema()
         if row is None or row["program_sha256"] != program or not migrations <= set(row["migrations"]):
-            return role, NOT_MIGRATED.replace("not migrated", "not migrated to this version")
-        return role, None
+            return NOT_MIGRATED.replace("not migrated", "not migrated to this version")
+        return None
     finally:
         await conn.close()
+
+
+async def _database_problems(settings: Settings) -> list[str]:
+    """The refusals about the database URLs: a role that defeats RLS, a pooler without a
+    session URL (in dev mode too: grants and snapshots would silently stop), a schema that is
+    not this version's."""
+    from app.db.connect import Endpoints, PoolerMisconfigured, resolve_endpoints, role_problems
+
+    assert settings.database_url
+    try:
+        endpoints = await resolve_endpoints(settings)
+    except PoolerMisconfigured as exc:
+        url = settings.database_url
+        roles = await role_problems(Endpoints(url=url, direct_url=url, pooled=True))
+        return [*([] if settings.auth_dev_mode else roles), str(exc)]
+    roles = [] if settings.auth_dev_mode else await role_problems(endpoints)
+    schema = await _schema_problem(endpoints.direct_url)
+    return [*roles, *([f"DLW_DATABASE_URL: {schema}"] if schema else [])]
 
 
 def refusals(settings: Settings) -> list[str]:
@@ -41,20 +59,19 @@ def refusals(settings: Settings) -> list[str]:
     problems = configuration_problems(settings)
     if not settings.database_url:
         return [*problems, "DLW_DATABASE_URL is not set (the API connects as dlw_app)"]
+    from app.db.connect import Unreachable
     from app.operator_errors import describe, one_line
 
     try:
-        role_problem, schema_problem = asyncio.run(_database_problems(settings.database_url))
+        return [*problems, *asyncio.run(_database_problems(settings))]
+    except Unreachable as exc:  # "SETTING: cannot connect (...)": said the operator's way when we can
+        what = describe(exc.__cause__) if exc.__cause__ is not None else None
+        return [*problems, f"{str(exc).split(':', 1)[0]}: {what}" if what else str(exc)]
     except Exception as exc:  # any connection failure is the operator's to fix, in one line
         what = describe(exc)
         if what is None and not isinstance(exc, ValueError):
             raise
         return [*problems, f"DLW_DATABASE_URL: {what or one_line(exc)}"]
-    if role_problem and not settings.auth_dev_mode:
-        problems.append(f"DLW_DATABASE_URL: {role_problem}")
-    if schema_problem:
-        problems.append(f"DLW_DATABASE_URL: {schema_problem}")
-    return problems
 
 
 def serve(settings: Settings, host: str, port: int) -> int:

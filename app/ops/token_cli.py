@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import sys
 
-import asyncpg
-
 from app.config import DEFAULT_JWT_SECRET, get_settings
+from app.db.connect import connect_once
 from app.ops.queries import query
 
 
 async def _resolve_tenant(url: str, ref: str) -> tuple[int, bool] | None:
-    conn = await asyncpg.connect(url)
+    conn = await connect_once(url)  # DLW_DATABASE_URL may be a transaction pooler
     try:
         row = await conn.fetchrow(query("resolve_tenant"), ref)
     finally:

@@ -17,6 +17,7 @@ from app.api.factory import create_app
 from tests.support import server
 from tests.support.app import app_settings, bearer, detail, every_page, token
 from tests.support.database import MigratedDb
+from tests.support.deployment import admission_burst, fire
 from tests.support.tenants import tenant
 
 
@@ -255,31 +256,12 @@ def test_storage_targets_are_capped_in_number_and_config_size(client: TestClient
 
 
 async def _fire(base: str, headers: dict[str, str], bodies: list[dict[str, Any]]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=200)) as http:
-        return await asyncio.gather(*(http.post("/api/v1/tasks", headers=headers, json=b) for b in bodies))
+    return await fire([base], headers, bodies)
 
 
 def test_200_simultaneous_creates_through_the_api_admit_exactly_the_limit(db: MigratedDb):
-    tids = [tenant(db, f"rush-{i}", concurrent=limit) for i, limit in enumerate((10, 3, 7))]
     with server.running_server(db, DLW_QUOTA_LOCK_TIMEOUT_MS="30000") as base:
-
-        async def all_at_once() -> list[list[httpx.Response]]:
-            return await asyncio.gather(
-                *(
-                    _fire(base, bearer(token(tid, "tenant_operator")), [body(revision=f"r{i}") for i in range(n)])
-                    for tid, n in zip(tids, (200, 60, 60), strict=True)
-                )
-            )
-
-        results = asyncio.run(all_at_once())
-    with db.owner() as conn:
-        for tid, responses, limit, n in zip(tids, results, (10, 3, 7), (200, 60, 60), strict=True):
-            codes = [r.status_code for r in responses]
-            assert codes.count(201) == limit and codes.count(429) == n - limit, sorted(set(codes))
-            assert conn.execute("SELECT count(*) FROM dlw.tasks WHERE tenant_id = %s", (tid,)).fetchone() == (limit,)
-            assert conn.execute(
-                "SELECT sum(count) FROM dlw.audit_log WHERE tenant_id = %s AND action = 'quota.exceeded'", (tid,)
-            ).fetchone() == (n - limit,)
+        print("200-way admission, one server:", admission_burst(db, [base], "one"))
 
 
 def test_50_concurrent_retries_with_one_key_create_one_task_through_the_api(db: MigratedDb):

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 
 import asyncpg
@@ -22,47 +21,8 @@ from app.api.snapshot_leader import LEADER_LOCK_KEY, SnapshotRunner
 from tests.support import server
 from tests.support.app import app_settings
 from tests.support.database import MigratedDb, free_port
-
-HOLDER = """
-    SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-    WHERE l.locktype = 'advisory' AND l.granted
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND l.classid = (%(key)s >> 32)::oid AND l.objid = (%(key)s & 4294967295)::oid AND l.objsubid = 1"""
-
-
-def leader_pid(db: MigratedDb) -> int | None:
-    """The OS pid of the API process holding the leader lock (from its application_name)."""
-    with db.owner() as conn:
-        row = conn.execute(HOLDER, {"key": LEADER_LOCK_KEY}).fetchone()
-    return int(row[0].rsplit(":", 1)[1]) if row else None
-
-
-def add_usage(db: MigratedDb, tenant: int, amount: int) -> int:
-    """A committed usage event; returns its transaction id."""
-    with db.owner() as conn:
-        return int(
-            conn.execute(
-                "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key)"
-                " VALUES (%s, 'bytes_month', %s, %s) RETURNING xid::text",
-                (tenant, amount, f"test:{uuid.uuid4()}"),
-            ).fetchone()[0]
-        )
-
-
-def folded(db: MigratedDb, xid: int) -> bool:
-    with db.owner() as conn:
-        return bool(
-            conn.execute("SELECT folded_below::text::bigint > %s FROM dlw.snapshot_state", (xid,)).fetchone()[0]
-        )
-
-
-def wait_for(predicate, timeout: float, step: float = 0.1) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(step)
-    raise AssertionError(f"not within {timeout} s")
+from tests.support.deployment import LEADER_HOLDERS as HOLDER
+from tests.support.deployment import add_usage, folded, leader_pid, wait_for
 
 
 @pytest.fixture(scope="module")
