@@ -69,7 +69,10 @@ def test_bad_or_unreachable_urls_are_one_line(args: tuple[str, ...], fragment: s
 
 def test_serve_with_an_unreachable_database_is_refused_in_one_line():
     env = clean_env(
-        DLW_DATABASE_URL="postgresql://dlw_app:x@127.0.0.1:9/dlw", DLW_SYSTEM_JWT_SECRET=SECRET, DLW_AUTH_MODE="tokens"
+        DLW_DATABASE_URL="postgresql://dlw_app:x@127.0.0.1:9/dlw",
+        DLW_SYSTEM_JWT_SECRET=SECRET,
+        DLW_SECRET_KEY=SECRET,
+        DLW_AUTH_MODE="tokens",
     )
     dlw("serve", "--port", str(free_port()), env=env).one_line(2, "refusing to start: DLW_DATABASE_URL: cannot connect")
 
@@ -127,7 +130,9 @@ def test_wrong_password_and_missing_database(db: MigratedDb):
     for url, fragment in ((wrong, "refused the login"), (missing, "no such database")):
         dlw("migrate", "--database-url", url).one_line(1, fragment)
         dlw("tenant", "list", "--database-url", url).one_line(1)
-        env = clean_env(DLW_DATABASE_URL=url, DLW_SYSTEM_JWT_SECRET=SECRET, DLW_AUTH_MODE="tokens")
+        env = clean_env(
+            DLW_DATABASE_URL=url, DLW_SYSTEM_JWT_SECRET=SECRET, DLW_SECRET_KEY=SECRET, DLW_AUTH_MODE="tokens"
+        )
         dlw("serve", "--port", str(free_port()), env=env).one_line(2, "DLW_DATABASE_URL: ", fragment)
 
 
@@ -147,6 +152,7 @@ def test_serve_on_an_unmigrated_database_says_run_migrate(db: MigratedDb):
         env = clean_env(
             DLW_DATABASE_URL=db.server.url(name, "dlw_app", db.server.app_password),
             DLW_SYSTEM_JWT_SECRET=SECRET,
+            DLW_SECRET_KEY=SECRET,
             DLW_AUTH_MODE="tokens",
         )
         dlw("serve", "--port", str(free_port()), env=env).one_line(2, "not migrated: run dlw migrate")
