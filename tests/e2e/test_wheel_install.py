@@ -81,6 +81,7 @@ def test_the_wheel_runs_outside_the_checkout(installed: Path, db: MigratedDb, tm
         env = product_env(
             DLW_DATABASE_URL=db.server.url(name, "dlw_app", db.server.app_password),
             DLW_SYSTEM_JWT_SECRET=SECRET,
+            DLW_SECRET_KEY=SECRET,
             DLW_AUTH_MODE="tokens",
         )
         api = subprocess.Popen([str(installed / "dlw"), "serve", "--port", str(port)], cwd=elsewhere, env=env,
