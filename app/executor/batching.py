@@ -16,6 +16,9 @@ from app.executor.client import REPORT_ATTEMPTS, Claimed, LeaseLost
 
 log = logging.getLogger("dlw.executor")
 
+LINGER_SECONDS = 0.02
+LINGER_UNTIL = 50  # reports already waiting: send at once
+
 
 class Reporter:
     def __init__(self, http: httpx.AsyncClient) -> None:
@@ -61,6 +64,10 @@ class Reporter:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # Let a few more reports join (small files finish a few per millisecond): a request
+            # per batch, not per file. Reports wait at most LINGER_SECONDS for it.
+            if len(self._pending) < LINGER_UNTIL:
+                await asyncio.sleep(LINGER_SECONDS)
             while self._pending:
                 batch, self._pending = self._pending[:CLAIM_MAX_FILES], self._pending[CLAIM_MAX_FILES:]
                 await self._send(batch)
