@@ -41,7 +41,8 @@ BEGIN
             ('usage_records',    NULL,         nobody,  nobody,  nobody,  true),
             ('quota_snapshots',  NULL,         writers, writers, nobody,  true),
             ('audit_log',        admins,       NULL,    nobody,  nobody,  true),
-            ('reporting_logins', admins,       nobody,  nobody,  nobody,  true)
+            ('reporting_logins', admins,       nobody,  nobody,  nobody,  true),
+            ('executor_queue',   NULL,         nobody,  nobody,  nobody,  false)
         ) AS s(tbl, readers, inserters, updaters, deleters, reporting)
     LOOP
         FOR pol IN SELECT policyname FROM pg_policies WHERE schemaname = 'dlw' AND tablename = spec.tbl
