@@ -79,3 +79,44 @@ CREATE INDEX audit_log_tenant_action_at ON dlw.audit_log (tenant_id, action, at 
 COMMENT ON INDEX dlw.audit_log_tenant_action_at IS 'GET /api/v1/audit?action=...: a tenant''s audit rows of one action, newest first';
 
 RESET ROLE;
+
+-- 4. Grant changes, per rule: an API instance that knows version v applies the rules changed in
+--    v+1 .. the current version instead of reloading every row (app/authz/authorizer.py). The
+--    casbin_rule triggers (sql/70_administration.sql) append the changed rules with the version
+--    their statement bumped to, and keep the last versions only: changes_from is the oldest
+--    version whose changes are all here (an instance further behind reloads everything).
+SET ROLE dlw_owner;
+
+CREATE TABLE dlw.casbin_rule_changes (
+    version  bigint NOT NULL,
+    ptype    text NOT NULL,
+    v0       text NOT NULL,
+    v1       text NOT NULL,
+    v2       text NOT NULL,
+    v3       text NOT NULL,
+    v4       text NOT NULL,
+    v5       text NOT NULL
+);
+CREATE INDEX casbin_rule_changes_version ON dlw.casbin_rule_changes (version);
+COMMENT ON TABLE dlw.casbin_rule_changes IS
+    'The dlw.casbin_rule rules (inserted, deleted or updated, old and new) each grant version changed, for the incremental policy reload of API instances; recent versions only (see dlw.grant_version.changes_from). Platform data, not tenant data';
+COMMENT ON COLUMN dlw.casbin_rule_changes.version IS 'The dlw.grant_version the changing statement bumped to';
+COMMENT ON COLUMN dlw.casbin_rule_changes.ptype IS 'The changed rule, as in dlw.casbin_rule (ptype, v0..v5)';
+COMMENT ON COLUMN dlw.casbin_rule_changes.v0 IS 'The changed rule''s v0';
+COMMENT ON COLUMN dlw.casbin_rule_changes.v1 IS 'The changed rule''s v1';
+COMMENT ON COLUMN dlw.casbin_rule_changes.v2 IS 'The changed rule''s v2';
+COMMENT ON COLUMN dlw.casbin_rule_changes.v3 IS 'The changed rule''s v3';
+COMMENT ON COLUMN dlw.casbin_rule_changes.v4 IS 'The changed rule''s v4';
+COMMENT ON COLUMN dlw.casbin_rule_changes.v5 IS 'The changed rule''s v5';
+
+ALTER TABLE dlw.grant_version ADD COLUMN changes_from bigint NOT NULL DEFAULT 1;
+COMMENT ON COLUMN dlw.grant_version.changes_from IS
+    'Oldest version whose changed rules are all in dlw.casbin_rule_changes: an instance at version v may catch up incrementally only when v + 1 >= changes_from';
+UPDATE dlw.grant_version SET changes_from = version + 1;  -- earlier changes were not recorded
+
+REVOKE ALL ON dlw.casbin_rule_changes FROM PUBLIC;
+GRANT SELECT ON dlw.casbin_rule_changes TO dlw_app;
+GRANT SELECT, INSERT, DELETE ON dlw.casbin_rule_changes TO dlw_system;
+GRANT UPDATE (changes_from) ON dlw.grant_version TO dlw_system;
+
+RESET ROLE;

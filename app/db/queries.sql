@@ -32,7 +32,8 @@ FROM dlw.task_files WHERE task_id = $1 ORDER BY path;
 
 -- name: list_tasks
 -- One text per filter shape (not `$n IS NULL OR ...`): each keeps a cheap generic plan on the
--- index (tenant_id, created_at DESC, id DESC). Parameters: limit, [status], [cursor at, id].
+-- index (tenant_id, created_at DESC, id DESC), or with a status (tenant_id, status, created_at
+-- DESC, id DESC). Parameters: limit, [status], [cursor at, id].
 SELECT id, project_id, storage_target_id, repo_id, revision, status, priority, file_count, total_bytes,
        created_by, error, created_at, updated_at, finished_at
 FROM dlw.tasks ORDER BY created_at DESC, id DESC LIMIT $1;
@@ -106,9 +107,16 @@ SELECT id, issuer, client_id, role, description, created_at FROM dlw.service_acc
 DELETE FROM dlw.service_accounts WHERE id = $1 RETURNING client_id;
 
 -- name: audit_trail
+-- Two texts (without and with the action filter), not `$n IS NULL OR action = $n`: a generic
+-- plan could not use audit_log_tenant_action_at for the OR. Parameters: cursor (at, id), [action], limit.
 SELECT id, at, actor, action, target, detail, count, last_at FROM dlw.audit_log
 WHERE tenant_id = dlw.ctx_tenant_id() AND ($1::timestamptz IS NULL OR (at, id) < ($1, $2))
-  AND ($3::text IS NULL OR action = $3)
+ORDER BY at DESC, id DESC LIMIT $3;
+
+-- name: audit_trail_by_action
+SELECT id, at, actor, action, target, detail, count, last_at FROM dlw.audit_log
+WHERE tenant_id = dlw.ctx_tenant_id() AND ($1::timestamptz IS NULL OR (at, id) < ($1, $2))
+  AND action = $3
 ORDER BY at DESC, id DESC LIMIT $4;
 
 -- name: login_user
@@ -157,3 +165,13 @@ SELECT ptype, v0, v1, v2, v3, v4, v5 FROM dlw.casbin_rule ORDER BY id
 -- name: grant_version
 -- The counter the casbin_rule trigger bumps: a notification reloads the policy only when it moved.
 SELECT version FROM dlw.grant_version
+
+-- name: grant_changes
+-- What changed since version $1, in one snapshot: the current version, the oldest version whose
+-- changes are all recorded, and each rule changed since $1 with whether it is a grant now.
+SELECT g.version, g.changes_from, c.ptype, c.v0, c.v1, c.v2, c.v3, c.v4, c.v5,
+       EXISTS (SELECT 1 FROM dlw.casbin_rule r
+                WHERE (r.ptype, r.v0, r.v1, r.v2, r.v3, r.v4, r.v5) = (c.ptype, c.v0, c.v1, c.v2, c.v3, c.v4, c.v5)) AS present
+FROM dlw.grant_version g
+LEFT JOIN LATERAL (SELECT DISTINCT x.ptype, x.v0, x.v1, x.v2, x.v3, x.v4, x.v5 FROM dlw.casbin_rule_changes x
+                    WHERE x.version > $1 AND x.version <= g.version AND g.changes_from <= $1 + 1) c ON true
