@@ -40,14 +40,24 @@ def _grants(admin_url: str, count: int) -> None:
         )
 
 
+async def _until(done: Any, limit_s: float = 10.0) -> None:
+    """Polls done() until true (the Authorizer exposes counters, not events)."""
+    deadline = time.monotonic() + limit_s
+    for _ in iter(int, 1):
+        if done():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("the authorizer did not catch up")
+        await asyncio.sleep(0.002)
+
+
 async def _measure(admin_url: str, app_url: str, grants: int, reps: int) -> dict[str, Any]:
     _grants(admin_url, grants)
     pool = await asyncpg.create_pool(app_url, min_size=1, max_size=2)
     authz = Authorizer(pool)
     try:
         await authz.start(app_url)
-        while authz.reloads < 2:  # the start's load, then the one after the listener connected
-            await asyncio.sleep(0.01)
+        await _until(lambda: authz.reloads >= 2)  # the start's load, then the one after the listener connected
         await asyncio.sleep(0.3)
         full = []
         for _ in range(reps):
@@ -61,8 +71,7 @@ async def _measure(admin_url: str, app_url: str, grants: int, reps: int) -> dict
                              (f"user:scale-new-{i}",))  # fmt: skip
                 target = conn.execute("SELECT version FROM dlw.grant_version").fetchone()[0]  # type: ignore[index]
                 t0 = time.perf_counter()
-                while authz.version != target:
-                    await asyncio.sleep(0.002)
+                await _until(lambda target=target: authz.version == target)
                 land.append(time.perf_counter() - t0)
                 # The catch-up alone, on a change the instance has not seen yet.
                 conn.execute("DELETE FROM dlw.casbin_rule WHERE v0 = %s", (f"user:scale-new-{i}",))
@@ -75,8 +84,7 @@ async def _measure(admin_url: str, app_url: str, grants: int, reps: int) -> dict
                 conn.execute("INSERT INTO dlw.casbin_rule (ptype, v0, v1) VALUES ('g', %s, 'tenant_viewer')",
                              (f"user:scale-burst-{i}",))  # fmt: skip
             target = conn.execute("SELECT version FROM dlw.grant_version").fetchone()[0]  # type: ignore[index]
-            while authz.version != target:
-                await asyncio.sleep(0.005)
+            await _until(lambda target=target: authz.version == target)
             await asyncio.sleep(0.3)
             burst_updates, burst_full = authz.reloads - before, authz.full_reloads - full_before
             conn.execute("DELETE FROM dlw.casbin_rule WHERE v0 LIKE 'user:scale-burst-%'")

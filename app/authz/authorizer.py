@@ -126,7 +126,9 @@ class Authorizer:
         self._grants.clear()
         self.version = version
         self.reloads += 1
-        log.info("authorization policy updated: %d rules (update %d, grant version %s)", len(rows), self.reloads, version)
+        log.info(
+            "authorization policy updated: %d rules (update %d, grant version %s)", len(rows), self.reloads, version
+        )
 
     async def _load(self, version: int | None) -> None:
         # The version is read before the rules: a change committed in between bumps the

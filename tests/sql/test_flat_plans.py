@@ -62,7 +62,9 @@ def test_the_usage_read_reads_only_unfolded_rows_through_the_tenant_xid_index(db
             with conn.transaction():
                 as_tenant(conn, usage_tenant, "tenant_operator")
                 before = reads(conn)
-                used = conn.execute("SELECT dlw.bytes_used_month(%s, dlw.month_start(now()))", (usage_tenant,)).fetchone()
+                used = conn.execute(
+                    "SELECT dlw.bytes_used_month(%s, dlw.month_start(now()))", (usage_tenant,)
+                ).fetchone()
                 read = delta(before, reads(conn))
             assert used == (FOLDED + UNFOLDED,)
             assert read.get("usage_records_tenant_xid", (0, 0))[0] >= 1, (call, read)
@@ -139,7 +141,7 @@ def test_the_claim_reads_what_it_returns_not_the_tenants_or_the_leases(db, busy_
     lease in flight or other tenant's queue is counted (no sequential scan of task_files, nothing
     read from task_files_in_flight)."""
     with psycopg.connect(db.app_url) as conn:
-        for call in range(7):
+        for _call in range(7):
             with conn.transaction(force_rollback=True):
                 as_tenant(conn, 0, "executor", user="flat")
                 before = reads(conn)
