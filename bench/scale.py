@@ -330,8 +330,30 @@ def measure_refresh(conn: psycopg.Connection, few: int, many: int, events: int, 
         "large_ms": g,
         "ratio": g / s,
         "target": REFRESH_MAX,
-        "explain": lambda: "  one INSERT ... ON CONFLICT DO UPDATE per (tenant, month): see bench/README.md",
+        "explain": lambda: explain_refresh(conn, sets["many"], events),
     }
+
+
+def explain_refresh(conn: psycopg.Connection, tenants: list[int], events: int) -> str:
+    """The fold's two statements, written out over the same new events (rolled back): the
+    aggregation through usage_records_xid, then the one upsert of every (tenant, month)."""
+    with conn.transaction(force_rollback=True):
+        conn.execute(
+            "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key)"
+            " SELECT (%(t)s::bigint[])[1 + g %% cardinality(%(t)s::bigint[])], 'bytes_month', 1, 'x:' || g"
+            " FROM generate_series(1, %(n)s) g",
+            {"t": tenants, "n": events},
+        )
+        plan = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)"
+            " INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)"
+            " SELECT u.tenant_id, dlw.month_start(u.occurred_at), u.metric, sum(u.amount), now()"
+            "   FROM dlw.usage_records u WHERE u.xid >= (SELECT folded_below FROM dlw.snapshot_state)"
+            "  GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+            " ON CONFLICT (tenant_id, period, metric) DO UPDATE"
+            "   SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at"
+        ).fetchall()
+    return "\n".join("    " + r[0] for r in plan)
 
 
 def print_rows(title: str, small: str, large: str, rows: list[dict[str, Any]]) -> None:
