@@ -168,10 +168,14 @@ SELECT version FROM dlw.grant_version
 
 -- name: grant_changes
 -- What changed since version $1, in one snapshot: the current version, the oldest version whose
--- changes are all recorded, and each rule changed since $1 with whether it is a grant now.
-SELECT g.version, g.changes_from, c.ptype, c.v0, c.v1, c.v2, c.v3, c.v4, c.v5,
-       EXISTS (SELECT 1 FROM dlw.casbin_rule r
-                WHERE (r.ptype, r.v0, r.v1, r.v2, r.v3, r.v4, r.v5) = (c.ptype, c.v0, c.v1, c.v2, c.v3, c.v4, c.v5)) AS present
+-- changes are all recorded, and each rule changed since $1 with whether it is a grant now (one
+-- probe of the unique index per changed rule: LATERAL ... LIMIT 1, never a hashed scan of the
+-- whole table, which an EXISTS may be planned as).
+SELECT g.version, g.changes_from, c.ptype, c.v0, c.v1, c.v2, c.v3, c.v4, c.v5, coalesce(p.present, false) AS present
 FROM dlw.grant_version g
 LEFT JOIN LATERAL (SELECT DISTINCT x.ptype, x.v0, x.v1, x.v2, x.v3, x.v4, x.v5 FROM dlw.casbin_rule_changes x
                     WHERE x.version > $1 AND x.version <= g.version AND g.changes_from <= $1 + 1) c ON true
+LEFT JOIN LATERAL (SELECT true AS present FROM dlw.casbin_rule r
+                    WHERE r.ptype = c.ptype AND r.v0 = c.v0 AND r.v1 = c.v1 AND r.v2 = c.v2 AND r.v3 = c.v3
+                      AND r.v4 = c.v4 AND r.v5 = c.v5
+                    LIMIT 1) p ON true
