@@ -189,10 +189,18 @@ def time_in_rolled_back(
 
 
 def explain_touched(conn: psycopg.Connection, context: tuple[int, str, str], query: str, args: tuple[Any, ...]) -> str:
+    # The backend's pending counters may still hold earlier transactions' counts (they are
+    # flushed about once a second): the difference around the one call is what it read.
     with conn.transaction(force_rollback=True):
         conn.execute("SELECT dlw.set_context(%s, %s, %s)", context)
+        before = {(name, kind): (scans, read) for name, kind, scans, read in touched(conn)}
         conn.execute(query, args).fetchall()
-        return format_touched(touched(conn))
+        after = touched(conn)
+    rows = [
+        (name, kind, scans - before.get((name, kind), (0, 0))[0], read - before.get((name, kind), (0, 0))[1])
+        for name, kind, scans, read in after
+    ]
+    return format_touched(sorted((r for r in rows if r[2] or r[3]), key=lambda r: -r[3]))
 
 
 CLAIM = "SELECT file_id FROM dlw.executor_claim(%s, 3600, 'bench')"
