@@ -415,7 +415,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                        "filtered page", lists)  # fmt: skip
             with psycopg.connect(cluster.url("scale_large"), autocommit=True) as conn:
                 refresh = [measure_refresh(conn, 10, large_q.tenants, 10_000, 5 if quick else 9)]
-            print_rows("Snapshot refresh (median)", "10 tenants", f"{large_q.tenants:,} tenants", refresh)
+                print_rows("Snapshot refresh (median)", "10 tenants", f"{large_q.tenants:,} tenants", refresh)
             results = claims + admission + lists + refresh
             from bench import scale_grants
 
