@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--only create|list|notify|refresh|executor]` (or `./run bench`): the DESIGN.md §6
+"""`python -m bench [--quick] [--only create|list|notify|refresh|executor|scale]` (or `./run bench`): the
+DESIGN.md §6
 performance targets, measured in one run on an embedded PostgreSQL, printed as tables of ratios.
 See bench/README.md for what each part measures and how to read the output."""
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from bench.load import print_table_head
 
-PARTS = ("create", "list", "notify", "refresh", "executor")
+PARTS = ("create", "list", "notify", "refresh", "executor", "scale")
 CREATE_MIN_VS_BARE = 0.8
 CREATE_MIN_VS_PGBENCH = 0.3
 LIST_MAX_OVERHEAD = 1.10
@@ -333,6 +334,18 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 traceback.print_exc()
                 print("refresh cost: FAILED (see the traceback above)")
+                status = 1
+
+    if "scale" in parts:
+        # Self-contained (bench/scale.py: its own cluster and data); its rows join the summary.
+        with timed_part("scale", load_average=False):
+            try:
+                from bench import scale
+
+                rows += scale.summary_rows(scale.run(quick=args.quick))
+            except Exception:
+                traceback.print_exc()
+                print("scale: FAILED (see the traceback above)")
                 status = 1
 
     print_summary(rows, refresh_rows)

@@ -71,6 +71,21 @@ LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ BEGIN RETURN p_value; END $$;
 COMMENT ON FUNCTION dlw.cross_tenant_key(text) IS
     'Identity, not leakproof: the key of tenants_slug_cross_tenant (slugs unique across the platform; lookups by slug for dlw_system only; never used under RLS). Only dlw_system, which writes tenants, may execute it.';
+-- Two more keys (migrations/0016.flat_costs.sql, which creates them first: indexes depend on
+-- them): lease expiries across tenants (the expiry sweep) and the executor queue's ranking.
+CREATE OR REPLACE FUNCTION dlw.cross_tenant_key(p_value timestamptz) RETURNS timestamptz
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ BEGIN RETURN p_value; END $$;
+COMMENT ON FUNCTION dlw.cross_tenant_key(timestamptz) IS
+    'Identity, not leakproof: the key of task_files_lease_expiry (expired leases across tenants, for the expiry sweep of dlw_system; never used under RLS). Its writers (dlw_app, dlw_system) may execute it, reporting logins may not.';
+CREATE OR REPLACE FUNCTION dlw.cross_tenant_key(p_value bigint) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ BEGIN RETURN p_value; END $$;
+COMMENT ON FUNCTION dlw.cross_tenant_key(bigint) IS
+    'Identity, not leakproof: the keys of executor_queue_rank (tenants ranked by files in flight across tenants, for the fair claim of dlw_system; never used under RLS). Only dlw_system, which writes the queue summary, may execute it.';
+REVOKE ALL ON FUNCTION dlw.cross_tenant_key(timestamptz), dlw.cross_tenant_key(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlw.cross_tenant_key(timestamptz) TO dlw_app, dlw_system;
+GRANT EXECUTE ON FUNCTION dlw.cross_tenant_key(bigint) TO dlw_system;
 REVOKE ALL ON FUNCTION dlw.cross_tenant_key(uuid), dlw.cross_tenant_key(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.cross_tenant_key(uuid) TO dlw_app, dlw_system;
 GRANT EXECUTE ON FUNCTION dlw.cross_tenant_key(text) TO dlw_system;

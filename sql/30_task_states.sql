@@ -31,17 +31,27 @@ CREATE OR REPLACE FUNCTION dlw.bytes_used_month(p_tenant_id bigint, p_period dat
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_cursor xid8;
 BEGIN
-    -- PL/pgSQL rather than SQL so the plan is cached per session (it is on the admission path).
-    -- One statement, so the snapshot amount and the fold cursor are read from one snapshot
-    -- (a STABLE function runs on its caller's snapshot): a refresh that commits concurrently
-    -- is seen either entirely or not at all. A missing cursor row counts every usage row as
-    -- unfolded: it may over-count (refuse too early), never under-count (admit too much).
+    -- PL/pgSQL rather than SQL so the plans are cached per session (it is on the admission path).
+    -- A STABLE function runs every statement on its caller's snapshot, so the cursor read first
+    -- and the sums read next are consistent: a refresh that commits concurrently is seen either
+    -- entirely or not at all. A missing cursor row counts every usage row as unfolded: it may
+    -- over-count (refuse too early), never under-count (admit too much).
+    --
+    -- The cursor is read into a variable, not written as a subquery: under row-level security
+    -- only leakproof conditions may be index conditions ahead of the policy, and PostgreSQL
+    -- treats a COALESCE or a sub-select as possibly leaky, so `xid >= (sub-select)` was a
+    -- filter over the tenant's whole history. `xid >= $var` is an index condition on
+    -- usage_records_tenant_xid: only the unfolded rows are read (tests/sql/test_flat_plans.py).
+    SELECT s.folded_below INTO v_cursor FROM dlw.snapshot_state s;
+    v_cursor := coalesce(v_cursor, '0'::xid8);
     RETURN (coalesce((SELECT q.amount FROM dlw.quota_snapshots q
                       WHERE q.tenant_id = p_tenant_id AND q.period = p_period AND q.metric = 'bytes_month'), 0)
           + coalesce((SELECT sum(u.amount) FROM dlw.usage_records u
                       WHERE u.tenant_id = p_tenant_id
-                        AND u.xid >= coalesce((SELECT s.folded_below FROM dlw.snapshot_state s), '0'::xid8)
+                        AND u.xid >= v_cursor
                         AND u.metric = 'bytes_month'
                         AND u.occurred_at >= (p_period::timestamp AT TIME ZONE 'UTC')
                         AND u.occurred_at < ((p_period + interval '1 month') AT TIME ZONE 'UTC')), 0)

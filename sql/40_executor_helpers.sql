@@ -16,7 +16,8 @@
 -- while the lease runs. A wrong, stale or expired token gets LEASE_LOST and changes nothing.
 -- Cancelling a task, a retry and an expiry clear the token: every lease on it is lost.
 -- Expired leases are swept back to the queue by every claim whose scope covers them (the
--- queue is only ever read by claims, so an expired lease never delays a file).
+-- queue is only ever read by claims, so an expired lease never delays a file). The sweep reads
+-- only the expired leases (an index on the expiry), never every lease in flight.
 --
 -- Rollup. The first claim of a task moves it pending -> running; the completion of its last
 -- file moves it to succeeded; a file that fails finally (not retryable, sha256 mismatch, or
@@ -126,33 +127,58 @@ DECLARE
     r          record;
     v_file     record;
 BEGIN
+    -- Only expired leases are read: through task_files_lease_expiry for every tenant (NULL scope),
+    -- through task_files_in_flight for one tenant. Nothing expired costs one index probe.
     -- Files with attempts left return to the queue. Only the file changes, so no task lock;
     -- SKIP LOCKED: a file being heartbeaten right now is re-checked by the next sweep.
-    WITH expired AS (
-        SELECT f.tenant_id, f.id, f.executor_id
-          FROM dlw.task_files f
-         WHERE f.status IN ('assigned', 'running') AND f.lease_expires_at < v_now
-           AND f.attempts < p_max_attempts
-           AND f.tenant_id >= coalesce(p_scope, 0) AND f.tenant_id <= coalesce(p_scope, 9223372036854775807)
-         ORDER BY f.lease_expires_at
-         LIMIT p_limit
-           FOR UPDATE SKIP LOCKED
-    )
-    SELECT count(dlw.requeue_file(e.tenant_id, e.id, left(format('lease of %s expired', e.executor_id), 2000)))
-      INTO v_requeued
-      FROM expired e;
+    IF p_scope IS NULL THEN
+        WITH expired AS (
+            SELECT f.tenant_id, f.id, f.executor_id
+              FROM dlw.task_files f
+             WHERE f.status IN ('assigned', 'running') AND dlw.cross_tenant_key(f.lease_expires_at) < v_now
+               AND f.attempts < p_max_attempts
+             ORDER BY dlw.cross_tenant_key(f.lease_expires_at)
+             LIMIT p_limit
+               FOR UPDATE SKIP LOCKED
+        )
+        SELECT count(dlw.requeue_file(e.tenant_id, e.id, left(format('lease of %s expired', e.executor_id), 2000)))
+          INTO v_requeued
+          FROM expired e;
+    ELSE
+        WITH expired AS (
+            SELECT f.tenant_id, f.id, f.executor_id
+              FROM dlw.task_files f
+             WHERE f.tenant_id = p_scope AND f.status IN ('assigned', 'running') AND f.lease_expires_at < v_now
+               AND f.attempts < p_max_attempts
+             ORDER BY f.lease_expires_at
+             LIMIT p_limit
+               FOR UPDATE SKIP LOCKED
+        )
+        SELECT count(dlw.requeue_file(e.tenant_id, e.id, left(format('lease of %s expired', e.executor_id), 2000)))
+          INTO v_requeued
+          FROM expired e;
+    END IF;
     -- /metrics counts expiries (dlw_lease_expiries_total; migrations/0021).
     PERFORM nextval('dlw.lease_expiries') FROM generate_series(1, v_requeued);
 
     -- Files out of attempts fail, and so does their task: task first (SKIP LOCKED: a task a
     -- cancel or completion holds is left for the next sweep), then the file, re-checked.
     FOR r IN
-        SELECT DISTINCT f.tenant_id, f.task_id
-          FROM dlw.task_files f
-         WHERE f.status IN ('assigned', 'running') AND f.lease_expires_at < v_now
-           AND f.attempts >= p_max_attempts
-           AND f.tenant_id >= coalesce(p_scope, 0) AND f.tenant_id <= coalesce(p_scope, 9223372036854775807)
-         LIMIT p_limit
+        SELECT DISTINCT x.tenant_id, x.task_id
+          FROM (SELECT f.tenant_id, f.task_id
+                  FROM dlw.task_files f
+                 WHERE p_scope IS NULL
+                   AND f.status IN ('assigned', 'running') AND dlw.cross_tenant_key(f.lease_expires_at) < v_now
+                   AND f.attempts >= p_max_attempts
+                 LIMIT p_limit) x
+        UNION
+        SELECT DISTINCT y.tenant_id, y.task_id
+          FROM (SELECT f.tenant_id, f.task_id
+                  FROM dlw.task_files f
+                 WHERE f.tenant_id = p_scope
+                   AND f.status IN ('assigned', 'running') AND f.lease_expires_at < v_now
+                   AND f.attempts >= p_max_attempts
+                 LIMIT p_limit) y
     LOOP
         PERFORM 1 FROM dlw.tasks x WHERE x.tenant_id = r.tenant_id AND x.id = r.task_id FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
@@ -175,6 +201,20 @@ END
 $$;
 COMMENT ON FUNCTION dlw.executor_sweep_expired_leases(bigint, integer, integer) IS
     'Internal expiry sweep of leases (run by every claim, for its scope; NULL = every tenant): assigned/running files whose lease expired return to pending with their token cleared while attempts < p_max_attempts; otherwise they fail finally with their task. Returns how many files it moved.';
+
+-- The executor queue summary follows every change of task_files (sql/39_executor_queue.sql).
+CREATE OR REPLACE TRIGGER task_files_queue_inserted
+    AFTER INSERT ON dlw.task_files REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dlw.task_files_queue_changed();
+CREATE OR REPLACE TRIGGER task_files_queue_updated
+    AFTER UPDATE ON dlw.task_files REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dlw.task_files_queue_changed();
+CREATE OR REPLACE TRIGGER task_files_queue_deleted
+    AFTER DELETE ON dlw.task_files REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dlw.task_files_queue_changed();
+COMMENT ON TRIGGER task_files_queue_inserted ON dlw.task_files IS 'Executor queue summary: see dlw.task_files_queue_changed()';
+COMMENT ON TRIGGER task_files_queue_updated ON dlw.task_files IS 'Executor queue summary: see dlw.task_files_queue_changed()';
+COMMENT ON TRIGGER task_files_queue_deleted ON dlw.task_files IS 'Executor queue summary: see dlw.task_files_queue_changed()';
 
 -- ---------------------------------------------------------------------------------------
 -- Privileges: the helpers run only inside the definer functions of dlw_system.

@@ -61,54 +61,41 @@ BEGIN
         RAISE EXCEPTION 'dlw.executor_claim: max_attempts must be >= 1' USING ERRCODE = '22023';
     END IF;
 
-    -- 0. Expired leases in this executor's scope return to the queue (or fail, out of attempts).
+    -- 0. Expired leases in this executor's scope return to the queue (or fail, out of attempts);
+    --    only expired leases are read. Then the queue summary takes in the changes committed
+    --    since the last fold and this sweep's own (unless another claim is folding right now:
+    --    never a wait; see sql/39_executor_queue.sql).
     PERFORM dlw.executor_sweep_expired_leases(v_scope, p_max_attempts);
+    PERFORM dlw.executor_queue_try_fold();
 
-    -- 1. Fair shares, without locks. Tenants with pending files are found by a skip scan of
-    --    the queue index (one probe per such tenant, not per file). Each tenant's best
-    --    p_max_files files (priority DESC, then oldest) are ranked 1, 2, ...; a file's turn is
-    --    its tenant's files in flight + its rank, so the tenant with the fewest leases is
-    --    served first and one busy tenant cannot starve the others (max-min fairness; ties go
-    --    to the tenant whose waiting file is oldest, then at random).
+    -- 1. Fair shares, without locks, from the queue summary (dlw.executor_queue): a file's turn
+    --    is its tenant's files in flight + its rank among the tenant's pending files, so the
+    --    tenant with the fewest leases is served first and one busy tenant cannot starve the
+    --    others (max-min fairness; ties go to the tenant served least recently, then the lowest
+    --    id). Only the first p_max_files tenants in (in flight, last served) order can get a
+    --    turn among the first p_max_files (each of them has a first turn no later than any
+    --    tenant after them), so the claim reads that many entries of executor_queue_rank,
+    --    whatever the number of tenants with pending files or of leases in flight. A
+    --    tenant-limited executor serves its own tenant only.
     -- 2. Each chosen tenant's share is then locked with SKIP LOCKED (a concurrent claimer
     --    gets other files; this claim may return fewer than its share, never waits).
-    WITH RECURSIVE busy_scan (tenant_id) AS (
-        (SELECT f.tenant_id FROM dlw.task_files f
-          WHERE f.status = 'pending' AND f.tenant_id >= coalesce(v_scope, 0)
-          ORDER BY f.tenant_id LIMIT 1)
-        UNION ALL
-        SELECT (SELECT f.tenant_id FROM dlw.task_files f
-                 WHERE f.status = 'pending' AND f.tenant_id > b.tenant_id
-                 ORDER BY f.tenant_id LIMIT 1)
-          FROM busy_scan b
-         WHERE b.tenant_id IS NOT NULL AND v_scope IS NULL
-    ), busy AS (
-        SELECT b.tenant_id FROM busy_scan b
-         WHERE b.tenant_id IS NOT NULL AND (v_scope IS NULL OR b.tenant_id = v_scope)
-    ), in_flight AS (
-        SELECT f.tenant_id, count(*) AS n
-          FROM dlw.task_files f
-         WHERE f.status IN ('assigned', 'running') AND f.tenant_id IN (SELECT b.tenant_id FROM busy b)
-         GROUP BY f.tenant_id
-    ), heads AS (
-        SELECT c.tenant_id,
-               row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.priority DESC, c.created_at, c.id) AS rank,
-               min(c.created_at) OVER (PARTITION BY c.tenant_id) AS oldest
-          FROM busy b
-         CROSS JOIN LATERAL (
-               SELECT f.tenant_id, f.id, f.priority, f.created_at
-                 FROM dlw.task_files f
-                WHERE f.tenant_id = b.tenant_id AND f.status = 'pending'
-                ORDER BY f.priority DESC, f.created_at
-                LIMIT p_max_files) c
+    WITH candidates AS (
+        SELECT q.tenant_id, q.pending, q.in_flight, q.served_at
+          FROM dlw.executor_queue q
+         WHERE v_scope IS NULL AND q.folded AND q.pending > 0
+         ORDER BY dlw.cross_tenant_key(q.in_flight), dlw.cross_tenant_key(q.served_at) NULLS FIRST,
+                  dlw.cross_tenant_key(q.tenant_id)
+         LIMIT p_max_files
     ), chosen AS (
-        SELECT h.tenant_id
-          FROM heads h
-          LEFT JOIN in_flight i ON i.tenant_id = h.tenant_id
-         ORDER BY coalesce(i.n, 0) + h.rank, h.oldest, random()
+        SELECT c.tenant_id
+          FROM candidates c
+         CROSS JOIN LATERAL generate_series(1, least(c.pending, p_max_files)::integer) AS g(rank)
+         ORDER BY c.in_flight + g.rank, c.served_at NULLS FIRST, c.tenant_id
          LIMIT p_max_files
     ), shares AS (
         SELECT c.tenant_id, count(*) AS n FROM chosen c GROUP BY c.tenant_id
+        UNION ALL
+        SELECT v_scope, p_max_files WHERE v_scope IS NOT NULL
     )
     SELECT array_agg(l.tenant_id), array_agg(l.id), array_agg(l.task_id)
       INTO v_tenants, v_files, v_tasks
@@ -173,7 +160,7 @@ END
 $$;
 COMMENT ON FUNCTION dlw.executor_claim(integer, integer, text, integer) IS
 $c$Claims up to p_max_files files for the acting executor (context role executor; its tenant, or every tenant for tenant 0) under a lease of p_lease_seconds, after returning expired leases of its scope to the queue (a file out of its p_max_attempts fails, with its task).
-Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody), priority order (then oldest) within a tenant; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
+Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody; ranked from the queue summary dlw.executor_queue, so the cost follows the files returned, not the tenants or the leases in flight), priority order (then oldest) within a tenant; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
 Returns one row per claimed file (possibly none), with the task's repo_type and resolved commit (what to download), the file's tenant's hub token as stored (ciphertext, NULL when none; only ever for a file this claim assigned) and the file's resume point (resume_bytes, resume_sha256: the last checkpoint of an earlier attempt, 0/NULL for none). p_executor is an instance label recorded in task_files.executor_id after the token subject.
 Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.$c$;
 

@@ -43,28 +43,71 @@ REVOKE ALL ON FUNCTION dlw.set_user_role(uuid, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.set_user_role(uuid, text) TO dlw_app;
 
 -- Grants reach running API instances through NOTIFY, but a notification is only a hint: any
--- role that can connect may NOTIFY the same channel. The trigger bumps dlw.grant_version in the
--- changing transaction, so an instance that is notified reads the counter and reloads only
--- when it moved. The payload is empty: listeners learn that some grant changed, never which.
+-- role that can connect may NOTIFY the same channel. The triggers bump dlw.grant_version in the
+-- changing transaction, so an instance that is notified reads the counter and acts only when it
+-- moved. The payload is empty: listeners learn that some grant changed, never which.
+--
+-- Each changing statement also records the rules it changed under the version it bumped to
+-- (dlw.casbin_rule_changes), so an instance applies just those (work proportional to the
+-- change, not to the 10,000 grants). Versions commit in order: the bump locks the counter row
+-- until commit. The last CHANGES_KEPT versions are kept; a TRUNCATE records nothing and moves
+-- changes_from past itself, so every instance reloads in full.
 CREATE OR REPLACE FUNCTION dlw.notify_casbin_rule_changed() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
+DECLARE
+    v_version bigint;
+    c_kept    CONSTANT bigint := 1000;  -- CHANGES_KEPT
 BEGIN
-    UPDATE dlw.grant_version SET version = version + 1;
+    UPDATE dlw.grant_version SET version = version + 1 RETURNING version INTO v_version;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'dlw.grant_version has no row: API instances would miss this change'
             USING ERRCODE = 'P0002';
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM dlw.casbin_rule_changes;
+        UPDATE dlw.grant_version SET changes_from = v_version + 1;
+    ELSE
+        IF TG_OP IN ('INSERT', 'UPDATE') THEN
+            INSERT INTO dlw.casbin_rule_changes (version, ptype, v0, v1, v2, v3, v4, v5)
+            SELECT v_version, n.ptype, n.v0, n.v1, n.v2, n.v3, n.v4, n.v5 FROM new_rows n;
+        END IF;
+        IF TG_OP IN ('DELETE', 'UPDATE') THEN
+            INSERT INTO dlw.casbin_rule_changes (version, ptype, v0, v1, v2, v3, v4, v5)
+            SELECT v_version, o.ptype, o.v0, o.v1, o.v2, o.v3, o.v4, o.v5 FROM old_rows o;
+        END IF;
+        IF v_version % 100 = 0 THEN  -- prune now and then (through the version index)
+            DELETE FROM dlw.casbin_rule_changes c WHERE c.version <= v_version - c_kept;
+            UPDATE dlw.grant_version SET changes_from = greatest(changes_from, v_version - c_kept + 1);
+        END IF;
     END IF;
     PERFORM pg_notify('dlw_casbin_rule', '');
     RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION dlw.notify_casbin_rule_changed() IS
-    'Statement trigger on dlw.casbin_rule: bumps dlw.grant_version, then NOTIFY dlw_casbin_rule with an empty payload (delivered at commit), so every API instance checks the version and reloads its enforcer.';
+    'Statement triggers on dlw.casbin_rule: bump dlw.grant_version, record the changed rules under the new version in dlw.casbin_rule_changes (the last 1000 versions are kept; TRUNCATE records none and forces a full reload), then NOTIFY dlw_casbin_rule with an empty payload (delivered at commit), so every API instance checks the version and applies the changes.';
 
-CREATE OR REPLACE TRIGGER casbin_rule_changed
-    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON dlw.casbin_rule
+-- One trigger per event: transition tables (the changed rows) need it.
+DROP TRIGGER IF EXISTS casbin_rule_changed ON dlw.casbin_rule;
+CREATE OR REPLACE TRIGGER casbin_rule_inserted
+    AFTER INSERT ON dlw.casbin_rule REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION dlw.notify_casbin_rule_changed();
-COMMENT ON TRIGGER casbin_rule_changed ON dlw.casbin_rule IS
+CREATE OR REPLACE TRIGGER casbin_rule_updated
+    AFTER UPDATE ON dlw.casbin_rule REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dlw.notify_casbin_rule_changed();
+CREATE OR REPLACE TRIGGER casbin_rule_deleted
+    AFTER DELETE ON dlw.casbin_rule REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION dlw.notify_casbin_rule_changed();
+CREATE OR REPLACE TRIGGER casbin_rule_truncated
+    AFTER TRUNCATE ON dlw.casbin_rule
+    FOR EACH STATEMENT EXECUTE FUNCTION dlw.notify_casbin_rule_changed();
+COMMENT ON TRIGGER casbin_rule_inserted ON dlw.casbin_rule IS
+    'Every change of dlw.casbin_rule bumps dlw.grant_version and reaches the API instances: see dlw.notify_casbin_rule_changed()';
+COMMENT ON TRIGGER casbin_rule_updated ON dlw.casbin_rule IS
+    'Every change of dlw.casbin_rule bumps dlw.grant_version and reaches the API instances: see dlw.notify_casbin_rule_changed()';
+COMMENT ON TRIGGER casbin_rule_deleted ON dlw.casbin_rule IS
+    'Every change of dlw.casbin_rule bumps dlw.grant_version and reaches the API instances: see dlw.notify_casbin_rule_changed()';
+COMMENT ON TRIGGER casbin_rule_truncated ON dlw.casbin_rule IS
     'Every change of dlw.casbin_rule bumps dlw.grant_version and reaches the API instances: see dlw.notify_casbin_rule_changed()';

@@ -24,6 +24,22 @@ def _line(fields: list[str]) -> str:
     return ", ".join(f for f in fields if f != "")
 
 
+def rule_of(fields: list[str]) -> tuple[str, list[str]]:
+    """(ptype, rule) of a policy line's fields, as load_policy_line reads them (empty fields dropped)."""
+    ptype, *rest = [f for f in fields if f != ""]
+    return ptype, rest
+
+
+def file_rules() -> set[tuple[str, ...]]:
+    """The rules of the built-in policy file, as (ptype, *rule)."""
+    rules = set()
+    for raw in POLICY_FILE.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            rules.add(tuple(f.strip() for f in line.split(",")))
+    return rules
+
+
 class PgPolicyAdapter(AsyncAdapter):  # type: ignore[misc]
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool

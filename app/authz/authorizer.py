@@ -4,7 +4,9 @@ then the answer is cached until the policy reloads, so a check costs a dict look
 Reloads follow dlw.grant_version, not the notifications themselves: any role that can connect
 may NOTIFY the channel, so a notification only wakes the reloader, which waits a short
 debounce (the rest of a burst collapses into it), reads the version (one tiny query) and
-reloads only when the version moved."""
+acts only when the version moved. It then applies just the rules changed since the version it
+knows (dlw.casbin_rule_changes: work proportional to the change, not to the grants), and
+reloads everything only when those changes are no longer all recorded (or on a reconnect)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import casbin
 
-from app.authz.adapter import PgPolicyAdapter
+from app.authz.adapter import PgPolicyAdapter, file_rules, rule_of
 from app.db.queries import SQL
 from app.identity.principal import Principal
 
@@ -37,11 +39,14 @@ class Authorizer:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.enforcer = casbin.AsyncEnforcer(str(MODEL_FILE), PgPolicyAdapter(pool))
+        self.enforcer.enable_auto_save(False)  # incremental changes touch the model, never the table
+        self._file_rules = file_rules()
         self._decisions: dict[tuple[str, str, str, bool], bool] = {}
         self._grants: dict[str, tuple[str, ...]] = {}
-        # Counters for tests and metrics: policy loads, version reads after a wake-up, and
-        # notifications received on the channel (from anyone).
+        # Counters for tests and metrics: policy updates (full loads + incremental ones), of which
+        # full loads, version reads after a wake-up, and notifications received (from anyone).
         self.reloads = 0
+        self.full_reloads = 0
         self.version_checks = 0
         self.notifications = 0
         self.version: int | None = None  # dlw.grant_version as of the last load
@@ -84,13 +89,46 @@ class Authorizer:
         await self._load(await self.pool.fetchval(SQL["grant_version"]))
 
     async def refresh(self) -> bool:
-        """Reload only if dlw.grant_version moved since the last load; True if it did."""
+        """Catch up if dlw.grant_version moved since the last load; True if it did. Applies the
+        rules changed since then, or reloads everything when they are not all recorded."""
         self.version_checks += 1
-        version = await self.pool.fetchval(SQL["grant_version"])
+        if self.version is None:
+            await self.reload()
+            return True
+        rows = await self.pool.fetch(SQL["grant_changes"], self.version)
+        version, changes_from = rows[0]["version"], rows[0]["changes_from"]
         if version == self.version:
             return False
-        await self._load(version)
+        if changes_from > self.version + 1:
+            await self._load(await self.pool.fetchval(SQL["grant_version"]))
+            return True
+        await self._apply([r for r in rows if r["ptype"] is not None], version)
         return True
+
+    async def _apply(self, rows: list[asyncpg.Record], version: int) -> None:
+        # State, not events: each changed rule is made present or absent as the table has it now
+        # (same snapshot as the version), so the order of the changes does not matter. A rule of
+        # the built-in file stays whatever the table says.
+        for row in rows:
+            ptype, rule = rule_of([row["ptype"], row["v0"], row["v1"], row["v2"], row["v3"], row["v4"], row["v5"]])
+            grouping = ptype.startswith("g")
+            if row["present"]:
+                if grouping:
+                    await self.enforcer.add_named_grouping_policy(ptype, *rule)
+                else:
+                    await self.enforcer.add_named_policy(ptype, *rule)
+            elif (ptype, *rule) not in self._file_rules:
+                if grouping:
+                    await self.enforcer.remove_named_grouping_policy(ptype, *rule)
+                else:
+                    await self.enforcer.remove_named_policy(ptype, *rule)
+        self._decisions.clear()
+        self._grants.clear()
+        self.version = version
+        self.reloads += 1
+        log.info(
+            "authorization policy updated: %d rules (update %d, grant version %s)", len(rows), self.reloads, version
+        )
 
     async def _load(self, version: int | None) -> None:
         # The version is read before the rules: a change committed in between bumps the
@@ -100,6 +138,7 @@ class Authorizer:
         self._grants.clear()
         self.version = version
         self.reloads += 1
+        self.full_reloads += 1
         log.info("authorization policy loaded (reload %d, grant version %s)", self.reloads, version)
 
     async def start(self, listen_dsn: str) -> None:

@@ -32,7 +32,8 @@ FROM dlw.task_files WHERE task_id = $1 ORDER BY path;
 
 -- name: list_tasks
 -- One text per filter shape (not `$n IS NULL OR ...`): each keeps a cheap generic plan on the
--- index (tenant_id, created_at DESC, id DESC). Parameters: limit, [status], [cursor at, id].
+-- index (tenant_id, created_at DESC, id DESC), or with a status (tenant_id, status, created_at
+-- DESC, id DESC). Parameters: limit, [status], [cursor at, id].
 SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
        created_by, error, created_at, updated_at, finished_at
 FROM dlw.tasks ORDER BY created_at DESC, id DESC LIMIT $1;
@@ -106,9 +107,16 @@ SELECT id, issuer, client_id, role, description, created_at FROM dlw.service_acc
 DELETE FROM dlw.service_accounts WHERE id = $1 RETURNING client_id;
 
 -- name: audit_trail
+-- Two texts (without and with the action filter), not `$n IS NULL OR action = $n`: a generic
+-- plan could not use audit_log_tenant_action_at for the OR. Parameters: cursor (at, id), [action], limit.
 SELECT id, at, actor, action, target, detail, count, last_at FROM dlw.audit_log
 WHERE tenant_id = dlw.ctx_tenant_id() AND ($1::timestamptz IS NULL OR (at, id) < ($1, $2))
-  AND ($3::text IS NULL OR action = $3)
+ORDER BY at DESC, id DESC LIMIT $3;
+
+-- name: audit_trail_by_action
+SELECT id, at, actor, action, target, detail, count, last_at FROM dlw.audit_log
+WHERE tenant_id = dlw.ctx_tenant_id() AND ($1::timestamptz IS NULL OR (at, id) < ($1, $2))
+  AND action = $3
 ORDER BY at DESC, id DESC LIMIT $4;
 
 -- name: login_user
@@ -187,3 +195,17 @@ SELECT dlw.clear_hub_token() AS outcome;
 
 -- name: hub_token_status
 SELECT * FROM dlw.hub_token_status();
+
+-- name: grant_changes
+-- What changed since version $1, in one snapshot: the current version, the oldest version whose
+-- changes are all recorded, and each rule changed since $1 with whether it is a grant now (one
+-- probe of the unique index per changed rule: LATERAL ... LIMIT 1, never a hashed scan of the
+-- whole table, which an EXISTS may be planned as).
+SELECT g.version, g.changes_from, c.ptype, c.v0, c.v1, c.v2, c.v3, c.v4, c.v5, coalesce(p.present, false) AS present
+FROM dlw.grant_version g
+LEFT JOIN LATERAL (SELECT DISTINCT x.ptype, x.v0, x.v1, x.v2, x.v3, x.v4, x.v5 FROM dlw.casbin_rule_changes x
+                    WHERE x.version > $1 AND x.version <= g.version AND g.changes_from <= $1 + 1) c ON true
+LEFT JOIN LATERAL (SELECT true AS present FROM dlw.casbin_rule r
+                    WHERE r.ptype = c.ptype AND r.v0 = c.v0 AND r.v1 = c.v1 AND r.v2 = c.v2 AND r.v3 = c.v3
+                      AND r.v4 = c.v4 AND r.v5 = c.v5
+                    LIMIT 1) p ON true

@@ -29,6 +29,8 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw.executor_fail(uuid,uuid,text,boolean,integer)": _SYSTEM,
     "dlw.executor_release(uuid,uuid,bigint,text)": _SYSTEM,
     "dlw.executor_report_batch(jsonb,jsonb)": _SYSTEM,
+    # every writer of task_files records its queue changes (statement trigger; sql/39_executor_queue.sql)
+    "dlw.task_files_queue_changed()": _SYSTEM,
     # the usage fold and its drift check read every tenant's usage (sql/50_snapshots.sql)
     "dlw.refresh_quota_snapshots()": _SYSTEM,
     "dlw.quota_drift()": _SYSTEM,
@@ -98,6 +100,12 @@ INDEX_ALLOWLIST: dict[str, str] = {
     "dlw.reporting_logins_login_key": "one login maps to one tenant; dlw.reporting_tenant_id() finds the"
     " login's row by it, and the reporting policy (login = current_user) is a condition on this same"
     " column, so a probe for another login never reaches its row",
+    "dlw.task_files_lease_expiry": "the expiry sweep of a system-wide claim (dlw_system) reads expired"
+    " leases across tenants; on dlw.cross_tenant_key, which is not leakproof, so never used under RLS"
+    " (migrations/0016)",
+    "dlw.executor_queue_rank": "the fair claim (dlw_system) ranks tenants by files in flight across"
+    " tenants; every key on dlw.cross_tenant_key, which is not leakproof, so never used under RLS"
+    " (migrations/0016)",
     "dlw.usage_records_xid": "the usage fold (dlw.refresh_quota_snapshots, dlw_system) reads every"
     " tenant's new events by xid range; xid is not granted to reporting logins, which cannot name it",
 }

@@ -285,8 +285,10 @@ async def audit_trail(
     principal: Principal = Depends(require_perm("/api/v1/audit", "GET")),
 ) -> AuditPage:
     """The tenant's audit rows, newest first."""
+    # One SQL text per filter shape, so the filtered one keeps its index (audit_log_tenant_action_at).
+    query, filters = (SQL["audit_trail"], ()) if action is None else (SQL["audit_trail_by_action"], (action,))
     rows, next_cursor = await pagination.keyset_page(
-        request, principal, SQL["audit_trail"], action, cursor=cursor, limit=limit, time_column="at"
+        request, principal, query, *filters, cursor=cursor, limit=limit, time_column="at"
     )
     items = [AuditEntry(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]
     return AuditPage(items=items, next_cursor=next_cursor)
