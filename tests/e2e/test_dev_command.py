@@ -15,6 +15,8 @@ from app.ops.embedded import LocalCluster
 from tests.support import server
 from tests.support.database import free_port
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def start_dev(data_dir: Path, port: int) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")}
@@ -69,9 +71,10 @@ def test_a_second_dev_on_the_same_data_directory_or_port_refuses_at_once(tmp_pat
     try:
         server.wait_ready(first, port, timeout=90)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")}
+        # The README's own command, `./run dev`, a second time on the same data directory.
         same_dir = subprocess.run(
-            [sys.executable, "-m", "app", "dev", "--data-dir", str(data_dir), "--port", str(free_port())],
-            capture_output=True, text=True, env=env, timeout=60,
+            [str(ROOT / "run"), "dev", "--data-dir", str(data_dir), "--port", str(free_port())],
+            capture_output=True, text=True, env=env, timeout=120, cwd=ROOT,
         )  # fmt: skip
         assert same_dir.returncode == 1 and "Traceback" not in same_dir.stderr, same_dir.stderr
         assert f"in use by another dlw dev (pid {first.pid})" in same_dir.stderr
