@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="to resolve the tenant (default: DLW_DATABASE_URL, then the migration URL)")
     p.set_defaults(func=LazyCommand("app.ops.token_cli", "cmd_token_issue"))
 
+    p = sub.add_parser("openapi", help="print the API's OpenAPI document (committed as docs/openapi.json)")
+    p.add_argument("--output", help="write it to this file instead (e.g. docs/openapi.json)")
+    p.set_defaults(func=LazyCommand("app.ops.openapi_cli", "cmd_openapi"))
+
     executor = sub.add_parser("executor", help="the reference executor").add_subparsers(
         dest="executor_command", required=True
     )

@@ -7,7 +7,7 @@ import secrets
 
 from fastapi import FastAPI
 
-from app.api import api_docs, error_handlers, health
+from app.api import api_docs, error_handlers, health, openapi_document
 from app.api.body_limit import BodySizeLimit
 from app.api.lifespan import StartupRefused, lifespan_for
 from app.api.routes import administration, auth, executor, quota, storage_targets, tasks
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        generate_unique_id_function=openapi_document.operation_id,
     )
     app.state.settings = settings
     app.state.tenant_rules = parse_rules(settings.auth_tenant_rules_json)
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.expected_schema = health.expected_schema()
     for router in ROUTERS:
         app.include_router(router)
+    openapi_document.install(app)  # the completed document (error answers, security, headers)
     api_docs.install(app, settings)
     app.add_middleware(BodySizeLimit)
     error_handlers.install(app)

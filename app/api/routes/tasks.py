@@ -13,18 +13,20 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.api import pagination
+from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
 from app.api.refusals import INVALID_CURSOR, answer_of, found
 from app.api.transaction import call_for_outcome, fetch_rows, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
+from app.domain import FILE_STATUSES, TASK_STATUSES
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirstRoute)
 
 MAX_FILES = 10_000
 INT64_MAX = (1 << 63) - 1  # total_bytes is a bigint
-TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]  # = app.domain.TASK_STATUSES (tested)
 RepoId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
 Revision = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
 Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
@@ -52,7 +54,28 @@ class FileSpec(BaseModel):
 
 
 class TaskCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "repo_id": "acme/tiny-model",
+                    "revision": "main",
+                    "storage_target": "default",
+                    "files": [
+                        {"path": "config.json", "size": 1024},
+                        {
+                            "path": "model.safetensors",
+                            "size": 104857600,
+                            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                        },
+                    ],
+                    "priority": 0,
+                }
+            ]
+        },
+    )
     repo_id: RepoId
     revision: Revision
     storage_target: str = Field("default", min_length=1, max_length=100, description="id or name")
@@ -87,7 +110,7 @@ class TaskFile(BaseModel):
     path: str
     size: int
     sha256: str | None
-    status: str
+    status: str = enum_field(FILE_STATUSES)
     attempts: int
     bytes_done: int
     error: str | None
@@ -100,7 +123,7 @@ class Task(BaseModel):
     storage_target_id: uuid.UUID
     repo_id: str
     revision: str
-    status: str
+    status: str = enum_field(TASK_STATUSES)
     priority: int
     file_count: int
     total_bytes: int
@@ -121,12 +144,25 @@ class TaskPage(BaseModel):
     "/tasks",
     status_code=201,
     response_model=Task,
-    responses={200: {"description": "An Idempotency-Key retry: the first task"}, **error_responses("dlw.create_task")},
+    responses={
+        200: {
+            "model": Task,
+            "description": "A retry with the same Idempotency-Key and body: the first task, as it is now",
+        },
+        **error_responses("dlw.create_task"),
+    },
 )
 async def create_task(
     request: Request,
     body: TaskCreate,
-    idempotency_key: str | None = Header(None, min_length=1, max_length=200),
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="makes the creation safe to retry: the same key and body answer the first task (200),"
+        " another body 409 IDEMPOTENCY_CONFLICT",
+    ),
     principal: Principal = Depends(require_perm("/api/v1/tasks", "POST")),
 ) -> JSONResponse:
     """Create a task; the database admits it against the tenant's quota (429 when refused)."""
