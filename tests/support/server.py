@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import IO
 
 import httpx
 
@@ -29,12 +30,16 @@ def serve_env(db: MigratedDb | None, **overrides: str | None) -> dict[str, str]:
     return env
 
 
-def start(env: dict[str, str], port: int, *, stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+def start(
+    env: dict[str, str], port: int, *, stdout: int | IO[str] | None = subprocess.DEVNULL, log: IO[str] | None = None
+) -> subprocess.Popen[str]:
+    """The server process; its stderr is a pipe, or the file `log` (with stdout) for a long run
+    whose log the test reads afterwards (a pipe nobody reads would fill up and block it)."""
     return subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--port", str(port)],
         env=env,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
+        stdout=log if log is not None else stdout,
+        stderr=log if log is not None else subprocess.PIPE,
         text=True,
     )
 
@@ -61,10 +66,10 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def running_server(db: MigratedDb, **overrides: str | None) -> Iterator[str]:
-    """A ready server on a free port; yields its base URL."""
+def running_server(db: MigratedDb, *, log: IO[str] | None = None, **overrides: str | None) -> Iterator[str]:
+    """A ready server on a free port; yields its base URL. With log, its output goes there."""
     port = free_port()
-    proc = start(serve_env(db, **overrides), port)
+    proc = start(serve_env(db, **overrides), port, log=log)
     try:
         wait_ready(proc, port)
         yield f"http://127.0.0.1:{port}"
