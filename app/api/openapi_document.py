@@ -133,6 +133,57 @@ def _complete(operation: dict[str, Any], route: RouteContext, method: str) -> No
         operation["description"] = operation.get("summary", route.name)
 
 
+NO_NUL = "^[^\\x00]*$"
+JSON_VALUE = "#/components/schemas/JsonValue"
+JSON_VALUE_SCHEMA: dict[str, Any] = {
+    "title": "JsonValue",
+    "description": "any JSON value whose strings (and keys) hold no NUL character",
+    "anyOf": [
+        {"type": "string", "pattern": NO_NUL},
+        {"type": ["number", "boolean", "null"]},
+        {"type": "array", "items": {"$ref": JSON_VALUE}},
+        {"type": "object", "propertyNames": {"pattern": NO_NUL}, "additionalProperties": {"$ref": JSON_VALUE}},
+    ],
+}
+
+
+def _refuse_nul_in_requests(document: dict[str, Any]) -> None:
+    """Strict input refuses a NUL in any string of a request (app/api/strict_input.py): say so in
+    every request schema, so that what the document allows is what the API accepts. Strings with
+    a pattern, format or enum of their own already exclude it."""
+    schemas = document["components"]["schemas"]
+    seen: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+            return
+        if not isinstance(node, dict):
+            return
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+            name = ref.rsplit("/", 1)[1]
+            if name not in seen and name in schemas:
+                seen.add(name)
+                visit(schemas[name])
+            return
+        if node.get("type") == "string" and not {"pattern", "format", "enum", "const"} & node.keys():
+            node["pattern"] = NO_NUL
+        if node.get("type") == "object" and node.get("additionalProperties") is True:
+            node["additionalProperties"] = {"$ref": JSON_VALUE}
+            node["propertyNames"] = {"pattern": NO_NUL}
+        for key, value in node.items():
+            if key not in ("examples", "example", "default"):
+                visit(value)
+
+    for item in document["paths"].values():
+        for operation in item.values():
+            visit([p.get("schema") for p in operation.get("parameters", [])])
+            visit(operation.get("requestBody"))
+    schemas["JsonValue"] = JSON_VALUE_SCHEMA
+
+
 def _drop_unreferenced(document: dict[str, Any]) -> None:
     """FastAPI's own validation schemas: the error responses no longer use them."""
     schemas = document["components"]["schemas"]
@@ -171,6 +222,7 @@ def build(app: FastAPI) -> dict[str, Any]:
             " deployment's service token (see the description above)",
         }
     }
+    _refuse_nul_in_requests(document)
     _drop_unreferenced(document)
     return document
 

@@ -166,6 +166,9 @@ def fuzz(base: str, schema: Path, settings: Path, principal: str, bearer: str | 
 
 
 def summarize(principal: str, data: dict[str, Any], result: subprocess.CompletedProcess[str]) -> Summary:
+    if not data.get("test_cases") or not data.get("operations"):  # st itself failed
+        problem = f"{principal}: st exited {result.returncode} without results:\n{result.stderr[-3000:]}"
+        return Summary(principal, 0, 0, 0, 1, float(data.get("running_time") or 0), [problem])
     cases = data["test_cases"]
     errors = len(data["errors"]) + data["operations"]["errored"] + cases["errored"]
     problems = [

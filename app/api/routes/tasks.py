@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from app.api import pagination
 from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
-from app.api.refusals import INVALID_CURSOR, answer_of, found
+from app.api.refusals import DUPLICATE_FILE_PATH, INVALID_CURSOR, answer_of, found
 from app.api.transaction import call_for_outcome, fetch_rows, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
@@ -26,26 +26,27 @@ router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirst
 
 MAX_FILES = 10_000
 INT64_MAX = (1 << 63) - 1  # total_bytes is a bigint
+# The largest file (about 922 TB): no task of MAX_FILES files can add up beyond a bigint, so the
+# schema itself says what a task may total.
+MAX_FILE_SIZE = INT64_MAX // MAX_FILES
+# A relative POSIX path: no leading "/", no "\\", no NUL, no empty, "." or ".." segment. A pattern
+# (not a validator) so the OpenAPI document says exactly what is accepted.
+SEGMENT = r"(?!\.\.?(?:/|$))[^/\\\x00]+"
+RELATIVE_PATH = rf"^{SEGMENT}(?:/{SEGMENT})*$"
 TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]  # = app.domain.TASK_STATUSES (tested)
 RepoId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
-Revision = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+# No ".." segment either (the first character is no dot, every later segment follows a "/").
+Revision = Annotated[
+    str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]|/(?!\.\.(?:/|$)))*$")
+]
 Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
 
 
 class FileSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    path: str = Field(min_length=1, max_length=1024)
-    size: int = Field(ge=0, le=1 << 53)
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")  # lookaheads
+    path: str = Field(min_length=1, max_length=1024, pattern=RELATIVE_PATH, description="a relative POSIX path")
+    size: int = Field(ge=0, le=MAX_FILE_SIZE)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-
-    @field_validator("path")
-    @classmethod
-    def relative_path(cls, value: str) -> str:
-        if value.startswith("/") or "\\" in value or "\x00" in value:
-            raise ValueError("must be a relative POSIX path")
-        if any(part in ("", ".", "..") for part in value.split("/")):
-            raise ValueError("must not contain empty, '.' or '..' segments")
-        return value
 
     @field_validator("sha256")
     @classmethod
@@ -57,6 +58,7 @@ class TaskCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
+        regex_engine="python-re",  # the revision pattern's lookahead
         json_schema_extra={
             "examples": [
                 {
@@ -83,20 +85,8 @@ class TaskCreate(BaseModel):
     priority: int = Field(0, ge=-1000, le=1000)
     project_id: uuid.UUID | None = Field(None, strict=False)  # a UUID is a string in JSON
 
-    @field_validator("revision")
-    @classmethod
-    def no_parent_segments(cls, value: str) -> str:
-        if ".." in value.split("/"):
-            raise ValueError("must not contain '..' segments")
-        return value
-
     @model_validator(mode="after")
-    def unique_paths(self) -> TaskCreate:
-        seen: set[str] = set()
-        for index, spec in enumerate(self.files):
-            if spec.path in seen:
-                raise ValueError(f"files[{index}].path: duplicate path {spec.path!r}")
-            seen.add(spec.path)
+    def total_fits_a_bigint(self) -> TaskCreate:  # guaranteed by MAX_FILE_SIZE; kept as a guard
         if sum(spec.size for spec in self.files) > INT64_MAX:
             raise ValueError("files: the sizes add up to more than 2^63 - 1 bytes")
         return self
@@ -149,7 +139,7 @@ class TaskPage(BaseModel):
             "model": Task,
             "description": "A retry with the same Idempotency-Key and body: the first task, as it is now",
         },
-        **error_responses("dlw.create_task"),
+        **error_responses("dlw.create_task", DUPLICATE_FILE_PATH),
     },
 )
 async def create_task(
@@ -166,6 +156,8 @@ async def create_task(
     principal: Principal = Depends(require_perm("/api/v1/tasks", "POST")),
 ) -> JSONResponse:
     """Create a task; the database admits it against the tenant's quota (429 when refused)."""
+    if len({f.path for f in body.files}) < len(body.files):  # no schema keyword says "unique by path"
+        raise DUPLICATE_FILE_PATH.error()
     files = json.dumps([f.model_dump() for f in body.files])
     lock_timeout = request.app.state.settings.quota_lock_timeout_ms
     async with request_transaction(request, principal, "dlw.create_task") as conn:
