@@ -158,7 +158,8 @@ def fuzz(base: str, schema: Path, settings: Path, principal: str, bearer: str | 
     ]
     if bearer is not None:
         command += ["--header", f"Authorization: Bearer {bearer}"]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks", "PYTHONPATH": str(ROOT)}
+    hooks = {"SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks", "DLW_FUZZ_SCHEMA": str(schema)}
+    env = {**os.environ, **hooks, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIME_LIMIT, cwd=workdir, env=env)
     (workdir / f"{principal}.out").write_text(result.stdout + result.stderr)
     data = json.loads(report.read_text())
