@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="to resolve the tenant (default: DLW_DATABASE_URL, then the migration URL)")
     p.set_defaults(func=LazyCommand("app.ops.token_cli", "cmd_token_issue"))
 
+    p = sub.add_parser("openapi", help="print the API's OpenAPI document (committed as docs/openapi.json)")
+    p.add_argument("--output", help="write it to this file instead (e.g. docs/openapi.json)")
+    p.set_defaults(func=LazyCommand("app.ops.openapi_cli", "cmd_openapi"))
+
     executor = command_group(sub, "executor", "the reference executor", "executor_command")
     p = executor.add_parser("run", help="claim, download and report files until SIGTERM (see docs/executors.md)")
     add_run_arguments(p)

@@ -4,8 +4,10 @@ The database is the source: `dlw.domain_facts()` (sql/01_domain_facts.sql) for r
 platform tenant, executor limits and name patterns, the column defaults of `dlw.tenants`
 (migrations/0002.schema.sql) for the default quotas, and those of `dlw.reporting_logins`
 (migrations/0013.reporting_login_limits.sql, 0014.reporting_transaction_age.sql) for the
-reporting logins' limits. These constants mirror them; tests/sql/test_domain_facts.py fails
-when a value here and the database disagree. Change both together.
+reporting logins' limits, and the CHECK constraints of dlw.tasks and dlw.task_files
+(migrations/0002.schema.sql) for the statuses. These constants mirror them;
+tests/sql/test_domain_facts.py fails when a value here and the database disagree. Change both
+together.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ ROLES: Final[tuple[str, ...]] = ("system_admin", *TENANT_ROLES, "executor")
 """Every principal role."""
 SERVICE_ACCOUNT_ROLES: Final[tuple[str, ...]] = (*TENANT_ROLES, "executor")
 """Roles a service account may have."""
+
+TASK_STATUSES: Final[tuple[str, ...]] = ("pending", "running", "succeeded", "failed", "cancelled")
+"""dlw.tasks.status: pending -> running -> succeeded | failed; pending/running -> cancelled."""
+FILE_STATUSES: Final[tuple[str, ...]] = ("pending", "assigned", "running", "succeeded", "failed", "cancelled")
+"""dlw.task_files.status."""
 
 DEFAULT_QUOTA_CONCURRENT: Final[int] = 10
 """Live (pending or running) tasks per tenant; 0 = unlimited."""

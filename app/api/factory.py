@@ -7,7 +7,7 @@ import secrets
 
 from fastapi import FastAPI
 
-from app.api import api_docs, error_handlers, health, metrics
+from app.api import api_docs, error_handlers, health, metrics, openapi_document
 from app.api.body_limit import BodySizeLimit
 from app.api.lifespan import StartupRefused, lifespan_for
 from app.api.request_context import RequestContext
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        generate_unique_id_function=openapi_document.operation_id,
     )
     app.state.settings = settings
     app.state.tenant_rules = parse_rules(settings.auth_tenant_rules_json)
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.expected_schema = health.expected_schema()
     for router in ROUTERS:
         app.include_router(router)
+    openapi_document.install(app)  # the completed document (error answers, security, headers)
     api_docs.install(app, settings)
     metrics.install(app, settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.http_max_body_bytes)

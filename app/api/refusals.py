@@ -39,6 +39,7 @@ class Answers:
 
 # Refusals the routes answer themselves, before or without SQL.
 INVALID_CURSOR = Refusal(422, "INVALID_CURSOR", "the cursor is not one this API issued")
+DUPLICATE_FILE_PATH = Refusal(422, "DUPLICATE_FILE_PATH", "two files of the task have the same path")
 OIDC_NOT_CONFIGURED_422 = Refusal(422, "OIDC_NOT_CONFIGURED", "no issuer given and DLW_OIDC_ISSUER is unset")
 OIDC_NOT_CONFIGURED = Refusal(503, "OIDC_NOT_CONFIGURED", "no identity provider is configured")
 OIDC_UPSTREAM = Refusal(503, "OIDC_UPSTREAM", "the identity provider did not answer", retry_after=5)

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.factory import create_app
+from app.api.routes import tasks
 from tests.support.app import ADMIN_TOKEN, app_settings, bearer, token
 from tests.support.database import MigratedDb
 from tests.support.tenants import tenant
@@ -122,11 +123,14 @@ def test_body_integers_beyond_bigint_are_422(client, op):
 
 
 def test_total_bytes_beyond_bigint_is_422(client, op):
+    # A file may declare at most MAX_FILE_SIZE bytes, so no task of MAX_FILES files totals more
+    # than a bigint (the OpenAPI document says so too): 1,025 files of 2^53 bytes are refused.
     files = [{"path": f"f{i}", "size": 1 << 53} for i in range(1025)]
     detail = refused(client.post("/api/v1/tasks", headers=op, json=task(files=files)), 422, "VALIDATION_FAILED")
-    assert ["body"] in [error["loc"] for error in detail["errors"]]
-    # 1,023 such files still fit a bigint: admission (and its quota) decides.
-    fitting = client.post("/api/v1/tasks", headers=op, json=task(files=files[:1023]))
+    assert ["body", "files", 0, "size"] in [error["loc"] for error in detail["errors"]]
+    largest = [{"path": f"f{i}", "size": tasks.MAX_FILE_SIZE} for i in range(tasks.MAX_FILES)]
+    assert sum(f["size"] for f in largest) <= (1 << 63) - 1
+    fitting = client.post("/api/v1/tasks", headers=op, json=task(files=largest))  # admission decides
     assert fitting.status_code in (201, 429), fitting.text
 
 

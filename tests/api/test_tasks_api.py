@@ -83,6 +83,14 @@ def test_another_tenants_task_is_404_everywhere(client: TestClient, db: Migrated
     assert client.get("/api/v1/tasks", headers=op_a).json()["items"] == []
 
 
+def test_two_files_with_one_path_are_422_duplicate_file_path(client: TestClient, db: MigratedDb):
+    """No schema keyword says "unique by path": a code of its own, listed in the OpenAPI document."""
+    op = bearer(token(tenant(db, "dup-paths"), "tenant_operator"))
+    files = [{"path": "a", "size": 1}, {"path": "a", "size": 2}]
+    response = client.post("/api/v1/tasks", headers=op, json=body(files=files))
+    assert response.status_code == 422 and response.json()["detail"]["code"] == "DUPLICATE_FILE_PATH", response.text
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
@@ -96,7 +104,10 @@ def test_another_tenants_task_is_404_everywhere(client: TestClient, db: Migrated
         ({"files": [{"path": "ok", "size": -1}]}, ["body", "files", 0, "size"]),
         ({"files": [{"path": "ok", "size": 1, "sha256": "xyz"}]}, ["body", "files", 0, "sha256"]),
         ({"files": [{"path": "ok", "size": "big"}]}, ["body", "files", 0, "size"]),
-        ({"files": [{"path": "a", "size": 1}, {"path": "a", "size": 2}]}, ["body"]),
+        ({"files": [{"path": "a//b", "size": 1}]}, ["body", "files", 0, "path"]),
+        ({"files": [{"path": "a\\b", "size": 1}]}, ["body", "files", 0, "path"]),
+        ({"files": [{"path": "a/./b", "size": 1}]}, ["body", "files", 0, "path"]),
+        ({"revision": "main/.."}, ["body", "revision"]),
         ({"priority": 10_000}, ["body", "priority"]),
         ({"project_id": "not-a-uuid"}, ["body", "project_id"]),
         ({"surprise": True}, ["body", "surprise"]),

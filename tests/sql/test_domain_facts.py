@@ -107,6 +107,11 @@ def test_table_checks_repeat_the_facts(db: MigratedDb):
             "dlw.users": list(domain.TENANT_ROLES),
             "dlw.service_accounts": list(domain.SERVICE_ACCOUNT_ROLES),
         }
+        statuses = {
+            table: re.findall(r"'([a-z_]+)'::text", _check(conn, table, "status"))
+            for table in ("dlw.tasks", "dlw.task_files")
+        }
+        assert statuses == {"dlw.tasks": list(domain.TASK_STATUSES), "dlw.task_files": list(domain.FILE_STATUSES)}
         assert f"'{domain.TENANT_SLUG_PATTERN}'" in _check(conn, "dlw.tenants", "slug")
         assert f"{domain.DISPLAY_NAME_MAX_LENGTH}" in _check(conn, "dlw.tenants", "display_name")
         assert f"'{domain.STORAGE_TARGET_NAME_PATTERN}'" in _check(conn, "dlw.storage_targets", "name")
@@ -145,7 +150,7 @@ def test_the_claim_enforces_the_executor_limits(db: MigratedDb, max_files: int, 
 def test_python_copies_outside_app_domain_agree():
     """The request models and settings built from app.domain expose the same values; the role
     Literals (a Literal cannot be built from a tuple) spell them out and must match."""
-    from app.api.routes import administration, executor, storage_targets
+    from app.api.routes import administration, executor, storage_targets, tasks
 
     claim = executor.ClaimRequest.model_json_schema()["properties"]
     assert claim["max_files"]["maximum"] == domain.CLAIM_MAX_FILES
@@ -163,6 +168,7 @@ def test_python_copies_outside_app_domain_agree():
     assert tenant["quota_storage_gb"]["default"] == domain.DEFAULT_QUOTA_STORAGE_GB
     assert typing.get_args(administration.TenantRole) == domain.TENANT_ROLES
     assert typing.get_args(administration.ServiceAccountRole) == domain.SERVICE_ACCOUNT_ROLES
+    assert typing.get_args(tasks.TaskStatus) == domain.TASK_STATUSES
     target = storage_targets.StorageTargetCreate.model_json_schema()["properties"]
     assert target["name"]["pattern"] == domain.STORAGE_TARGET_NAME_PATTERN
     assert Settings.model_fields["executor_max_attempts"].default == domain.DEFAULT_MAX_ATTEMPTS

@@ -3,6 +3,7 @@ instance, real concurrency, or the process's own startup behaviour."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -38,13 +39,15 @@ def serve_env(db: MigratedDb | None, **overrides: str | None) -> dict[str, str]:
 
 
 def start(
-    env: dict[str, str], port: int, *, stdout: int | None = subprocess.DEVNULL, stderr: int | IO[str] = subprocess.PIPE
+    env: dict[str, str], port: int, *, stdout: int | IO[str] | None = subprocess.DEVNULL, log: IO[str] | None = None
 ) -> subprocess.Popen[str]:
+    """The server process; its stderr is a pipe, or the file `log` (with stdout) for a long run
+    whose log the test reads afterwards (a pipe nobody reads would fill up and block it)."""
     return subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--port", str(port)],
         env=env,
-        stdout=stdout,
-        stderr=stderr,
+        stdout=log if log is not None else stdout,
+        stderr=log if log is not None else subprocess.PIPE,
         text=True,
     )
 
@@ -71,12 +74,13 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def running_server(db: MigratedDb, *, log: Path | None = None, **overrides: str | None) -> Iterator[str]:
-    """A ready server on a free port; yields its base URL. With log, its stderr (its log, which
-    a pipe nobody reads would block once full) goes to that file."""
+def running_server(db: MigratedDb, *, log: Path | IO[str] | None = None, **overrides: str | None) -> Iterator[str]:
+    """A ready server on a free port; yields its base URL. With log (a path or an open file), its
+    output goes there (a pipe nobody reads would block the server once full)."""
     port = free_port()
-    with open(log or os.devnull, "w") as log_file:
-        proc = start(serve_env(db, **overrides), port, stderr=log_file if log else subprocess.PIPE)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(log, "w")) if isinstance(log, Path) else log
+        proc = start(serve_env(db, **overrides), port, log=out)
         try:
             wait_ready(proc, port)
             yield f"http://127.0.0.1:{port}"

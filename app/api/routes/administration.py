@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api import pagination
+from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
 from app.api.refusals import INVALID_CURSOR, OIDC_NOT_CONFIGURED_422, answer_of, found
 from app.api.transaction import fetch_rows, insert_audited, request_transaction
@@ -24,6 +25,8 @@ from app.domain import (
     DEFAULT_QUOTA_CONCURRENT,
     DEFAULT_QUOTA_STORAGE_GB,
     DISPLAY_NAME_MAX_LENGTH,
+    SERVICE_ACCOUNT_ROLES,
+    TENANT_ROLES,
     TENANT_SLUG_PATTERN,
 )
 from app.identity.principal import Principal
@@ -44,6 +47,9 @@ class Strict(BaseModel):
 
 # -- tenants (system_admin) ----------------------------------------------------------------
 class TenantCreate(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"slug": "acme", "display_name": "Acme Corp", "quota_concurrent": 10}]}
+    )
     slug: Slug
     display_name: str = Field(min_length=1, max_length=DISPLAY_NAME_MAX_LENGTH)
     quota_concurrent: int = Field(DEFAULT_QUOTA_CONCURRENT, ge=0, le=1_000_000)
@@ -52,6 +58,7 @@ class TenantCreate(Strict):
 
 
 class TenantPatch(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"quota_concurrent": 20}, {"active": False}]})
     display_name: str | None = Field(None, min_length=1, max_length=DISPLAY_NAME_MAX_LENGTH)
     quota_concurrent: int | None = Field(None, ge=0, le=1_000_000)
     quota_bytes_month: int | None = Field(None, ge=0, le=1 << 62)
@@ -112,6 +119,7 @@ async def get_tenant(
     tenant_id: TenantId,
     principal: Principal = Depends(require_perm("/api/v1/tenants/{tenant_id}", "GET", tenant_path_param="tenant_id")),
 ) -> Tenant:
+    """One tenant with its limits."""
     async with request_transaction(request, principal) as conn:
         return await _tenant(conn, tenant_id)
 
@@ -146,7 +154,7 @@ async def update_tenant(
 class User(BaseModel):
     id: uuid.UUID
     email: str | None
-    role: str
+    role: str = enum_field(TENANT_ROLES)
     issuer: str
     subject: str
     created_at: datetime
@@ -159,6 +167,7 @@ class UserPage(BaseModel):
 
 
 class UserPatch(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"role": "tenant_operator"}]})
     role: TenantRole
 
 
@@ -192,6 +201,11 @@ async def update_user(
 
 # -- service accounts (tenant_admin) -------------------------------------------------------
 class ServiceAccountCreate(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"client_id": "ci-pipeline", "role": "tenant_operator", "description": "nightly model sync"}]
+        }
+    )
     client_id: str = Field(min_length=1, max_length=255)
     role: ServiceAccountRole
     description: str = Field("", max_length=500)
@@ -202,7 +216,7 @@ class ServiceAccount(BaseModel):
     id: uuid.UUID
     issuer: str
     client_id: str
-    role: str
+    role: str = enum_field(SERVICE_ACCOUNT_ROLES)
     description: str
     created_at: datetime
 
@@ -239,6 +253,7 @@ async def create_service_account(
 async def list_service_accounts(
     request: Request, principal: Principal = Depends(require_perm("/api/v1/service-accounts", "GET"))
 ) -> list[ServiceAccount]:
+    """The tenant's service accounts."""
     return [ServiceAccount(**dict(r)) for r in await fetch_rows(request, principal, SQL["list_service_accounts"])]
 
 
@@ -253,6 +268,7 @@ async def delete_service_account(
     account_id: uuid.UUID,
     principal: Principal = Depends(require_perm("/api/v1/service-accounts/{account_id}", "DELETE")),
 ) -> Response:
+    """Unregister a service account: its client's tokens are refused from now on."""
     async with request_transaction(request, principal) as conn:
         row = found("delete_service_account", await conn.fetchrow(SQL["delete_service_account"], account_id))
         await audit(conn, "service_account.deleted", str(account_id), {"client_id": row["client_id"]})
@@ -276,7 +292,9 @@ class AuditPage(BaseModel):
     next_cursor: str | None
 
 
-@router.get("/audit", response_model=AuditPage, responses=error_responses(INVALID_CURSOR))
+@router.get(
+    "/audit", response_model=AuditPage, operation_id="listAuditEntries", responses=error_responses(INVALID_CURSOR)
+)
 async def audit_trail(
     request: Request,
     limit: Limit = 50,

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel
 
+from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
 from app.api.refusals import (
     OIDC_INVALID_CODE,
@@ -24,6 +25,7 @@ from app.api.refusals import (
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.config import Settings
 from app.db.queries import SQL
+from app.domain import ROLES
 from app.identity import login_state, system_jwt
 from app.identity.oidc import OidcClient, OidcNonceMismatch, OidcTokenError, OidcUpstreamError, email_claim
 from app.identity.principal import Principal
@@ -40,13 +42,13 @@ class LoginResult(BaseModel):
     system_jwt: str
     expires_in: int
     tenant_id: int
-    role: str
+    role: str = enum_field(ROLES)
 
 
 class Me(BaseModel):
     user_id: str
     tenant_id: int
-    role: str
+    role: str = enum_field(ROLES)
     project_ids: list[str]
     is_service: bool
 
@@ -60,6 +62,7 @@ def _oidc(request: Request) -> OidcClient:
 
 @router.get(
     "/login",
+    operation_id="startLogin",
     response_class=RedirectResponse,
     status_code=302,
     responses=error_responses(OIDC_NOT_CONFIGURED, OIDC_UPSTREAM, authenticated=False, database=False),
@@ -127,6 +130,7 @@ def _same(a: str, b: str) -> bool:
 
 @router.get(
     "/callback",
+    operation_id="finishLogin",
     response_model=LoginResult,
     responses=error_responses(
         "dlw.login_user",
@@ -173,7 +177,7 @@ async def callback(
     return response
 
 
-@router.get("/me", response_model=Me, responses=error_responses(database=False))
+@router.get("/me", response_model=Me, operation_id="getMe", responses=error_responses(database=False))
 async def me(principal: Principal = Depends(require_perm("/api/v1/auth/me", "GET"))) -> Me:
     """The calling principal."""
     return Me(**principal.as_dict())  # type: ignore[arg-type]

@@ -20,11 +20,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api import hub_secrets
+from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
+from app.api.refusals import REGISTRY
 from app.api.transaction import call_for_outcome, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
-from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
+from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN, TASK_STATUSES
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
@@ -33,7 +35,11 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha
 
 
 class ClaimRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"max_files": 4, "lease_seconds": 120, "executor": "worker-1"}]},
+    )
     max_files: int = Field(1, ge=1, le=CLAIM_MAX_FILES)
     lease_seconds: int = Field(
         60,
@@ -115,16 +121,21 @@ class FailBody(LeaseBody):
     retryable: bool = False
 
 
+REPORT_CALLS = ("dlw.executor_complete", "dlw.executor_fail", "dlw.executor_release")
+
+
 class Report(BaseModel):
-    outcome: str
-    task_status: str | None
+    outcome: str = enum_field(frozenset().union(*(REGISTRY[call].success for call in REPORT_CALLS)))
+    task_status: str | None = enum_field(TASK_STATUSES, nullable=True, description="the task's status after the report")
 
 
 # Claims never wait for locks and reports lock a task before its files, so a deadlock is not
 # expected; should PostgreSQL still abort one, the registry answers 503 EXECUTOR_RETRY.
 
 
-@router.post("/claim", response_model=ClaimResponse, responses=error_responses("dlw.executor_claim"))
+@router.post(
+    "/claim", response_model=ClaimResponse, operation_id="claimFiles", responses=error_responses("dlw.executor_claim")
+)
 async def claim(
     request: Request,
     body: ClaimRequest,
@@ -176,7 +187,10 @@ async def claim(
 
 
 @router.post(
-    "/files/{file_id}/heartbeat", response_model=HeartbeatResponse, responses=error_responses("dlw.executor_heartbeat")
+    "/files/{file_id}/heartbeat",
+    response_model=HeartbeatResponse,
+    operation_id="heartbeatFile",
+    responses=error_responses("dlw.executor_heartbeat"),
 )
 async def heartbeat(
     request: Request,
@@ -199,7 +213,12 @@ async def heartbeat(
     return HeartbeatResponse(lease_expires_at=row["lease_expires_at"])
 
 
-@router.post("/files/{file_id}/complete", response_model=Report, responses=error_responses("dlw.executor_complete"))
+@router.post(
+    "/files/{file_id}/complete",
+    response_model=Report,
+    operation_id="completeFile",
+    responses=error_responses("dlw.executor_complete"),
+)
 async def complete(
     request: Request,
     file_id: uuid.UUID,
@@ -221,7 +240,12 @@ async def complete(
     return Report(outcome=outcome, task_status=row["task_status"])
 
 
-@router.post("/files/{file_id}/fail", response_model=Report, responses=error_responses("dlw.executor_fail"))
+@router.post(
+    "/files/{file_id}/fail",
+    response_model=Report,
+    operation_id="failFile",
+    responses=error_responses("dlw.executor_fail"),
+)
 async def fail(
     request: Request,
     file_id: uuid.UUID,
@@ -244,7 +268,12 @@ async def fail(
     return Report(outcome=outcome, task_status=row["task_status"])
 
 
-@router.post("/files/{file_id}/release", response_model=Report, responses=error_responses("dlw.executor_release"))
+@router.post(
+    "/files/{file_id}/release",
+    response_model=Report,
+    operation_id="releaseFile",
+    responses=error_responses("dlw.executor_release"),
+)
 async def release(
     request: Request,
     file_id: uuid.UUID,

@@ -35,7 +35,12 @@ class Quota(BaseModel):
     storage_targets_quota: int
 
 
-@router.get("/quota/current", response_model=Quota, responses=error_responses("dlw.quota_current"))
+@router.get(
+    "/quota/current",
+    response_model=Quota,
+    operation_id="getCurrentQuota",
+    responses=error_responses("dlw.quota_current"),
+)
 async def quota_current(
     request: Request, principal: Principal = Depends(require_perm("/api/v1/quota/current", "GET"))
 ) -> Quota:

@@ -21,7 +21,11 @@ router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirst
 
 
 class StorageTargetCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"name": "scratch", "kind": "local", "config": {"root": "/srv/models"}}]},
+    )
     name: str = Field(pattern=STORAGE_TARGET_NAME_PATTERN)
     kind: Literal["local"] = "local"
     config: dict[str, Any] = Field(default_factory=dict, description="never returned by the API")
@@ -38,6 +42,7 @@ class StorageTarget(BaseModel):
 async def list_storage_targets(
     request: Request, principal: Principal = Depends(require_perm("/api/v1/storage-targets", "GET"))
 ) -> list[StorageTarget]:
+    """The tenant's storage targets (their config is never returned)."""
     return [StorageTarget(**dict(r)) for r in await fetch_rows(request, principal, SQL["list_storage_targets"])]
 
 
@@ -52,6 +57,7 @@ async def create_storage_target(
     body: StorageTargetCreate,
     principal: Principal = Depends(require_perm("/api/v1/storage-targets", "POST")),
 ) -> StorageTarget:
+    """Add a storage target to the tenant (up to its storage-target quota)."""
     # A duplicate name (within the tenant's own key space) is 409 STORAGE_TARGET_EXISTS.
     row = await insert_audited(
         request,

@@ -15,21 +15,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.api import pagination
 from app.api.hub import unavailable
 from app.api.metrics import count_admission
+from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
-from app.api.refusals import HUB_REFUSALS, INVALID_CURSOR, answer_of, found
+from app.api.refusals import DUPLICATE_FILE_PATH, HUB_REFUSALS, INVALID_CURSOR, answer_of, found
 from app.api.task_manifest import Wanted, settle
 from app.api.transaction import call_for_outcome, fetch_rows, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
+from app.domain import FILE_STATUSES, TASK_STATUSES
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirstRoute)
 
 MAX_FILES = 10_000
 INT64_MAX = (1 << 63) - 1  # total_bytes is a bigint
-TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+# The largest file (about 922 TB): no task of MAX_FILES files can add up beyond a bigint, so the
+# schema itself says what a task may total.
+MAX_FILE_SIZE = INT64_MAX // MAX_FILES
+# A relative POSIX path: no leading "/", no "\\", no NUL, no empty, "." or ".." segment. A pattern
+# (not a validator) so the OpenAPI document says exactly what is accepted.
+SEGMENT = r"(?!\.\.?(?:/|$))[^/\\\x00]+"
+RELATIVE_PATH = rf"^{SEGMENT}(?:/{SEGMENT})*$"
+TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]  # = app.domain.TASK_STATUSES (tested)
 RepoId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
-Revision = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+# No ".." segment either (the first character is no dot, every later segment follows a "/").
+Revision = Annotated[
+    str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]|/(?!\.\.(?:/|$)))*$")
+]
 Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
 RepoType = Literal["model", "dataset"]
 Pattern = Annotated[str, Field(min_length=1, max_length=500)]
@@ -37,19 +49,10 @@ Patterns = Annotated[list[Pattern], Field(max_length=100)]
 
 
 class FileSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    path: str = Field(min_length=1, max_length=1024)
-    size: int = Field(ge=0, le=1 << 53)
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")  # lookaheads
+    path: str = Field(min_length=1, max_length=1024, pattern=RELATIVE_PATH, description="a relative POSIX path")
+    size: int = Field(ge=0, le=MAX_FILE_SIZE)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-
-    @field_validator("path")
-    @classmethod
-    def relative_path(cls, value: str) -> str:
-        if value.startswith("/") or "\\" in value or "\x00" in value:
-            raise ValueError("must be a relative POSIX path")
-        if any(part in ("", ".", "..") for part in value.split("/")):
-            raise ValueError("must not contain empty, '.' or '..' segments")
-        return value
 
     @field_validator("sha256")
     @classmethod
@@ -58,7 +61,29 @@ class FileSpec(BaseModel):
 
 
 class TaskCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        regex_engine="python-re",  # the revision pattern's lookahead
+        json_schema_extra={
+            "examples": [
+                {
+                    "repo_id": "acme/tiny-model",
+                    "revision": "main",
+                    "storage_target": "default",
+                    "files": [
+                        {"path": "config.json", "size": 1024},
+                        {
+                            "path": "model.safetensors",
+                            "size": 104857600,
+                            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                        },
+                    ],
+                    "priority": 0,
+                }
+            ]
+        },
+    )
     repo_id: RepoId
     revision: Revision = Field("main", description="branch, tag or commit; the task keeps the commit it resolves to")
     repo_type: RepoType = "model"
@@ -76,24 +101,13 @@ class TaskCreate(BaseModel):
     priority: int = Field(0, ge=-1000, le=1000)
     project_id: uuid.UUID | None = Field(None, strict=False)  # a UUID is a string in JSON
 
-    @field_validator("revision")
-    @classmethod
-    def no_parent_segments(cls, value: str) -> str:
-        if ".." in value.split("/"):
-            raise ValueError("must not contain '..' segments")
-        return value
-
     @model_validator(mode="after")
-    def unique_paths(self) -> TaskCreate:
+    def files_or_patterns(self) -> TaskCreate:
         if self.files is None:
             return self
         if self.include is not None or self.exclude is not None:
             raise ValueError("include/exclude select from the hub's listing: give them or files, not both")
-        seen: set[str] = set()
-        for index, spec in enumerate(self.files):
-            if spec.path in seen:
-                raise ValueError(f"files[{index}].path: duplicate path {spec.path!r}")
-            seen.add(spec.path)
+        # guaranteed by MAX_FILE_SIZE; kept as a guard
         if sum(spec.size for spec in self.files) > INT64_MAX:
             raise ValueError("files: the sizes add up to more than 2^63 - 1 bytes")
         return self
@@ -107,7 +121,7 @@ class TaskFile(BaseModel):
     path: str
     size: int
     sha256: str | None
-    status: str
+    status: str = enum_field(FILE_STATUSES)
     attempts: int
     bytes_done: int
     error: str | None
@@ -125,7 +139,7 @@ class Task(BaseModel):
         description="the commit the revision resolved to at creation: what executors download"
         " (null only when the hub could not be asked and the client's files were taken as given)"
     )
-    status: str
+    status: str = enum_field(TASK_STATUSES)
     priority: int
     file_count: int
     total_bytes: int
@@ -147,19 +161,31 @@ class TaskPage(BaseModel):
     status_code=201,
     response_model=Task,
     responses={
-        200: {"description": "An Idempotency-Key retry: the first task"},
-        **error_responses("dlw.create_task", *HUB_REFUSALS),
+        200: {
+            "model": Task,
+            "description": "A retry with the same Idempotency-Key and body: the first task, as it is now",
+        },
+        **error_responses("dlw.create_task", DUPLICATE_FILE_PATH, *HUB_REFUSALS),
     },
 )
 async def create_task(
     request: Request,
     body: TaskCreate,
-    idempotency_key: str | None = Header(None, min_length=1, max_length=200),
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="makes the creation safe to retry: the same key and body answer the first task (200),"
+        " another body 409 IDEMPOTENCY_CONFLICT",
+    ),
     principal: Principal = Depends(require_perm("/api/v1/tasks", "POST")),
 ) -> JSONResponse:
     """Create a task from a repository name (the hub resolves the revision to a commit and lists
     the files, with include/exclude) or from a files list (checked against the hub); the database
     then admits it against the tenant's quota (429 when refused)."""
+    if body.files is not None and len({f.path for f in body.files}) < len(body.files):
+        raise DUPLICATE_FILE_PATH.error()  # no schema keyword says "unique by path"
     wanted = Wanted(
         body.repo_type,
         body.repo_id,
