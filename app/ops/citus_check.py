@@ -23,6 +23,8 @@ GLOBAL_TABLES: dict[str, str] = {
     " coordinator metadata, a reference table",
     "dlw.snapshot_state": "one row: when the usage fold last ran: a reference table",
     "dlw.grant_version": "one row: the authorization policy's version, bumped by grant changes: a reference table",
+    "dlw.casbin_rule_changes": "the recent changes of the authorization policy (dlw.casbin_rule), read by every"
+    " API instance to apply a change incrementally: a reference table like the policy itself",
     "dlw.reporting_logins": "maps a database login to its tenant before any tenant is known; logins are"
     " cluster-wide roles: a reference table",
 }
