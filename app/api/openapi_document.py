@@ -68,6 +68,10 @@ the same key and body answers 200 with the first task, another body 409 `IDEMPOT
 
 TAGS: list[dict[str, str]] = [
     {"name": "tasks", "description": "Download tasks, the tenant's quota and its storage targets."},
+    {
+        "name": "hub token",
+        "description": "The tenant's Hugging Face Hub token: set, clear, see whether one is set (never read back).",
+    },
     {"name": "executor", "description": "For executors: claim files under a lease, heartbeat, report the outcome."},
     {"name": "administration", "description": "Tenants (system_admin), users, service accounts, the audit trail."},
     {"name": "auth", "description": "Login through the identity provider (or dev mode), and who am I."},

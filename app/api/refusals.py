@@ -64,6 +64,12 @@ MANIFEST_MISMATCH = Refusal(
     422, "MANIFEST_MISMATCH", "a listed file is not in the revision on the hub, or its size or sha256 differs"
 )
 MANIFEST_TOO_LARGE = Refusal(422, "MANIFEST_TOO_LARGE", "the selection has more files than a task may hold")
+FILES_OR_PATTERNS = Refusal(
+    422, "FILES_OR_PATTERNS", "include/exclude select from the hub's listing: give them or files, not both"
+)
+FILES_REQUIRED = Refusal(
+    422, "FILES_REQUIRED", "this deployment resolves no repository names (DLW_HF_ENDPOINT is empty): give the files"
+)
 HUB_TOKEN_NOT_SET = Refusal(404, "HUB_TOKEN_NOT_SET", "the tenant has no hub token")
 HUB_REFUSALS = (
     REPO_NOT_FOUND,
@@ -73,6 +79,8 @@ HUB_REFUSALS = (
     EMPTY_SELECTION,
     MANIFEST_MISMATCH,
     MANIFEST_TOO_LARGE,
+    FILES_REQUIRED,
+    FILES_OR_PATTERNS,
 )
 
 TASK_NOT_FOUND = Refusal(404, "TASK_NOT_FOUND", "no such task in the tenant")

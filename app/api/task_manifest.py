@@ -18,7 +18,7 @@ from fastapi import Request
 from app.api import hub_secrets
 from app.api.errors import ApiError
 from app.api.hub import COMMIT, HubClient, HubFile, select, unavailable
-from app.api.refusals import EMPTY_SELECTION, HUB_UNAVAILABLE, MANIFEST_MISMATCH, MANIFEST_TOO_LARGE
+from app.api.refusals import EMPTY_SELECTION, FILES_REQUIRED, HUB_UNAVAILABLE, MANIFEST_MISMATCH, MANIFEST_TOO_LARGE
 from app.api.transaction import request_transaction
 from app.config import Settings
 from app.db.queries import SQL
@@ -59,8 +59,8 @@ async def tenant_hub_token(request: Request, principal: Principal) -> str | None
 async def settle(request: Request, principal: Principal, wanted: Wanted) -> Manifest:
     settings: Settings = request.app.state.settings
     if not settings.hf_endpoint:  # no hub configured: client manifests only, unchecked
-        if wanted.files is None:
-            raise unavailable(None, "DLW_HF_ENDPOINT is empty: tasks need a files list")
+        if wanted.files is None:  # not an outage: nothing to retry
+            raise FILES_REQUIRED.error()
         return Manifest(_commit_in(wanted.revision), list(wanted.files))
     token = await tenant_hub_token(request, principal)
     headers = {"User-Agent": "dlw-api", **({"Authorization": f"Bearer {token}"} if token else {})}

@@ -105,7 +105,7 @@ def test_include_and_exclude_follow_huggingface_hub_patterns(client, db):
     empty = create(client, tid, repo_id="org/toy", include=["*.gguf"])
     assert empty.status_code == 422 and code(empty) == "EMPTY_SELECTION"
     both = create(client, tid, repo_id="org/toy", include=["*"], files=[{"path": "config.json", "size": 1}])
-    assert both.status_code == 422 and code(both) == "VALIDATION_FAILED"
+    assert both.status_code == 422 and code(both) == "FILES_OR_PATTERNS"
 
 
 def test_tags_commits_and_datasets(client, db, hub):

@@ -17,7 +17,7 @@ from app.api.hub import unavailable
 from app.api.metrics import count_admission
 from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
-from app.api.refusals import DUPLICATE_FILE_PATH, HUB_REFUSALS, INVALID_CURSOR, answer_of, found
+from app.api.refusals import DUPLICATE_FILE_PATH, FILES_OR_PATTERNS, HUB_REFUSALS, INVALID_CURSOR, answer_of, found
 from app.api.task_manifest import Wanted, settle
 from app.api.transaction import call_for_outcome, fetch_rows, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
@@ -102,11 +102,9 @@ class TaskCreate(BaseModel):
     project_id: uuid.UUID | None = Field(None, strict=False)  # a UUID is a string in JSON
 
     @model_validator(mode="after")
-    def files_or_patterns(self) -> TaskCreate:
+    def total_fits_a_bigint(self) -> TaskCreate:
         if self.files is None:
             return self
-        if self.include is not None or self.exclude is not None:
-            raise ValueError("include/exclude select from the hub's listing: give them or files, not both")
         # guaranteed by MAX_FILE_SIZE; kept as a guard
         if sum(spec.size for spec in self.files) > INT64_MAX:
             raise ValueError("files: the sizes add up to more than 2^63 - 1 bytes")
@@ -184,8 +182,12 @@ async def create_task(
     """Create a task from a repository name (the hub resolves the revision to a commit and lists
     the files, with include/exclude) or from a files list (checked against the hub); the database
     then admits it against the tenant's quota (429 when refused)."""
+    # Neither rule is a schema keyword: each has its own code, so schema-valid data is never
+    # answered VALIDATION_FAILED.
+    if body.files is not None and (body.include is not None or body.exclude is not None):
+        raise FILES_OR_PATTERNS.error()
     if body.files is not None and len({f.path for f in body.files}) < len(body.files):
-        raise DUPLICATE_FILE_PATH.error()  # no schema keyword says "unique by path"
+        raise DUPLICATE_FILE_PATH.error()  # "unique by path"
     wanted = Wanted(
         body.repo_type,
         body.repo_id,
