@@ -128,7 +128,7 @@ SELECT * FROM dlw.executor_report_batch($1::jsonb, $2::jsonb);
 SELECT * FROM dlw.executor_complete($1, $2, $3, $4);
 
 -- name: executor_fail
-SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5);
+SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5, $6);
 
 -- name: executor_release
 SELECT dlw.executor_release($1, $2, $3, $4) AS outcome;
