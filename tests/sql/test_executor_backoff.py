@@ -50,9 +50,9 @@ def fail(ex: Executor, file: uuid.UUID, token: uuid.UUID, retry_after: int | Non
     return str(row["outcome"])
 
 
-def failed_wait(owner: psycopg.Connection, ex: Executor, file: uuid.UUID, token: uuid.UUID, **kw: Any) -> tuple[
-    timedelta, timedelta
-]:
+def failed_wait(
+    owner: psycopg.Connection, ex: Executor, file: uuid.UUID, token: uuid.UUID, **kw: Any
+) -> tuple[timedelta, timedelta]:
     """Fails the file retryably; returns the bounds of its wait (not_before minus the clock just
     after and just before the report), so that lower <= wait <= upper holds for the true wait."""
     before = now(owner)
