@@ -55,6 +55,9 @@ FROM dlw.tasks WHERE status = $2 AND (created_at, id) < ($3, $4) ORDER BY create
 -- name: cancel_task
 SELECT dlw.cancel_task($1) AS outcome;
 
+-- name: retry_task
+SELECT * FROM dlw.retry_task($1, $2);
+
 -- name: quota_current
 SELECT * FROM dlw.quota_current();
 
