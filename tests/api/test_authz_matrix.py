@@ -47,7 +47,7 @@ class World:
         with self.db.owner() as conn:
             task = conn.execute(*_task_sql(tid)).fetchone()[0]
             conn.execute(
-                "INSERT INTO dlw.task_files (tenant_id, task_id, path, size, status) VALUES (%s, %s, 'a', 1, 'pending')",
+                "INSERT INTO dlw.task_files (tenant_id, task_id, path, size) VALUES (%s, %s, 'a', 1)",
                 (tid, task),
             )
             for status in ("running", "failed"):
