@@ -29,6 +29,36 @@ def blocks(text: str) -> list[tuple[str, str | None]]:
     return [(m["code"], m["expect"]) for m in BLOCK.finditer(text)]
 
 
+def failed_task(db: MigratedDb, tenant_id: int) -> None:
+    """What section 6 retries: a task of the tenant whose first file succeeded and second failed
+    (the hub answered 503 on every attempt), as the executor functions leave one."""
+    with db.owner() as conn:
+        (task,) = conn.execute(
+            "INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision, file_count,"
+            " total_bytes) SELECT %s, p.id, s.id, 'acme/flaky', 'main', 2, 2048 FROM dlw.projects p, dlw.storage_targets s"
+            " WHERE p.tenant_id = %s AND p.is_default AND s.tenant_id = %s AND s.name = 'default' RETURNING id",
+            (tenant_id, tenant_id, tenant_id),
+        ).fetchone()  # type: ignore[misc]
+        for path in ("config.json", "model.safetensors"):
+            conn.execute(
+                "INSERT INTO dlw.task_files (tenant_id, task_id, path, size) VALUES (%s, %s, %s, 1024)",
+                (tenant_id, task, path),
+            )
+        conn.execute("UPDATE dlw.tasks SET status = 'running' WHERE id = %s", (task,))
+        conn.execute("UPDATE dlw.task_files SET status = 'assigned', attempts = 5 WHERE task_id = %s", (task,))
+        conn.execute(
+            "UPDATE dlw.task_files SET status = 'succeeded' WHERE task_id = %s AND path = 'config.json'", (task,)
+        )
+        error = "HTTP 503 from the hub (attempt 5 of 5)"
+        conn.execute(
+            "UPDATE dlw.task_files SET status = 'failed', error = %s WHERE task_id = %s AND status = 'assigned'",
+            (error, task),
+        )
+        conn.execute(
+            "UPDATE dlw.tasks SET status = 'failed', error = %s WHERE id = %s", (f"model.safetensors: {error}", task)
+        )
+
+
 def test_every_example_is_marked_to_run():
     text = GUIDE.read_text()
     assert text.count("```sh") == len(blocks(text)) >= 8
@@ -37,7 +67,8 @@ def test_every_example_is_marked_to_run():
 def test_every_example_runs(db: MigratedDb):
     missing = [tool for tool in ("curl", "jq", "uuidgen") if shutil.which(tool) is None]
     require(", ".join(missing) or None, "the users guide's examples (curl, jq, uuidgen)")
-    tenant(db, "acme")
+    acme = tenant(db, "acme")
+    failed_task(db, acme)
     rules = json.dumps([{"email_domain": "acme.test", "tenant": "acme", "role": "tenant_operator"}])
     examples = blocks(GUIDE.read_text())
     script = "set -euo pipefail\n" + "".join(f"echo {MARK}\n{code}" for code, _ in examples)
