@@ -35,7 +35,8 @@ def failed_task(db: MigratedDb, tenant_id: int) -> None:
     with db.owner() as conn:
         (task,) = conn.execute(
             "INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision, file_count,"
-            " total_bytes) SELECT %s, p.id, s.id, 'acme/flaky', 'main', 2, 2048 FROM dlw.projects p, dlw.storage_targets s"
+            " total_bytes) SELECT %s, p.id, s.id, 'acme/flaky', 'main', 2, 2048"
+            " FROM dlw.projects p, dlw.storage_targets s"
             " WHERE p.tenant_id = %s AND p.is_default AND s.tenant_id = %s AND s.name = 'default' RETURNING id",
             (tenant_id, tenant_id, tenant_id),
         ).fetchone()  # type: ignore[misc]
