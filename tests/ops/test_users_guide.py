@@ -1,6 +1,7 @@
 """Every example of docs/users.md runs, in order, in one bash, against a real `dlw serve` (dev-mode
-login, a tenant acme whose people are tenant operators), as the DBA and reporting guides' SQL
-examples run in psql (tests/psql/test_docs_sql.py).
+login, a tenant acme whose people are tenant operators, with a 64 MiB month) and the hub emulator
+(tests/support/hub/) holding the repositories the guide names, as the DBA and reporting guides'
+SQL examples run in psql (tests/psql/test_docs_sql.py).
 
 Each ```sh block is preceded by `<!-- run: sh -->` or `<!-- run: sh; expect: TEXT -->`; TEXT must
 appear in that block's output. A ```sh block without the comment fails the test: no example is
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from tests.support import server
 from tests.support.database import MigratedDb
+from tests.support.hub import HubEmulator, running_hub
 from tests.support.requirements import require
 from tests.support.tenants import tenant
 
@@ -27,6 +29,18 @@ MARK = "@@dlw-users-guide-block@@"
 
 def blocks(text: str) -> list[tuple[str, str | None]]:
     return [(m["code"], m["expect"]) for m in BLOCK.finditer(text)]
+
+
+QUOTA = 64 << 20  # the tenant's bytes per month: acme/huge does not fit
+
+
+def guide_repositories(hub: HubEmulator) -> None:
+    """What the guide's tasks name: acme/sentiment at tags v1.0 and v1.1 (the sizes the guide
+    lists), and acme/huge, larger than the month's quota."""
+    sentiment = hub.hub.repo("acme/sentiment")
+    sentiment.tag("v1.0", sentiment.commit({"config.json": b"{}".ljust(512), "model.safetensors": bytes(1 << 20)}))
+    sentiment.tag("v1.1", sentiment.commit({"config.json": b"[]".ljust(512), "README.md": b"# sentiment\n"}))
+    hub.hub.repo("acme/huge").commit({"weights.bin": bytes(QUOTA + 1)})
 
 
 def failed_task(db: MigratedDb, tenant_id: int) -> None:
@@ -68,14 +82,17 @@ def test_every_example_is_marked_to_run():
 def test_every_example_runs(db: MigratedDb):
     missing = [tool for tool in ("curl", "jq", "uuidgen") if shutil.which(tool) is None]
     require(", ".join(missing) or None, "the users guide's examples (curl, jq, uuidgen)")
-    acme = tenant(db, "acme")
+    acme = tenant(db, "acme", bytes_month=QUOTA)
     failed_task(db, acme)
     rules = json.dumps([{"email_domain": "acme.test", "tenant": "acme", "role": "tenant_operator"}])
     examples = blocks(GUIDE.read_text())
     script = "set -euo pipefail\n" + "".join(f"echo {MARK}\n{code}" for code, _ in examples)
-    with server.running_server(db, DLW_AUTH_DEV_MODE="true", DLW_AUTH_TENANT_RULES_JSON=rules) as base:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")} | {"DLW": base}
-        result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    with running_hub() as hub:
+        guide_repositories(hub)
+        dev = {"DLW_AUTH_DEV_MODE": "true", "DLW_AUTH_TENANT_RULES_JSON": rules, "DLW_HF_ENDPOINT": hub.url}
+        with server.running_server(db, **dev) as base:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("DLW_")} | {"DLW": base}
+            result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
     outputs = result.stdout.split(MARK + "\n")[1:]
     assert result.returncode == 0, f"block {len(outputs)} failed:\n{result.stdout[-3000:]}\n{result.stderr}"
     assert len(outputs) == len(examples)
