@@ -10,4 +10,10 @@ ALTER TABLE dlw.task_files
 COMMENT ON COLUMN dlw.task_files.not_before IS
     'Earliest time a claim may offer this pending file again (the backoff after a retryable failure: exponential with jitter, at least the hub''s Retry-After; see dlw.retry_backoff). NULL: at once. Cleared when the file is claimed';
 
+-- The claim's probe for a tenant with a file ready (sql/41_executor_claim.sql): pending files by
+-- tenant and backoff (NULL first: ready at once).
+CREATE INDEX task_files_not_before ON dlw.task_files (tenant_id, not_before NULLS FIRST) WHERE status = 'pending';
+COMMENT ON INDEX dlw.task_files_not_before IS
+    'Pending files by tenant and not_before: the claim finds in two probes whether a tenant has a file that does not back off';
+
 RESET ROLE;

@@ -143,3 +143,24 @@ def test_not_before_is_checked(owner, db):
     _, (file,) = make_task(db, tid, 1)
     with pytest.raises(psycopg.errors.CheckViolation):
         owner.execute("UPDATE dlw.task_files SET not_before = created_at - interval '1 s' WHERE id = %s", (file,))
+
+
+def test_a_tenant_whose_files_all_back_off_takes_no_turn_from_another(db, owner, executors):
+    """Tenant a's only file backs off while a ranks first (no file in flight, served longest
+    ago): a one-file claim still returns tenant b's file, not nothing."""
+    one, _ = executors
+    a, b = provision(db, "backoff-turn-a"), provision(db, "backoff-turn-b")
+    _, (file_a,) = make_task(db, a, 1)
+    (claimed,) = one.claim(1, attempts=10)
+    assert claimed["file_id"] == file_a and fail(one, file_a, claimed["assignment_token"]) == "requeued"
+    _, (first_b,) = make_task(db, b, 1)
+    (claimed,) = one.claim(1, attempts=10)  # b is served after a
+    assert (
+        one.call(
+            "SELECT * FROM dlw.executor_complete(%s, %s, 10, %s)", first_b, claimed["assignment_token"], "ab" * 32
+        )[0]["outcome"]
+        == "completed"
+    )
+    _, (second_b,) = make_task(db, b, 1)
+    (claimed,) = one.claim(1, attempts=10)
+    assert claimed["file_id"] == second_b
