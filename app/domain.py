@@ -47,6 +47,12 @@ LEASE_SECONDS_MAX: Final[int] = 3600
 """Bounds of an executor lease, in seconds."""
 CLAIM_MAX_FILES: Final[int] = 100
 """Most files one executor claim returns."""
+RETRY_BACKOFF_BASE_SECONDS: Final[int] = 2
+RETRY_BACKOFF_MAX_SECONDS: Final[int] = 300
+"""A retryable failure on attempt n waits min(max, base * 2**(n-1) * (1 + jitter in [0, 1)))
+seconds before its file is offered again (the database keeps it: dlw.retry_backoff)."""
+RETRY_AFTER_MAX_SECONDS: Final[int] = 3600
+"""Longest Retry-After of a hub that is honoured (a longer one waits this long)."""
 
 TENANT_SLUG_PATTERN: Final[str] = r"^[a-z][a-z0-9-]{1,62}$"
 DISPLAY_NAME_MAX_LENGTH: Final[int] = 200

@@ -26,7 +26,10 @@ RETURNS TABLE (
     storage_target_name_pattern text,
     login_name_pattern          text,
     login_name_reserved_pattern text,
-    storage_target_config_max_bytes integer
+    storage_target_config_max_bytes integer,
+    retry_backoff_base_seconds  integer,
+    retry_backoff_max_seconds   integer,
+    retry_after_max_seconds     integer
 )
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
@@ -43,7 +46,10 @@ BEGIN ATOMIC
            '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$',
            '^[a-z_][a-z0-9_.@-]{0,62}$',
            '^(pg_|dlw_)',
-           16384;
+           16384,
+           2,
+           300,
+           3600;
 END;
 COMMENT ON FUNCTION dlw.domain_facts() IS
 $c$The domain facts, one row; mirrored by app/domain.py (tests/sql/test_domain_facts.py keeps them equal).
@@ -53,6 +59,7 @@ default_max_attempts: claims of a file before an expired lease or retryable fail
 lease_seconds_min / lease_seconds_max: bounds of an executor lease; claim_max_files: most files one claim returns.
 tenant_slug_pattern, display_name_max_length (at least 1), storage_target_name_pattern, login_name_pattern (reporting logins; not matching login_name_reserved_pattern).
 storage_target_config_max_bytes: most bytes of a storage target's config (its jsonb as text), enforced by dlw.storage_target_limits().
+retry_backoff_base_seconds / retry_backoff_max_seconds: a retryable failure on attempt n waits least(max, base * 2^(n-1) * (1 + random())) seconds before the file is offered again (dlw.retry_backoff), or the hub's Retry-After when longer, itself capped at retry_after_max_seconds.
 The tenant quota defaults are not here: they are the column defaults of dlw.tenants.$c$;
 
 REVOKE ALL ON FUNCTION dlw.domain_facts() FROM PUBLIC;

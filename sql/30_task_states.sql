@@ -64,10 +64,14 @@ COMMENT ON FUNCTION dlw.bytes_used_month(bigint, date) IS
 -- ---------------------------------------------------------------------------------------
 -- State machine
 -- ---------------------------------------------------------------------------------------
--- Tasks:  pending -> running | cancelled;  running -> succeeded | failed | cancelled.
+-- Tasks:  pending -> running | cancelled;  running -> succeeded | failed | cancelled;
+--         failed -> pending (a retry, dlw.retry_task).
 -- Files:  pending -> assigned | cancelled;  assigned -> pending | running | succeeded | failed | cancelled;
---         running -> pending | succeeded | failed | cancelled.
--- Terminal: succeeded, failed, cancelled. An update that keeps the status is always allowed.
+--         running -> pending | succeeded | failed | cancelled;
+--         failed | cancelled -> pending only while the file's task is pending (a retried task's files).
+-- Terminal: succeeded, failed, cancelled (a failed task, and the failed or cancelled files of a
+-- task retried, can be re-queued; nothing else leaves a terminal status). An update that keeps
+-- the status is always allowed.
 -- Rows are inserted as pending. Violations raise SQLSTATE DLW01, for every role, superusers
 -- included (only session_replication_role = replica skips triggers).
 
@@ -80,6 +84,7 @@ BEGIN
     IF NOT coalesce(CASE p_kind || ':' || p_from
                         WHEN 'task:pending'  THEN p_to IN ('running', 'cancelled')
                         WHEN 'task:running'  THEN p_to IN ('succeeded', 'failed', 'cancelled')
+                        WHEN 'task:failed'   THEN p_to = 'pending'
                         WHEN 'file:pending'  THEN p_to IN ('assigned', 'cancelled')
                         WHEN 'file:assigned' THEN p_to IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')
                         WHEN 'file:running'  THEN p_to IN ('pending', 'succeeded', 'failed', 'cancelled')
@@ -89,15 +94,15 @@ BEGIN
             USING ERRCODE = 'DLW01',
                   DETAIL = p_detail,
                   HINT = CASE p_kind
-                      WHEN 'task' THEN 'legal: pending -> running | cancelled; running -> succeeded | failed | cancelled'
-                      ELSE 'legal: pending -> assigned | cancelled; assigned -> pending | running | succeeded | failed | cancelled; running -> pending | succeeded | failed | cancelled'
+                      WHEN 'task' THEN 'legal: pending -> running | cancelled; running -> succeeded | failed | cancelled; failed -> pending'
+                      ELSE 'legal: pending -> assigned | cancelled; assigned -> pending | running | succeeded | failed | cancelled; running -> pending | succeeded | failed | cancelled; failed | cancelled -> pending while the task is pending'
                   END;
     END IF;
     RETURN p_to IN ('succeeded', 'failed', 'cancelled');
 END
 $$;
 COMMENT ON FUNCTION dlw.check_status_change(text, text, text, text) IS
-    'The state machines of tasks and files (p_kind task or file): raises SQLSTATE DLW01 ("illegal <kind> transition: X -> Y", DETAIL p_detail, HINT the legal transitions) unless p_from -> p_to is legal; returns whether p_to is terminal. Called by the status guard triggers for a changed status.';
+    'The state machines of tasks and files (p_kind task or file): raises SQLSTATE DLW01 ("illegal <kind> transition: X -> Y", DETAIL p_detail, HINT the legal transitions) unless p_from -> p_to is legal; returns whether p_to is terminal. Called by the status guard triggers for a changed status (the file guard itself admits a retried task''s files: failed | cancelled -> pending while the task is pending).';
 
 CREATE OR REPLACE FUNCTION dlw.task_status_guard() RETURNS trigger
 LANGUAGE plpgsql
@@ -107,6 +112,8 @@ BEGIN
     IF NEW.status IS DISTINCT FROM OLD.status THEN
         IF dlw.check_status_change('task', OLD.status, NEW.status, format('task %s', OLD.id)) THEN
             NEW.finished_at := now();
+        ELSE
+            NEW.finished_at := NULL;  -- a retried task is not finished any more
         END IF;
     END IF;
     NEW.updated_at := now();
@@ -114,7 +121,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.task_status_guard() IS
-    'BEFORE UPDATE trigger of dlw.tasks: refuses an illegal status change (SQLSTATE DLW01, "illegal task transition: X -> Y"), sets updated_at, and finished_at on entering a terminal status.';
+    'BEFORE UPDATE trigger of dlw.tasks: refuses an illegal status change (SQLSTATE DLW01, "illegal task transition: X -> Y"), sets updated_at, and finished_at on entering a terminal status (cleared on leaving one: a retry).';
 
 CREATE OR REPLACE FUNCTION dlw.task_file_status_guard() RETURNS trigger
 LANGUAGE plpgsql
@@ -122,8 +129,20 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF NEW.status IS DISTINCT FROM OLD.status THEN
-        IF dlw.check_status_change('file', OLD.status, NEW.status, format('file %s of task %s', OLD.id, OLD.task_id)) THEN
+        -- A retried task's failed or cancelled files go back to the queue: legal only while their
+        -- task is pending (dlw.retry_task moves it failed -> pending first; the task is read only
+        -- for this rare transition).
+        IF OLD.status IN ('failed', 'cancelled') AND NEW.status = 'pending' THEN
+            IF NOT EXISTS (SELECT 1 FROM dlw.tasks x
+                            WHERE x.tenant_id = OLD.tenant_id AND x.id = OLD.task_id AND x.status = 'pending') THEN
+                PERFORM dlw.check_status_change('file', OLD.status, NEW.status,
+                                                format('file %s of task %s (the task is not being retried)', OLD.id, OLD.task_id));
+            END IF;
+            NEW.finished_at := NULL;
+        ELSIF dlw.check_status_change('file', OLD.status, NEW.status, format('file %s of task %s', OLD.id, OLD.task_id)) THEN
             NEW.finished_at := now();
+        ELSE
+            NEW.finished_at := NULL;
         END IF;
     END IF;
     NEW.updated_at := now();
@@ -131,7 +150,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.task_file_status_guard() IS
-    'BEFORE UPDATE trigger of dlw.task_files: refuses an illegal status change (SQLSTATE DLW01, "illegal file transition: X -> Y"), sets updated_at, and finished_at on entering a terminal status.';
+    'BEFORE UPDATE trigger of dlw.task_files: refuses an illegal status change (SQLSTATE DLW01, "illegal file transition: X -> Y"; failed | cancelled -> pending is legal while the file''s task is pending, a retry), sets updated_at, and finished_at on entering a terminal status (cleared on leaving one).';
 
 CREATE OR REPLACE FUNCTION dlw.initial_status_guard() RETURNS trigger
 LANGUAGE plpgsql

@@ -100,6 +100,53 @@ COMMENT ON FUNCTION dlw.tasks_recent(bigint) IS
 -- Admission
 -- ---------------------------------------------------------------------------------------
 
+CREATE OR REPLACE FUNCTION dlw.admission_refusal(
+    p_tenant_id bigint, p_requested bigint, p_new_task boolean, OUT active boolean, OUT metric text, OUT detail jsonb
+)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_limit_tasks integer;
+    v_limit_rate  integer;
+    v_limit_bytes bigint;
+    v_live        bigint;
+    v_recent      bigint;
+    v_used        bigint;
+    v_reserved    bigint;
+BEGIN
+    -- STABLE: one snapshot, the caller's (taken after it locked the quota rows). Exact figures,
+    -- no caches (a file completing meanwhile is either still reserved or already used, never
+    -- neither): live tasks; tasks created in the 60 s before now() (dlw.tasks_recent); bytes used
+    -- this month and bytes reserved by unfinished files (dlw.bytes_reserved).
+    SELECT t.active, t.quota_concurrent, t.quota_tasks_per_minute, t.quota_bytes_month,
+           CASE WHEN t.quota_concurrent > 0 THEN
+               (SELECT count(*) FROM dlw.tasks x
+                 WHERE x.tenant_id = p_tenant_id AND x.status IN ('pending', 'running'))
+           END,
+           CASE WHEN p_new_task AND t.quota_tasks_per_minute > 0 THEN dlw.tasks_recent(p_tenant_id) END,
+           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_used_month(p_tenant_id, dlw.month_start(now())) END,
+           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_reserved(p_tenant_id) END
+      INTO active, v_limit_tasks, v_limit_rate, v_limit_bytes, v_live, v_recent, v_used, v_reserved
+      FROM dlw.tenants t
+     WHERE t.tenant_id = p_tenant_id;
+    -- Concurrency first, then the rate (new tasks only), then bytes.
+    IF v_limit_tasks > 0 AND v_live + 1 > v_limit_tasks THEN
+        metric := 'concurrent_tasks';
+        detail := jsonb_build_object('metric', metric, 'limit', v_limit_tasks, 'current', v_live, 'requested', 1);
+    ELSIF p_new_task AND v_limit_rate > 0 AND v_recent + 1 > v_limit_rate THEN
+        metric := 'tasks_per_minute';
+        detail := jsonb_build_object('metric', metric, 'limit', v_limit_rate, 'current', v_recent, 'requested', 1);
+    ELSIF v_limit_bytes > 0 AND v_used + v_reserved + p_requested > v_limit_bytes THEN
+        metric := 'bytes_month';
+        detail := jsonb_build_object('metric', metric, 'limit', v_limit_bytes, 'current', v_used,
+                                     'reserved', v_reserved, 'requested', p_requested);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION dlw.admission_refusal(bigint, bigint, boolean) IS
+    'Internal to admission (the caller holds the tenant''s quota rows, dlw.lock_tenant_quota_rows, and reads at READ COMMITTED): whether the tenant is active, and the quota one more live task of p_requested declared bytes would exceed (metric concurrent_tasks, tasks_per_minute (only when p_new_task: a created task, not a retried one) or bytes_month, in that order; detail {metric, limit, current, requested}, for bytes_month also reserved), or NULLs when admitted. Used by dlw.create_task and dlw.retry_task; row-level security applies.';
+
 CREATE OR REPLACE FUNCTION dlw.idempotent_replay(
     p_tenant_id bigint, p_key text, p_request_hash bytea, OUT outcome text, OUT task_id uuid
 )
@@ -139,20 +186,14 @@ AS $$
 #variable_conflict use_column
 DECLARE
     v_tenant       bigint := dlw.ctx_tenant_id();
-    v_period       date := dlw.month_start(now());
     v_active       boolean;
     v_project      uuid;
     v_target       uuid;
     v_target_id    uuid;
     v_requested    bigint;
     v_file_count   integer;
-    v_limit_tasks  integer;
-    v_limit_rate   integer;
-    v_limit_bytes  bigint;
-    v_live         bigint;
-    v_recent       bigint;
-    v_used         bigint;
-    v_reserved     bigint;
+    v_metric       text;
+    v_detail       jsonb;
     v_lock_timeout text;
 BEGIN
     IF v_tenant IS NULL THEN
@@ -228,21 +269,9 @@ BEGIN
     END IF;
 
     -- 3. A later statement, hence a fresh snapshot: every rival that committed before the lock
-    --    was granted is visible. Exact figures, no caches, all from this one snapshot (so a file
-    --    completing meanwhile is either still reserved or already used, never neither):
-    --    live tasks; tasks created in the 60 s before this transaction began (dlw.tasks_recent);
-    --    bytes used this month and bytes reserved by unfinished files (dlw.bytes_reserved).
-    SELECT t.active, t.quota_concurrent, t.quota_tasks_per_minute, t.quota_bytes_month,
-           CASE WHEN t.quota_concurrent > 0 THEN
-               (SELECT count(*) FROM dlw.tasks x
-                 WHERE x.tenant_id = v_tenant AND x.status IN ('pending', 'running'))
-           END,
-           CASE WHEN t.quota_tasks_per_minute > 0 THEN dlw.tasks_recent(v_tenant) END,
-           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_used_month(v_tenant, v_period) END,
-           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_reserved(v_tenant) END
-      INTO v_active, v_limit_tasks, v_limit_rate, v_limit_bytes, v_live, v_recent, v_used, v_reserved
-      FROM dlw.tenants t
-     WHERE t.tenant_id = v_tenant;
+    --    was granted is visible (dlw.admission_refusal reads every figure from it).
+    SELECT a.active, a.metric, a.detail INTO v_active, v_metric, v_detail
+      FROM dlw.admission_refusal(v_tenant, v_requested, true) a;
 
     -- A concurrent call with the same key committed while this one waited.
     SELECT * INTO outcome, task_id FROM dlw.idempotent_replay(v_tenant, p_idempotency_key, p_request_hash);
@@ -256,19 +285,10 @@ BEGIN
         RETURN;
     END IF;
 
-    -- 4. Refuse (concurrency first, then the rate, then bytes) or admit. A refusal is counted
-    --    on the audit trail as a repeat: one row per actor, repo, metric and minute.
-    IF v_limit_tasks > 0 AND v_live + 1 > v_limit_tasks THEN
-        metric := 'concurrent_tasks';
-        detail := jsonb_build_object('metric', metric, 'limit', v_limit_tasks, 'current', v_live, 'requested', 1);
-    ELSIF v_limit_rate > 0 AND v_recent + 1 > v_limit_rate THEN
-        metric := 'tasks_per_minute';
-        detail := jsonb_build_object('metric', metric, 'limit', v_limit_rate, 'current', v_recent, 'requested', 1);
-    ELSIF v_limit_bytes > 0 AND v_used + v_reserved + v_requested > v_limit_bytes THEN
-        metric := 'bytes_month';
-        detail := jsonb_build_object('metric', metric, 'limit', v_limit_bytes, 'current', v_used,
-                                     'reserved', v_reserved, 'requested', v_requested);
-    END IF;
+    -- 4. Refuse or admit. A refusal is counted on the audit trail as a repeat: one row per
+    --    actor, metric and minute.
+    metric := v_metric;
+    detail := v_detail;
     IF metric IS NOT NULL THEN
         -- Keyed on the metric alone (the repo is only in the first occurrence's detail): a caller
         -- varying repo_id must not get a row per request.
@@ -415,10 +435,10 @@ COMMENT ON FUNCTION dlw.quota_current() IS
 -- ---------------------------------------------------------------------------------------
 
 REVOKE ALL ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid),
-    dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint), dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text),
+    dlw.admission_refusal(bigint, bigint, boolean), dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint), dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text),
     dlw.cancel_task(uuid), dlw.quota_current() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid)
     TO dlw_app, dlw_system;
-GRANT EXECUTE ON FUNCTION dlw.idempotent_replay(bigint, text, bytea), dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint),
+GRANT EXECUTE ON FUNCTION dlw.idempotent_replay(bigint, text, bytea), dlw.admission_refusal(bigint, bigint, boolean), dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint),
     dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text),
     dlw.cancel_task(uuid), dlw.quota_current() TO dlw_app;

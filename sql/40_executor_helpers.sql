@@ -216,13 +216,30 @@ COMMENT ON TRIGGER task_files_queue_inserted ON dlw.task_files IS 'Executor queu
 COMMENT ON TRIGGER task_files_queue_updated ON dlw.task_files IS 'Executor queue summary: see dlw.task_files_queue_changed()';
 COMMENT ON TRIGGER task_files_queue_deleted ON dlw.task_files IS 'Executor queue summary: see dlw.task_files_queue_changed()';
 
+CREATE OR REPLACE FUNCTION dlw.retry_backoff(p_attempts integer, p_retry_after_seconds integer DEFAULT NULL)
+RETURNS interval
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- Exponential with jitter in [1, 2): attempt n waits between base * 2^(n-1) and base * 2^n
+    -- seconds (capped), so waits grow with attempts and executors failing together spread out.
+    -- The hub's Retry-After wins when longer (capped at retry_after_max_seconds).
+    SELECT make_interval(secs => greatest(
+               least(f.retry_backoff_max_seconds,
+                     f.retry_backoff_base_seconds * power(2, least(greatest(p_attempts, 1) - 1, 30)) * (1 + random())),
+               least(greatest(coalesce(p_retry_after_seconds, 0), 0), f.retry_after_max_seconds)))
+      FROM dlw.domain_facts() f;
+$$;
+COMMENT ON FUNCTION dlw.retry_backoff(integer, integer) IS
+    'Internal: how long a file that failed retryably on attempt p_attempts waits before it is offered again: least(retry_backoff_max_seconds, retry_backoff_base_seconds * 2^(p_attempts-1) * (1 + random())), or p_retry_after_seconds (the hub''s Retry-After, capped at retry_after_max_seconds) when longer; see dlw.domain_facts().';
+
 -- ---------------------------------------------------------------------------------------
 -- Privileges: the helpers run only inside the definer functions of dlw_system.
 -- ---------------------------------------------------------------------------------------
 
 REVOKE ALL ON FUNCTION dlw.lease_held(text, uuid, timestamptz, uuid, timestamptz),
     dlw.executor_scope(), dlw.requeue_file(bigint, uuid, text, boolean), dlw.executor_fail_final(bigint, uuid, text),
-    dlw.executor_sweep_expired_leases(bigint, integer, integer) FROM PUBLIC;
+    dlw.executor_sweep_expired_leases(bigint, integer, integer), dlw.retry_backoff(integer, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.lease_held(text, uuid, timestamptz, uuid, timestamptz),
     dlw.executor_scope(), dlw.requeue_file(bigint, uuid, text, boolean), dlw.executor_fail_final(bigint, uuid, text),
-    dlw.executor_sweep_expired_leases(bigint, integer, integer) TO dlw_system;
+    dlw.executor_sweep_expired_leases(bigint, integer, integer), dlw.retry_backoff(integer, integer) TO dlw_system;

@@ -83,6 +83,12 @@ BEGIN
         SELECT q.tenant_id, q.pending, q.in_flight, q.served_at
           FROM dlw.executor_queue q
          WHERE v_scope IS NULL AND q.folded AND q.pending > 0
+           -- Not a tenant whose pending files all back off (the summary counts them as pending):
+           -- two probes of task_files_not_before, whatever the number of files backing off.
+           AND (EXISTS (SELECT 1 FROM dlw.task_files f
+                         WHERE f.tenant_id = q.tenant_id AND f.status = 'pending' AND f.not_before IS NULL)
+                OR EXISTS (SELECT 1 FROM dlw.task_files f
+                            WHERE f.tenant_id = q.tenant_id AND f.status = 'pending' AND f.not_before <= v_now))
          ORDER BY dlw.cross_tenant_key(q.in_flight), dlw.cross_tenant_key(q.served_at) NULLS FIRST,
                   dlw.cross_tenant_key(q.tenant_id)
          LIMIT p_max_files
@@ -104,6 +110,7 @@ BEGIN
            SELECT f.tenant_id, f.id, f.task_id
              FROM dlw.task_files f
             WHERE f.tenant_id = s.tenant_id AND f.status = 'pending'
+              AND (f.not_before IS NULL OR f.not_before <= v_now)
             ORDER BY f.priority DESC, f.created_at
             LIMIT s.n
               FOR UPDATE SKIP LOCKED) l;
@@ -142,7 +149,8 @@ BEGIN
                attempts = f.attempts + 1,
                executor_id = v_executor,
                bytes_done = 0,
-               error = NULL
+               error = NULL,
+               not_before = NULL
           FROM mine m
          WHERE f.tenant_id = m.tenant_id AND f.id = m.id
         RETURNING f.tenant_id, f.id, f.task_id, f.path, f.size, f.sha256, f.priority, f.attempts,
@@ -160,7 +168,7 @@ END
 $$;
 COMMENT ON FUNCTION dlw.executor_claim(integer, integer, text, integer) IS
 $c$Claims up to p_max_files files for the acting executor (context role executor; its tenant, or every tenant for tenant 0) under a lease of p_lease_seconds, after returning expired leases of its scope to the queue (a file out of its p_max_attempts fails, with its task).
-Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody; ranked from the queue summary dlw.executor_queue, so the cost follows the files returned, not the tenants or the leases in flight), priority order (then oldest) within a tenant; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
+Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody; ranked from the queue summary dlw.executor_queue, so the cost follows the files returned, not the tenants or the leases in flight), priority order (then oldest) within a tenant, skipping files that back off after a retryable failure (not_before in the future, set by dlw.executor_fail), whichever executor asks; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
 Returns one row per claimed file (possibly none), with the task's repo_type and resolved commit (what to download), the file's tenant's hub token as stored (ciphertext, NULL when none; only ever for a file this claim assigned) and the file's resume point (resume_bytes, resume_sha256: the last checkpoint of an earlier attempt, 0/NULL for none). p_executor is an instance label recorded in task_files.executor_id after the token subject.
 Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.$c$;
 

@@ -206,9 +206,12 @@ $c$The holder of a live lease reports the file downloaded: p_bytes downloaded, w
 Returns (outcome, task_status): completed | already_completed (the same token reported a success before: same answer, counted once) | SHA256_MISMATCH (the manifest names another sha256: the file and its task fail, nothing is counted) | SIZE_MISMATCH (p_bytes is not the declared size: the file and its task fail, nothing is counted; checked after the sha256) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope).
 Raises 42501 without an executor context; 22023 for bytes < 0.$c$;
 
+-- Dropped first: it gained the hub's Retry-After (issue 17, backoff).
+DROP FUNCTION IF EXISTS dlw.executor_fail(uuid, uuid, text, boolean, integer);
 CREATE OR REPLACE FUNCTION dlw.executor_fail(
     p_file_id uuid, p_assignment_token uuid, p_error text, p_retryable boolean,
-    p_max_attempts integer DEFAULT 5  -- dlw.domain_facts().default_max_attempts
+    p_max_attempts integer DEFAULT 5,  -- dlw.domain_facts().default_max_attempts
+    p_retry_after_seconds integer DEFAULT NULL
 )
 RETURNS TABLE (outcome text, task_status text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -220,6 +223,9 @@ DECLARE
     v_error  text := left(coalesce(nullif(p_error, ''), 'failed'), 2000);
     v_max    integer := coalesce(p_max_attempts, (SELECT f.default_max_attempts FROM dlw.domain_facts() f));
 BEGIN
+    IF p_retry_after_seconds < 0 THEN
+        RAISE EXCEPTION 'dlw.executor_fail: retry_after_seconds must be >= 0' USING ERRCODE = '22023';
+    END IF;
     SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, true);
     IF v_file.refusal IS NOT NULL THEN
         RETURN QUERY SELECT v_file.refusal, v_file.task_status;
@@ -227,6 +233,10 @@ BEGIN
     END IF;
     IF coalesce(p_retryable, false) AND v_file.attempts < v_max THEN
         PERFORM dlw.requeue_file(v_file.tenant_id, p_file_id, v_error);
+        -- Backoff, kept here so that no executor is offered the file before it expires.
+        UPDATE dlw.task_files f
+           SET not_before = clock_timestamp() + dlw.retry_backoff(v_file.attempts, p_retry_after_seconds)
+         WHERE f.tenant_id = v_file.tenant_id AND f.id = p_file_id;
         RETURN QUERY SELECT 'requeued'::text, v_file.task_status;
         RETURN;
     END IF;
@@ -236,9 +246,9 @@ BEGIN
     RETURN QUERY SELECT 'failed'::text, dlw.executor_fail_final(v_file.tenant_id, p_file_id, v_error);
 END
 $$;
-COMMENT ON FUNCTION dlw.executor_fail(uuid, uuid, text, boolean, integer) IS
-$c$The holder of a live lease reports a failure. Retryable while attempts < p_max_attempts: the file returns to the queue (pending, token cleared). Otherwise it fails finally: the task fails (task.failed audit row) and its other unfinished files are cancelled, losing their leases.
-Returns (outcome, task_status): requeued | failed | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope). Raises 42501 without an executor context.$c$;
+COMMENT ON FUNCTION dlw.executor_fail(uuid, uuid, text, boolean, integer, integer) IS
+$c$The holder of a live lease reports a failure. Retryable while attempts < p_max_attempts: the file returns to the queue (pending, token cleared) and is not offered again before its not_before, now + dlw.retry_backoff(attempts, p_retry_after_seconds) (exponential backoff with jitter, at least the hub's Retry-After p_retry_after_seconds; NULL: none). Otherwise it fails finally: the task fails (task.failed audit row) and its other unfinished files are cancelled, losing their leases.
+Returns (outcome, task_status): requeued | failed | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope). Raises 42501 without an executor context; 22023 for p_retry_after_seconds < 0.$c$;
 
 CREATE OR REPLACE FUNCTION dlw.executor_release(
     p_file_id uuid, p_assignment_token uuid, p_checkpoint_bytes bigint DEFAULT NULL, p_checkpoint_sha256 text DEFAULT NULL
@@ -268,6 +278,6 @@ COMMENT ON FUNCTION dlw.executor_release(uuid, uuid, bigint, text) IS
     'The holder of a live lease gives the file back untouched (an executor shutting down), with the checkpoint of its partial download if any (as for dlw.executor_heartbeat): it returns to the queue at once and the claim does not count as an attempt. Returns released | BAD_CHECKPOINT (nothing changes) | LEASE_LOST (nothing changes) | NOT_FOUND. Raises 42501 without an executor context.';
 
 REVOKE ALL ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text), dlw.executor_complete(uuid, uuid, bigint, text),
-    dlw.executor_fail(uuid, uuid, text, boolean, integer), dlw.executor_release(uuid, uuid, bigint, text) FROM PUBLIC;
+    dlw.executor_fail(uuid, uuid, text, boolean, integer, integer), dlw.executor_release(uuid, uuid, bigint, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text), dlw.executor_complete(uuid, uuid, bigint, text),
-    dlw.executor_fail(uuid, uuid, text, boolean, integer), dlw.executor_release(uuid, uuid, bigint, text) TO dlw_app;
+    dlw.executor_fail(uuid, uuid, text, boolean, integer, integer), dlw.executor_release(uuid, uuid, bigint, text) TO dlw_app;

@@ -98,6 +98,9 @@ BAD_CHECKPOINT = Refusal(
     " nothing changed",
 )
 
+QUOTA_EXCEEDED = Refusal(429, "QUOTA_EXCEEDED", "a quota refuses the task", fields=("metric",))
+QUOTA_LOCK_TIMEOUT = Refusal(503, "QUOTA_LOCK_TIMEOUT", "the quota row is busy: retry", retry_after=1)
+
 REGISTRY: dict[str, Answers] = {
     # -- tasks (sql/30_tasks.sql) ----------------------------------------------------------
     "dlw.create_task": Answers(
@@ -107,9 +110,9 @@ REGISTRY: dict[str, Answers] = {
             "UNKNOWN_PROJECT": Refusal(422, "UNKNOWN_PROJECT", "no such project in the tenant"),
             "UNKNOWN_STORAGE_TARGET": Refusal(422, "UNKNOWN_STORAGE_TARGET", "no such storage target in the tenant"),
             "TENANT_INACTIVE": TENANT_INACTIVE,
-            "QUOTA_EXCEEDED": Refusal(429, "QUOTA_EXCEEDED", "a quota refuses the task", fields=("metric",)),
+            "QUOTA_EXCEEDED": QUOTA_EXCEEDED,
         },
-        sqlstates={"55P03": Refusal(503, "QUOTA_LOCK_TIMEOUT", "the quota row is busy: retry", retry_after=1)},
+        sqlstates={"55P03": QUOTA_LOCK_TIMEOUT},
     ),
     "task_by_id": Answers(missing=TASK_NOT_FOUND),
     "dlw.cancel_task": Answers(
@@ -118,6 +121,16 @@ REGISTRY: dict[str, Answers] = {
             "NOT_FOUND": TASK_NOT_FOUND,
             "TASK_TERMINAL": Refusal(409, "TASK_TERMINAL", "the task has already finished"),
         },
+    ),
+    "dlw.retry_task": Answers(
+        success=frozenset({"retried"}),
+        refusals={
+            "NOT_FOUND": TASK_NOT_FOUND,
+            "TASK_NOT_FAILED": Refusal(409, "TASK_NOT_FAILED", "only a failed task can be retried"),
+            "TENANT_INACTIVE": TENANT_INACTIVE,
+            "QUOTA_EXCEEDED": QUOTA_EXCEEDED,
+        },
+        sqlstates={"55P03": QUOTA_LOCK_TIMEOUT},
     ),
     "dlw.quota_current": Answers(missing=TENANT_NOT_FOUND),
     # -- hub token (sql/32_hub_tokens.sql) -------------------------------------------------

@@ -56,6 +56,9 @@ FROM dlw.tasks WHERE status = $2 AND (created_at, id) < ($3, $4) ORDER BY create
 -- name: cancel_task
 SELECT dlw.cancel_task($1) AS outcome;
 
+-- name: retry_task
+SELECT * FROM dlw.retry_task($1, $2);
+
 -- name: quota_current
 SELECT * FROM dlw.quota_current();
 
@@ -136,7 +139,7 @@ SELECT * FROM dlw.executor_report_batch($1::jsonb, $2::jsonb);
 SELECT * FROM dlw.executor_complete($1, $2, $3, $4);
 
 -- name: executor_fail
-SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5);
+SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5, $6);
 
 -- name: executor_release
 SELECT dlw.executor_release($1, $2, $3, $4) AS outcome;

@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from app.domain import CLAIM_MAX_FILES
+from app.domain import CLAIM_MAX_FILES, RETRY_AFTER_MAX_SECONDS
 from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
 from app.executor.download import (
@@ -197,7 +198,8 @@ class ReferenceExecutor:
             await self._fail(item, str(exc), retryable=False)
             return
         except Upstream as exc:
-            await self._fail(item, str(exc), retryable=exc.status >= 500 or exc.status == 429)
+            retryable = exc.status >= 500 or exc.status == 429
+            await self._fail(item, str(exc), retryable=retryable, retry_after=exc.retry_after)
             return
         except (httpx.HTTPError, OSError) as exc:
             await self._fail(item, f"{type(exc).__name__}: {exc}", retryable=True)
@@ -250,13 +252,16 @@ class ReferenceExecutor:
             except (httpx.HTTPError, ValueError) as exc:
                 log.warning("%s: heartbeat failed (%s); retrying", where(item), exc)
 
-    async def _fail(self, item: Claimed, error: str, *, retryable: bool) -> None:
+    async def _fail(self, item: Claimed, error: str, *, retryable: bool, retry_after: float | None = None) -> None:
         if not retryable:  # a final failure leaves nothing behind; a retryable one keeps its resume point
             discard(self.config.storage, item)
         self.progress.failed += 1
         self.metrics.files.labels("failed_retryable" if retryable else "failed_final").inc()
         log.warning("%s: %s (%s)", where(item), error, "retryable" if retryable else "final")
-        await self.api.report(item, "fail", {"error": error[:2000], "retryable": retryable})
+        body: dict[str, Any] = {"error": error[:2000], "retryable": retryable}
+        if retryable and retry_after is not None:  # the server keeps the wait, for every executor
+            body["retry_after_seconds"] = min(math.ceil(retry_after), RETRY_AFTER_MAX_SECONDS)
+        await self.api.report(item, "fail", body)
 
 
 def run_command(args: argparse.Namespace) -> int:

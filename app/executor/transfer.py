@@ -10,6 +10,8 @@ verify the partial file and continue after it instead of starting over."""
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import hashlib
 import http.client
 import os
@@ -51,9 +53,18 @@ class Cancelled(Exception):
 
 
 def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None
+    """Retry-After in seconds: delay-seconds or an HTTP-date (RFC 9110 10.2.3); None when absent
+    or unreadable."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - datetime.datetime.now(datetime.UTC)).total_seconds(), 0.0)
 
 
 Origin = tuple[str, str | None, int | None]

@@ -26,7 +26,7 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw.executor_claim(integer,integer,text,integer)": _SYSTEM,
     "dlw.executor_heartbeat(uuid,uuid,bigint,bigint,text)": _SYSTEM,
     "dlw.executor_complete(uuid,uuid,bigint,text)": _SYSTEM,
-    "dlw.executor_fail(uuid,uuid,text,boolean,integer)": _SYSTEM,
+    "dlw.executor_fail(uuid,uuid,text,boolean,integer,integer)": _SYSTEM,
     "dlw.executor_release(uuid,uuid,bigint,text)": _SYSTEM,
     "dlw.executor_report_batch(jsonb,jsonb)": _SYSTEM,
     # every writer of task_files records its queue changes (statement trigger; sql/39_executor_queue.sql)

@@ -40,6 +40,22 @@ class World:
         with self.db.owner() as conn:
             return str(conn.execute(*_task_sql(self.ids[tenant]["tenant_id"])).fetchone()[0])
 
+    def fresh_failed_task(self, tenant: str) -> dict[str, str]:
+        """A failed task with one failed file (what POST /tasks/{id}/retry re-queues)."""
+        assert self.db is not None
+        tid = self.ids[tenant]["tenant_id"]
+        with self.db.owner() as conn:
+            task = conn.execute(*_task_sql(tid)).fetchone()[0]
+            conn.execute(
+                "INSERT INTO dlw.task_files (tenant_id, task_id, path, size) VALUES (%s, %s, 'a', 1)",
+                (tid, task),
+            )
+            for status in ("running", "failed"):
+                conn.execute("UPDATE dlw.tasks SET status = %s WHERE id = %s", (status, task))
+            for status in ("assigned", "failed"):
+                conn.execute("UPDATE dlw.task_files SET status = %s WHERE task_id = %s", (status, task))
+        return {"task_id": str(task)}
+
     def hub_token_set(self, tenant: str) -> dict[str, str]:
         """Give the tenant a (stand-in) hub token, so a DELETE finds one; no path parameters."""
         assert self.db is not None
@@ -124,6 +140,7 @@ MATRIX: dict[tuple[str, str], Expect] = {
     ("POST", "/api/v1/tasks/{task_id}/cancel"): Expect(
         WRITERS, 202, other=404, path_ids=lambda w, t: {"task_id": w.fresh_task(t)}
     ),
+    ("POST", "/api/v1/tasks/{task_id}/retry"): Expect(WRITERS, 202, other=404, path_ids=World.fresh_failed_task),
     ("GET", "/api/v1/quota/current"): Expect(READERS, 200),
     ("GET", "/api/v1/storage-targets"): Expect(READERS, 200),
     ("POST", "/api/v1/storage-targets"): Expect(ADMIN, 201, body=lambda w, t: {"name": "t-" + secrets.token_hex(4)}),

@@ -172,6 +172,9 @@ def test_failures_retry_up_to_the_configured_limit_and_release_uses_no_attempt(c
     assert file["attempt"] == 1
     retry = post(client, executor, file, "fail", error="upstream 503", retryable=True)
     assert retry.json() == {"outcome": "requeued", "task_status": "running"}
+    assert claim(client, executor) == []  # backing off (tests/sql/test_executor_backoff.py)
+    with db.owner() as conn:
+        conn.execute("UPDATE dlw.task_files SET not_before = created_at WHERE id = %s", (file["id"],))
     (file,) = claim(client, executor)
     assert file["attempt"] == 2
     # DLW_EXECUTOR_MAX_ATTEMPTS is 2 for this app: the second retryable failure is final.

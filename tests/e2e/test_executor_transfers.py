@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.domain import RETRY_BACKOFF_BASE_SECONDS
 from tests.support import server
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb
@@ -197,3 +198,35 @@ def test_a_partial_file_that_no_longer_matches_is_discarded(db, api, files, work
     assert served_bytes(fs, "big.bin") - sent_before == len(content)  # all of it again
     target = _target(storage, "xfer-tampered", "org/tampered", "big.bin")
     assert hashlib.sha256(target.read_bytes()).hexdigest() == spec["sha256"]
+
+
+def test_a_refusing_hub_is_retried_after_its_retry_after_and_the_backoff_by_any_executor(db, api, files, workdir):
+    """The file endpoint answers 429 with Retry-After, then 503 without one, then the file. Two
+    executors poll the queue all along (every 0.2 s), yet neither asks again before the wait the
+    database keeps: the Retry-After (longer than attempt 1's backoff), then attempt 2's backoff."""
+    fs, root = files
+    tid = provision(db, "xfer-backoff")
+    base = RETRY_BACKOFF_BASE_SECONDS
+    retry_after = 2 * base + 1  # attempt 1's backoff is under 2 * base: only the Retry-After explains the wait
+    spec = fs.add(root, "org/backoff", "main", "small.bin", random.Random(21).randbytes(4096))
+    fs.refusals["small.bin"] = [(429, retry_after), (503, None)]
+    storage = workdir / "storage"
+    executors = (start_executor(api, fs, storage, "one"), start_executor(api, fs, storage, "two"))
+    try:
+        task_id, file_id = _one_file_task(api, tid, "org/backoff", spec)
+        wait_for(lambda: task_of(api, tid, task_id)["status"] == "succeeded", 90, "the retried download", executors)
+    finally:
+        logs = [stop_executor(executor) for executor in executors]
+    assert [code for code, _ in logs] == [0, 0], logs
+    first, second, third = fs.request_times["small.bin"]
+    assert second - first >= retry_after, (first, second, third)
+    assert third - second >= 2 * base, (first, second, third)  # attempt 2 waits base * 2 at least
+    with db.owner() as conn:
+        attempts, not_before = conn.execute(
+            "SELECT attempts, not_before FROM dlw.task_files WHERE id = %s", (file_id,)
+        ).fetchone()
+    assert (attempts, not_before) == (3, None)
+    assert (
+        hashlib.sha256(_target(storage, "xfer-backoff", "org/backoff", "small.bin").read_bytes()).hexdigest()
+        == (spec["sha256"])
+    )

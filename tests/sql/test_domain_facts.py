@@ -29,6 +29,9 @@ PYTHON_FACTS: dict[str, object] = {
     "login_name_pattern": domain.LOGIN_NAME_PATTERN,
     "login_name_reserved_pattern": domain.LOGIN_NAME_RESERVED_PATTERN,
     "storage_target_config_max_bytes": domain.STORAGE_TARGET_CONFIG_MAX_BYTES,
+    "retry_backoff_base_seconds": domain.RETRY_BACKOFF_BASE_SECONDS,
+    "retry_backoff_max_seconds": domain.RETRY_BACKOFF_MAX_SECONDS,
+    "retry_after_max_seconds": domain.RETRY_AFTER_MAX_SECONDS,
 }
 
 
@@ -119,7 +122,7 @@ def test_table_checks_repeat_the_facts(db: MigratedDb):
             conn.execute(
                 "SELECT p.proname, pg_get_function_arguments(p.oid) FROM pg_proc p"
                 " WHERE p.oid IN ('dlw.executor_claim(integer,integer,text,integer)'::regprocedure,"
-                "                 'dlw.executor_fail(uuid,uuid,text,boolean,integer)'::regprocedure)"
+                "                 'dlw.executor_fail(uuid,uuid,text,boolean,integer,integer)'::regprocedure)"
             ).fetchall()
         )
     for name, signature in arguments.items():

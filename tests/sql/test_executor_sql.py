@@ -105,6 +105,11 @@ def file_row(owner: psycopg.Connection, file: uuid.UUID) -> dict[str, Any]:
     return owner.execute(f"SELECT {FILE_COLUMNS} FROM dlw.task_files WHERE id = %s", (file,)).fetchone()
 
 
+def backoff_over(owner: psycopg.Connection, file: uuid.UUID) -> None:
+    """The file's backoff after a retryable failure has passed (set in the past, not slept)."""
+    owner.execute("UPDATE dlw.task_files SET not_before = created_at WHERE id = %s", (file,))
+
+
 def task_status(owner: psycopg.Connection, task: uuid.UUID) -> str:
     return str(owner.execute("SELECT status FROM dlw.tasks WHERE id = %s", (task,)).fetchone()["status"])
 
@@ -230,6 +235,7 @@ def test_wrong_or_stale_tokens_lose_the_lease_and_change_nothing(db, owner, ex):
     assert ex.heartbeat(uuid.uuid4(), token) == "NOT_FOUND"
     # A token that was replaced (the file was requeued and claimed again) is stale.
     assert ex.fail(file, token, retryable=True) == ("requeued", "running")
+    backoff_over(owner, file)
     (again,) = ex.claim(1)
     assert again["assignment_token"] != token and again["attempts"] == 2
     assert ex.complete(file, token) == ("LEASE_LOST", "running")
@@ -400,6 +406,7 @@ def test_retryable_failures_requeue_up_to_the_limit_then_fail(db, owner, ex):
         assert ex.fail(files[0], claimed["assignment_token"], retryable=True, attempts=3) == ("requeued", "running")
         row = file_row(owner, files[0])
         assert (row["status"], row["assignment_token"], row["error"]) == ("pending", None, "boom")
+        backoff_over(owner, files[0])  # (backoff: tests/sql/test_executor_backoff.py)
     (third,) = ex.claim(2, attempts=3)
     assert third["attempts"] == 3
     assert ex.fail(files[0], third["assignment_token"], retryable=True, attempts=3) == ("failed", "failed")

@@ -25,6 +25,7 @@ TASK_LEGAL = {
     ("running", "succeeded"),
     ("running", "failed"),
     ("running", "cancelled"),
+    ("failed", "pending"),  # a retry (dlw.retry_task)
 }
 FILE_LEGAL = {
     ("pending", "assigned"),
@@ -38,6 +39,10 @@ FILE_LEGAL = {
     ("pending", "cancelled"),
     ("assigned", "cancelled"),
     ("running", "cancelled"),
+    # A retried task's files: legal only while the task is pending, as it is in test_file_transition
+    # (test_a_file_leaves_a_terminal_status_only_under_a_retried_task covers the rest).
+    ("failed", "pending"),
+    ("cancelled", "pending"),
 }
 # A legal way to reach each status from pending.
 TASK_PATH = {
@@ -143,6 +148,27 @@ def test_file_transition(owner, tenants, old, new):
             set_file(owner, file_id, new)
         assert exc_info.value.sqlstate == "DLW01"
         assert exc_info.value.diag.message_primary == f"illegal file transition: {old} -> {new}"
+
+
+@pytest.mark.parametrize("task_status", ["running", "failed", "cancelled"])
+@pytest.mark.parametrize("old", ["failed", "cancelled"])
+def test_a_file_leaves_a_terminal_status_only_under_a_retried_task(owner, tenants, task_status, old):
+    task, (file_id,) = new_task(owner, tenants[0])
+    for step in FILE_PATH[old]:
+        set_file(owner, file_id, step)
+    for step in TASK_PATH[task_status]:
+        set_task(owner, task, step)
+    with pytest.raises(psycopg.Error) as exc_info:
+        set_file(owner, file_id, "pending")
+    assert exc_info.value.sqlstate == "DLW01"
+    assert exc_info.value.diag.message_primary == f"illegal file transition: {old} -> pending"
+    if task_status == "failed":  # retried: the task first, then its files
+        set_task(owner, task, "pending")
+        set_file(owner, file_id, "pending")
+        assert row(owner, "SELECT status, finished_at FROM dlw.task_files WHERE id = %s", (file_id,)) == (
+            "pending",
+            None,
+        )
 
 
 @pytest.mark.parametrize("status", TASK_STATUSES[1:])

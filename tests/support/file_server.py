@@ -1,6 +1,7 @@
 """A file endpoint for executor tests and benchmarks: serves {repo}/resolve/{revision}/{path}
 from memory or disk with HTTP Range (206, Content-Range), counts the requests, ranges and bytes
-it sends per path, and can throttle (bytes per second) or corrupt the bytes of ranged answers.
+it sends per path (with when each request came), can throttle (bytes per second) or corrupt the
+bytes of ranged answers, and can refuse a path first (503/429 with a Retry-After, as a hub does).
 Large files are sent with sendfile(2), so the server is not what a benchmark measures."""
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class FileServer:
     files: dict[str, Path] = field(default_factory=dict)  # "{repo}/{revision}/{path}" -> file on disk
     rate: dict[str, float] = field(default_factory=dict)  # path -> bytes per second
     corrupt_ranges: set[str] = field(default_factory=set)  # paths whose ranged answers (start > 0) lie
+    refusals: dict[str, list[tuple[int, int | None]]] = field(default_factory=dict)  # path -> (status, Retry-After)
     requests: Counter[str] = field(default_factory=Counter)
+    request_times: dict[str, list[float]] = field(default_factory=dict)  # path -> time.monotonic() of each
     ranged: Counter[str] = field(default_factory=Counter)
     sent: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -56,8 +59,19 @@ class FileServer:
                 disk = server.files.get(f"{parts[1]}/{parts[2]}/{unquote(parts[4])}/{path}")
                 with server.lock:
                     server.requests[path] += 1
+                    server.request_times.setdefault(path, []).append(time.monotonic())
+                    queued = server.refusals.get(path)
+                    refusal = queued.pop(0) if queued else None
                 if disk is None:
                     self.send_error(404)
+                    return
+                if refusal is not None:  # the next queued refusal for this path, once
+                    status, retry_after = refusal
+                    self.send_response(status)
+                    if retry_after is not None:
+                        self.send_header("Retry-After", str(retry_after))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 server.serve(self, path, disk)
 

@@ -26,7 +26,7 @@ from app.api.refusals import REGISTRY
 from app.api.transaction import call_for_outcome, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
-from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN, TASK_STATUSES
+from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN, RETRY_AFTER_MAX_SECONDS, TASK_STATUSES
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
@@ -119,6 +119,14 @@ class CompleteBody(LeaseBody):
 class FailBody(LeaseBody):
     error: str = Field(min_length=1, max_length=2000)
     retryable: bool = False
+    retry_after_seconds: int | None = Field(
+        None,
+        ge=0,
+        le=(1 << 31) - 1,
+        description="the hub's Retry-After, in seconds: a requeued file waits at least this long (at most"
+        f" {RETRY_AFTER_MAX_SECONDS} s) before any executor is offered it; the server's exponential backoff"
+        " applies when longer",
+    )
 
 
 REPORT_CALLS = ("dlw.executor_complete", "dlw.executor_fail", "dlw.executor_release")
@@ -252,7 +260,8 @@ async def fail(
     body: FailBody,
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/fail", "POST")),
 ) -> Report:
-    """Report a failure: retryable ones requeue the file while it has attempts left."""
+    """Report a failure: retryable ones requeue the file while it has attempts left, offered
+    again only after a backoff (exponential with jitter, at least retry_after_seconds)."""
     max_attempts = request.app.state.settings.executor_max_attempts
     outcome, row = await call_for_outcome(
         request,
@@ -264,6 +273,7 @@ async def fail(
         body.error,
         body.retryable,
         max_attempts,
+        body.retry_after_seconds,
     )
     return Report(outcome=outcome, task_status=row["task_status"])
 

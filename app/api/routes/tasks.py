@@ -1,4 +1,4 @@
-"""Tasks: create (admitted against the quota by the database), list, read, cancel."""
+"""Tasks: create (admitted against the quota by the database), list, read, cancel, retry."""
 
 from __future__ import annotations
 
@@ -307,3 +307,28 @@ async def cancel_task(
     """Cancel a pending or running task (its executors' leases are lost)."""
     await call_for_outcome(request, principal, "dlw.cancel_task", SQL["cancel_task"], task_id)
     return Response(status_code=202)
+
+
+class Retried(BaseModel):
+    files_requeued: int = Field(description="the failed and cancelled files queued again")
+    bytes_requeued: int = Field(description="their declared bytes, admitted against the quota again")
+
+
+@router.post(
+    "/tasks/{task_id}/retry", status_code=202, response_model=Retried, responses=error_responses("dlw.retry_task")
+)
+async def retry_task(
+    request: Request,
+    task_id: uuid.UUID,
+    principal: Principal = Depends(require_perm("/api/v1/tasks/{task_id}/retry", "POST")),
+) -> Retried:
+    """Queue a failed task's failed (and cancelled) files again, admitted against the quota like a
+    new task; succeeded files stay done. 409 TASK_NOT_FAILED for any other task."""
+    lock_timeout = request.app.state.settings.quota_lock_timeout_ms
+    async with request_transaction(request, principal, "dlw.retry_task") as conn:
+        result = await conn.fetchrow(SQL["retry_task"], task_id, lock_timeout)
+    # Answered after the commit: a quota refusal's audit row stays.
+    if result is not None and result["outcome"] in ("retried", "QUOTA_EXCEEDED"):
+        count_admission(request, result["outcome"], result["metric"])  # /metrics: dlw_admissions_total
+    answer_of("dlw.retry_task", result)
+    return Retried(**json.loads(result["detail"]))
