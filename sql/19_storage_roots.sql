@@ -57,7 +57,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.storage_target_config_check(jsonb) IS
-$c$Validates a storage target config: a JSON object with at most the keys root (an absolute, normalized directory path: DLW22 otherwise) and layout (one of dlw.storage_layouts(): DLW23 otherwise); a key naming a credential (token, password, secret, key, auth, ...) is DLW21, any other key DLW20. Called by the trigger storage_targets_config.$c$;
+$c$Validates a storage target config: a JSON object with at most the keys root (an absolute, normalized directory path: DLW22 otherwise) and layout (one of dlw.storage_layouts(): DLW23 otherwise); a key naming a credential (token, password, secret, key, auth, ...) is DLW21, any other key DLW20. Called by the trigger storage_targets_validate.$c$;
 
 CREATE OR REPLACE FUNCTION dlw.storage_root_sync(p_tenant bigint, p_target uuid) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

@@ -28,11 +28,12 @@ $$;
 COMMENT ON FUNCTION dlw.storage_target_root_trigger() IS
     'Trigger of dlw.storage_targets (after insert or an update of config): dlw.storage_root_sync for the row, which refuses a root overlapping another tenant''s.';
 
--- Named so that it fires before storage_targets_limits (triggers fire in name order).
-CREATE OR REPLACE TRIGGER storage_targets_config
+-- Named so that it fires after storage_targets_limits (triggers fire in name order): an oversized
+-- config is refused for its size before its content is read.
+CREATE OR REPLACE TRIGGER storage_targets_validate
     BEFORE INSERT OR UPDATE OF config ON dlw.storage_targets
     FOR EACH ROW EXECUTE FUNCTION dlw.storage_target_config_trigger();
-COMMENT ON TRIGGER storage_targets_config ON dlw.storage_targets IS
+COMMENT ON TRIGGER storage_targets_validate ON dlw.storage_targets IS
     'Config validation: see dlw.storage_target_config_check(jsonb)';
 
 CREATE OR REPLACE TRIGGER storage_targets_root

@@ -72,8 +72,12 @@ def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
 
 
 def served_root(storages: Sequence[Path], root: str) -> Path:
-    """The target root, resolved, when it is one of `storages` or inside one; else Unreachable."""
+    """The target root when it is one of `storages` or inside one; else Unreachable. A root that
+    goes through a symbolic link is refused too: the database keeps tenants' roots apart as
+    written, and a link could make two of them one directory."""
     resolved = Path(root).resolve()
+    if resolved != Path(root):
+        raise Unreachable(f"storage root {root} goes through a symbolic link; give its real path")
     for storage in storages:
         if resolved.is_relative_to(storage.resolve()):
             return resolved
