@@ -100,7 +100,13 @@ REGISTRY: dict[str, Answers] = {
             "TENANT_INACTIVE": TENANT_INACTIVE,
             "QUOTA_EXCEEDED": Refusal(429, "QUOTA_EXCEEDED", "a quota refuses the task", fields=("metric",)),
         },
-        sqlstates={"55P03": Refusal(503, "QUOTA_LOCK_TIMEOUT", "the quota row is busy: retry", retry_after=1)},
+        sqlstates={
+            "55P03": Refusal(503, "QUOTA_LOCK_TIMEOUT", "the quota row is busy: retry", retry_after=1),
+            # the trigger tasks_storage_layout (sql/22_storage_target_triggers.sql)
+            "DLW25": Refusal(
+                422, "HF_CACHE_NEEDS_COMMIT", "an hf-cache storage target needs the task's resolved commit"
+            ),
+        },
     ),
     "task_by_id": Answers(missing=TASK_NOT_FOUND),
     "dlw.cancel_task": Answers(

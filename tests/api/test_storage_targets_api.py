@@ -67,3 +67,23 @@ def test_another_tenant_cannot_see_overlap_or_identify_a_root(client: TestClient
         json={"repo_id": "org/x", "revision": "main", "storage_target": "models", "files": [{"path": "a", "size": 1}]},
     )
     assert task.status_code == 422 and task.json()["detail"]["code"] == "UNKNOWN_STORAGE_TARGET"
+
+
+def test_an_hf_cache_target_takes_only_tasks_with_a_commit(client: TestClient, db: MigratedDb):
+    tid = tenant(db, "sta-commit")
+    assert post(client, tid, "cache", {"root": "/srv/sta-commit/hf", "layout": "hf-cache"}).status_code == 201
+    op = bearer(token(tid, "tenant_operator"))
+    files = [{"path": "config.json", "size": 3}]
+    # No hub in this test app: the client's list is taken as given, with no commit to name a snapshot.
+    unresolved = client.post(
+        "/api/v1/tasks", headers=op, json={"repo_id": "org/x", "storage_target": "cache", "files": files}
+    )
+    assert unresolved.status_code == 422 and unresolved.json()["detail"]["code"] == "HF_CACHE_NEEDS_COMMIT"
+    pinned = client.post(
+        "/api/v1/tasks",
+        headers=op,
+        json={"repo_id": "org/x", "revision": "a" * 40, "storage_target": "cache", "files": files},
+    )
+    assert pinned.status_code == 201 and pinned.json()["commit"] == "a" * 40, pinned.text
+    tree = client.post("/api/v1/tasks", headers=op, json={"repo_id": "org/x", "files": files})
+    assert tree.status_code == 201 and tree.json()["commit"] is None  # the default target takes it
