@@ -44,8 +44,9 @@ BEGIN
             ('reporting_logins', admins,       nobody,  nobody,  nobody,  true),
             -- read by task creation (resolving on the hub), written by tenant admins only
             ('hub_tokens',       writers,      admins,  admins,  admins,  false),
-            -- the cross-tenant root registry: dlw_system's definer code only (sql/19_storage_roots.sql)
-            ('storage_roots',    nobody,       nobody,  nobody,  nobody,  false)
+            -- the cross-tenant root registry: read-only for its own tenant, written by
+            -- dlw_system's definer code only (sql/19_storage_roots.sql)
+            ('storage_roots',    NULL,         nobody,  nobody,  nobody,  false)
         ) AS s(tbl, readers, inserters, updaters, deleters, reporting)
     LOOP
         FOR pol IN SELECT policyname FROM pg_policies WHERE schemaname = 'dlw' AND tablename = spec.tbl

@@ -20,14 +20,16 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF TG_OP = 'INSERT' OR NEW.config IS DISTINCT FROM OLD.config THEN
+    -- Only when a root is or was there: a target without one (every tenant's default, made by
+    -- provisioning outside the tenant's context) has nothing to register.
+    IF NEW.config ? 'root' OR (TG_OP = 'UPDATE' AND OLD.config ? 'root') THEN
         PERFORM dlw.storage_root_sync(NEW.tenant_id, NEW.id);
     END IF;
     RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION dlw.storage_target_root_trigger() IS
-    'Trigger of dlw.storage_targets (after insert or an update of config): dlw.storage_root_sync for the row, which refuses a root overlapping another tenant''s.';
+    'Trigger of dlw.storage_targets (after insert or an update of config): dlw.storage_root_sync for the row when its config has or had a root, which refuses a root overlapping another tenant''s.';
 
 -- Named so that it fires after storage_targets_limits (triggers fire in name order): an oversized
 -- config is refused for its size before its content is read.

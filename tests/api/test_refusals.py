@@ -197,6 +197,7 @@ def test_the_openapi_document_lists_the_registry_codes(client):
         "EMPTY_SELECTION",
         "MANIFEST_MISMATCH",
         "MANIFEST_TOO_LARGE",
+        "HF_CACHE_NEEDS_COMMIT",
     }
     assert "200" in create["responses"] and "201" in create["responses"]
     heartbeat = paths["/api/v1/executor/files/{file_id}/heartbeat"]["post"]

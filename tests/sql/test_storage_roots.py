@@ -99,8 +99,9 @@ def test_tenants_cannot_read_the_registry_or_other_tenants_targets(db: MigratedD
     assert insert(db, a, "hidden", {"root": "/data/see/a"}) is None
     with psycopg.connect(db.app_url) as conn:
         as_tenant(conn, b, "tenant_admin")
+        assert conn.execute("SELECT count(*) FROM dlw.storage_roots").fetchone() == (0,)  # its own only: none
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("SELECT * FROM dlw.storage_roots")
+            conn.execute("DELETE FROM dlw.storage_roots")
         conn.rollback()
         as_tenant(conn, b, "tenant_admin")
         assert conn.execute("SELECT count(*) FROM dlw.storage_targets WHERE name = 'hidden'").fetchone() == (0,)
