@@ -7,8 +7,9 @@ executor's default storage, in the target's layout.
   (`datasets--...`) with `blobs/<etag>`, `snapshots/<commit>/<path>` a relative symlink to the
   blob, and `refs/<revision>` holding the commit.
 
-A root is served only when it is one of the executor's --storage roots or inside one (both
-resolved, so a symlink cannot lead elsewhere); any other root raises Unreachable. Publishing is
+A root is served only when it is one of the executor's --storage roots or inside one, reached
+without a symbolic link, and (inside the first root, which holds the default trees) within its
+own tenant's directory; any other root raises Unreachable. Publishing is
 atomic: the verified bytes are renamed into place, links are made as a temporary link renamed
 over the final name, refs written to a temporary file renamed over the ref, in that order, so a
 reader never sees a partial blob or a dangling link."""
@@ -71,14 +72,21 @@ def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
     return target
 
 
-def served_root(storages: Sequence[Path], root: str) -> Path:
+def served_root(storages: Sequence[Path], root: str, tenant: str) -> Path:
     """The target root when it is one of `storages` or inside one; else Unreachable. A root that
     goes through a symbolic link is refused too: the database keeps tenants' roots apart as
-    written, and a link could make two of them one directory."""
+    written, and a link could make two of them one directory. Inside the first root, which holds
+    every tenant's default tree at <first>/<tenant>/ (roots the database does not know), a target
+    root must lie in its own tenant's directory."""
     resolved = Path(root).resolve()
     if resolved != Path(root):
         raise Unreachable(f"storage root {root} goes through a symbolic link; give its real path")
-    for storage in storages:
+    first = storages[0].resolve()
+    if resolved.is_relative_to(first):
+        if resolved.is_relative_to(first / tenant):
+            return resolved
+        raise Unreachable(f"storage root {root} is in this executor's default storage but not in {tenant}/ there")
+    for storage in storages[1:]:
         if resolved.is_relative_to(storage.resolve()):
             return resolved
     raise Unreachable(f"storage root {root} is not under any --storage root of this executor")
@@ -93,12 +101,12 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     """Where the claimed file goes, refusing anything that would escape its directory. The
     server validated these names; this does not rely on it."""
     roots = [storages] if isinstance(storages, Path) else list(storages)
+    _segments(item, item.tenant)
     if item.storage_root is None:
         base = roots[0].resolve()
         prefix = [item.tenant]
-        _segments(item, item.tenant)
     else:
-        base = served_root(roots, item.storage_root)
+        base = served_root(roots, item.storage_root, item.tenant)
         prefix = []
     if item.storage_layout != "hf-cache":
         target = _inside(base, [*prefix, *_segments(item, item.repo_id, item.revision, item.path)], item)
