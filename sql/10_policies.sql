@@ -35,6 +35,9 @@ BEGIN
             ('users',            NULL,         nobody,  admins,  nobody,  false),
             ('service_accounts', admins,       admins,  admins,  admins,  false),
             ('storage_targets',  NULL,         admins,  admins,  admins,  true),
+            -- the cross-tenant root registry: read-only for its own tenant, written by
+            -- dlw_system's definer code only (sql/19_storage_roots.sql)
+            ('storage_roots',    NULL,         nobody,  nobody,  nobody,  false),
             ('tasks',            NULL,         writers, writers, nobody,  true),
             ('task_files',       NULL,         writers, writers, nobody,  true),
             ('idempotency_keys', writers,      writers, nobody,  nobody,  false),
@@ -43,10 +46,7 @@ BEGIN
             ('audit_log',        admins,       NULL,    nobody,  nobody,  true),
             ('reporting_logins', admins,       nobody,  nobody,  nobody,  true),
             -- read by task creation (resolving on the hub), written by tenant admins only
-            ('hub_tokens',       writers,      admins,  admins,  admins,  false),
-            -- the cross-tenant root registry: read-only for its own tenant, written by
-            -- dlw_system's definer code only (sql/19_storage_roots.sql)
-            ('storage_roots',    NULL,         nobody,  nobody,  nobody,  false)
+            ('hub_tokens',       writers,      admins,  admins,  admins,  false)
         ) AS s(tbl, readers, inserters, updaters, deleters, reporting)
     LOOP
         FOR pol IN SELECT policyname FROM pg_policies WHERE schemaname = 'dlw' AND tablename = spec.tbl

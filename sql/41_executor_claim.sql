@@ -6,7 +6,8 @@
 -- ---------------------------------------------------------------------------------------
 
 -- Dropped first: its row grew (issue 14: repo_type, commit, hub_token; issue 17: resume_bytes,
--- resume_sha256; issue 15: storage_root, storage_layout), which CREATE OR REPLACE cannot do; the grant below is re-applied on every migrate.
+-- resume_sha256; issue 15: storage_root, storage_layout), which CREATE OR REPLACE cannot do;
+-- the grant below is re-applied on every migrate.
 DROP FUNCTION IF EXISTS dlw.executor_claim(integer, integer, text, integer);
 CREATE FUNCTION dlw.executor_claim(
     p_max_files integer,
@@ -178,8 +179,9 @@ $$;
 COMMENT ON FUNCTION dlw.executor_claim(integer, integer, text, integer) IS
 $c$Claims up to p_max_files files for the acting executor (context role executor; its tenant, or every tenant for tenant 0) under a lease of p_lease_seconds, after returning expired leases of its scope to the queue (a file out of its p_max_attempts fails, with its task).
 Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody), priority order (then oldest) within a tenant; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
-Returns one row per claimed file (possibly none), with the task's repo_type and resolved commit (what to download), the file's tenant's hub token as stored (ciphertext, NULL when none; only ever for a file this claim assigned) the file's resume point (resume_bytes, resume_sha256: the last checkpoint of an earlier attempt, 0/NULL for none) and where it goes: its task's storage target's storage_root (config root; NULL = the executor's default tree) and storage_layout (tree or hf-cache, dlw.storage_layouts()). p_executor is an instance label recorded in task_files.executor_id after the token subject.
-Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.$c$;
+Returns one row per claimed file (possibly none), with the task's repo_type and resolved commit (what to download), the file's tenant's hub token as stored (ciphertext, NULL when none; only ever for a file this claim assigned) and the file's resume point (resume_bytes, resume_sha256: the last checkpoint of an earlier attempt, 0/NULL for none). p_executor is an instance label recorded in task_files.executor_id after the token subject.
+Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.
+Where each file goes (issue 15): its task's storage target's storage_root (config root; NULL = the executor's default tree) and storage_layout (tree or hf-cache, dlw.storage_layouts()).$c$;
 
 REVOKE ALL ON FUNCTION dlw.executor_claim(integer, integer, text, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.executor_claim(integer, integer, text, integer) TO dlw_app;
