@@ -4,6 +4,7 @@ relative link, ref; atomic replacements, nothing left behind)."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from app.executor.client import Claimed
 from app.executor.layout import NoCommit, Unreachable, UnsafePath, blob_name, git_blob_id, placement, publish
+from app.executor.settings import Config, add_run_arguments, config_from
 
 COMMIT = "c" * 40
 
@@ -103,3 +105,23 @@ def test_the_blob_is_named_by_the_hubs_etag_only_when_it_names_the_bytes(tmp_pat
     assert blob_name(blob, sha, sha) == sha  # an LFS file: its sha256
     assert blob_name(blob, sha, "0" * 40) == sha  # not these bytes: never a name on the server's word
     assert blob_name(blob, sha, None) == sha
+
+
+def test_several_storage_roots_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    def config(env: dict[str, str], *argv: str) -> Config | list[str]:
+        for name in ("DLW_EXECUTOR_STORAGE", "DLW_EXECUTOR_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        parser = argparse.ArgumentParser()
+        add_run_arguments(parser)
+        return config_from(parser.parse_args(list(argv)))
+
+    flags = config({"DLW_EXECUTOR_TOKEN": "t"}, "--storage", "/a", "--storage", "/b/c")
+    assert isinstance(flags, Config) and flags.storages == (Path("/a"), Path("/b/c")) and flags.storage == Path("/a")
+    env = config({"DLW_EXECUTOR_TOKEN": "t", "DLW_EXECUTOR_STORAGE": "/x:/y"})
+    assert isinstance(env, Config) and env.storages == (Path("/x"), Path("/y"))
+    afile = tmp_path / "file"
+    afile.write_text("")
+    bad = config({"DLW_EXECUTOR_TOKEN": "t"}, "--storage", "/a", "--storage", str(afile))
+    assert bad == [f"--storage {afile} is not a directory (the executor writes files under it)"]
