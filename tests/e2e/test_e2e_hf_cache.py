@@ -178,14 +178,18 @@ def test_tree_target_with_a_root_gets_the_plain_tree(db, api, hub, work):
     assert {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()} == MODEL
 
 
-def test_a_root_the_executor_does_not_serve_is_given_back_and_the_task_fails_saying_why(db, api, hub, work):
-    tid = tenant(db, "e2e-cache-away", concurrent=0)
-    elsewhere = work / "not-served" / "cache"
-    add_target(api, tid, "away", {"root": str(elsewhere), "layout": "hf-cache"})
-    made = create(api, tid, repo_id="org/ds", repo_type="dataset", storage_target="away")
-    run_until_done(api, hub, [work / "default"], tid, [made["id"]])
-    task = task_of(api, tid, made["id"])
+def test_a_root_the_executor_does_not_serve_is_given_back_and_the_task_fails_saying_why(db, hub, work):
+    # Its own server with 2 attempts: each retryable failure may wait for a backoff before the
+    # file is offered again, and this test is about the message, not the number of attempts.
+    with server.running_server(db, DLW_HF_ENDPOINT=hub.url, DLW_EXECUTOR_MAX_ATTEMPTS="2") as api:
+        tid = tenant(db, "e2e-cache-away", concurrent=0)
+        elsewhere = work / "not-served" / "cache"
+        add_target(api, tid, "away", {"root": str(elsewhere), "layout": "hf-cache"})
+        made = create(api, tid, repo_id="org/ds", repo_type="dataset", storage_target="away")
+        run_until_done(api, hub, [work / "default"], tid, [made["id"]])
+        task = task_of(api, tid, made["id"])
     assert task["status"] == "failed", task
     assert "is not under any --storage root" in task["error"], task
     assert any("is not under any --storage root" in (f["error"] or "") for f in task["files"]), task
+    assert all(f["attempts"] <= 2 for f in task["files"]), task
     assert not elsewhere.exists()
