@@ -59,6 +59,8 @@ DISPLAY_NAME_MAX_LENGTH: Final[int] = 200
 STORAGE_TARGET_NAME_PATTERN: Final[str] = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 STORAGE_TARGET_CONFIG_MAX_BYTES: Final[int] = 16384
 """Most bytes of a storage target's config (its JSON text, as the database prints it)."""
+STORAGE_LAYOUTS: Final[tuple[str, ...]] = ("tree", "hf-cache")
+"""Layouts a storage target may name (dlw.storage_layouts(), sql/19_storage_roots.sql); first = default."""
 LOGIN_NAME_PATTERN: Final[str] = r"^[a-z_][a-z0-9_.@-]{0,62}$"
 """Reporting login names; those matching LOGIN_NAME_RESERVED_PATTERN are refused."""
 LOGIN_NAME_RESERVED_PATTERN: Final[str] = r"^(pg_|dlw_)"

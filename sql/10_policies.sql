@@ -35,6 +35,9 @@ BEGIN
             ('users',            NULL,         nobody,  admins,  nobody,  false),
             ('service_accounts', admins,       admins,  admins,  admins,  false),
             ('storage_targets',  NULL,         admins,  admins,  admins,  true),
+            -- the cross-tenant root registry: read-only for its own tenant, written by
+            -- dlw_system's definer code only (sql/19_storage_roots.sql)
+            ('storage_roots',    NULL,         nobody,  nobody,  nobody,  false),
             ('tasks',            NULL,         writers, writers, nobody,  true),
             ('task_files',       NULL,         writers, writers, nobody,  true),
             ('idempotency_keys', writers,      writers, nobody,  nobody,  false),

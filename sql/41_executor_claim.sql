@@ -6,7 +6,8 @@
 -- ---------------------------------------------------------------------------------------
 
 -- Dropped first: its row grew (issue 14: repo_type, commit, hub_token; issue 17: resume_bytes,
--- resume_sha256), which CREATE OR REPLACE cannot do; the grant below is re-applied on every migrate.
+-- resume_sha256; issue 15: storage_root, storage_layout), which CREATE OR REPLACE cannot do;
+-- the grant below is re-applied on every migrate.
 DROP FUNCTION IF EXISTS dlw.executor_claim(integer, integer, text, integer);
 CREATE FUNCTION dlw.executor_claim(
     p_max_files integer,
@@ -33,7 +34,9 @@ RETURNS TABLE (
     "commit" text,
     hub_token bytea,
     resume_bytes bigint,
-    resume_sha256 text
+    resume_sha256 text,
+    storage_root text,
+    storage_layout text
 )
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -158,10 +161,12 @@ BEGIN
     )
     SELECT a.id, a.task_id, a.tenant_id, t.slug, x.repo_id, x.revision, a.path, a.size, a.sha256, a.priority,
            a.attempts, a.assignment_token, a.lease_seconds, a.lease_expires_at, x.repo_type, x."commit",
-           h.ciphertext, a.resume_bytes, a.resume_sha256
+           h.ciphertext, a.resume_bytes, a.resume_sha256,
+           st.config ->> 'root', coalesce(st.config ->> 'layout', 'tree')
       FROM assigned a
       JOIN dlw.tasks x ON x.tenant_id = a.tenant_id AND x.id = a.task_id
       JOIN dlw.tenants t ON t.tenant_id = a.tenant_id
+      JOIN dlw.storage_targets st ON st.tenant_id = x.tenant_id AND st.id = x.storage_target_id
       LEFT JOIN dlw.hub_tokens h ON h.tenant_id = a.tenant_id
      ORDER BY a.priority DESC, a.tenant_id, a.path;
 END
@@ -170,7 +175,8 @@ COMMENT ON FUNCTION dlw.executor_claim(integer, integer, text, integer) IS
 $c$Claims up to p_max_files files for the acting executor (context role executor; its tenant, or every tenant for tenant 0) under a lease of p_lease_seconds, after returning expired leases of its scope to the queue (a file out of its p_max_attempts fails, with its task).
 Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody; ranked from the queue summary dlw.executor_queue, so the cost follows the files returned, not the tenants or the leases in flight), priority order (then oldest) within a tenant, skipping files that back off after a retryable failure (not_before in the future, set by dlw.executor_fail), whichever executor asks; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
 Returns one row per claimed file (possibly none), with the task's repo_type and resolved commit (what to download), the file's tenant's hub token as stored (ciphertext, NULL when none; only ever for a file this claim assigned) and the file's resume point (resume_bytes, resume_sha256: the last checkpoint of an earlier attempt, 0/NULL for none). p_executor is an instance label recorded in task_files.executor_id after the token subject.
-Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.$c$;
+Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.
+Where each file goes (issue 15): its task's storage target's storage_root (config root; NULL = the executor's default tree) and storage_layout (tree or hf-cache, dlw.storage_layouts()).$c$;
 
 REVOKE ALL ON FUNCTION dlw.executor_claim(integer, integer, text, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.executor_claim(integer, integer, text, integer) TO dlw_app;

@@ -112,7 +112,13 @@ REGISTRY: dict[str, Answers] = {
             "TENANT_INACTIVE": TENANT_INACTIVE,
             "QUOTA_EXCEEDED": QUOTA_EXCEEDED,
         },
-        sqlstates={"55P03": QUOTA_LOCK_TIMEOUT},
+        sqlstates={
+            "55P03": QUOTA_LOCK_TIMEOUT,
+            # the trigger tasks_storage_layout (sql/22_storage_target_triggers.sql)
+            "DLW25": Refusal(
+                422, "HF_CACHE_NEEDS_COMMIT", "an hf-cache storage target needs the task's resolved commit"
+            ),
+        },
     ),
     "task_by_id": Answers(missing=TASK_NOT_FOUND),
     "dlw.cancel_task": Answers(
@@ -142,6 +148,12 @@ REGISTRY: dict[str, Answers] = {
             # the trigger dlw.storage_target_limits (sql/20_tenants.sql)
             "DLW02": Refusal(409, "STORAGE_TARGET_LIMIT", "the tenant has as many storage targets as it may"),
             "DLW03": Refusal(422, "STORAGE_TARGET_CONFIG_TOO_LARGE", "the config is larger than allowed"),
+            # sql/19_storage_roots.sql: the config's shape, and the cross-tenant root registry
+            "DLW20": Refusal(422, "STORAGE_TARGET_CONFIG_INVALID", "the config has an unknown key or is not an object"),
+            "DLW21": Refusal(422, "STORAGE_TARGET_CONFIG_SECRET", "a config key names a secret; configs hold none"),
+            "DLW22": Refusal(422, "STORAGE_ROOT_INVALID", "the root is not an absolute, normalized directory path"),
+            "DLW23": Refusal(422, "STORAGE_LAYOUT_UNKNOWN", "the layout is not one of tree, hf-cache"),
+            "DLW24": Refusal(409, "STORAGE_ROOT_UNAVAILABLE", "the root is, contains or lies inside a root in use"),
         }
     ),
     # -- administration (sql/70_administration.sql) ----------------------------------------

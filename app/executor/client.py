@@ -56,6 +56,8 @@ class Claimed:
     repo_type: str = "model"
     commit: str | None = None  # what to download; None (an unresolved task): the revision
     hub_token: str | None = field(default=None, repr=False)  # the tenant's, for this file only
+    storage_root: str | None = None  # the task's target root; None: the executor's default storage
+    storage_layout: str = "tree"  # or "hf-cache" (app/executor/layout.py)
 
     @property
     def ref(self) -> str:
@@ -79,6 +81,8 @@ class Claimed:
             repo_type=str(item.get("repo_type") or "model"),
             commit=item.get("commit"),
             hub_token=item.get("hub_token"),
+            storage_root=item.get("storage_root"),
+            storage_layout=str(item.get("storage_layout") or "tree"),
         )
 
 

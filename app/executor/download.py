@@ -14,13 +14,14 @@ import errno
 import fcntl
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from app.executor.client import Claimed
+from app.executor.layout import NoCommit, Placement, Unreachable, UnsafePath, placement
 from app.executor.transfer import (
     Cancelled,
     ConnectionPool,
@@ -31,11 +32,18 @@ from app.executor.transfer import (
     hash_prefix,
 )
 
-__all__ = ["Busy", "Cancelled", "Downloaded", "UnsafePath", "Upstream", "WrongSize", "download", "mismatch"]
-
-
-class UnsafePath(ValueError):
-    """A file whose destination would leave the storage directory."""
+__all__ = [
+    "Busy",
+    "Cancelled",
+    "Downloaded",
+    "NoCommit",
+    "Unreachable",
+    "UnsafePath",
+    "Upstream",
+    "WrongSize",
+    "download",
+    "mismatch",
+]
 
 
 class Busy(Exception):
@@ -44,26 +52,20 @@ class Busy(Exception):
 
 @dataclass(frozen=True)
 class Downloaded:
-    """A finished download, not yet in place: `tmp` becomes `target` once verified."""
+    """A finished download, not yet in place: `place.partial` is published once verified."""
 
-    target: Path
-    tmp: Path
+    place: Placement
     sha256: str
     size: int
 
+    @property
+    def tmp(self) -> Path:
+        return self.place.partial
 
-def destination(storage: Path, item: Claimed) -> Path:
-    """<storage>/<tenant>/<repo_id>/<revision>/<path>, refusing anything that would escape it.
-    The server validated these names; this does not rely on it."""
-    parts = [item.tenant, *item.repo_id.split("/"), *item.revision.split("/"), *item.path.split("/")]
-    for part in parts:
-        if part in ("", ".", "..") or "\\" in part or "\x00" in part or part.startswith("~"):
-            raise UnsafePath(f"unsafe path segment {part!r} in {item.repo_id}@{item.revision}:{item.path}")
-    root = storage.resolve()
-    target = root.joinpath(*parts).resolve()
-    if not target.is_relative_to(root) or target == root:
-        raise UnsafePath(f"{item.path!r} resolves outside the storage directory")
-    return target
+
+def destination(storage: Sequence[Path] | Path, item: Claimed) -> Path:
+    """Where the file's bytes go (tree layouts: the file itself; hf-cache: the blobs directory)."""
+    return placement(storage, item).final
 
 
 def file_url(endpoint: str, item: Claimed) -> str:
@@ -73,8 +75,8 @@ def file_url(endpoint: str, item: Claimed) -> str:
     return f"{endpoint.rstrip('/')}/{kind}{item.repo_id}/resolve/{ref}/{quote(item.path, safe='/')}"
 
 
-def partial_path(target: Path, item: Claimed) -> Path:
-    return target.parent / f".{target.name}.{item.id}.part"
+def partial_path(storage: Sequence[Path] | Path, item: Claimed) -> Path:
+    return placement(storage, item).partial
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def _open_partial(path: Path) -> int:
 
 
 async def download(
-    storage: Path,
+    storage: Sequence[Path],
     endpoint: str,
     item: Claimed,
     headers: dict[str, str],
@@ -140,7 +142,7 @@ async def download(
 
 
 def _fetch_blocking(
-    storage: Path,
+    storage: Sequence[Path],
     endpoint: str,
     item: Claimed,
     headers: dict[str, str],
@@ -148,9 +150,9 @@ def _fetch_blocking(
     on_bytes: Callable[[int], None],
     cancel: threading.Event,
 ) -> Downloaded:
-    target = destination(storage, item)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(target, item)
+    place = placement(storage, item)
+    tmp = place.partial
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     if item.hub_token:  # the tenant's token (from this file's claim) overrides the executor's own
         headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
     fd = _open_partial(tmp)
@@ -187,14 +189,14 @@ def _fetch_blocking(
         raise
     finally:
         os.close(fd)
-    return Downloaded(target, tmp, sha256, item.size)
+    return Downloaded(place, sha256, item.size)
 
 
-def discard(storage: Path, item: Claimed) -> None:
+def discard(storage: Sequence[Path], item: Claimed) -> None:
     """Remove the file's partial download (its lease is gone, or its bytes are not the file)."""
     try:
-        partial_path(destination(storage, item), item).unlink(missing_ok=True)
-    except UnsafePath:
+        placement(storage, item).partial.unlink(missing_ok=True)
+    except (UnsafePath, Unreachable, NoCommit):
         pass
 
 

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -24,14 +23,18 @@ from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
 from app.executor.download import (
     Busy,
     Downloaded,
+    NoCommit,
     Tuning,
+    Unreachable,
     UnsafePath,
     Upstream,
     WrongSize,
     discard,
     download,
+    file_url,
     mismatch,
 )
+from app.executor.layout import hub_etag, publish
 from app.executor.metrics import ExecutorMetrics
 from app.executor.progress import Mode, Progress, route_logs_around, where
 from app.executor.settings import Config, config_from
@@ -76,7 +79,8 @@ class ReferenceExecutor:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         headers = {"Authorization": f"Bearer {self.config.token}", "User-Agent": USER_AGENT}
-        self.config.storage.mkdir(parents=True, exist_ok=True)
+        for root in self.config.storages:
+            root.mkdir(parents=True, exist_ok=True)
         self._loop_ref = loop
         # One worker thread per download slot (asyncio's default pool is min(32, cores + 4)),
         # plus a few for checkpoints and file operations.
@@ -92,7 +96,7 @@ class ReferenceExecutor:
                 self.config.label,
                 self.config.base_url,
                 self.config.hf_endpoint,
-                self.config.storage,
+                ", ".join(str(root) for root in self.config.storages),
             )
             try:
                 await self._loop()
@@ -166,7 +170,7 @@ class ReferenceExecutor:
         # Claimed files beyond the download slots wait here, their leases kept by heartbeats.
         async with self.slots:
             return await download(
-                self.config.storage,
+                self.config.storages,
                 self.config.hf_endpoint,
                 item,
                 self.hub_headers,
@@ -182,7 +186,7 @@ class ReferenceExecutor:
             result: Downloaded = await fetch
         except asyncio.CancelledError:
             if lost.is_set():  # our own heartbeat stopped it: the lease is gone, report nothing
-                discard(self.config.storage, item)
+                discard(self.config.storages, item)
                 log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", where(item))
                 self.metrics.files.labels("lease_lost").inc()
                 return
@@ -194,8 +198,14 @@ class ReferenceExecutor:
             log.warning("%s: %s; given back", where(item), exc)
             await self.api.report(item, "release", {})
             return
-        except (UnsafePath, WrongSize) as exc:  # not the declared file, or nowhere safe for it: final
+        except (UnsafePath, NoCommit, WrongSize) as exc:  # not the declared file, or nowhere for it: final
             await self._fail(item, str(exc), retryable=False)
+            return
+        except Unreachable as exc:
+            # Not a root this executor serves: back to the queue as a failed attempt, so another
+            # executor serving it may take it, and the task fails with this message once the
+            # attempts are spent (a release would come straight back to this executor).
+            await self._fail(item, f"executor {self.config.label}: {exc}", retryable=True)
             return
         except Upstream as exc:
             retryable = exc.status >= 500 or exc.status == 429
@@ -215,7 +225,11 @@ class ReferenceExecutor:
             result.tmp.unlink(missing_ok=True)
             await self._fail(item, problem, retryable=False)
             return
-        os.replace(result.tmp, result.target)  # on disk before the server hears "succeeded"
+        try:  # on disk before the server hears "succeeded"
+            await asyncio.to_thread(self._publish, item, result)
+        except OSError as exc:
+            await self._fail(item, f"publishing the file: {type(exc).__name__}: {exc}", retryable=True)
+            return
         # result.size is the declared size (checked above): the only count the server accepts.
         outcome = await self.reporter.complete(item, result.size, result.sha256)
         if outcome not in ("completed", "already_completed"):
@@ -224,6 +238,18 @@ class ReferenceExecutor:
             self.progress.done += 1
             self.metrics.files.labels("succeeded").inc()
             log.info("%s done (%d bytes)", where(item), result.size)
+
+    def _publish(self, item: Claimed, result: Downloaded) -> None:
+        """Verified bytes into place; for hf-cache named as huggingface_hub names blobs (the
+        hub's ETag, asked with a HEAD like it does)."""
+        etag = None
+        if result.place.link is not None:
+            headers = dict(self.hub_headers)
+            if item.hub_token:
+                headers["Authorization"] = f"Bearer {item.hub_token}"
+            # Short: no heartbeat runs any more, so this must end well within the lease.
+            etag = hub_etag(file_url(self.config.hf_endpoint, item), headers, timeout=min(10.0, item.lease_seconds / 3))
+        publish(result.place, item, result.sha256, etag)
 
     async def _checkpoint_body(self, item: Claimed) -> dict[str, Any]:
         """The partial download's checkpoint (synced prefix and its sha256), when one runs."""
@@ -254,7 +280,7 @@ class ReferenceExecutor:
 
     async def _fail(self, item: Claimed, error: str, *, retryable: bool, retry_after: float | None = None) -> None:
         if not retryable:  # a final failure leaves nothing behind; a retryable one keeps its resume point
-            discard(self.config.storage, item)
+            discard(self.config.storages, item)
         self.progress.failed += 1
         self.metrics.files.labels("failed_retryable" if retryable else "failed_final").inc()
         log.warning("%s: %s (%s)", where(item), error, "retryable" if retryable else "final")

@@ -50,7 +50,7 @@ class Config:
 
     base_url: str
     token: str
-    storage: Path
+    storage: Path  # the first --storage root: default targets' files go under <storage>/<tenant>/
     hf_endpoint: str
     hf_token: str | None = None
     concurrency: int = 2
@@ -63,13 +63,24 @@ class Config:
     label: str = field(default_factory=_default_label)
     metrics_port: int | None = None  # Prometheus metrics on metrics_host:metrics_port (app/executor/metrics.py)
     metrics_host: str = "127.0.0.1"
+    more_storage: tuple[Path, ...] = ()  # further roots that targets' roots may be in (docs/storage.md)
+
+    @property
+    def storages(self) -> tuple[Path, ...]:
+        """Every root this executor serves, the default first."""
+        return (self.storage, *self.more_storage)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     # Numeric defaults are None here so that an unset flag falls back to the environment.
     parser.add_argument("--base-url", help="the DLW API (default: DLW_EXECUTOR_BASE_URL)")
     parser.add_argument("--token", help="executor token (default: DLW_EXECUTOR_TOKEN; prefer the variable)")
-    parser.add_argument("--storage", help="download root directory (default: DLW_EXECUTOR_STORAGE)")
+    parser.add_argument(
+        "--storage",
+        action="append",
+        help="a storage root this executor serves; repeat for several (the first also holds default targets;"
+        " default: DLW_EXECUTOR_STORAGE, several separated by ':')",
+    )
     parser.add_argument("--hf-endpoint", help="Hugging Face-compatible file endpoint (default: DLW_HF_ENDPOINT)")
     parser.add_argument("--concurrency", type=int, help="files downloaded at once (default 2)")
     parser.add_argument("--lease-seconds", type=int, help="lease asked for each file (default 60)")
@@ -111,7 +122,8 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
             f"invalid {'/'.join(str(p) for p in err['loc'])} in the environment: {err['msg']}" for err in exc.errors()
         ]
     token = args.token or env.token
-    storage = args.storage or env.storage
+    storage_list: list[str] = list(args.storage or []) or [s for s in (env.storage or "").split(os.pathsep) if s]
+    storage = storage_list[0] if storage_list else None
     concurrency: int = env.concurrency if args.concurrency is None else args.concurrency
     lease_seconds: int = env.lease_seconds if args.lease_seconds is None else args.lease_seconds
     poll_seconds: float = env.poll_seconds if args.poll_seconds is None else args.poll_seconds
@@ -142,8 +154,9 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
     metrics_port = env.metrics_port if args.metrics_port is None else args.metrics_port
     if metrics_port is not None and not 0 < metrics_port < 65536:
         problems.append(f"--metrics-port must be 1..65535, not {metrics_port}")
-    if storage and Path(storage).exists() and not Path(storage).is_dir():
-        problems.append(f"--storage {storage} is not a directory (the executor writes files under it)")
+    for root in storage_list:
+        if Path(root).exists() and not Path(root).is_dir():
+            problems.append(f"--storage {root} is not a directory (the executor writes files under it)")
     if problems:
         return problems
     assert token and storage
@@ -152,6 +165,7 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         base_url=base_url,
         token=token,
         storage=Path(storage),
+        more_storage=tuple(Path(root) for root in storage_list[1:]),
         hf_endpoint=hf_endpoint,
         hf_token=env.hf_token,
         concurrency=concurrency,

@@ -24,6 +24,8 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     # executors: claims and reports across tenants, scoped by the executor's context
     # (sql/41_executor_claim.sql, sql/42_executor_reports.sql)
     "dlw.executor_claim(integer,integer,text,integer)": _SYSTEM,
+    # the cross-tenant storage-root registry, checked on every target write (sql/19_storage_roots.sql)
+    "dlw.storage_root_sync(bigint,uuid)": _SYSTEM,
     "dlw.executor_heartbeat(uuid,uuid,bigint,bigint,text)": _SYSTEM,
     "dlw.executor_complete(uuid,uuid,bigint,text)": _SYSTEM,
     "dlw.executor_fail(uuid,uuid,text,boolean,integer,integer)": _SYSTEM,

@@ -239,8 +239,12 @@ def test_idempotency_key_returns_the_first_task_or_conflicts(client: TestClient,
 def test_storage_targets(client: TestClient, db: MigratedDb):
     tid = tenant(db, "stores")
     admin, viewer = bearer(token(tid, "tenant_admin")), bearer(token(tid, "tenant_viewer"))
-    created = client.post("/api/v1/storage-targets", headers=admin, json={"name": "fast", "config": {"key": "s3cr3t"}})
-    assert created.status_code == 201 and "config" not in created.json() and "s3cr3t" not in created.text
+    secret = client.post("/api/v1/storage-targets", headers=admin, json={"name": "fast", "config": {"key": "s3cr3t"}})
+    assert secret.status_code == 422 and secret.json()["detail"]["code"] == "STORAGE_TARGET_CONFIG_SECRET"
+    assert "s3cr3t" not in secret.text
+    config = {"root": "/srv/dlw/stores-fast", "layout": "tree"}
+    created = client.post("/api/v1/storage-targets", headers=admin, json={"name": "fast", "config": config})
+    assert created.status_code == 201 and "config" not in created.json() and "stores-fast" not in created.text
     assert [t["name"] for t in client.get("/api/v1/storage-targets", headers=viewer).json()] == ["default", "fast"]
     assert client.post("/api/v1/storage-targets", headers=admin, json={"name": "fast"}).status_code == 409
     assert client.post("/api/v1/storage-targets", headers=admin, json={"name": "../x"}).status_code == 422

@@ -515,7 +515,7 @@ def test_the_download_stops_at_the_declared_size_and_never_writes_past_it(hub, w
     hub.slow["long.bin"] = 0.01
     declared = 5 * CHUNK + 123
     item = Claimed("f", "acme", "org/cut", "main", "long.bin", declared, None, "tok", 60)
-    tmp = partial_path(destination(workdir, item), item)
+    tmp = partial_path(workdir, item)
     sizes: list[int] = []
     counted: list[int] = []
 

@@ -82,7 +82,11 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
 
         t.ids["project"] = q("SELECT id FROM dlw.projects WHERE tenant_id = %s", (tid,))
         t.ids["storage_target"] = q("SELECT id FROM dlw.storage_targets WHERE tenant_id = %s", (tid,))
-        q('UPDATE dlw.storage_targets SET config = \'{"secret": "s3cr3t"}\' WHERE tenant_id = %s', (tid,))
+        # a config reporting must never read (a root is the tenant's layout of its disks)
+        q(
+            "UPDATE dlw.storage_targets SET config = jsonb_build_object('root', %s::text) WHERE tenant_id = %s",
+            (f"/srv/dlw-seed/{slug}", tid),
+        )
         t.ids["user"] = q(
             "INSERT INTO dlw.users (tenant_id, issuer, subject, email, role)"
             " VALUES (%s, 'https://idp.test', %s, %s, 'tenant_admin') RETURNING id",

@@ -56,7 +56,7 @@ class ClaimedFile(BaseModel):
     id: uuid.UUID
     task_id: uuid.UUID
     tenant_id: int
-    tenant: str = Field(description="tenant slug: files land in <storage>/<tenant>/<repo_id>/<revision>/<path>")
+    tenant: str = Field(description="tenant slug: without a storage_root, files land in <storage>/<tenant>/...")
     repo_id: str
     repo_type: str = Field(description="model or dataset (dataset files are under /datasets/ on the hub)")
     revision: str
@@ -77,6 +77,11 @@ class ClaimedFile(BaseModel):
         " hash to resume_sha256, and continue after them (0: start from the beginning)"
     )
     resume_sha256: str | None
+    storage_root: str | None = Field(
+        description="the task's storage target root (an absolute directory; null: the executor's default"
+        " storage, under <tenant>/). An executor that cannot reach it gives the file back (docs/storage.md)"
+    )
+    storage_layout: str = Field(description="tree (<repo_id>/<revision>/<path>) or hf-cache (the hub cache layout)")
 
 
 class ClaimResponse(BaseModel):
@@ -188,6 +193,8 @@ async def claim(
                 lease_expires_at=r["lease_expires_at"],
                 resume_bytes=r["resume_bytes"],
                 resume_sha256=r["resume_sha256"],
+                storage_root=r["storage_root"],
+                storage_layout=r["storage_layout"],
             )
             for r in rows
         ]

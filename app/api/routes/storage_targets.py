@@ -28,7 +28,11 @@ class StorageTargetCreate(BaseModel):
     )
     name: str = Field(pattern=STORAGE_TARGET_NAME_PATTERN)
     kind: Literal["local"] = "local"
-    config: dict[str, Any] = Field(default_factory=dict, description="never returned by the API")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="root (an absolute directory; none: the executor's default storage) and layout"
+        " (tree or hf-cache); no other key, no credentials (docs/storage.md). Never returned by the API",
+    )
 
 
 class StorageTarget(BaseModel):

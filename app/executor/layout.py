@@ -1,0 +1,189 @@
+"""Where a claimed file goes on disk (docs/storage.md): its storage target's root, or the
+executor's default storage, in the target's layout.
+
+- no root: `<first --storage>/<tenant>/<repo_id>/<revision>/<path>` (the default target);
+- layout `tree`: `<root>/<repo_id>/<revision>/<path>`;
+- layout `hf-cache`: what huggingface_hub reads as a cache_dir: `<root>/models--org--name/`
+  (`datasets--...`) with `blobs/<etag>`, `snapshots/<commit>/<path>` a relative symlink to the
+  blob, and `refs/<revision>` holding the commit.
+
+A root is served only when it is one of the executor's --storage roots or inside one, reached
+without a symbolic link, and (inside the first root, which holds the default trees) within its
+own tenant's directory; any other root raises Unreachable. Publishing is
+atomic: the verified bytes are renamed into place, links are made as a temporary link renamed
+over the final name, refs written to a temporary file renamed over the ref, in that order, so a
+reader never sees a partial blob or a dangling link."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from app.executor.client import Claimed
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_ETAG = re.compile(r'^(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?$')
+
+
+class UnsafePath(ValueError):
+    """A file whose destination would leave its storage directory."""
+
+
+class Unreachable(ValueError):
+    """A target root this executor does not serve (not under any of its --storage roots)."""
+
+
+class NoCommit(ValueError):
+    """An hf-cache target for a task without a resolved commit (snapshots are named by commit)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One file's places: `partial` (the download in progress, named after the file id so a later
+    attempt finds it) becomes `final`; for hf-cache, `final` is a blob whose name is decided once
+    the bytes are known, and `link` the snapshot entry pointing at it."""
+
+    partial: Path
+    final: Path
+    link: Path | None = None  # hf-cache: snapshots/<commit>/<path>
+    repo_dir: Path | None = None  # hf-cache: models--org--name
+    commit: str | None = None
+
+
+def _segments(item: Claimed, *names: str) -> list[str]:
+    parts = [p for name in names for p in name.split("/")]
+    for part in parts:
+        if part in ("", ".", "..") or "\\" in part or "\x00" in part or part.startswith("~"):
+            raise UnsafePath(f"unsafe path segment {part!r} in {item.repo_id}@{item.revision}:{item.path}")
+    return parts
+
+
+def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
+    # The last name is not resolved: it may be a snapshot link, which must stay the link.
+    target = base.joinpath(*parts[:-1]).resolve() / parts[-1]
+    if not target.is_relative_to(base) or target == base:
+        raise UnsafePath(f"{item.path!r} resolves outside the storage directory")
+    return target
+
+
+def served_root(storages: Sequence[Path], root: str, tenant: str) -> Path:
+    """The target root when it is one of `storages` or inside one; else Unreachable. A root that
+    goes through a symbolic link is refused too: the database keeps tenants' roots apart as
+    written, and a link could make two of them one directory. Inside the first root, which holds
+    every tenant's default tree at <first>/<tenant>/ (roots the database does not know), a target
+    root must lie in its own tenant's directory."""
+    resolved = Path(root).resolve()
+    if resolved != Path(root):
+        raise Unreachable(f"storage root {root} goes through a symbolic link; give its real path")
+    first = storages[0].resolve()
+    if resolved.is_relative_to(first):
+        if resolved.is_relative_to(first / tenant):
+            return resolved
+        raise Unreachable(f"storage root {root} is in this executor's default storage but not in {tenant}/ there")
+    for storage in storages[1:]:
+        if resolved.is_relative_to(storage.resolve()):
+            return resolved
+    raise Unreachable(f"storage root {root} is not under any --storage root of this executor")
+
+
+def repo_folder(item: Claimed) -> str:
+    """huggingface_hub's repo_folder_name: models--org--name, datasets--org--name."""
+    return "--".join([f"{item.repo_type}s", *_segments(item, item.repo_id)])
+
+
+def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
+    """Where the claimed file goes, refusing anything that would escape its directory. The
+    server validated these names; this does not rely on it."""
+    roots = [storages] if isinstance(storages, Path) else list(storages)
+    _segments(item, item.tenant)
+    if item.storage_root is None:
+        base = roots[0].resolve()
+        prefix = [item.tenant]
+    else:
+        base = served_root(roots, item.storage_root, item.tenant)
+        prefix = []
+    if item.storage_layout != "hf-cache":
+        target = _inside(base, [*prefix, *_segments(item, item.repo_id, item.revision, item.path)], item)
+        return Placement(target.parent / f".{target.name}.{item.id}.part", target)
+    commit = item.commit or (item.revision if COMMIT.match(item.revision) else None)
+    if commit is None:
+        raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
+    repo_dir = _inside(base, [*prefix, repo_folder(item)], item)
+    link = _inside(repo_dir, ["snapshots", commit, *_segments(item, item.path)], item)
+    _segments(item, item.revision)  # refs/<revision> stays inside refs/
+    blobs = repo_dir / "blobs"
+    return Placement(blobs / f"{item.id}.incomplete", blobs, link, repo_dir, commit)
+
+
+def git_blob_id(path: Path) -> str:
+    """The git blob id of a file: sha1 of "blob <size>\\0" + its bytes (the hub's ETag of a file
+    stored in git)."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hub_etag(url: str, headers: dict[str, str], timeout: float = 30.0) -> str | None:
+    """The blob name huggingface_hub would use: X-Linked-Etag (an LFS file's sha256) or ETag (a
+    git file's blob id) of a HEAD on the resolve URL, redirects not followed, as it does. None
+    when the hub does not say."""
+    parts = urlsplit(url)
+    conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = conn_type(parts.netloc, timeout=timeout)
+    try:
+        conn.request("HEAD", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=headers)
+        response = conn.getresponse()
+        response.read()
+        value = response.getheader("X-Linked-Etag") or response.getheader("ETag")
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    match = _ETAG.match(value.strip()) if value else None
+    return match[1] if match else None
+
+
+def blob_name(partial: Path, sha256: str, etag: str | None) -> str:
+    """The hub's ETag when it names these bytes (their sha256, or their git blob id), else the
+    sha256: a name never taken on the server's word alone, as it becomes a path."""
+    if etag == sha256 or (etag is not None and len(etag) == 40 and etag == git_blob_id(partial)):
+        return etag
+    return sha256
+
+
+def _replace_link(source: str, link: Path, tag: str) -> None:
+    tmp = link.parent / f".{link.name}.{tag}.link"
+    tmp.unlink(missing_ok=True)
+    os.symlink(source, tmp)
+    os.replace(tmp, link)
+
+
+def _replace_text(path: Path, text: str, tag: str) -> None:
+    tmp = path.parent / f".{path.name}.{tag}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def publish(place: Placement, item: Claimed, sha256: str, etag: str | None) -> Path:
+    """Put verified bytes in place (blob, then link, then ref for hf-cache) and return where."""
+    if place.link is None:
+        os.replace(place.partial, place.final)
+        return place.final
+    assert place.repo_dir is not None and place.commit is not None
+    blob = place.final / blob_name(place.partial, sha256, etag)
+    os.replace(place.partial, blob)  # same bytes under the same name: replacing is harmless
+    place.link.parent.mkdir(parents=True, exist_ok=True)
+    _replace_link(os.path.relpath(blob, place.link.parent), place.link, item.id)
+    if item.revision != place.commit:
+        ref = place.repo_dir / "refs" / item.revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        _replace_text(ref, place.commit, item.id)
+    return place.link

@@ -1,0 +1,127 @@
+"""Where the reference executor puts a claimed file (app/executor/layout.py, docs/storage.md), on
+a real filesystem: roots it serves and roots it refuses, and the hf-cache publication (blob,
+relative link, ref; atomic replacements, nothing left behind)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.executor.client import Claimed
+from app.executor.layout import NoCommit, Unreachable, UnsafePath, blob_name, git_blob_id, placement, publish
+from app.executor.settings import Config, add_run_arguments, config_from
+
+COMMIT = "c" * 40
+
+
+def item(**overrides: Any) -> Claimed:
+    values: dict[str, Any] = {
+        "id": "f1",
+        "tenant": "acme",
+        "repo_id": "org/model",
+        "revision": "main",
+        "path": "sub/w.bin",
+        "size": 3,
+        "sha256": None,
+        "token": "t",
+        "lease_seconds": 60,
+        "commit": COMMIT,
+    }
+    return Claimed(**{**values, **overrides})
+
+
+def test_roots_served_and_refused(tmp_path: Path):
+    first, more = tmp_path / "first", tmp_path / "more"
+    first.mkdir()
+    more.mkdir()
+    storages = [first, more]
+    # no root: the default tree under the first root
+    assert placement(storages, item()).final == first / "acme" / "org" / "model" / "main" / "sub" / "w.bin"
+    # a root that is a --storage root, or inside one
+    assert placement(storages, item(storage_root=str(more))).final == more / "org" / "model" / "main" / "sub" / "w.bin"
+    inside = more / "x" / "y"
+    assert placement(storages, item(storage_root=str(inside))).final.is_relative_to(inside)
+    # inside the first root only within the tenant's own directory (the others' default trees)
+    assert placement(storages, item(storage_root=str(first / "acme" / "t"))).final.is_relative_to(first / "acme")
+    for root in (first, first / "other-tenant", first / "other-tenant" / "x", tmp_path / "elsewhere", tmp_path):
+        with pytest.raises(Unreachable):
+            placement(storages, item(storage_root=str(root)))
+    # through a symbolic link: refused even when it leads into a served root
+    (more / "real").mkdir()
+    os.symlink(more / "real", more / "alias")
+    with pytest.raises(Unreachable, match="symbolic link"):
+        placement(storages, item(storage_root=str(more / "alias")))
+    with pytest.raises(UnsafePath):
+        placement(storages, item(storage_root=str(more), path="../../escape"))
+
+
+def test_hf_cache_needs_a_commit_and_names_folders_like_huggingface_hub(tmp_path: Path):
+    root = str(tmp_path / "cache")
+    with pytest.raises(NoCommit):
+        placement([tmp_path / "default", tmp_path], item(storage_root=root, storage_layout="hf-cache", commit=None))
+    # a revision that is a commit is its own
+    pinned = placement(
+        [tmp_path / "default", tmp_path],
+        item(storage_root=root, storage_layout="hf-cache", commit=None, revision=COMMIT),
+    )
+    assert pinned.link == tmp_path / "cache" / "models--org--model" / "snapshots" / COMMIT / "sub" / "w.bin"
+    ds = placement(
+        [tmp_path / "default", tmp_path], item(storage_root=root, storage_layout="hf-cache", repo_type="dataset")
+    )
+    assert ds.repo_dir == tmp_path / "cache" / "datasets--org--model"
+    assert ds.partial == ds.repo_dir / "blobs" / "f1.incomplete"  # hidden from snapshots, found again by id
+
+
+def test_publish_makes_blob_then_relative_link_then_ref_and_replaces_atomically(tmp_path: Path):
+    claimed = item(storage_root=str(tmp_path / "cache"), storage_layout="hf-cache")
+    place = placement([tmp_path / "default", tmp_path], claimed)
+    place.partial.parent.mkdir(parents=True)
+    place.partial.write_bytes(b"abc")
+    sha = hashlib.sha256(b"abc").hexdigest()
+    link = publish(place, claimed, sha, f"{sha}")
+    assert link == place.link and os.readlink(link) == "../../../blobs/" + sha  # relative, from snapshots/<c>/sub/
+    assert link.read_bytes() == b"abc" and not place.partial.exists()
+    assert (place.repo_dir / "refs" / "main").read_text() == COMMIT  # type: ignore[operator]
+    # a second publication of the same file (another attempt) replaces the link and ref in place
+    place.partial.write_bytes(b"abc")
+    publish(place, claimed, sha, None)
+    assert sorted(p.name for p in (place.repo_dir / "blobs").iterdir()) == [sha]  # type: ignore[operator]
+    assert sorted(p.name for p in link.parent.iterdir()) == ["w.bin"]  # no temporary link left
+    assert sorted(p.name for p in (place.repo_dir / "refs").iterdir()) == ["main"]  # type: ignore[operator]
+
+
+def test_the_blob_is_named_by_the_hubs_etag_only_when_it_names_the_bytes(tmp_path: Path):
+    blob = tmp_path / "b"
+    blob.write_bytes(b"hello\n")
+    sha = hashlib.sha256(b"hello\n").hexdigest()
+    git = git_blob_id(blob)
+    assert git == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object` of "hello\n"
+    assert blob_name(blob, sha, git) == git  # a git file: its blob id
+    assert blob_name(blob, sha, sha) == sha  # an LFS file: its sha256
+    assert blob_name(blob, sha, "0" * 40) == sha  # not these bytes: never a name on the server's word
+    assert blob_name(blob, sha, None) == sha
+
+
+def test_several_storage_roots_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    def config(env: dict[str, str], *argv: str) -> Config | list[str]:
+        for name in ("DLW_EXECUTOR_STORAGE", "DLW_EXECUTOR_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        parser = argparse.ArgumentParser()
+        add_run_arguments(parser)
+        return config_from(parser.parse_args(list(argv)))
+
+    flags = config({"DLW_EXECUTOR_TOKEN": "t"}, "--storage", "/a", "--storage", "/b/c")
+    assert isinstance(flags, Config) and flags.storages == (Path("/a"), Path("/b/c")) and flags.storage == Path("/a")
+    env = config({"DLW_EXECUTOR_TOKEN": "t", "DLW_EXECUTOR_STORAGE": "/x:/y"})
+    assert isinstance(env, Config) and env.storages == (Path("/x"), Path("/y"))
+    afile = tmp_path / "file"
+    afile.write_text("")
+    bad = config({"DLW_EXECUTOR_TOKEN": "t"}, "--storage", "/a", "--storage", str(afile))
+    assert bad == [f"--storage {afile} is not a directory (the executor writes files under it)"]
