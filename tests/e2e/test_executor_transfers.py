@@ -86,6 +86,19 @@ def _target(storage: Path, slug: str, repo: str, path: str) -> Path:
     return storage / slug / repo / "main" / path
 
 
+def _run_until(
+    api: str, fs: FileServer, storage: Path, label: str, tid: int, task_id: str, status: str, *args: str
+) -> str:
+    """One executor runs until the task reaches status, then stops cleanly; its log."""
+    executor = start_executor(api, fs, storage, label, *args)
+    try:
+        wait_for(lambda: task_of(api, tid, task_id)["status"] == status, 120, f"the {label} download", (executor,))
+    finally:
+        code, log = stop_executor(executor)
+    assert code == 0, log
+    return log
+
+
 def test_a_large_file_comes_in_parallel_ranges_and_is_verified_whole(db, api, files, workdir):
     fs, root = files
     tid = provision(db, "xfer-ranges")
@@ -93,12 +106,7 @@ def test_a_large_file_comes_in_parallel_ranges_and_is_verified_whole(db, api, fi
     spec = fs.add(root, "org/ranges", "main", "big.bin", content)
     task_id, _ = _one_file_task(api, tid, "org/ranges", spec)
     storage = workdir / "storage"
-    executor = start_executor(api, fs, storage, "ranges", "--connections-per-file", "4")
-    try:
-        wait_for(lambda: task_of(api, tid, task_id)["status"] == "succeeded", 120, "the ranged download", (executor,))
-    finally:
-        code, log = stop_executor(executor)
-    assert code == 0, log
+    _run_until(api, fs, storage, "ranges", tid, task_id, "succeeded", "--connections-per-file", "4")
     assert fs.ranged["big.bin"] >= 8  # chunks of 1/16 of the file: many Range requests
     assert served_bytes(fs, "big.bin") == len(content)  # every byte once
     assert (
@@ -115,12 +123,7 @@ def test_a_corrupt_range_fails_the_file_and_leaves_nothing(db, api, files, workd
     fs.corrupt_ranges.add("big.bin")  # every answer that starts past byte 0 has one flipped byte
     task_id, _ = _one_file_task(api, tid, "org/corrupt", spec)
     storage = workdir / "storage"
-    executor = start_executor(api, fs, storage, "corrupt", "--connections-per-file", "4")
-    try:
-        wait_for(lambda: task_of(api, tid, task_id)["status"] == "failed", 120, "the corrupt download", (executor,))
-    finally:
-        code, log = stop_executor(executor)
-    assert code == 0, log
+    _run_until(api, fs, storage, "corrupt", tid, task_id, "failed", "--connections-per-file", "4")
     task = task_of(api, tid, task_id)
     assert "sha256 mismatch" in task["error"], task
     assert fs.ranged["big.bin"] >= 1
