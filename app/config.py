@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     http_limit_concurrency: int | None = Field(default=None, ge=1)
     http_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
-    # /metrics (app/api/metrics.py, docs/operator.md "Metrics"): off (the default: no such route),
+    # /metrics (app/api/metrics.py, docs/observability.md "Metrics"): off (the default: no such route),
     # token (on the API's port, for the DLW_SYSTEM_ADMIN_TOKEN only) or port (a listener of its
     # own on DLW_METRICS_BIND, without authentication: the bind address is the restriction).
     metrics_access: Literal["off", "token", "port"] = "off"

@@ -1,5 +1,5 @@
 -- owner: dlw_owner
--- Reporting on a hot standby (docs/reporting.md, docs/operator.md): analysts should be able to
+-- Reporting on a hot standby (docs/reporting.md, docs/high-availability.md): analysts should be able to
 -- tell how old the data they read is. A function rather than a view: every relation a reporting
 -- login reads carries tenant_id (tests check it), and this row is about the server, not a tenant.
 -- It runs with the caller's privileges and reads only what PostgreSQL shows every role.

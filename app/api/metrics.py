@@ -1,4 +1,4 @@
-"""Prometheus metrics of the API (DLW_METRICS_ACCESS; docs/operator.md, "Metrics").
+"""Prometheus metrics of the API (DLW_METRICS_ACCESS; docs/observability.md, "Metrics").
 
 Three sources: counters and histograms the request path updates (requests by route template,
 method and status; task admissions by outcome and metric), gauges read from the process at scrape

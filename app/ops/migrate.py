@@ -50,7 +50,7 @@ def yoyo_url(url: str) -> str:
 
 def pinned_to(url: str, conn: psycopg.Connection) -> str:
     """A multi-host URL (a failover formation's `host1:p1,host2:p2/...?target_session_attrs=
-    read-write`, docs/operator.md) narrowed to the server `conn` reached: yoyo parses one host
+    read-write`, docs/high-availability.md) narrowed to the server `conn` reached: yoyo parses one host
     only, and every step must migrate the server that holds the migrate lock."""
     parts = urlsplit(url)
     userinfo, at, hosts = parts.netloc.rpartition("@")

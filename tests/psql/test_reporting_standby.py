@@ -1,4 +1,4 @@
-"""Reporting logins on a hot standby (docs/reporting.md, docs/operator.md): the streaming replica
+"""Reporting logins on a hot standby (docs/reporting.md, docs/high-availability.md): the streaming replica
 of a real pg_auto_failover formation (tests/support/formation.py), reached with
 target_session_attrs=standby. The same row-level security as on the primary (the checks of
 tests/psql/test_rls_reporting.py and test_reporting_psql.py, run on the standby), the reporting

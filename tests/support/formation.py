@@ -9,7 +9,7 @@ and pg_autoctl's XDG config/state/runtime directories (it keys them by data dire
 
 Authentication: pg_autoctl's own roles (autoctl_node, pgautofailover_replicator/_monitor) and the
 OS superuser are trusted on 127.0.0.1 by the rules pg_autoctl writes (`--auth trust`; production
-uses scram or certificates, see docs/operator.md); every other role (dlw_app, reporting logins)
+uses scram or certificates, see docs/high-availability.md); every other role (dlw_app, reporting logins)
 proves its SCRAM password, by a rule appended after pg_autoctl's own.
 """
 
@@ -42,7 +42,7 @@ T = TypeVar("T")
 PG_AUTOCTL = "/usr/bin/pg_autoctl"
 FORMATION_DB = "dlw"
 # Failure detection and promotion tuned for a test (production keeps pg_auto_failover's defaults
-# or close to them; docs/operator.md). The keeper's network_partition_timeout (a primary that
+# or close to them; docs/high-availability.md). The keeper's network_partition_timeout (a primary that
 # lost the monitor and its standby demotes itself) stays below primary_demote_timeout (the
 # monitor's wait before promoting), as in the defaults (20 s < 30 s), so two primaries never
 # accept writes at once.
