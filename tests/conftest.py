@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.database import MigratedDb, PgServer, create_database, drop_database, start_server
+from tests.support.formation import Formation, migrated, running_formation
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,17 @@ def db(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[Migrated
         yield database
     finally:
         drop_database(database)
+
+
+@pytest.fixture(scope="module")
+def formation(request: pytest.FixtureRequest) -> Iterator[Formation]:
+    """A real pg_auto_failover formation for this test module (tests/support/formation.py)."""
+    with running_formation(request.module.__name__.rsplit(".", 1)[-1]) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def formation_primary(formation: Formation) -> MigratedDb:
+    """The formation's database, migrated, reached through the multi-host read-write URL: on
+    whichever node is primary, before and after a failover."""
+    return migrated(formation)

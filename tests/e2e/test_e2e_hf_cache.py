@@ -27,8 +27,7 @@ import pytest
 
 from tests.support import server
 from tests.support.app import bearer, token
-from tests.support.database import MigratedDb
-from tests.support.executors import start_executor, stop_executor, wait_for
+from tests.support.executors import run_until_finished, task_of
 from tests.support.hub import HubEmulator, git_blob_oid, running_hub
 from tests.support.tenants import tenant
 
@@ -68,12 +67,6 @@ def hub() -> Iterator[HubEmulator]:
         yield emulator
 
 
-@pytest.fixture(scope="module")
-def api(db: MigratedDb, hub: HubEmulator) -> Iterator[str]:
-    with server.running_server(db, DLW_HF_ENDPOINT=hub.url) as url:
-        yield url
-
-
 @pytest.fixture
 def work() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="dlw-e2e-cache-"))
@@ -97,23 +90,8 @@ def create(api: str, tid: int, **body: Any) -> dict[str, Any]:
     return dict(made.json())
 
 
-def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
-    got = httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
-    return dict(got.json())
-
-
 def run_until_done(api: str, hub: HubEmulator, storages: list[Path], tid: int, task_ids: list[str]) -> str:
-    extra = [arg for root in storages[1:] for arg in ("--storage", str(root))]
-    executor = start_executor(api, hub, storages[0], f"cache-{tid}", *extra)
-    try:
-        for task_id in task_ids:
-            wait_for(
-                lambda t=task_id: task_of(api, tid, t)["status"] in ("succeeded", "failed"), 60, task_id, (executor,)
-            )
-    finally:
-        code, log = stop_executor(executor)
-    assert code == 0, log
-    return log
+    return run_until_finished(api, hub, storages, f"cache-{tid}", tid, task_ids)
 
 
 def read_offline(cache: Path, repo_id: str, repo_type: str, files: list[str], *revisions: str) -> dict[str, Any]:

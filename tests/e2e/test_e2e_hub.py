@@ -18,10 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import server
 from tests.support.app import bearer, token
-from tests.support.database import MigratedDb
-from tests.support.executors import start_executor, stop_executor, wait_for
+from tests.support.executors import run_until_finished, task_of
 from tests.support.hub import HubEmulator, running_hub
 from tests.support.tenants import tenant
 
@@ -44,12 +42,6 @@ def hub() -> Iterator[HubEmulator]:
         yield emulator
 
 
-@pytest.fixture(scope="module")
-def api(db: MigratedDb, hub: HubEmulator) -> Iterator[str]:
-    with server.running_server(db, DLW_HF_ENDPOINT=hub.url) as url:
-        yield url
-
-
 @pytest.fixture
 def storage() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="dlw-e2e-hub-"))
@@ -61,21 +53,8 @@ def create(api: str, tid: int, **body: Any) -> httpx.Response:
     return httpx.post(f"{api}/api/v1/tasks", headers=bearer(token(tid, "tenant_operator")), json=body, timeout=30)
 
 
-def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
-    got = httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
-    return dict(got.json())
-
-
 def run_until_done(api: str, hub: HubEmulator, storage: Path, tid: int, task_ids: list[str]) -> None:
-    executor = start_executor(api, hub, storage, f"hub-{tid}")
-    try:
-        for task_id in task_ids:
-            wait_for(
-                lambda t=task_id: task_of(api, tid, t)["status"] in ("succeeded", "failed"), 60, task_id, (executor,)
-            )
-    finally:
-        code, log = stop_executor(executor)
-    assert code == 0, log
+    log = run_until_finished(api, hub, [storage], f"hub-{tid}", tid, task_ids)
     for task_id in task_ids:
         assert task_of(api, tid, task_id)["status"] == "succeeded", (task_of(api, tid, task_id), log)
 

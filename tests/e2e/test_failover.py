@@ -43,8 +43,7 @@ from tests.support import server
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb, free_port
 from tests.support.executors import start_executor, stop_executor
-from tests.support.formation import Formation, migrated, missing_pg_auto_failover
-from tests.support.requirements import require
+from tests.support.formation import Formation
 from tests.support.tenants import tenant
 
 FILE_BYTES = 32 * 1024
@@ -53,22 +52,6 @@ STEADY_THREADS = 3
 BURST_THREADS = 2
 BEFORE_KILL_SECONDS = 6.0
 AFTER_RECOVERY_SECONDS = 6.0
-
-
-@pytest.fixture(scope="module")
-def formation() -> Iterator[Formation]:
-    require(missing_pg_auto_failover(), "the failover test")
-    f = Formation()
-    try:
-        f.start()
-        yield f
-    finally:
-        f.destroy()
-
-
-@pytest.fixture(scope="module")
-def ha_db(formation: Formation) -> MigratedDb:
-    return migrated(formation)
 
 
 @dataclass
@@ -187,8 +170,8 @@ def workdir() -> Iterator[Path]:
         print(f"failover logs kept: {path}")
 
 
-def test_failover_loses_nothing_acknowledged(formation: Formation, ha_db: MigratedDb, workdir: Path):
-    db = ha_db
+def test_failover_loses_nothing_acknowledged(formation: Formation, formation_primary: MigratedDb, workdir: Path):
+    db = formation_primary
     with psycopg.connect(formation.node_url(formation.node("node1")), autocommit=True) as conn:
         assert conn.execute("SHOW synchronous_standby_names").fetchone()[0].startswith("ANY 1 ("), (
             formation.show_state()

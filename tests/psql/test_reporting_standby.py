@@ -23,27 +23,15 @@ from tests.psql.test_reporting_psql import REPORTING_VIEWS
 from tests.psql.test_rls_reporting import tenant_ids_seen
 from tests.support.catalog import readable_columns, readable_tables
 from tests.support.database import MigratedDb, PgServer
-from tests.support.formation import Formation, migrated, missing_pg_auto_failover
-from tests.support.requirements import require
+from tests.support.formation import Formation
 from tests.support.tenants import SeededTenant, as_tenant, seeded_tenants
 
 STATUS = "SELECT is_standby, last_replayed_at, replay_caught_up, lag FROM reporting.replica_status()"
 
 
 @pytest.fixture(scope="module")
-def formation() -> Iterator[Formation]:
-    require(missing_pg_auto_failover(), "the hot-standby reporting test")
-    f = Formation()
-    try:
-        f.start()
-        yield f
-    finally:
-        f.destroy()
-
-
-@pytest.fixture(scope="module")
-def primary(formation: Formation) -> MigratedDb:
-    return migrated(formation)
+def primary(formation_primary: MigratedDb) -> MigratedDb:
+    return formation_primary
 
 
 @pytest.fixture(scope="module")

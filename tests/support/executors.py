@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
+
 from tests.support import server
-from tests.support.app import token
+from tests.support.app import bearer, token
 
 
 class HasUrl(Protocol):
@@ -64,3 +67,29 @@ def wait_for(
         time.sleep(0.1)
     logs = [stop_executor(proc, signal.SIGKILL) for proc in executors]
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; executors (exit code, log): {logs}")
+
+
+def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
+    """The task as its tenant's viewer reads it (`GET /api/v1/tasks/{id}`)."""
+    got = httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
+    return dict(got.json())
+
+
+def _finished(api: str, tid: int, task_id: str) -> bool:
+    return task_of(api, tid, task_id)["status"] in ("succeeded", "failed")
+
+
+def run_until_finished(
+    api: str, hub: HasUrl, storages: Sequence[Path], label: str, tid: int, task_ids: Sequence[str]
+) -> str:
+    """One executor (the first of `storages` its --storage root, the others extra roots) runs
+    until every task is succeeded or failed, then stops cleanly; its log."""
+    extra = [arg for root in storages[1:] for arg in ("--storage", str(root))]
+    executor = start_executor(api, hub, storages[0], label, *extra)
+    try:
+        for task_id in task_ids:
+            wait_for(functools.partial(_finished, api, tid, task_id), 60, task_id, (executor,))
+    finally:
+        code, log = stop_executor(executor)
+    assert code == 0, log
+    return log

@@ -26,7 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ from psycopg import sql
 
 from app.ops.embedded import SYSTEM_USER, debian_bindir
 from tests.support.database import MigratedDb, PgServer, free_port
+from tests.support.requirements import require
 from tests.support.server import serve_env
 
 T = TypeVar("T")
@@ -263,6 +265,19 @@ class Formation:
                     os.killpg(node.proc.pid, signal.SIGKILL)
             self.run(str(self.bindir / "pg_ctl"), "-D", str(node.pgdata), "stop", "-m", "immediate", check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextmanager
+def running_formation(what: str) -> Iterator[Formation]:
+    """A started formation (monitor, primary node1, synchronous standby node2), destroyed on
+    exit; `what` is skipped locally, and fails under CI=true, without the Debian packages."""
+    require(missing_pg_auto_failover(), what)
+    formation = Formation()
+    try:
+        formation.start()
+        yield formation
+    finally:
+        formation.destroy()
 
 
 def migrated(formation: Formation) -> MigratedDb:
