@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -36,7 +36,8 @@ from app.executor.download import Tuning, UnsafePath, WrongSize, destination, do
 from tests.support import server
 from tests.support.app import bearer, detail, token
 from tests.support.database import MigratedDb, free_port
-from tests.support.executors import start_executor, stop_executor, wait_for
+from tests.support.executors import create_task, start_executor, stop_executor, task_of, wait_for
+from tests.support.file_server import serve_in_thread
 from tests.support.tenants import tenant
 
 CHUNK = 64 * 1024
@@ -97,10 +98,7 @@ class HubServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = serve_in_thread(Handler)
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -131,20 +129,6 @@ def api(db: MigratedDb) -> Iterator[str]:
 
 def provision(db: MigratedDb, slug: str, bytes_month: int = 0) -> int:
     return tenant(db, slug, concurrent=0, bytes_month=bytes_month, storage_gb=0)
-
-
-def create_task(api: str, tid: int, repo: str, revision: str, files: list[dict[str, Any]]) -> httpx.Response:
-    return httpx.post(
-        f"{api}/api/v1/tasks",
-        headers=bearer(token(tid, "tenant_operator")),
-        json={"repo_id": repo, "revision": revision, "files": files},
-        timeout=10,
-    )
-
-
-def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
-    return dict(response.json())
 
 
 def executor_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -13,14 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from app.domain import RETRY_BACKOFF_BASE_SECONDS
 from tests.support import server
-from tests.support.app import bearer, token
 from tests.support.database import MigratedDb
-from tests.support.executors import start_executor, stop_executor, wait_for
+from tests.support.executors import create_task, start_executor, stop_executor, task_of, wait_for
 from tests.support.file_server import FileServer, served_bytes
 from tests.support.tenants import tenant
 
@@ -29,20 +27,6 @@ MB = 1 << 20
 
 def provision(db: MigratedDb, slug: str) -> int:
     return tenant(db, slug, concurrent=0, bytes_month=0, storage_gb=0)
-
-
-def create_task(api: str, tid: int, repo: str, revision: str, files: list[dict[str, Any]]) -> httpx.Response:
-    return httpx.post(
-        f"{api}/api/v1/tasks",
-        headers=bearer(token(tid, "tenant_operator")),
-        json={"repo_id": repo, "revision": revision, "files": files},
-        timeout=10,
-    )
-
-
-def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
-    return dict(response.json())
 
 
 @pytest.fixture(scope="module")

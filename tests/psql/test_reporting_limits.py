@@ -81,6 +81,17 @@ def wait_for(db: MigratedDb, login: str, state: str, older_than: float) -> int:
     raise AssertionError(f"{login} never was {state} for {older_than} s")
 
 
+def wait_gone(db: MigratedDb, pid: int) -> None:
+    """Until the backend the watchdog terminated has left pg_stat_activity (5 s at most)."""
+    with db.owner() as conn:
+        for _ in range(200):
+            if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (0,):
+                break
+            time.sleep(0.025)
+        else:
+            raise AssertionError("the backend is still there")
+
+
 def in_thread(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     outcome: list[object] = []
 
@@ -186,13 +197,7 @@ def test_the_watchdog_terminates_a_session_idle_in_transaction_past_its_limit(db
         assert watchdog(db) == [(pid, login, "terminated")]
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1").fetchone()
-    with db.owner() as conn:
-        for _ in range(200):
-            if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (0,):
-                break
-            time.sleep(0.025)
-        else:
-            raise AssertionError("the backend is still there")
+    wait_gone(db, pid)
 
 
 def test_the_watchdog_leaves_sessions_within_their_limits_alone(db: MigratedDb, env: Env):

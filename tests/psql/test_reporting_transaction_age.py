@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from app.ops.catalog_check import check_catalog
-from tests.psql.test_reporting_limits import Env, watchdog
+from tests.psql.test_reporting_limits import Env, wait_gone, watchdog
 from tests.support.database import MigratedDb
 from tests.support.psql import lit, ok
 from tests.support.tenants import create_dba_login, drop_login
@@ -67,13 +67,7 @@ def test_a_busy_reporting_transaction_is_terminated_at_its_age_limit(db: Migrate
                 busy.execute("SELECT 1").fetchone()
             assert young.execute("SELECT 1").fetchone() == (1,)
             assert app.execute("SELECT 1").fetchone() == (1,)
-    with db.owner() as conn:
-        for _ in range(200):
-            if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (0,):
-                break
-            time.sleep(0.025)
-        else:
-            raise AssertionError("the backend is still there")
+    wait_gone(db, pid)
     assert [p for p in check_catalog(db.owner_url, watchdog_grace_s=0) if p.startswith(DOCTOR_TITLE)] == []
 
 

@@ -69,6 +69,16 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; executors (exit code, log): {logs}")
 
 
+def create_task(api: str, tid: int, repo: str, revision: str, files: list[dict[str, Any]]) -> httpx.Response:
+    """`POST /api/v1/tasks` with an explicit manifest, as the tenant's operator."""
+    return httpx.post(
+        f"{api}/api/v1/tasks",
+        headers=bearer(token(tid, "tenant_operator")),
+        json={"repo_id": repo, "revision": revision, "files": files},
+        timeout=10,
+    )
+
+
 def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
     """The task as its tenant's viewer reads it (`GET /api/v1/tasks/{id}`)."""
     got = httpx.get(f"{api}/api/v1/tasks/{task_id}", headers=bearer(token(tid, "tenant_viewer")), timeout=10)

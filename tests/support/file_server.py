@@ -21,6 +21,14 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 PIECE = 64 * 1024
 
 
+def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """A threaded HTTP server on a free port of 127.0.0.1, run by a daemon thread; and its URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
 @dataclass
 class FileServer:
     files: dict[str, Path] = field(default_factory=dict)  # "{repo}/{revision}/{path}" -> file on disk
@@ -78,10 +86,7 @@ class FileServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.url = serve_in_thread(Handler)
         return self.url
 
     def serve(self, handler: BaseHTTPRequestHandler, path: str, disk: Path) -> None:
