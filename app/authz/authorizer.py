@@ -39,7 +39,7 @@ class Authorizer:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self._file_rules = frozenset(file_rules())
-        self.policy = PolicyIndex(self._file_rules)  # the file alone until the first load
+        self.policy = PolicyIndex()  # nothing is allowed until the first load (fail closed)
         # Bounded by roles x routes x 2, not by grants: decisions are asked of roles, never of users.
         self._decisions: dict[tuple[str, str, str, bool], bool] = {}
         # Counters for tests and metrics: policy updates (full loads + incremental ones), of which

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
@@ -16,12 +17,13 @@ import casbin
 import psycopg
 import pytest
 
+from app.authz import policy_index
 from app.authz.adapter import FIELDS, file_rules
 from app.authz.authorizer import Authorizer
 from app.authz.policy_index import MAX_HOPS, PolicyIndex, Rule
 from tests.support.database import MigratedDb
 
-MODEL = "app/authz/model.conf"
+MODEL = str(Path(policy_index.__file__).with_name("model.conf"))
 ROLES = [f"role{i}" for i in range(12)] + ["tenant_admin", "tenant_operator", "tenant_viewer", "system_admin"]
 USERS = [f"user:u{i}" for i in range(10)]
 PATTERNS = ["/a", "/a/*", "/a/*/x", "/a/b", "/b", "*", "/a/", "/api/v1/tasks", "/api/v1/tasks/*"]
