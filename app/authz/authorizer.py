@@ -133,7 +133,7 @@ class Authorizer:
         )
 
     async def start(self, listen_dsn: str) -> None:
-        """Load the policy now (AsyncEnforcer does not in its constructor), then follow changes."""
+        """Load the policy now, then follow its changes."""
         await self.reload()
         self._tasks = [asyncio.create_task(self._listen(listen_dsn)), asyncio.create_task(self._reloader())]
 
