@@ -8,10 +8,13 @@ grants in dlw.casbin_rule.
   burst           100 single-row statements in a row: how many policy updates the instance made
   decision        acting_role() for a principal, per call (the cached dict lookups of a request)
 
-Targets: a change lands within 1 s at 10,000 grants, and the incremental catch-up of a new grant
-costs at most 2x at 10,000 what it costs at 10 (work proportional to the change, not to the
-grants). A revocation is reported against a full load: pycasbin's role manager scans every role
-to delete one link (O(subjects) inside casbin), so it is cheaper than a reload but not flat.
+Targets: a change lands within 1 s at 10,000 grants, and the incremental catch-up (one query plus
+applying the changed rules to the PolicyIndex, app/authz/policy_index.py) of a grant and of a
+revocation each costs at most 2x at 10,000 what it costs at 10 (work proportional to the change,
+not to the grants). Before the PolicyIndex, pycasbin scanned its rule list on every add and every
+role it knew on every revoke: 1.06 -> 5.06 ms per grant, 0.85 -> 42.3 ms per revoke.
+
+Alone: `python -m bench.scale_grants [--quick]` (its own embedded cluster).
 """
 
 from __future__ import annotations
@@ -138,20 +141,49 @@ def run(admin_url: str, app_url: str, quick: bool = False) -> list[dict[str, Any
             f" {r['decision_us']:>11.2f}"
         )
     print(f"(the granted principal acts as {large['granted']!r}: the grants are live)")
-    print("grant/revoke ms = the incremental catch-up alone (app/authz/authorizer.py: one query + the changed rules).")
-    print("A revocation of a g rule costs pycasbin's role manager delete_link, which scans every role")
-    print("(O(subjects): casbin's, not ours); still a fraction of a full load, and no reload.")
-    ratio = large["catch_up_ms"] / small["catch_up_ms"]
+    print("grant/revoke ms = the incremental catch-up alone (app/authz/authorizer.py: one query + the changed")
+    print("rules applied to the PolicyIndex, O(1) each); full load = every rule read and indexed (gaps only).")
+    grant = large["catch_up_ms"] / small["catch_up_ms"]
+    revoke = large["revoke_ms"] / small["revoke_ms"]
     land_s = large["land_max_ms"] / 1000
     rows = [
-        {"measure": "grant added, catch-up: 10 -> 10,000 grants", "small_ms": small["catch_up_ms"],
-         "large_ms": large["catch_up_ms"], "ratio": ratio, "target": CATCH_UP_MAX, "met": ratio <= CATCH_UP_MAX},
+        {"measure": "grant catch-up: 10 -> 10,000 grants", "small_ms": small["catch_up_ms"],
+         "large_ms": large["catch_up_ms"], "ratio": grant, "target": CATCH_UP_MAX, "met": grant <= CATCH_UP_MAX},
+        {"measure": "revoke catch-up: 10 -> 10,000 grants", "small_ms": small["revoke_ms"],
+         "large_ms": large["revoke_ms"], "ratio": revoke, "target": CATCH_UP_MAX, "met": revoke <= CATCH_UP_MAX},
         {"measure": "grant lands at 10,000 grants (max, s)", "small_ms": small["land_max_ms"],
          "large_ms": large["land_max_ms"], "ratio": land_s, "target": LAND_MAX_S, "met": land_s <= LAND_MAX_S},
-        {"measure": "grant revoked vs full load at 10,000 (info)", "small_ms": large["full_ms"],
-         "large_ms": large["revoke_ms"], "ratio": large["revoke_ms"] / large["full_ms"], "target": 1.0,
-         "met": large["revoke_ms"] <= large["full_ms"]},
     ]  # fmt: skip
     for r in rows:
         print(f"{r['measure']:44} {r['ratio']:>6.2f} <= {r['target']:g}  {'met' if r['met'] else 'MISSED'}")
     return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import secrets
+    import tempfile
+    from pathlib import Path
+
+    from psycopg import sql
+
+    from app.ops.embedded import LocalCluster
+    from app.ops.migrate import migrate
+    from bench.refresh_cost import PG_SETTINGS, _free_port
+
+    parser = argparse.ArgumentParser(prog="python -m bench.scale_grants", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    password = secrets.token_urlsafe(12)
+    with tempfile.TemporaryDirectory(prefix="dlw-bench-grants-") as tmp:
+        cluster = LocalCluster(Path(tmp) / "pgdata", port=_free_port(), extra_settings=PG_SETTINGS)
+        cluster.start()
+        try:
+            with psycopg.connect(cluster.url(), autocommit=True) as admin:
+                admin.execute("CREATE DATABASE scale_grants")
+            migrate(cluster.url("scale_grants"))
+            with psycopg.connect(cluster.url("scale_grants"), autocommit=True) as conn:
+                conn.execute(sql.SQL("ALTER ROLE dlw_app PASSWORD {}").format(sql.Literal(password)))
+            run(cluster.url("scale_grants"), cluster.url("scale_grants", user="dlw_app", password=password), args.quick)
+        finally:
+            cluster.destroy()

@@ -1,61 +1,43 @@
-"""A small async casbin adapter on the asyncpg pool: the built-in policy file plus the rows
-of dlw.casbin_rule. It is read-only: grants are written in SQL by a DBA; the trigger on the
-table bumps dlw.grant_version and notifies, and each instance reloads when the version moved."""
+"""The rules of the policy: the built-in file (policy.csv) plus the rows of dlw.casbin_rule, as
+(ptype, field, ...) tuples for app/authz/policy_index.py. Read-only: grants are written in SQL by
+a DBA; the trigger on the table bumps dlw.grant_version, records the changed rules and notifies,
+and each instance applies them (app/authz/authorizer.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import asyncpg
-from casbin.persist.adapter import load_policy_line
-from casbin.persist.adapters.asyncio import AsyncAdapter
 
+from app.authz.policy_index import Rule
 from app.db.queries import SQL
 
 POLICY_FILE = Path(__file__).with_name("policy.csv")
+FIELDS = ("ptype", "v0", "v1", "v2", "v3", "v4", "v5")
 
 
-class ReadOnlyPolicy(PermissionError):
-    pass
+def rule_of(fields: Sequence[str | None]) -> Rule:
+    """A rule of a policy line's fields, as casbin's loader reads them: each stripped, empty
+    ones dropped."""
+    return tuple(s for f in fields if f is not None and (s := f.strip()) != "")
 
 
-def _line(fields: list[str]) -> str:
-    return ", ".join(f for f in fields if f != "")
+def row_rule(row: asyncpg.Record) -> Rule:
+    """The rule of a dlw.casbin_rule (or dlw.casbin_rule_changes) row."""
+    return rule_of([row[f] for f in FIELDS])
 
 
-def rule_of(fields: list[str]) -> tuple[str, list[str]]:
-    """(ptype, rule) of a policy line's fields, as load_policy_line reads them (empty fields dropped)."""
-    ptype, *rest = [f for f in fields if f != ""]
-    return ptype, rest
-
-
-def file_rules() -> set[tuple[str, ...]]:
-    """The rules of the built-in policy file, as (ptype, *rule)."""
-    rules = set()
+def file_rules() -> list[Rule]:
+    """The rules of the built-in policy file, in its order."""
+    rules = []
     for raw in POLICY_FILE.read_text().splitlines():
         line = raw.strip()
         if line and not line.startswith("#"):
-            rules.add(tuple(f.strip() for f in line.split(",")))
+            rules.append(rule_of(line.split(",")))
     return rules
 
 
-class PgPolicyAdapter(AsyncAdapter):  # type: ignore[misc]
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-
-    async def load_policy(self, model: Any) -> None:
-        for raw in POLICY_FILE.read_text().splitlines():
-            line = raw.strip()
-            if line and not line.startswith("#"):
-                load_policy_line(line, model)
-        rows = await self.pool.fetch(SQL["casbin_grants"])
-        for row in rows:
-            load_policy_line(
-                _line([row["ptype"], row["v0"], row["v1"], row["v2"], row["v3"], row["v4"], row["v5"]]), model
-            )
-
-    async def _read_only(self, *args: Any) -> None:
-        raise ReadOnlyPolicy("policy rows are written with SQL into dlw.casbin_rule; the API only reads them")
-
-    save_policy = add_policy = remove_policy = remove_filtered_policy = _read_only
+async def table_rules(pool: asyncpg.Pool) -> list[Rule]:
+    """Every rule of dlw.casbin_rule, in order (a full load: only after a gap or a reconnect)."""
+    return [row_rule(row) for row in await pool.fetch(SQL["casbin_grants"])]

@@ -1,5 +1,7 @@
-"""Decisions for require_perm: casbin evaluates a (role, obj, act, same-tenant) question once,
-then the answer is cached until the policy reloads, so a check costs a dict lookup.
+"""Decisions for require_perm: the policy of model.conf lives in a PolicyIndex
+(app/authz/policy_index.py, casbin's semantics, O(1) per changed rule); a (role, obj, act,
+same-tenant) question is evaluated once, then the answer is cached until the policy changes, so a
+check costs a dict lookup.
 
 Reloads follow dlw.grant_version, not the notifications themselves: any role that can connect
 may NOTIFY the channel, so a notification only wakes the reloader, which waits a short
@@ -13,21 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
-import casbin
 
-from app.authz.adapter import PgPolicyAdapter, file_rules, rule_of
+from app.authz.adapter import file_rules, row_rule, table_rules
+from app.authz.policy_index import PolicyIndex
 from app.db.queries import SQL
 from app.identity.principal import Principal
 
 log = logging.getLogger("dlw.rbac")
-logging.getLogger("casbin").setLevel(logging.WARNING)  # it logs the whole model and policy at INFO
-MODEL_FILE = Path(__file__).with_name("model.conf")
 CHANNEL = "dlw_casbin_rule"
 GRANT_SUBJECT_PREFIX = "user:"
-MAX_CACHED_SUBJECTS = 100_000
 # Most privileged first: the database role a principal acts with is the first it holds.
 ROLE_RANK = ("system_admin", "tenant_admin", "tenant_operator", "tenant_viewer", "executor")
 # After a notification, wait this long before checking the version: a burst (or a flood) of
@@ -38,11 +38,10 @@ DEBOUNCE_SECONDS = 0.1
 class Authorizer:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.enforcer = casbin.AsyncEnforcer(str(MODEL_FILE), PgPolicyAdapter(pool))
-        self.enforcer.enable_auto_save(False)  # incremental changes touch the model, never the table
-        self._file_rules = file_rules()
+        self._file_rules = frozenset(file_rules())
+        self.policy = PolicyIndex()  # nothing is allowed until the first load (fail closed)
+        # Bounded by roles x routes x 2, not by grants: decisions are asked of roles, never of users.
         self._decisions: dict[tuple[str, str, str, bool], bool] = {}
-        self._grants: dict[str, tuple[str, ...]] = {}
         # Counters for tests and metrics: policy updates (full loads + incremental ones), of which
         # full loads, version reads after a wake-up, and notifications received (from anyone).
         self.reloads = 0
@@ -59,22 +58,14 @@ class Authorizer:
         key = (role, obj, act, same_tenant)
         decision = self._decisions.get(key)
         if decision is None:
-            rtenant = "t" if same_tenant else "other"
-            decision = bool(self.enforcer.enforce(role, "t", obj, act, rtenant))
+            decision = self.policy.allows(role, obj, act, same_tenant)
             self._decisions[key] = decision
         return decision
 
     def roles_of(self, principal: Principal) -> tuple[str, ...]:
         """The principal's own role plus any granted to it by a g row `g, user:<user_id>, <role>`
         (the prefix keeps subjects and role names apart)."""
-        subject = GRANT_SUBJECT_PREFIX + principal.user_id
-        granted = self._grants.get(subject)
-        if granted is None:
-            if len(self._grants) >= MAX_CACHED_SUBJECTS:
-                self._grants.clear()  # bounded: one entry per subject seen since the last reload
-            granted = tuple(self.enforcer.get_role_manager().get_roles(subject))
-            self._grants[subject] = granted
-        return (principal.role, *granted)
+        return (principal.role, *self.policy.roles(GRANT_SUBJECT_PREFIX + principal.user_id))
 
     def acting_role(self, principal: Principal, obj: str, act: str, same_tenant: bool) -> str | None:
         """The most privileged of the principal's roles that allows act on obj, or None."""
@@ -105,44 +96,44 @@ class Authorizer:
         await self._apply([r for r in rows if r["ptype"] is not None], version)
         return True
 
-    async def _apply(self, rows: list[asyncpg.Record], version: int) -> None:
-        # State, not events: each changed rule is made present or absent as the table has it now
-        # (same snapshot as the version), so the order of the changes does not matter. A rule of
-        # the built-in file stays whatever the table says.
-        for row in rows:
-            ptype, rule = rule_of([row["ptype"], row["v0"], row["v1"], row["v2"], row["v3"], row["v4"], row["v5"]])
-            grouping = ptype.startswith("g")
-            if row["present"]:
-                if grouping:
-                    await self.enforcer.add_named_grouping_policy(ptype, *rule)
-                else:
-                    await self.enforcer.add_named_policy(ptype, *rule)
-            elif (ptype, *rule) not in self._file_rules:
-                if grouping:
-                    await self.enforcer.remove_named_grouping_policy(ptype, *rule)
-                else:
-                    await self.enforcer.remove_named_policy(ptype, *rule)
-        self._decisions.clear()
-        self._grants.clear()
+    async def _apply(self, rows: Sequence[Any], version: int) -> None:
+        self.apply_changes(rows)
         self.version = version
         self.reloads += 1
         log.info(
             "authorization policy updated: %d rules (update %d, grant version %s)", len(rows), self.reloads, version
         )
 
+    def apply_changes(self, rows: Sequence[Any]) -> None:
+        """State, not events: each changed rule (a grant_changes row: ptype, v0..v5, present) is
+        made present or absent as the table has it now (same snapshot as the version), so the
+        order of the changes does not matter; O(1) per rule (tests/api/test_policy_index.py
+        counts it). A rule of the built-in file stays whatever the table says."""
+        for row in rows:
+            rule = row_rule(row)
+            if row["present"]:
+                self.policy.add(rule)
+            elif rule not in self._file_rules:
+                self.policy.remove(rule)
+        self._decisions.clear()
+
     async def _load(self, version: int | None) -> None:
         # The version is read before the rules: a change committed in between bumps the
         # version past the recorded one, so the next check reloads again (never misses it).
-        await self.enforcer.load_policy()
+        policy = PolicyIndex(self._file_rules)
+        for rule in await table_rules(self.pool):
+            policy.add(rule)
+        self.policy = policy
         self._decisions.clear()
-        self._grants.clear()
         self.version = version
         self.reloads += 1
         self.full_reloads += 1
-        log.info("authorization policy loaded (reload %d, grant version %s)", self.reloads, version)
+        log.info(
+            "authorization policy loaded: %d rules (reload %d, grant version %s)", len(policy), self.reloads, version
+        )
 
     async def start(self, listen_dsn: str) -> None:
-        """Load the policy now (AsyncEnforcer does not in its constructor), then follow changes."""
+        """Load the policy now, then follow its changes."""
         await self.reload()
         self._tasks = [asyncio.create_task(self._listen(listen_dsn)), asyncio.create_task(self._reloader())]
 
