@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,36 @@ from app.api.snapshot_leader import LEADER_LOCK_KEY
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb
 from tests.support.tenants import tenant
+
+# -- a client that retries like real HTTP clients ---------------------------------------------
+
+# The server closes a keep-alive connection DLW_HTTP_KEEP_ALIVE_SECONDS (5 s) after it sent the
+# last answer on it. A client slow to read that answer (its event loop busy for seconds opening
+# 100 connections on a loaded machine) then hands the connection to its next request just as the
+# server closes it: no answer, "Server disconnected" or a reset. RFC 9112, 9.3.1, lets a client
+# send an idempotent request again then; browsers and Go's net/http do, httpx does not.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+UNANSWERED = "Server disconnected without sending a response"
+
+
+class RetryingTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport, plus one retry of an idempotent request whose connection closed (or
+    was reset) before it was answered; `retried` counts them by error, for the test to print."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.retried: Counter[str] = Counter()  # what the first attempt met -> how often
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            other_protocol_error = isinstance(exc, httpx.RemoteProtocolError) and UNANSWERED not in str(exc)
+            if request.method not in IDEMPOTENT or other_protocol_error:
+                raise
+            self.retried[f"{type(exc).__name__}: {exc}".rstrip(": ")] += 1
+            return await super().handle_async_request(request)
+
 
 # -- task creation ------------------------------------------------------------------------------
 
@@ -93,7 +124,7 @@ def times_until(
         raise AssertionError(f"{url} never answered {status} within {limit} s")
 
     async def all_urls() -> list[float]:
-        async with httpx.AsyncClient(timeout=2) as http:
+        async with httpx.AsyncClient(timeout=2, transport=RetryingTransport()) as http:
             return list(await asyncio.gather(*(poll(http, url) for url in urls)))
 
     return asyncio.run(all_urls())
