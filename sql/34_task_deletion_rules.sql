@@ -36,12 +36,12 @@ BEGIN
         RAISE EXCEPTION 'tasks.deletion is written by dlw.delete_task and the executors only'
             USING ERRCODE = '42501';
     END IF;
-    IF NEW.deletion IS NOT NULL AND NEW.status IN ('pending', 'running') THEN
-        RAISE EXCEPTION 'only a finished task is deleted (task % is %)', OLD.id, NEW.status USING ERRCODE = 'DLW01';
-    END IF;
     IF OLD.deletion IS NOT NULL AND NEW.status IS DISTINCT FROM OLD.status THEN
         RAISE EXCEPTION 'illegal task transition: % -> % (the task is %)', OLD.status, NEW.status, OLD.deletion
             USING ERRCODE = 'DLW01', HINT = 'a task being deleted or deleted keeps its status';
+    END IF;
+    IF NEW.deletion IS NOT NULL AND NEW.status IN ('pending', 'running') THEN
+        RAISE EXCEPTION 'only a finished task is deleted (task % is %)', OLD.id, NEW.status USING ERRCODE = 'DLW01';
     END IF;
     RETURN NEW;
 END
