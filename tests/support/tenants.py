@@ -107,6 +107,11 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
             " VALUES (%s, %s, 'weights.bin', 10, gen_random_uuid()) RETURNING id",
             (tid, t.ids["task"]),
         )
+        t.ids["task_deletion"] = q(
+            "INSERT INTO dlw.task_deletions (tenant_id, task_id, assignment_token) VALUES (%s, %s, gen_random_uuid())"
+            " RETURNING id",
+            (tid, t.ids["task"]),
+        )
         q(
             "INSERT INTO dlw.idempotency_keys (tenant_id, key, request_hash, task_id) VALUES (%s, %s, '\\x00', %s)",
             (tid, f"key-{slug}", t.ids["task"]),
