@@ -117,7 +117,9 @@ def test_the_plan_keeps_what_another_task_holds_and_the_release_comes_at_the_las
         assert done["outcome"] == "deleted" and done["released_bytes"] == 10
         assert [r["sha256"] for r in done["released"]] == [sha(2)]
         assert complete(ex, d["deletion_id"], d["assignment_token"])["outcome"] == "already_deleted"
-        assert owner.execute("SELECT deletion FROM dlw.tasks WHERE id = %s", (first,)).fetchone()["deletion"] == "deleted"
+        assert (
+            owner.execute("SELECT deletion FROM dlw.tasks WHERE id = %s", (first,)).fetchone()["deletion"] == "deleted"
+        )
 
         assert request(db, tid, second)["outcome"] == "requested"
         [d2] = claim_deletions(ex)
@@ -178,8 +180,9 @@ def test_a_failed_deletion_shows_on_the_task_and_delete_again_requeues_it(db, ow
         [d] = claim_deletions(ex)
         fail = "SELECT dlw.executor_deletion_fail(%s, %s, 'root unreachable', %s, 5) AS outcome"
         assert ex.call(fail, d["deletion_id"], d["assignment_token"], True)[0]["outcome"] == "requeued"
-        row = owner.execute("SELECT status, not_before > now() AS backs_off FROM dlw.task_deletions WHERE id = %s",
-                            (d["deletion_id"],)).fetchone()
+        row = owner.execute(
+            "SELECT status, not_before > now() AS backs_off FROM dlw.task_deletions WHERE id = %s", (d["deletion_id"],)
+        ).fetchone()
         assert row == {"status": "pending", "backs_off": True}
         assert claim_deletions(ex) == []  # backing off
         owner.execute("UPDATE dlw.task_deletions SET not_before = NULL WHERE id = %s", (d["deletion_id"],))
@@ -215,7 +218,9 @@ def test_another_tenant_cannot_delete_see_or_detect_a_deletion(db, owner):
     # Tenant B asks to delete A's task: the same answer as for an id that does not exist.
     assert request(db, b, task) == {"outcome": "NOT_FOUND", "deletion": None}
     assert request(db, b, uuid.uuid4()) == {"outcome": "NOT_FOUND", "deletion": None}
-    assert owner.execute("SELECT count(*) AS n FROM dlw.task_deletions WHERE task_id = %s", (task,)).fetchone()["n"] == 0
+    assert (
+        owner.execute("SELECT count(*) AS n FROM dlw.task_deletions WHERE task_id = %s", (task,)).fetchone()["n"] == 0
+    )
     request(db, a, task)
     deletion = owner.execute("SELECT id FROM dlw.task_deletions WHERE task_id = %s", (task,)).fetchone()["id"]
     with psycopg.connect(db.app_url) as conn:
