@@ -231,7 +231,7 @@ def test_another_tenant_cannot_delete_see_or_detect_a_deletion(db, owner):
         for statement in (
             "UPDATE dlw.task_deletions SET status = 'done'",
             "DELETE FROM dlw.task_deletions",
-            "INSERT INTO dlw.task_deletions (tenant_id, task_id) VALUES (%s, gen_random_uuid())" % a,
+            f"INSERT INTO dlw.task_deletions (tenant_id, task_id) VALUES ({a}, gen_random_uuid())",
         ):
             with pytest.raises(errors.InsufficientPrivilege), conn.transaction():
                 conn.execute(statement)
