@@ -179,14 +179,13 @@ BEGIN
         deletion := v_marker;
         RETURN;
     END IF;
-    IF v_marker = 'failed' THEN  -- a failed deletion is queued again, with fresh attempts
-        UPDATE dlw.task_deletions d
-           SET status = 'pending', attempts = 0, error = NULL, not_before = NULL, assignment_token = NULL,
-               lease_expires_at = NULL, lease_seconds = NULL, plan = NULL, updated_at = now(), finished_at = NULL
-         WHERE d.tenant_id = v_tenant AND d.task_id = p_task_id;
-    ELSE
-        INSERT INTO dlw.task_deletions (tenant_id, task_id) VALUES (v_tenant, p_task_id);
-    END IF;
+    -- A new work item; a failed deletion's (any earlier row of the task) is queued again with
+    -- fresh attempts. The task row is locked, so no other request races this one.
+    INSERT INTO dlw.task_deletions AS d (tenant_id, task_id) VALUES (v_tenant, p_task_id)
+    ON CONFLICT (tenant_id, task_id) DO UPDATE
+       SET status = 'pending', attempts = 0, error = NULL, not_before = NULL, assignment_token = NULL,
+           lease_expires_at = NULL, lease_seconds = NULL, executor_id = NULL, plan = NULL, released = NULL,
+           released_bytes = NULL, created_at = now(), updated_at = now(), finished_at = NULL;
     UPDATE dlw.tasks x SET deletion = 'deleting' WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
     PERFORM dlw.audit_append(v_tenant, dlw.ctx_user_id(), 'task.deletion_requested', p_task_id::text,
         jsonb_build_object('status', v_status, 'again', v_marker IS NOT NULL));

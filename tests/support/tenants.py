@@ -108,8 +108,9 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
             (tid, t.ids["task"]),
         )
         t.ids["task_deletion"] = q(
-            "INSERT INTO dlw.task_deletions (tenant_id, task_id, assignment_token) VALUES (%s, %s, gen_random_uuid())"
-            " RETURNING id",
+            # a failed deletion (claimable by nobody; a DELETE of the task queues it again)
+            "INSERT INTO dlw.task_deletions (tenant_id, task_id, status, assignment_token, error)"
+            " VALUES (%s, %s, 'failed', gen_random_uuid(), 'seeded') RETURNING id",
             (tid, t.ids["task"]),
         )
         q(
