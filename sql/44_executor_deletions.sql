@@ -327,8 +327,9 @@ BEGIN
            coalesce(sum(r.bytes), 0)::bigint
       INTO v_rows, v_bytes
       FROM dlw.task_deletion_released(v.tenant_id, p_deletion_id) r;
-    -- Storage accounting: the registry of stored blobs (branch i15-quota) releases exactly these
-    -- rows here, in this transaction (see docs/storage.md "Deleting").
+    -- Storage accounting releases exactly these rows here, in this transaction (docs/storage.md,
+    -- "Deleting"): the storage registry's release (branch i15-quota, dlw.storage_release) is
+    -- called at this point with v.tenant_id and the rows of v_rows, before the rows below change.
     UPDATE dlw.task_deletions d
        SET status = 'done', lease_expires_at = NULL, error = NULL, released = v_rows, released_bytes = v_bytes,
            updated_at = now(), finished_at = now()

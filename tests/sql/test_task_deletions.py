@@ -7,6 +7,7 @@ tenant cannot delete, see or detect a task's deletion, through any function or t
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -262,3 +263,24 @@ def test_another_tenant_cannot_delete_see_or_detect_a_deletion(db, owner):
         as_tenant(conn, b, "tenant_admin")
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM dlw.executor_claim_deletions(1, 60, 'x', 5)")
+
+
+def test_concurrent_requests_queue_one_deletion(db, owner):
+    tid = provision(db, "del-race")
+    task = succeeded_task(db, tid, [("a.bin", 41)])
+    first = psycopg.connect(db.app_url)
+    try:
+        as_tenant(first, tid, "tenant_operator")  # its transaction stays open: the task row stays locked
+        assert first.execute("SELECT outcome FROM dlw.delete_task(%s)", (task,)).fetchone() == ("requested",)
+        answers: list[dict[str, Any]] = []
+        waiter = threading.Thread(target=lambda: answers.append(request(db, tid, task)))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not answers  # waits for the first request's lock
+        first.commit()
+        waiter.join(10)
+        assert answers == [{"outcome": "unchanged", "deletion": "deleting"}]
+    finally:
+        first.close()
+    rows = owner.execute("SELECT count(*) AS n FROM dlw.task_deletions WHERE task_id = %s", (task,)).fetchone()
+    assert rows["n"] == 1
