@@ -327,7 +327,7 @@ async def delete_task(
     task_id: uuid.UUID,
     principal: Principal = Depends(require_perm("/api/v1/tasks/{task_id}", "DELETE")),
 ) -> Task:
-    """Delete a finished task's files from its storage target: an executor removes its snapshot
+    """Remove a finished task's files from its storage target: an executor removes its snapshot
     and the blobs no other task of the tenant still holds, then its storage is released
     (docs/storage.md, "Deleting"). The task stays, showing `deletion`; asking again changes
     nothing. 409 TASK_LIVE for a pending or running task (cancel it first)."""
