@@ -28,6 +28,10 @@ TASK_STATUSES: Final[tuple[str, ...]] = ("pending", "running", "succeeded", "fai
 """dlw.tasks.status: pending -> running -> succeeded | failed; pending/running -> cancelled."""
 FILE_STATUSES: Final[tuple[str, ...]] = ("pending", "assigned", "running", "succeeded", "failed", "cancelled")
 """dlw.task_files.status."""
+TASK_DELETION_STATES: Final[tuple[str, ...]] = ("deleting", "deleted", "failed")
+"""dlw.tasks.deletion (NULL: files kept): DELETE /tasks/{id} -> deleting -> deleted | failed."""
+DELETION_STATUSES: Final[tuple[str, ...]] = ("pending", "assigned", "done", "failed")
+"""dlw.task_deletions.status: the deletion work item executors claim."""
 
 DEFAULT_QUOTA_CONCURRENT: Final[int] = 10
 """Live (pending or running) tasks per tenant; 0 = unlimited."""

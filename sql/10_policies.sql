@@ -47,7 +47,10 @@ BEGIN
             ('reporting_logins', admins,       nobody,  nobody,  nobody,  true),
             -- read by task creation (resolving on the hub), written by tenant admins only
             ('hub_tokens',       writers,      admins,  admins,  admins,  false),
-            ('executor_queue',   NULL,         nobody,  nobody,  nobody,  false)
+            ('executor_queue',   NULL,         nobody,  nobody,  nobody,  false),
+            -- deletion work items: read by the tenant, written only by dlw_system's definer
+            -- functions (sql/44_executor_deletions.sql)
+            ('task_deletions',   NULL,         nobody,  nobody,  nobody,  true)
         ) AS s(tbl, readers, inserters, updaters, deleters, reporting)
     LOOP
         FOR pol IN SELECT policyname FROM pg_policies WHERE schemaname = 'dlw' AND tablename = spec.tbl

@@ -24,6 +24,7 @@ AS $$
 DECLARE
     v_tenant       bigint := dlw.ctx_tenant_id();
     v_status       text;
+    v_deletion     text;
     v_repo         text;
     v_active       boolean;
     v_requested    bigint;
@@ -39,9 +40,13 @@ BEGIN
             USING ERRCODE = '25000';
     END IF;
     -- Before any lock: an unknown task (another tenant's included) or one that has not failed.
-    SELECT x.status INTO v_status FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
+    SELECT x.status, x.deletion INTO v_status, v_deletion FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
     IF NOT FOUND THEN
         outcome := 'NOT_FOUND';
+        RETURN;
+    END IF;
+    IF v_deletion IS NOT NULL THEN  -- its files are being (or were) deleted (sql/44_executor_deletions.sql)
+        outcome := 'TASK_DELETED';
         RETURN;
     END IF;
     IF v_status <> 'failed' THEN
@@ -57,7 +62,7 @@ BEGIN
         RAISE EXCEPTION 'dlw.retry_task: quota row of tenant % not lockable', v_tenant USING ERRCODE = '42501';
     END IF;
     -- FOR UPDATE also applies the UPDATE policies: a role that may not write sees nothing here.
-    SELECT x.status, x.repo_id INTO v_status, v_repo
+    SELECT x.status, x.repo_id, x.deletion INTO v_status, v_repo, v_deletion
       FROM dlw.tasks x
      WHERE x.tenant_id = v_tenant AND x.id = p_task_id
        FOR UPDATE;
@@ -66,6 +71,10 @@ BEGIN
     END IF;
     IF p_lock_timeout_ms IS NOT NULL THEN
         PERFORM set_config('lock_timeout', v_lock_timeout, true);
+    END IF;
+    IF v_deletion IS NOT NULL THEN  -- a deletion asked for meanwhile
+        outcome := 'TASK_DELETED';
+        RETURN;
     END IF;
     IF v_status <> 'failed' THEN  -- retried by a concurrent call meanwhile
         outcome := 'TASK_NOT_FAILED';
@@ -105,7 +114,7 @@ END
 $$;
 COMMENT ON FUNCTION dlw.retry_task(uuid, integer) IS
 $c$Retries a failed task of the current tenant: its failed and cancelled files return to the queue (pending, attempts 0, no backoff; their resume points kept), the task becomes pending again (error and finished_at cleared), with a task.retried audit row {files_requeued, bytes_requeued}. Admitted against the quota like dlw.create_task (same lock, dlw.admission_refusal; the creation rate is not checked: a retry creates no task); p_lock_timeout_ms bounds the lock wait (NULL = leave lock_timeout alone). Call as dlw_app at READ COMMITTED after dlw.set_context().
-Returns one row (outcome, metric, detail): retried (detail {files_requeued, bytes_requeued}) | QUOTA_EXCEEDED (metric concurrent_tasks or bytes_month; detail as dlw.create_task's; counted on the audit trail by dlw.audit_repeat, must be committed) | TASK_NOT_FAILED (the task is pending, running, succeeded or cancelled) | NOT_FOUND (also another tenant's id) | TENANT_INACTIVE.
+Returns one row (outcome, metric, detail): retried (detail {files_requeued, bytes_requeued}) | QUOTA_EXCEEDED (metric concurrent_tasks or bytes_month; detail as dlw.create_task's; counted on the audit trail by dlw.audit_repeat, must be committed) | TASK_NOT_FAILED (the task is pending, running, succeeded or cancelled) | TASK_DELETED (its files are being deleted or were deleted) | NOT_FOUND (also another tenant's id) | TENANT_INACTIVE.
 Raises 55P03 lock timeout; 42501 without context or for a role that may not write; 25000 not READ COMMITTED.$c$;
 
 REVOKE ALL ON FUNCTION dlw.retry_task(uuid, integer) FROM PUBLIC;

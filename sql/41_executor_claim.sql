@@ -143,6 +143,13 @@ BEGIN
           FROM unnest(v_tenants, v_files, v_tasks) AS u(t, f, k)
           JOIN dlw.tasks x ON x.tenant_id = u.t AND x.id = u.k
          WHERE x.status = 'running'
+           -- Not while a deletion of the same repository in the same target is being carried
+           -- out (sql/44_executor_deletions.sql): nothing is written where it removes. The file
+           -- stays pending for a later claim; one probe of the tenant's deletions in flight.
+           AND NOT EXISTS (SELECT 1 FROM dlw.task_deletions d
+                             JOIN dlw.tasks y ON y.tenant_id = d.tenant_id AND y.id = d.task_id
+                            WHERE d.tenant_id = x.tenant_id AND d.status = 'assigned'
+                              AND y.storage_target_id = x.storage_target_id AND y.repo_id = x.repo_id)
     ), assigned AS (
         UPDATE dlw.task_files f
            SET status = 'assigned',

@@ -11,7 +11,17 @@ from app.api import api_docs, error_handlers, health, metrics, openapi_document
 from app.api.body_limit import BodySizeLimit
 from app.api.lifespan import StartupRefused, lifespan_for
 from app.api.request_context import RequestContext
-from app.api.routes import administration, auth, executor, executor_batch, hub_token, quota, storage_targets, tasks
+from app.api.routes import (
+    administration,
+    auth,
+    executor,
+    executor_batch,
+    executor_deletions,
+    hub_token,
+    quota,
+    storage_targets,
+    tasks,
+)
 from app.api.startup_guard import configuration_problems
 from app.config import DEFAULT_JWT_SECRET, Settings, get_settings
 from app.identity.oidc import OidcClient
@@ -29,6 +39,7 @@ ROUTERS = (
     administration.router,
     executor.router,
     executor_batch.router,
+    executor_deletions.router,
     health.router,
 )
 

@@ -243,9 +243,13 @@ def install(app: FastAPI) -> None:
 
 
 def enum_field(
-    values: tuple[str, ...] | frozenset[str], *, nullable: bool = False, description: str | None = None
+    values: tuple[str, ...] | frozenset[str],
+    *,
+    nullable: bool = False,
+    description: str | None = None,
+    default: Any = ...,
 ) -> Any:
     """A response field documented as an enum of values from their one source (app/domain.py,
-    the refusal registry), without a second copy as a Literal."""
+    the refusal registry), without a second copy as a Literal (default: required)."""
     listed: list[str | None] = [*sorted(values)] if isinstance(values, frozenset) else [*values]
-    return Field(description=description, json_schema_extra={"enum": [*listed, *([None] if nullable else [])]})
+    return Field(default, description=description, json_schema_extra={"enum": [*listed, *([None] if nullable else [])]})

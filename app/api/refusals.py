@@ -91,6 +91,8 @@ LEASE_LOST = Refusal(409, "LEASE_LOST", "the lease is not (or no longer) the cal
 EXECUTOR_RETRY = Refusal(503, "EXECUTOR_RETRY", "a deadlock or serialization failure: retry", retry_after=1)
 EXECUTOR_SQLSTATES = {"40001": EXECUTOR_RETRY, "40P01": EXECUTOR_RETRY}
 LEASE_REFUSALS = {"NOT_FOUND": FILE_NOT_FOUND, "LEASE_LOST": LEASE_LOST}
+DELETION_NOT_FOUND = Refusal(404, "DELETION_NOT_FOUND", "no such task deletion in the executor's scope")
+DELETION_LEASE_REFUSALS = {"NOT_FOUND": DELETION_NOT_FOUND, "LEASE_LOST": LEASE_LOST}
 BAD_CHECKPOINT = Refusal(
     422,
     "BAD_CHECKPOINT",
@@ -133,10 +135,19 @@ REGISTRY: dict[str, Answers] = {
         refusals={
             "NOT_FOUND": TASK_NOT_FOUND,
             "TASK_NOT_FAILED": Refusal(409, "TASK_NOT_FAILED", "only a failed task can be retried"),
+            "TASK_DELETED": Refusal(409, "TASK_DELETED", "the task's files are being deleted or were deleted"),
             "TENANT_INACTIVE": TENANT_INACTIVE,
             "QUOTA_EXCEEDED": QUOTA_EXCEEDED,
         },
         sqlstates={"55P03": QUOTA_LOCK_TIMEOUT},
+    ),
+    # -- deleting a task's files (sql/44_executor_deletions.sql) ---------------------------
+    "dlw.delete_task": Answers(
+        success=frozenset({"requested", "unchanged"}),
+        refusals={
+            "NOT_FOUND": TASK_NOT_FOUND,
+            "TASK_LIVE": Refusal(409, "TASK_LIVE", "the task is pending or running: cancel it first, then delete it"),
+        },
     ),
     "dlw.quota_current": Answers(missing=TENANT_NOT_FOUND),
     # -- hub token (sql/32_hub_tokens.sql) -------------------------------------------------
@@ -226,6 +237,18 @@ REGISTRY: dict[str, Answers] = {
         success=frozenset({"requeued", "failed"}), refusals=LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES
     ),
     "dlw.executor_report_batch": Answers(sqlstates=EXECUTOR_SQLSTATES),
+    "dlw.executor_claim_deletions": Answers(sqlstates=EXECUTOR_SQLSTATES),
+    "dlw.executor_deletion_heartbeat": Answers(
+        success=frozenset({"ok"}), refusals=DELETION_LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES
+    ),
+    "dlw.executor_deletion_complete": Answers(
+        success=frozenset({"deleted", "already_deleted"}),
+        refusals=DELETION_LEASE_REFUSALS,
+        sqlstates=EXECUTOR_SQLSTATES,
+    ),
+    "dlw.executor_deletion_fail": Answers(
+        success=frozenset({"requeued", "failed"}), refusals=DELETION_LEASE_REFUSALS, sqlstates=EXECUTOR_SQLSTATES
+    ),
     "dlw.executor_release": Answers(
         success=frozenset({"released"}),
         refusals={**LEASE_REFUSALS, "BAD_CHECKPOINT": BAD_CHECKPOINT},

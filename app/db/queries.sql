@@ -23,7 +23,7 @@ SELECT * FROM dlw.create_task($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $1
 
 -- name: task_by_id
 SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
-       created_by, error, created_at, updated_at, finished_at
+       created_by, error, created_at, updated_at, finished_at, deletion, deleted_at
 FROM dlw.tasks WHERE id = $1;
 
 -- name: task_files
@@ -35,22 +35,22 @@ FROM dlw.task_files WHERE task_id = $1 ORDER BY path;
 -- index (tenant_id, created_at DESC, id DESC), or with a status (tenant_id, status, created_at
 -- DESC, id DESC). Parameters: limit, [status], [cursor at, id].
 SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
-       created_by, error, created_at, updated_at, finished_at
+       created_by, error, created_at, updated_at, finished_at, deletion, deleted_at
 FROM dlw.tasks ORDER BY created_at DESC, id DESC LIMIT $1;
 
 -- name: list_tasks_by_status
 SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
-       created_by, error, created_at, updated_at, finished_at
+       created_by, error, created_at, updated_at, finished_at, deletion, deleted_at
 FROM dlw.tasks WHERE status = $2 ORDER BY created_at DESC, id DESC LIMIT $1;
 
 -- name: list_tasks_after
 SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
-       created_by, error, created_at, updated_at, finished_at
+       created_by, error, created_at, updated_at, finished_at, deletion, deleted_at
 FROM dlw.tasks WHERE (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $1;
 
 -- name: list_tasks_by_status_after
 SELECT id, project_id, storage_target_id, repo_id, repo_type, revision, "commit", status, priority, file_count, total_bytes,
-       created_by, error, created_at, updated_at, finished_at
+       created_by, error, created_at, updated_at, finished_at, deletion, deleted_at
 FROM dlw.tasks WHERE status = $2 AND (created_at, id) < ($3, $4) ORDER BY created_at DESC, id DESC LIMIT $1;
 
 -- name: cancel_task
@@ -58,6 +58,14 @@ SELECT dlw.cancel_task($1) AS outcome;
 
 -- name: retry_task
 SELECT * FROM dlw.retry_task($1, $2);
+
+-- name: delete_task
+SELECT * FROM dlw.delete_task($1);
+
+-- name: task_deletion
+-- GET /tasks/{id}: the task's deletion, when it has one (RLS: the tenant's own row only).
+SELECT status, attempts, error, released_bytes, created_at AS requested_at, finished_at
+FROM dlw.task_deletions WHERE task_id = $1;
 
 -- name: quota_current
 SELECT * FROM dlw.quota_current();
@@ -143,6 +151,18 @@ SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5, $6);
 
 -- name: executor_release
 SELECT dlw.executor_release($1, $2, $3, $4) AS outcome;
+
+-- name: executor_claim_deletions
+SELECT * FROM dlw.executor_claim_deletions($1, $2, $3, $4);
+
+-- name: executor_deletion_heartbeat
+SELECT * FROM dlw.executor_deletion_heartbeat($1, $2);
+
+-- name: executor_deletion_complete
+SELECT * FROM dlw.executor_deletion_complete($1, $2);
+
+-- name: executor_deletion_fail
+SELECT dlw.executor_deletion_fail($1, $2, $3, $4, $5) AS outcome;
 
 -- name: snapshot_runner
 SELECT runner, runner_detail FROM dlw.snapshot_state;

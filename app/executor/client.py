@@ -103,6 +103,42 @@ class ExecutorApi:
             raise ValueError(f"claim answered {response.status_code}: {response.text[:200]}")
         return [Claimed.from_api(item) for item in response.json()["files"]]
 
+    async def claim_deletions(self, max_deletions: int, lease_seconds: int, label: str) -> list[dict[str, Any]]:
+        """Task deletions to carry out (docs/storage.md, "Deleting"), as the claim returned them."""
+        response = await self.http.post(
+            "/api/v1/executor/deletions/claim",
+            json={"max_deletions": max_deletions, "lease_seconds": lease_seconds, "executor": label},
+        )
+        if response.status_code in (401, 403):
+            raise TokenRefused(f"{response.status_code} {response.text[:200]}")
+        if response.status_code != 200:
+            raise ValueError(f"deletion claim answered {response.status_code}: {response.text[:200]}")
+        return list(response.json()["deletions"])
+
+    async def report_deletion(self, deletion_id: str, token: str, action: str, body: dict[str, Any]) -> str:
+        """POST complete/fail for a deletion; the outcome, or the code it was refused with.
+        Transport errors and 503s are tried again (REPORT_ATTEMPTS), refusals are not."""
+        for attempt in range(REPORT_ATTEMPTS):
+            try:
+                response = await self.http.post(
+                    f"/api/v1/executor/deletions/{deletion_id}/{action}", json={"assignment_token": token, **body}
+                )
+            except httpx.HTTPError as exc:
+                if attempt == REPORT_ATTEMPTS - 1:
+                    log.warning("deletion %s: %s not reported: %s", deletion_id, action, exc)
+                    return "UNREPORTED"
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            if response.status_code == 200:
+                return str(response.json().get("outcome", "ok"))
+            if response.status_code == 503 and attempt < REPORT_ATTEMPTS - 1:
+                await asyncio.sleep(retry_after(response))
+                continue
+            code = str(response.json().get("detail", {}).get("code", response.status_code))
+            log.warning("deletion %s: %s refused: %s", deletion_id, action, code)
+            return code
+        return "UNREPORTED"
+
     async def report(self, item: Claimed, action: str, body: dict[str, Any], *, raise_lost: bool = False) -> str:
         """POST an action for the file; returns the outcome, or the error code it was refused with.
 

@@ -20,6 +20,7 @@ import httpx
 from app.domain import CLAIM_MAX_FILES, RETRY_AFTER_MAX_SECONDS
 from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
+from app.executor.deletion import ClaimedDeletion, carry_out
 from app.executor.download import (
     Busy,
     Downloaded,
@@ -42,6 +43,7 @@ from app.executor.settings import Config, config_from
 log = logging.getLogger("dlw.executor")
 
 USER_AGENT = "dlw-reference-executor"
+DELETIONS_PER_CLAIM = 4  # each takes a moment (unlinks): a few per turn of the loop
 
 
 class ReferenceExecutor:
@@ -123,6 +125,15 @@ class ReferenceExecutor:
                         break
                     except (httpx.HTTPError, ValueError) as exc:
                         log.warning("claim failed: %s", exc)
+                try:  # deletions of tasks' files (docs/storage.md, "Deleting"): quick, done in turn
+                    claimed += await self._deletions()
+                except TokenRefused as exc:
+                    log.error("the API refuses this executor's token (%s): mint a new one; stopping", exc)
+                    self.exit_code = 3
+                    self.stop()
+                    break
+                except (httpx.HTTPError, ValueError) as exc:
+                    log.warning("deletion claim failed: %s", exc)
                 # Wait for a free slot, a stop, or (when the queue was empty) the poll interval.
                 waiting: set[asyncio.Future[Any]] = {stop_wait, *(task for _, task in self.active.values())}
                 timeout = 0 if claimed and len(self.active) < self.config.prefetch else self.config.poll_seconds
@@ -139,6 +150,63 @@ class ReferenceExecutor:
             self.active[claimed.id] = (claimed, task)
             task.add_done_callback(functools.partial(self._forget, claimed.id))
         return len(files)
+
+    async def _deletions(self) -> int:
+        """Claim a few task deletions and carry each out, its lease kept by heartbeats."""
+        claimed = await self.api.claim_deletions(DELETIONS_PER_CLAIM, self.config.lease_seconds, self.config.label)
+        for item in claimed:
+            deletion = ClaimedDeletion.from_api(item)
+            work = asyncio.ensure_future(asyncio.to_thread(carry_out, self.config.storages, deletion))
+            lost = asyncio.Event()
+            beats = asyncio.create_task(self._deletion_heartbeats(deletion, work, lost))
+            try:
+                removed = await work
+            except (UnsafePath, NoCommit) as exc:  # a name that would leave the root: final
+                await self._fail_deletion(deletion, str(exc), retryable=False)
+                continue
+            except Unreachable as exc:  # not a root this executor serves: for another executor
+                await self._fail_deletion(deletion, f"executor {self.config.label}: {exc}", retryable=True)
+                continue
+            except OSError as exc:
+                await self._fail_deletion(deletion, f"{type(exc).__name__}: {exc}", retryable=True)
+                continue
+            except asyncio.CancelledError:
+                if not lost.is_set():
+                    raise
+                log.warning("deletion of task %s: lease lost; not reported", deletion.task_id)
+                continue
+            finally:
+                beats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beats
+            outcome = await self.api.report_deletion(deletion.id, deletion.token, "complete", {})
+            log.info(
+                "deletion of task %s: %s (%d files, %d blobs, %d refs, %d bytes freed on disk)",
+                deletion.task_id,
+                outcome,
+                removed.files,
+                removed.blobs,
+                removed.refs,
+                removed.bytes,
+            )
+        return len(claimed)
+
+    async def _deletion_heartbeats(
+        self, deletion: ClaimedDeletion, work: asyncio.Future[Any], lost: asyncio.Event
+    ) -> None:
+        while True:
+            await asyncio.sleep(max(deletion.lease_seconds / 3, 0.2))
+            outcome = await self.api.report_deletion(deletion.id, deletion.token, "heartbeat", {})
+            if outcome in ("LEASE_LOST", "DELETION_NOT_FOUND"):
+                lost.set()
+                work.cancel()  # the thread finishes its unlinks; nothing is reported
+                return
+
+    async def _fail_deletion(self, deletion: ClaimedDeletion, error: str, *, retryable: bool) -> None:
+        log.warning("deletion of task %s: %s (%s)", deletion.task_id, error, "retryable" if retryable else "final")
+        await self.api.report_deletion(
+            deletion.id, deletion.token, "fail", {"error": error[:2000], "retryable": retryable}
+        )
 
     def _forget(self, file_id: str, _task: asyncio.Task[None]) -> None:
         self.active.pop(file_id, None)

@@ -31,6 +31,13 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw.executor_fail(uuid,uuid,text,boolean,integer,integer)": _SYSTEM,
     "dlw.executor_release(uuid,uuid,bigint,text)": _SYSTEM,
     "dlw.executor_report_batch(jsonb,jsonb)": _SYSTEM,
+    # deleting a task's files: the API's request (the context's tenant only) and the executors'
+    # claim and reports, scoped like the file claim (sql/44_executor_deletions.sql)
+    "dlw.delete_task(uuid)": _SYSTEM,
+    "dlw.executor_claim_deletions(integer,integer,text,integer)": _SYSTEM,
+    "dlw.executor_deletion_heartbeat(uuid,uuid)": _SYSTEM,
+    "dlw.executor_deletion_complete(uuid,uuid)": _SYSTEM,
+    "dlw.executor_deletion_fail(uuid,uuid,text,boolean,integer)": _SYSTEM,
     # every writer of task_files records its queue changes (statement trigger; sql/39_executor_queue.sql)
     "dlw.task_files_queue_changed()": _SYSTEM,
     # the usage fold and its drift check read every tenant's usage (sql/50_snapshots.sql)
@@ -108,6 +115,12 @@ INDEX_ALLOWLIST: dict[str, str] = {
     "dlw.executor_queue_rank": "the fair claim (dlw_system) ranks tenants by files in flight across"
     " tenants; every key on dlw.cross_tenant_key, which is not leakproof, so never used under RLS"
     " (migrations/0016)",
+    "dlw.task_deletions_pending_cross_tenant": "a system-wide deletion claim (dlw_system) takes the"
+    " oldest pending deletions across tenants; on dlw.cross_tenant_key, never used under RLS (migrations/0027)",
+    "dlw.task_deletions_lease_expiry": "the expiry sweep of a system-wide deletion claim (dlw_system) reads"
+    " expired deletion leases across tenants; on dlw.cross_tenant_key, never used under RLS (migrations/0027)",
+    "dlw.task_deletions_id_cross_tenant": "the deletion reports find a deletion by id across tenants"
+    " (dlw_system); on dlw.cross_tenant_key, never used under RLS (migrations/0027)",
     "dlw.usage_records_xid": "the usage fold (dlw.refresh_quota_snapshots, dlw_system) reads every"
     " tenant's new events by xid range; xid is not granted to reporting logins, which cannot name it",
 }

@@ -56,6 +56,18 @@ class World:
                 conn.execute("UPDATE dlw.task_files SET status = %s WHERE task_id = %s", (status, task))
         return {"task_id": str(task)}
 
+    def fresh_deletion(self, tenant: str) -> str:
+        """A queued deletion of a fresh task (written as the owner: the matrix is about the route)."""
+        assert self.db is not None
+        tid = self.ids[tenant]["tenant_id"]
+        with self.db.owner() as conn:
+            task = conn.execute(*_task_sql(tid)).fetchone()[0]
+            return str(
+                conn.execute(
+                    "INSERT INTO dlw.task_deletions (tenant_id, task_id) VALUES (%s, %s) RETURNING id", (tid, task)
+                ).fetchone()[0]
+            )
+
     def hub_token_set(self, tenant: str) -> dict[str, str]:
         """Give the tenant a (stand-in) hub token, so a DELETE finds one; no path parameters."""
         assert self.db is not None
@@ -141,6 +153,7 @@ MATRIX: dict[tuple[str, str], Expect] = {
         WRITERS, 202, other=404, path_ids=lambda w, t: {"task_id": w.fresh_task(t)}
     ),
     ("POST", "/api/v1/tasks/{task_id}/retry"): Expect(WRITERS, 202, other=404, path_ids=World.fresh_failed_task),
+    ("DELETE", "/api/v1/tasks/{task_id}"): Expect(WRITERS, 202, other=404, path_ids=World.fresh_failed_task),
     ("GET", "/api/v1/quota/current"): Expect(READERS, 200),
     ("GET", "/api/v1/storage-targets"): Expect(READERS, 200),
     ("POST", "/api/v1/storage-targets"): Expect(ADMIN, 201, body=lambda w, t: {"name": "t-" + secrets.token_hex(4)}),
@@ -180,6 +193,21 @@ MATRIX: dict[tuple[str, str], Expect] = {
             ("fail", {"error": "matrix", "retryable": True}),
             ("release", {}),
         )
+    },
+    # Deletions as files: a made-up token on the tenant's own deletion is LEASE_LOST, the other
+    # tenant's deletion does not exist for this executor.
+    ("POST", "/api/v1/executor/deletions/claim"): Expect(
+        frozenset({"executor"}), 200, body=lambda w, t: {"max_deletions": 1, "lease_seconds": 60}
+    ),
+    **{
+        ("POST", f"/api/v1/executor/deletions/{{deletion_id}}/{action}"): Expect(
+            frozenset({"executor"}),
+            409,
+            other=404,
+            path_ids=lambda w, t: {"deletion_id": w.fresh_deletion(t)},
+            body=lambda w, t, extra=extra: {"assignment_token": str(uuid.uuid4()), **extra},
+        )
+        for action, extra in (("heartbeat", {}), ("complete", {}), ("fail", {"error": "matrix", "retryable": True}))
     },
 }
 

@@ -115,6 +115,14 @@ def test_table_checks_repeat_the_facts(db: MigratedDb):
             for table in ("dlw.tasks", "dlw.task_files")
         }
         assert statuses == {"dlw.tasks": list(domain.TASK_STATUSES), "dlw.task_files": list(domain.FILE_STATUSES)}
+        deletion = {
+            (table, column): re.findall(r"'([a-z_]+)'::text", _check(conn, table, column))
+            for table, column in (("dlw.tasks", "deletion"), ("dlw.task_deletions", "status"))
+        }
+        assert deletion == {
+            ("dlw.tasks", "deletion"): list(domain.TASK_DELETION_STATES),
+            ("dlw.task_deletions", "status"): list(domain.DELETION_STATUSES),
+        }
         assert f"'{domain.TENANT_SLUG_PATTERN}'" in _check(conn, "dlw.tenants", "slug")
         assert f"{domain.DISPLAY_NAME_MAX_LENGTH}" in _check(conn, "dlw.tenants", "display_name")
         assert f"'{domain.STORAGE_TARGET_NAME_PATTERN}'" in _check(conn, "dlw.storage_targets", "name")

@@ -107,6 +107,12 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
             " VALUES (%s, %s, 'weights.bin', 10, gen_random_uuid()) RETURNING id",
             (tid, t.ids["task"]),
         )
+        t.ids["task_deletion"] = q(
+            # a failed deletion (claimable by nobody; a DELETE of the task queues it again)
+            "INSERT INTO dlw.task_deletions (tenant_id, task_id, status, assignment_token, error)"
+            " VALUES (%s, %s, 'failed', gen_random_uuid(), 'seeded') RETURNING id",
+            (tid, t.ids["task"]),
+        )
         q(
             "INSERT INTO dlw.idempotency_keys (tenant_id, key, request_hash, task_id) VALUES (%s, %s, '\\x00', %s)",
             (tid, f"key-{slug}", t.ids["task"]),

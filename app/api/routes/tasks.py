@@ -1,4 +1,4 @@
-"""Tasks: create (admitted against the quota by the database), list, read, cancel, retry."""
+"""Tasks: create (admitted against the quota by the database), list, read, cancel, retry, delete."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from app.api.task_manifest import Wanted, settle
 from app.api.transaction import call_for_outcome, fetch_rows, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
-from app.domain import FILE_STATUSES, TASK_STATUSES
+from app.domain import DELETION_STATUSES, FILE_STATUSES, TASK_DELETION_STATES, TASK_STATUSES
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tasks"], route_class=PermissionFirstRoute)
@@ -126,6 +126,15 @@ class TaskFile(BaseModel):
     finished_at: datetime | None
 
 
+class Deletion(BaseModel):
+    status: str = enum_field(DELETION_STATUSES, description="the executors' work item")
+    attempts: int
+    error: str | None
+    released_bytes: int | None = Field(description="storage the completed deletion released (bytes)")
+    requested_at: datetime
+    finished_at: datetime | None
+
+
 class Task(BaseModel):
     id: uuid.UUID
     project_id: uuid.UUID
@@ -146,7 +155,18 @@ class Task(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    deletion: str | None = enum_field(
+        TASK_DELETION_STATES,
+        nullable=True,
+        default=None,
+        description="null: the files are kept; deleting (DELETE asked, an executor removes them), deleted"
+        " (removed, their storage released), failed (DELETE again to retry)",
+    )
+    deleted_at: datetime | None = None
     files: list[TaskFile] | None = None
+    deletion_detail: Deletion | None = Field(
+        default=None, description="GET /tasks/{id} of a task with a deletion: its work"
+    )
 
 
 class TaskPage(BaseModel):
@@ -293,7 +313,29 @@ async def get_task(
     async with request_transaction(request, principal) as conn:
         row = found("task_by_id", await conn.fetchrow(SQL["task_by_id"], task_id))
         files = await conn.fetch(SQL["task_files"], task_id)
-    return Task(**dict(row), files=[TaskFile(**dict(f)) for f in files])
+        deletion = await conn.fetchrow(SQL["task_deletion"], task_id) if row["deletion"] else None
+    return Task(
+        **dict(row),
+        files=[TaskFile(**dict(f)) for f in files],
+        deletion_detail=Deletion(**dict(deletion)) if deletion else None,
+    )
+
+
+@router.delete("/tasks/{task_id}", status_code=202, response_model=Task, responses=error_responses("dlw.delete_task"))
+async def delete_task(
+    request: Request,
+    task_id: uuid.UUID,
+    principal: Principal = Depends(require_perm("/api/v1/tasks/{task_id}", "DELETE")),
+) -> Task:
+    """Remove a finished task's files from its storage target: an executor removes its snapshot
+    and the blobs no other task of the tenant still holds, then its storage is released
+    (docs/storage.md, "Deleting"). The task stays, showing `deletion`; asking again changes
+    nothing. 409 TASK_LIVE for a pending or running task (cancel it first)."""
+    async with request_transaction(request, principal, "dlw.delete_task") as conn:
+        result = await conn.fetchrow(SQL["delete_task"], task_id)
+        answer_of("dlw.delete_task", result)  # a refusal rolls back (it changed nothing anyway)
+        row = found("task_by_id", await conn.fetchrow(SQL["task_by_id"], task_id))
+    return Task(**dict(row))
 
 
 @router.post(

@@ -1,0 +1,115 @@
+"""How the reference executor carries out a deletion plan (app/executor/deletion.py), on a real
+filesystem: links are removed, never followed; a snapshot entry that points out of its blobs/
+directory takes nothing else with it; a place already missing is success (a second attempt);
+hard-linked bytes another path holds stay; unsafe names and unserved roots are refused before
+anything is removed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.executor.deletion import ClaimedDeletion, carry_out
+from app.executor.layout import Unreachable, UnsafePath
+
+COMMIT = "c" * 40
+
+
+def deletion(root: Path | None, layout: str, files: list[dict[str, Any]], **plan: Any) -> ClaimedDeletion:
+    spec = {
+        "layout": layout,
+        "root": None if root is None else str(root),
+        "repo_type": "model",
+        "repo_id": "org/m",
+        "revision": "main",
+        "commit": COMMIT,
+        "remove_ref": True,
+        "files": [{"id": f"id{i}", "sha256": None, "size": 1, **f} for i, f in enumerate(files)],
+        **plan,
+    }
+    return ClaimedDeletion(id="d1", task_id="t1", tenant="acme", token="tok", lease_seconds=60, plan=spec)
+
+
+def hf_repo(root: Path) -> Path:
+    repo = root / "models--org--m"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo
+
+
+def test_hf_cache_links_removed_not_followed_and_foreign_targets_untouched(tmp_path: Path):
+    root = tmp_path / "cache"
+    repo = hf_repo(root)
+    (repo / "blobs" / "aaa").write_bytes(b"mine")
+    os.symlink("../../blobs/aaa", repo / "snapshots" / COMMIT / "mine.bin")
+    outside = tmp_path / "precious.bin"
+    outside.write_bytes(b"not DLW's")
+    os.symlink(str(outside), repo / "snapshots" / COMMIT / "abs.bin")  # absolute: not ours to follow
+    os.symlink("../../../../precious.bin", repo / "snapshots" / COMMIT / "rel.bin")  # out of blobs/
+    plan = deletion(
+        root,
+        "hf-cache",
+        [
+            {"path": "mine.bin", "remove_path": True, "remove_blob": True},
+            {"path": "abs.bin", "remove_path": True, "remove_blob": True},
+            {"path": "rel.bin", "remove_path": True, "remove_blob": True},
+            {"path": "gone.bin", "remove_path": True, "remove_blob": True},  # never written: success
+        ],
+    )
+    done = carry_out([tmp_path / "default", tmp_path], plan)
+    assert outside.read_bytes() == b"not DLW's"
+    assert done.blobs == 1 and done.bytes == 4 and done.refs == 1
+    assert not repo.exists() and root.exists()  # emptied and pruned up to the root, not beyond
+    again = carry_out([tmp_path / "default", tmp_path], plan)  # a second attempt: everything already missing
+    assert (again.files, again.blobs, again.bytes) == (0, 0, 0)
+
+
+def test_what_the_plan_keeps_stays_and_a_moved_ref_is_left(tmp_path: Path):
+    root = tmp_path / "cache"
+    repo = hf_repo(root)
+    (repo / "refs" / "main").write_text("d" * 40)  # another task moved the branch meanwhile
+    (repo / "blobs" / "kept").write_bytes(b"shared")
+    os.symlink("../../blobs/kept", repo / "snapshots" / COMMIT / "shared.bin")
+    plan = deletion(root, "hf-cache", [{"path": "shared.bin", "remove_path": False, "remove_blob": False}])
+    carry_out([tmp_path / "default", tmp_path], plan)
+    assert (repo / "snapshots" / COMMIT / "shared.bin").read_bytes() == b"shared"
+    assert (repo / "refs" / "main").read_text() == "d" * 40
+
+
+def test_tree_hard_links_free_nothing_until_the_last_and_partials_go(tmp_path: Path):
+    root = tmp_path / "plain"
+    tree = root / "org" / "m" / "main"
+    tree.mkdir(parents=True)
+    (tree / "a.bin").write_bytes(b"12345")
+    os.link(tree / "a.bin", tmp_path / "other-copy")  # deduplicated: another path holds the bytes
+    (tree / ".b.bin.id1.part").write_bytes(b"partial")
+    plan = deletion(
+        root,
+        "tree",
+        [{"path": "a.bin", "remove_path": True}, {"path": "b.bin", "remove_path": True}],
+    )
+    done = carry_out([tmp_path / "default", tmp_path], plan)
+    assert done.files == 1 and done.bytes == 0  # unlinked, but the other link keeps the bytes
+    assert (tmp_path / "other-copy").read_bytes() == b"12345"
+    assert not (root / "org").exists() and root.exists()
+
+
+def test_refusals_come_before_any_removal(tmp_path: Path):
+    root = tmp_path / "plain"
+    (root / "org" / "m" / "main").mkdir(parents=True)
+    keep = root / "org" / "m" / "main" / "a.bin"
+    keep.write_bytes(b"x")
+    unsafe = deletion(root, "tree", [{"path": "a.bin", "remove_path": True}, {"path": "../../x", "remove_path": True}])
+    with pytest.raises(UnsafePath):
+        carry_out([tmp_path / "default", tmp_path], unsafe)
+    with pytest.raises(Unreachable):
+        carry_out(
+            [tmp_path / "default", tmp_path / "elsewhere"],
+            deletion(root, "tree", [{"path": "a.bin", "remove_path": True}]),
+        )
+    assert keep.exists()
