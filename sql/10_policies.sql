@@ -47,7 +47,11 @@ BEGIN
             ('reporting_logins', admins,       nobody,  nobody,  nobody,  true),
             -- read by task creation (resolving on the hub), written by tenant admins only
             ('hub_tokens',       writers,      admins,  admins,  admins,  false),
-            ('executor_queue',   NULL,         nobody,  nobody,  nobody,  false)
+            ('executor_queue',   NULL,         nobody,  nobody,  nobody,  false),
+            -- the dedup registry and the storage counter (sql/23_stored_blobs.sql): read-only for
+            -- the tenant, written by dlw_system's definer code only; reporting reads the counter
+            ('stored_blobs',     NULL,         nobody,  nobody,  nobody,  false),
+            ('storage_usage',    NULL,         nobody,  nobody,  nobody,  true)
         ) AS s(tbl, readers, inserters, updaters, deleters, reporting)
     LOOP
         FOR pol IN SELECT policyname FROM pg_policies WHERE schemaname = 'dlw' AND tablename = spec.tbl

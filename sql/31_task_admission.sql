@@ -396,7 +396,8 @@ RETURNS TABLE (
     tasks_last_minute      bigint,
     tasks_per_minute_quota integer,
     storage_targets        bigint,
-    storage_targets_quota  integer
+    storage_targets_quota  integer,
+    storage_bytes_used     bigint
 )
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -408,7 +409,7 @@ BEGIN
            m.period,
            dlw.bytes_used_month(t.tenant_id, m.period),
            t.quota_bytes_month,
-           0::bigint,  -- no storage accounting exists yet
+           ceil(s_used.bytes / (SELECT f.storage_gb_bytes FROM dlw.domain_facts() f)::numeric)::bigint,
            t.quota_storage_gb,
            (SELECT count(*)::integer FROM dlw.tasks x
              WHERE x.tenant_id = t.tenant_id AND x.status IN ('pending', 'running')),
@@ -419,15 +420,17 @@ BEGIN
            dlw.tasks_recent(t.tenant_id),
            t.quota_tasks_per_minute,
            (SELECT count(*) FROM dlw.storage_targets st WHERE st.tenant_id = t.tenant_id),
-           t.quota_storage_targets
+           t.quota_storage_targets,
+           s_used.bytes
       FROM dlw.tenants t
      CROSS JOIN (SELECT dlw.month_start(now()) AS period) m
+     CROSS JOIN LATERAL (SELECT dlw.storage_used_bytes(t.tenant_id) AS bytes) s_used
       LEFT JOIN dlw.snapshot_state s ON true
      WHERE t.tenant_id = dlw.ctx_tenant_id();
 END
 $$;
 COMMENT ON FUNCTION dlw.quota_current() IS
-    'Limits and exact usage of the current tenant (no row without context): bytes used this UTC month (folded snapshot + unfolded usage), bytes reserved by unfinished files (dlw.bytes_reserved; admission counts used + reserved), live (pending/running) tasks, tasks created in the last 60 s (dlw.tasks_recent), storage targets, limits (0 = unlimited), and when the usage fold last ran (snapshot_refreshed_at, age in seconds; NULL = never). storage_gb_used is 0: no storage accounting exists yet.';
+    'Limits and exact usage of the current tenant (no row without context): bytes used this UTC month (folded snapshot + unfolded usage), bytes reserved by unfinished files (dlw.bytes_reserved; admission counts used + reserved), live (pending/running) tasks, tasks created in the last 60 s (dlw.tasks_recent), storage targets, limits (0 = unlimited), and when the usage fold last ran (snapshot_refreshed_at, age in seconds; NULL = never). Storage: storage_bytes_used = bytes of the distinct contents the tenant''s targets hold (dlw.storage_used_bytes, each content once per target however many files use it), storage_gb_used the same in GB (storage_gb_bytes of dlw.domain_facts(), rounded up).';
 
 -- ---------------------------------------------------------------------------------------
 -- Privileges: the API role calls the entry points; the shared operations also run inside

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api import hub_secrets
 from app.api.openapi_document import enum_field
@@ -82,6 +82,12 @@ class ClaimedFile(BaseModel):
         " storage, under <tenant>/). An executor that cannot reach it gives the file back (docs/storage.md)"
     )
     storage_layout: str = Field(description="tree (<repo_id>/<revision>/<path>) or hf-cache (the hub cache layout)")
+    stored_path: str | None = Field(
+        None,
+        description="the file's content (its declared sha256) is already stored in this target: a verified copy,"
+        " relative to the target's base directory, to place the file from (a hard link) instead of downloading"
+        " it (null: download it; docs/storage.md, Deduplication)",
+    )
 
 
 class ClaimResponse(BaseModel):
@@ -119,6 +125,21 @@ class CompleteBody(LeaseBody):
         " (another count: 422 SIZE_MISMATCH, the file failed)",
     )
     sha256: Sha256
+    stored_path: str | None = Field(
+        None,
+        max_length=4096,
+        pattern=r"^[^/\x00-\x1f\x7f]+(?:/[^/\x00-\x1f\x7f]+)*$",
+        description="where the file now lies, relative to its target's base directory (tree: <repo_id>/<revision>/"
+        "<path>; hf-cache: the snapshot entry; no . or .. segment): later files of the same content in the target"
+        " are placed from it",
+    )
+
+    @field_validator("stored_path")
+    @classmethod
+    def _normalized(cls, value: str | None) -> str | None:
+        if value is not None and any(part in (".", "..") for part in value.split("/")):
+            raise ValueError("stored_path has a . or .. segment")
+        return value
 
 
 class FailBody(LeaseBody):
@@ -195,6 +216,7 @@ async def claim(
                 resume_sha256=r["resume_sha256"],
                 storage_root=r["storage_root"],
                 storage_layout=r["storage_layout"],
+                stored_path=r["stored_path"],
             )
             for r in rows
         ]
@@ -251,6 +273,7 @@ async def complete(
         body.assignment_token,
         body.bytes,
         body.sha256.lower(),
+        body.stored_path,
     )
     return Report(outcome=outcome, task_status=row["task_status"])
 
