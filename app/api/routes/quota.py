@@ -39,6 +39,10 @@ class Quota(BaseModel):
         description="bytes of the distinct contents your storage targets hold (each once per target, however"
         " many files use it): what the storage quota counts as used"
     )
+    storage_bytes_reserved: int = Field(
+        description="declared bytes of unfinished files whose content the target does not hold yet: admission"
+        " counts storage used + reserved + the new task's new contents against storage_gb_quota"
+    )
 
 
 @router.get(
