@@ -53,7 +53,15 @@ def test_a_storage_burst_admits_exactly_the_quota(db):
     n = max_parallel(db, 200)
     # Each task 0.1 GB of its own content: exactly 10 fit in 1 GB.
     jobs = [
-        (lambda c, i=i: create(c, tid, files=[{"path": "w.bin", "size": GB // 10, "sha256": sha(i)}], repo=f"o/m{i}"))
+        (
+            lambda c, i=i: create(
+                c,
+                tid,
+                files=[{"path": "w.bin", "size": GB // 10, "sha256": sha(i)}],
+                repo=f"o/m{i}",
+                lock_timeout_ms=60000,
+            )
+        )
         for i in range(n)
     ]
     results = concurrently(db, jobs)
@@ -161,3 +169,20 @@ def test_release_drops_unreferenced_contents_and_frees_their_storage(db):
             (sha("kept"), "o/n/main/kept")
         ]
         assert conn.execute("SELECT dlw.storage_used_bytes(%s)", (tid,)).fetchone() == (10,)
+
+
+def test_a_retry_is_admitted_against_the_storage_quota_too(db):
+    tid = provision(db, "storage-retry", storage_gb=1)
+    with psycopg.connect(db.app_url) as conn:
+        task = create(conn, tid, files=[{"path": "w", "size": GB * 6 // 10, "sha256": sha("w")}])[1]
+    with db.owner() as owner:  # the task failed (as an executor's final failure leaves it)
+        owner.execute("UPDATE dlw.tasks SET status = 'running' WHERE id = %s", (task,))
+        owner.execute("UPDATE dlw.task_files SET status = 'cancelled' WHERE task_id = %s", (task,))
+        owner.execute("UPDATE dlw.tasks SET status = 'failed', error = 'x' WHERE id = %s", (task,))
+    with psycopg.connect(db.app_url) as conn:
+        assert create(conn, tid, files=[{"path": "v", "size": GB // 2, "sha256": sha("v")}], repo="o/v")[0] == "created"
+        as_tenant(conn, tid, "tenant_operator")
+        row = conn.execute("SELECT outcome, metric, detail FROM dlw.retry_task(%s, 5000)", (task,)).fetchone()
+        conn.commit()
+        assert row is not None and row[:2] == ("QUOTA_EXCEEDED", "storage_gb")
+        assert (row[2]["reserved"], row[2]["requested"]) == (GB // 2, GB * 6 // 10)
