@@ -23,7 +23,7 @@ CREATE TABLE dlw.stored_blobs (
     size       bigint NOT NULL CONSTRAINT stored_blobs_size CHECK (size >= 0),
     path       text CONSTRAINT stored_blobs_path CHECK (
                    length(path) <= 4096 AND path ~ '^[^/]+(/[^/]+)*$' AND path !~ '(^|/)\.\.?(/|$)'
-                   AND path !~ '[[:cntrl:]]'),
+                   AND path !~ '[\x01-\x1f\x7f-\x9f]'),
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, target_id, sha256),
     FOREIGN KEY (tenant_id, target_id) REFERENCES dlw.storage_targets (tenant_id, id) ON DELETE CASCADE
@@ -43,7 +43,7 @@ GRANT SELECT ON dlw.stored_blobs TO dlw_app;  -- its own tenant's rows only (sql
 ALTER TABLE dlw.task_files
     ADD COLUMN stored_path text CONSTRAINT task_files_stored_path CHECK (
         length(stored_path) <= 4096 AND stored_path ~ '^[^/]+(/[^/]+)*$'
-        AND stored_path !~ '(^|/)\.\.?(/|$)' AND stored_path !~ '[[:cntrl:]]'),
+        AND stored_path !~ '(^|/)\.\.?(/|$)' AND stored_path !~ '[\x01-\x1f\x7f-\x9f]'),
     ADD COLUMN blob_sha256 text CONSTRAINT task_files_blob_sha256 CHECK (blob_sha256 ~ '^[0-9a-f]{64}$');
 COMMENT ON COLUMN dlw.task_files.stored_path IS
     'Where the succeeded file lies, relative to its target''s base directory (tree: <repo>/<revision>/<path>; hf-cache: the snapshot entry). NULL: not stored (yet), or not reported by the executor';

@@ -151,7 +151,7 @@ BEGIN
         RAISE EXCEPTION 'dlw.executor_complete: sha256 must be 64 hex digits' USING ERRCODE = '22023';
     END IF;
     IF length(p_stored_path) > 4096 OR p_stored_path !~ '^[^/]+(/[^/]+)*$' OR p_stored_path ~ '(^|/)\.\.?(/|$)'
-       OR p_stored_path ~ '[[:cntrl:]]' THEN
+       OR p_stored_path ~ '[\x01-\x1f\x7f-\x9f]' THEN
         RAISE EXCEPTION 'dlw.executor_complete: stored_path must be a relative, normalized path' USING ERRCODE = '22023';
     END IF;
     -- The task is locked too: the last completion of a task sees every other file succeeded
