@@ -39,6 +39,10 @@ DEFAULT_QUOTA_BYTES_MONTH: Final[int] = 1 << 40
 """Bytes per UTC calendar month (1 TiB); 0 = unlimited."""
 DEFAULT_QUOTA_STORAGE_GB: Final[int] = 1024
 """Storage allowance in GB; 0 = unlimited."""
+STORAGE_GB_BYTES: Final[int] = 1_000_000_000
+"""Bytes in one GB of quota_storage_gb and storage_gb_used."""
+QUOTA_METRICS: Final[tuple[str, ...]] = ("concurrent_tasks", "tasks_per_minute", "bytes_month", "storage_gb")
+"""The metric a 429 QUOTA_EXCEEDED names, in the order admission checks them."""
 DEFAULT_QUOTA_TASKS_PER_MINUTE: Final[int] = 120
 """Tasks created in any 60 seconds (cancelled ones included); 0 = unlimited."""
 DEFAULT_QUOTA_STORAGE_TARGETS: Final[int] = 20

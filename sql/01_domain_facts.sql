@@ -29,7 +29,9 @@ RETURNS TABLE (
     storage_target_config_max_bytes integer,
     retry_backoff_base_seconds  integer,
     retry_backoff_max_seconds   integer,
-    retry_after_max_seconds     integer
+    retry_after_max_seconds     integer,
+    storage_gb_bytes            bigint,
+    quota_metrics               text[]
 )
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
@@ -49,7 +51,9 @@ BEGIN ATOMIC
            16384,
            2,
            300,
-           3600;
+           3600,
+           1000000000::bigint,
+           '{concurrent_tasks,tasks_per_minute,bytes_month,storage_gb}'::text[];
 END;
 COMMENT ON FUNCTION dlw.domain_facts() IS
 $c$The domain facts, one row; mirrored by app/domain.py (tests/sql/test_domain_facts.py keeps them equal).
@@ -60,6 +64,8 @@ lease_seconds_min / lease_seconds_max: bounds of an executor lease; claim_max_fi
 tenant_slug_pattern, display_name_max_length (at least 1), storage_target_name_pattern, login_name_pattern (reporting logins; not matching login_name_reserved_pattern).
 storage_target_config_max_bytes: most bytes of a storage target's config (its jsonb as text), enforced by dlw.storage_target_limits().
 retry_backoff_base_seconds / retry_backoff_max_seconds: a retryable failure on attempt n waits least(max, base * 2^(n-1) * (1 + random())) seconds before the file is offered again (dlw.retry_backoff), or the hub's Retry-After when longer, itself capped at retry_after_max_seconds.
+storage_gb_bytes: bytes in one GB of quota_storage_gb and storage_gb_used (10^9, as disks are sold).
+quota_metrics: the metrics a QUOTA_EXCEEDED refusal names, in the order admission checks them (dlw.admission_refusal).
 The tenant quota defaults are not here: they are the column defaults of dlw.tenants.$c$;
 
 REVOKE ALL ON FUNCTION dlw.domain_facts() FROM PUBLIC;

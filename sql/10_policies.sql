@@ -50,7 +50,11 @@ BEGIN
             ('executor_queue',   NULL,         nobody,  nobody,  nobody,  false),
             -- deletion work items: read by the tenant, written only by dlw_system's definer
             -- functions (sql/44_executor_deletions.sql)
-            ('task_deletions',   NULL,         nobody,  nobody,  nobody,  true)
+            ('task_deletions',   NULL,         nobody,  nobody,  nobody,  true),
+            -- the dedup registry and the storage counter (sql/23_stored_blobs.sql): read-only for
+            -- the tenant, written by dlw_system's definer code only; reporting reads the counter
+            ('stored_blobs',     NULL,         nobody,  nobody,  nobody,  false),
+            ('storage_usage',    NULL,         nobody,  nobody,  nobody,  true)
         ) AS s(tbl, readers, inserters, updaters, deleters, reporting)
     LOOP
         FOR pol IN SELECT policyname FROM pg_policies WHERE schemaname = 'dlw' AND tablename = spec.tbl

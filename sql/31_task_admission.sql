@@ -82,6 +82,48 @@ $$;
 COMMENT ON FUNCTION dlw.bytes_reserved(bigint) IS
     'Bytes a tenant''s admitted tasks may still download: the declared size of each of its files that is pending, assigned or running (a running file counts whole: a retry downloads it again). Succeeded files count as usage instead (same transaction), failed and cancelled ones not at all; cancelling or failing a task cancels its unfinished files. Row-level security applies: another tenant reads 0.';
 
+CREATE OR REPLACE FUNCTION dlw.storage_reserved_bytes(p_tenant_id bigint) RETURNS bigint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- The live files (index task_files_tenant_unfinished), less those whose content is already
+    -- stored in their task's target (they will be placed from it: no new storage), each new
+    -- content once per target (a file without a sha256 by itself).
+    RETURN (SELECT coalesce(sum(d.size), 0)::bigint
+              FROM (SELECT DISTINCT ON (x.storage_target_id, coalesce(f.sha256, f.id::text)) f.size
+                      FROM dlw.task_files f
+                      JOIN dlw.tasks x ON x.tenant_id = f.tenant_id AND x.id = f.task_id
+                     WHERE f.tenant_id = p_tenant_id AND f.status IN ('pending', 'assigned', 'running')
+                       AND NOT EXISTS (SELECT 1 FROM dlw.stored_blobs b
+                                        WHERE b.tenant_id = f.tenant_id AND b.target_id = x.storage_target_id
+                                          AND b.sha256 = f.sha256)
+                     ORDER BY x.storage_target_id, coalesce(f.sha256, f.id::text), f.size DESC) d);
+END
+$$;
+COMMENT ON FUNCTION dlw.storage_reserved_bytes(bigint) IS
+    'Storage a tenant''s admitted tasks may still add: the declared size of each of its pending, assigned or running files whose content (declared sha256) is not already stored in its task''s target (dlw.stored_blobs; a file without a sha256 counts whole), each new content once per target however many live files have it. Row-level security applies: another tenant reads 0.';
+
+CREATE OR REPLACE FUNCTION dlw.storage_requested_bytes(p_tenant_id bigint, p_target_id uuid, p_files jsonb)
+RETURNS bigint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- Each distinct content once (a file without a sha256 by itself), less what the target holds.
+    RETURN (SELECT coalesce(sum(d.size), 0)::bigint
+              FROM (SELECT DISTINCT ON (coalesce(lower(f.sha256), 'path:' || f.path)) f.size
+                      FROM jsonb_to_recordset(p_files) AS f(path text, size bigint, sha256 text)
+                     WHERE f.sha256 IS NULL
+                        OR NOT EXISTS (SELECT 1 FROM dlw.stored_blobs b
+                                        WHERE b.tenant_id = p_tenant_id AND b.target_id = p_target_id
+                                          AND b.sha256 = lower(f.sha256))
+                     ORDER BY coalesce(lower(f.sha256), 'path:' || f.path), f.size DESC) d);
+END
+$$;
+COMMENT ON FUNCTION dlw.storage_requested_bytes(bigint, uuid, jsonb) IS
+    'Storage the files p_files (jsonb array of {path, size, sha256?}) would add to target p_target_id: the size of each distinct content (declared sha256; a file without one by itself) not already stored there (dlw.stored_blobs). What admission counts for a task''s storage. Row-level security applies.';
+
 CREATE OR REPLACE FUNCTION dlw.tasks_recent(p_tenant_id bigint) RETURNS bigint
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -100,37 +142,51 @@ COMMENT ON FUNCTION dlw.tasks_recent(bigint) IS
 -- Admission
 -- ---------------------------------------------------------------------------------------
 
+-- Dropped first: it gained the storage the task would add (issue 15).
+DROP FUNCTION IF EXISTS dlw.admission_refusal(bigint, bigint, boolean);
 CREATE OR REPLACE FUNCTION dlw.admission_refusal(
-    p_tenant_id bigint, p_requested bigint, p_new_task boolean, OUT active boolean, OUT metric text, OUT detail jsonb
+    p_tenant_id bigint, p_requested bigint, p_new_task boolean, p_target_id uuid, p_files jsonb,
+    OUT active boolean, OUT metric text, OUT detail jsonb
 )
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_limit_tasks integer;
-    v_limit_rate  integer;
-    v_limit_bytes bigint;
-    v_live        bigint;
-    v_recent      bigint;
-    v_used        bigint;
-    v_reserved    bigint;
+    v_limit_tasks   integer;
+    v_limit_rate    integer;
+    v_limit_bytes   bigint;
+    v_limit_storage integer;
+    v_gb            bigint := (SELECT f.storage_gb_bytes FROM dlw.domain_facts() f);
+    v_live          bigint;
+    v_recent        bigint;
+    v_used          bigint;
+    v_reserved      bigint;
+    v_stored        bigint;
+    v_s_reserved    bigint;
+    v_s_requested   bigint;
 BEGIN
     -- STABLE: one snapshot, the caller's (taken after it locked the quota rows). Exact figures,
     -- no caches (a file completing meanwhile is either still reserved or already used, never
     -- neither): live tasks; tasks created in the 60 s before now() (dlw.tasks_recent); bytes used
-    -- this month and bytes reserved by unfinished files (dlw.bytes_reserved).
-    SELECT t.active, t.quota_concurrent, t.quota_tasks_per_minute, t.quota_bytes_month,
+    -- this month and bytes reserved by unfinished files (dlw.bytes_reserved); storage used
+    -- (dlw.storage_used_bytes) and still to come (dlw.storage_reserved_bytes).
+    SELECT t.active, t.quota_concurrent, t.quota_tasks_per_minute, t.quota_bytes_month, t.quota_storage_gb,
            CASE WHEN t.quota_concurrent > 0 THEN
                (SELECT count(*) FROM dlw.tasks x
                  WHERE x.tenant_id = p_tenant_id AND x.status IN ('pending', 'running'))
            END,
            CASE WHEN p_new_task AND t.quota_tasks_per_minute > 0 THEN dlw.tasks_recent(p_tenant_id) END,
            CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_used_month(p_tenant_id, dlw.month_start(now())) END,
-           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_reserved(p_tenant_id) END
-      INTO active, v_limit_tasks, v_limit_rate, v_limit_bytes, v_live, v_recent, v_used, v_reserved
+           CASE WHEN t.quota_bytes_month > 0 THEN dlw.bytes_reserved(p_tenant_id) END,
+           CASE WHEN t.quota_storage_gb > 0 THEN dlw.storage_used_bytes(p_tenant_id) END,
+           CASE WHEN t.quota_storage_gb > 0 THEN dlw.storage_reserved_bytes(p_tenant_id) END,
+           CASE WHEN t.quota_storage_gb > 0 THEN dlw.storage_requested_bytes(p_tenant_id, p_target_id, p_files) END
+      INTO active, v_limit_tasks, v_limit_rate, v_limit_bytes, v_limit_storage, v_live, v_recent, v_used,
+           v_reserved, v_stored, v_s_reserved, v_s_requested
       FROM dlw.tenants t
      WHERE t.tenant_id = p_tenant_id;
-    -- Concurrency first, then the rate (new tasks only), then bytes.
+    -- In the order of dlw.domain_facts().quota_metrics: concurrency, the rate (new tasks only),
+    -- bytes this month, storage.
     IF v_limit_tasks > 0 AND v_live + 1 > v_limit_tasks THEN
         metric := 'concurrent_tasks';
         detail := jsonb_build_object('metric', metric, 'limit', v_limit_tasks, 'current', v_live, 'requested', 1);
@@ -141,11 +197,57 @@ BEGIN
         metric := 'bytes_month';
         detail := jsonb_build_object('metric', metric, 'limit', v_limit_bytes, 'current', v_used,
                                      'reserved', v_reserved, 'requested', p_requested);
+    ELSIF v_limit_storage > 0 AND v_stored + v_s_reserved + v_s_requested > v_limit_storage * v_gb THEN
+        metric := 'storage_gb';
+        detail := jsonb_build_object('metric', metric, 'limit', v_limit_storage, 'limit_bytes', v_limit_storage * v_gb,
+                                     'current', v_stored, 'reserved', v_s_reserved,
+                                     'requested', v_s_requested);
     END IF;
 END
 $$;
-COMMENT ON FUNCTION dlw.admission_refusal(bigint, bigint, boolean) IS
-    'Internal to admission (the caller holds the tenant''s quota rows, dlw.lock_tenant_quota_rows, and reads at READ COMMITTED): whether the tenant is active, and the quota one more live task of p_requested declared bytes would exceed (metric concurrent_tasks, tasks_per_minute (only when p_new_task: a created task, not a retried one) or bytes_month, in that order; detail {metric, limit, current, requested}, for bytes_month also reserved), or NULLs when admitted. Used by dlw.create_task and dlw.retry_task; row-level security applies.';
+COMMENT ON FUNCTION dlw.admission_refusal(bigint, bigint, boolean, uuid, jsonb) IS
+    'Internal to admission (called by dlw.admission_check, which holds the tenant''s quota rows, at READ COMMITTED): whether the tenant is active, and the quota one more live task of p_requested declared bytes, with the files p_files ({path, size, sha256?}) in target p_target_id (storage: dlw.storage_requested_bytes), would exceed, in the order of dlw.domain_facts().quota_metrics: concurrent_tasks, tasks_per_minute (only when p_new_task: a created task, not a retried one), bytes_month, storage_gb (storage used + reserved + requested > quota_storage_gb * storage_gb_bytes); detail {metric, limit, current, requested}, for bytes_month and storage_gb also reserved (bytes), for storage_gb also limit_bytes (limit is in GB, the other figures in bytes); NULLs when admitted. Row-level security applies.';
+
+CREATE OR REPLACE FUNCTION dlw.admission_check(
+    p_tenant_id bigint, p_lock_timeout_ms integer, p_requested bigint, p_new_task boolean,
+    p_target_id uuid, p_files jsonb, p_caller text,
+    OUT active boolean, OUT metric text, OUT detail jsonb
+)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_lock_timeout text;
+BEGIN
+    -- The admission prologue of dlw.create_task and dlw.retry_task. The check must see rivals
+    -- that committed while this call waited for the lock: only READ COMMITTED takes a fresh
+    -- snapshot per statement.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '% must run at READ COMMITTED, not %', p_caller, current_setting('transaction_isolation')
+            USING ERRCODE = '25000';
+    END IF;
+    -- Insert-then-lock (dlw.lock_tenant_quota_rows); lock_timeout bounds the wait (SQLSTATE
+    -- 55P03) and is restored afterwards.
+    IF p_lock_timeout_ms IS NOT NULL THEN
+        v_lock_timeout := current_setting('lock_timeout');
+        PERFORM set_config('lock_timeout', p_lock_timeout_ms::text, true);
+    END IF;
+    IF NOT dlw.lock_tenant_quota_rows(p_tenant_id) THEN
+        RAISE EXCEPTION '%: quota row of tenant % not lockable', p_caller, p_tenant_id USING ERRCODE = '42501';
+    END IF;
+    IF p_lock_timeout_ms IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
+    END IF;
+    -- Under the lock, so the storage counter stays one row plus the changes since the last admission.
+    PERFORM dlw.storage_usage_fold(p_tenant_id);
+    -- A later statement, hence a fresh snapshot: every rival that committed before the lock was
+    -- granted is visible (dlw.admission_refusal reads every figure from it).
+    SELECT a.active, a.metric, a.detail INTO active, metric, detail
+      FROM dlw.admission_refusal(p_tenant_id, p_requested, p_new_task, p_target_id, p_files) a;
+END
+$$;
+COMMENT ON FUNCTION dlw.admission_check(bigint, integer, bigint, boolean, uuid, jsonb, text) IS
+    'The admission shared by dlw.create_task and dlw.retry_task: refuses anything but READ COMMITTED (25000, naming p_caller), locks the tenant''s quota rows (dlw.lock_tenant_quota_rows; p_lock_timeout_ms bounds the wait, 55P03; 42501 when RLS hides them), folds the storage counter (dlw.storage_usage_fold), then returns dlw.admission_refusal for p_requested declared bytes, the files p_files in target p_target_id and p_new_task (active, metric, detail). The caller keeps the lock until it commits.';
 
 CREATE OR REPLACE FUNCTION dlw.idempotent_replay(
     p_tenant_id bigint, p_key text, p_request_hash bytea, OUT outcome text, OUT task_id uuid
@@ -194,14 +296,11 @@ DECLARE
     v_file_count   integer;
     v_metric       text;
     v_detail       jsonb;
-    v_lock_timeout text;
 BEGIN
     IF v_tenant IS NULL THEN
         RAISE EXCEPTION 'dlw.create_task: no tenant context (call dlw.set_context first)' USING ERRCODE = '42501';
     END IF;
-    -- The check below must see rivals that committed while this call waited for the lock:
-    -- only READ COMMITTED takes a fresh snapshot per statement.
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN  -- before any work (dlw.admission_check)
         RAISE EXCEPTION 'dlw.create_task must run at READ COMMITTED, not %', current_setting('transaction_isolation')
             USING ERRCODE = '25000';
     END IF;
@@ -252,26 +351,10 @@ BEGIN
       INTO v_requested, v_file_count
       FROM jsonb_array_elements(p_files) AS f;
 
-    -- 2. Insert-then-lock. The quota rows always exist to be locked, even for a tenant created
-    --    a second ago (a concurrent first insert makes this one wait, then do nothing). Both the
-    --    previous and the current month's rows are locked, in period order: two creates whose
-    --    transactions straddle a month boundary then still share a row and serialise.
-    --    lock_timeout bounds every wait here (SQLSTATE 55P03) and is restored afterwards.
-    IF p_lock_timeout_ms IS NOT NULL THEN
-        v_lock_timeout := current_setting('lock_timeout');
-        PERFORM set_config('lock_timeout', p_lock_timeout_ms::text, true);
-    END IF;
-    IF NOT dlw.lock_tenant_quota_rows(v_tenant) THEN
-        RAISE EXCEPTION 'dlw.create_task: quota row of tenant % not lockable', v_tenant USING ERRCODE = '42501';
-    END IF;
-    IF p_lock_timeout_ms IS NOT NULL THEN
-        PERFORM set_config('lock_timeout', v_lock_timeout, true);
-    END IF;
-
-    -- 3. A later statement, hence a fresh snapshot: every rival that committed before the lock
-    --    was granted is visible (dlw.admission_refusal reads every figure from it).
+    -- 2. Insert-then-lock, then every figure from a fresh snapshot (dlw.admission_check),
+    --    the storage the files add (what the target does not hold yet) included.
     SELECT a.active, a.metric, a.detail INTO v_active, v_metric, v_detail
-      FROM dlw.admission_refusal(v_tenant, v_requested, true) a;
+      FROM dlw.admission_check(v_tenant, p_lock_timeout_ms, v_requested, true, v_target, p_files, 'dlw.create_task') a;
 
     -- A concurrent call with the same key committed while this one waited.
     SELECT * INTO outcome, task_id FROM dlw.idempotent_replay(v_tenant, p_idempotency_key, p_request_hash);
@@ -326,9 +409,10 @@ END
 $$;
 COMMENT ON FUNCTION dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text) IS
 $c$Creates a task for the current tenant with quota admission ("insert-then-lock"); call as dlw_app at READ COMMITTED after dlw.set_context(). Arguments: project (NULL = default project), storage target (id or name; NULL = "default"), repo, revision, priority, files (jsonb array of {path, size, sha256?}), idempotency key (NULL = none), request hash (required with a key), lock_timeout in ms (NULL = leave the setting alone), repo type (model | dataset), the 40-hex commit the revision resolved to on the hub (NULL = not resolved: executors download the revision).
-Returns one row (outcome, task_id, metric, detail). outcome: created (detail {project_id, storage_target_id, file_count, total_bytes, created_at}) | existing (same key and hash: the first task) | IDEMPOTENCY_CONFLICT (same key, other hash) | QUOTA_EXCEEDED (metric concurrent_tasks, tasks_per_minute or bytes_month, checked in that order; detail {metric, limit, current, requested}, for bytes_month also reserved; the refusal is counted on the audit trail by dlw.audit_repeat and must be committed) | UNKNOWN_PROJECT | UNKNOWN_STORAGE_TARGET | TENANT_INACTIVE.
+Returns one row (outcome, task_id, metric, detail). outcome: created (detail {project_id, storage_target_id, file_count, total_bytes, created_at}) | existing (same key and hash: the first task) | IDEMPOTENCY_CONFLICT (same key, other hash) | QUOTA_EXCEEDED (metric concurrent_tasks, tasks_per_minute, bytes_month or storage_gb, checked in that order; detail {metric, limit, current, requested}, for bytes_month and storage_gb also reserved, for storage_gb also limit_bytes; the refusal is counted on the audit trail by dlw.audit_repeat and must be committed) | UNKNOWN_PROJECT | UNKNOWN_STORAGE_TARGET | TENANT_INACTIVE.
 Rate check: tasks of the tenant created in the 60 s before now() (dlw.tasks_recent, cancelled ones included) + 1 > quota_tasks_per_minute refuses.
-Bytes check: bytes used this UTC month (folded snapshot + unfolded usage events) + bytes reserved (dlw.bytes_reserved: the declared size of every pending, assigned or running file) + the new task's declared bytes > quota_bytes_month refuses. 0 = unlimited for every limit.
+Bytes check: bytes used this UTC month (folded snapshot + unfolded usage events) + bytes reserved (dlw.bytes_reserved: the declared size of every pending, assigned or running file) + the new task's declared bytes > quota_bytes_month refuses.
+Storage check: storage used (dlw.storage_used_bytes: distinct contents stored) + reserved (dlw.storage_reserved_bytes: live files whose content the target does not hold) + the task's new storage (dlw.storage_requested_bytes) > quota_storage_gb GB refuses. 0 = unlimited for every limit.
 Raises: 55P03 lock timeout; 42501 no context or a role that may not write (RLS); 25000 not READ COMMITTED; 22023 files not an array; 22004 key without hash; 23505 duplicate file path; 23502/23514/22P02 malformed files.$c$;
 
 -- ---------------------------------------------------------------------------------------
@@ -396,7 +480,9 @@ RETURNS TABLE (
     tasks_last_minute      bigint,
     tasks_per_minute_quota integer,
     storage_targets        bigint,
-    storage_targets_quota  integer
+    storage_targets_quota  integer,
+    storage_bytes_used     bigint,
+    storage_bytes_reserved bigint
 )
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -408,7 +494,7 @@ BEGIN
            m.period,
            dlw.bytes_used_month(t.tenant_id, m.period),
            t.quota_bytes_month,
-           0::bigint,  -- no storage accounting exists yet
+           ceil(s_used.bytes / (SELECT f.storage_gb_bytes FROM dlw.domain_facts() f)::numeric)::bigint,
            t.quota_storage_gb,
            (SELECT count(*)::integer FROM dlw.tasks x
              WHERE x.tenant_id = t.tenant_id AND x.status IN ('pending', 'running')),
@@ -419,15 +505,18 @@ BEGIN
            dlw.tasks_recent(t.tenant_id),
            t.quota_tasks_per_minute,
            (SELECT count(*) FROM dlw.storage_targets st WHERE st.tenant_id = t.tenant_id),
-           t.quota_storage_targets
+           t.quota_storage_targets,
+           s_used.bytes,
+           dlw.storage_reserved_bytes(t.tenant_id)
       FROM dlw.tenants t
      CROSS JOIN (SELECT dlw.month_start(now()) AS period) m
+     CROSS JOIN LATERAL (SELECT dlw.storage_used_bytes(t.tenant_id) AS bytes) s_used
       LEFT JOIN dlw.snapshot_state s ON true
      WHERE t.tenant_id = dlw.ctx_tenant_id();
 END
 $$;
 COMMENT ON FUNCTION dlw.quota_current() IS
-    'Limits and exact usage of the current tenant (no row without context): bytes used this UTC month (folded snapshot + unfolded usage), bytes reserved by unfinished files (dlw.bytes_reserved; admission counts used + reserved), live (pending/running) tasks, tasks created in the last 60 s (dlw.tasks_recent), storage targets, limits (0 = unlimited), and when the usage fold last ran (snapshot_refreshed_at, age in seconds; NULL = never). storage_gb_used is 0: no storage accounting exists yet.';
+    'Limits and exact usage of the current tenant (no row without context): bytes used this UTC month (folded snapshot + unfolded usage), bytes reserved by unfinished files (dlw.bytes_reserved; admission counts used + reserved), live (pending/running) tasks, tasks created in the last 60 s (dlw.tasks_recent), storage targets, limits (0 = unlimited), and when the usage fold last ran (snapshot_refreshed_at, age in seconds; NULL = never). Storage: storage_bytes_used = bytes of the distinct contents the tenant''s targets hold (dlw.storage_used_bytes, each content once per target however many files use it), storage_gb_used the same in GB (storage_gb_bytes of dlw.domain_facts(), rounded up), storage_bytes_reserved what live files may still add (dlw.storage_reserved_bytes; admission counts used + reserved against quota_storage_gb).';
 
 -- ---------------------------------------------------------------------------------------
 -- Privileges: the API role calls the entry points; the shared operations also run inside
@@ -435,10 +524,14 @@ COMMENT ON FUNCTION dlw.quota_current() IS
 -- ---------------------------------------------------------------------------------------
 
 REVOKE ALL ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid),
-    dlw.admission_refusal(bigint, bigint, boolean), dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint), dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text),
+    dlw.admission_refusal(bigint, bigint, boolean, uuid, jsonb), dlw.admission_check(bigint, integer, bigint, boolean, uuid, jsonb, text),
+    dlw.storage_reserved_bytes(bigint), dlw.storage_requested_bytes(bigint, uuid, jsonb),
+    dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint), dlw.idempotent_replay(bigint, text, bytea), dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text),
     dlw.cancel_task(uuid), dlw.quota_current() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.lock_tenant_quota_rows(bigint), dlw.cancel_unfinished_files(bigint, uuid, text, text, uuid)
     TO dlw_app, dlw_system;
-GRANT EXECUTE ON FUNCTION dlw.idempotent_replay(bigint, text, bytea), dlw.admission_refusal(bigint, bigint, boolean), dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint),
+GRANT EXECUTE ON FUNCTION dlw.idempotent_replay(bigint, text, bytea), dlw.admission_refusal(bigint, bigint, boolean, uuid, jsonb),
+    dlw.admission_check(bigint, integer, bigint, boolean, uuid, jsonb, text), dlw.storage_reserved_bytes(bigint),
+    dlw.storage_requested_bytes(bigint, uuid, jsonb), dlw.bytes_reserved(bigint), dlw.tasks_recent(bigint),
     dlw.create_task(uuid, text, text, text, integer, jsonb, text, bytea, integer, text, text),
     dlw.cancel_task(uuid), dlw.quota_current() TO dlw_app;

@@ -6,8 +6,8 @@
 --
 -- A retry re-queues the files that did not succeed (the failed one and the ones its failure
 -- cancelled; succeeded files stay done and counted), and is admitted against the quota again
--- exactly like a new task: the same lock (dlw.lock_tenant_quota_rows) and the same figures
--- (dlw.admission_refusal), except the creation rate (a retry creates no task).
+-- exactly like a new task: the same prologue (dlw.admission_check: the lock, then the figures),
+-- except the creation rate (a retry creates no task).
 -- Lock order: the tenant's quota rows, then the task, then its files (as deactivation).
 
 CREATE OR REPLACE FUNCTION dlw.retry_task(
@@ -29,13 +29,13 @@ DECLARE
     v_active       boolean;
     v_requested    bigint;
     v_files        bigint;
-    v_lock_timeout text;
+    v_target       uuid;
+    v_requeued     jsonb;
 BEGIN
     IF v_tenant IS NULL THEN
         RAISE EXCEPTION 'dlw.retry_task: no tenant context (call dlw.set_context first)' USING ERRCODE = '42501';
     END IF;
-    -- As dlw.create_task: the admission check must see rivals that committed while this waited.
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN  -- before any work (dlw.admission_check)
         RAISE EXCEPTION 'dlw.retry_task must run at READ COMMITTED, not %', current_setting('transaction_isolation')
             USING ERRCODE = '25000';
     END IF;
@@ -54,14 +54,20 @@ BEGIN
         RETURN;
     END IF;
 
-    IF p_lock_timeout_ms IS NOT NULL THEN
-        v_lock_timeout := current_setting('lock_timeout');
-        PERFORM set_config('lock_timeout', p_lock_timeout_ms::text, true);
-    END IF;
-    IF NOT dlw.lock_tenant_quota_rows(v_tenant) THEN
-        RAISE EXCEPTION 'dlw.retry_task: quota row of tenant % not lockable', v_tenant USING ERRCODE = '42501';
-    END IF;
-    -- FOR UPDATE also applies the UPDATE policies: a role that may not write sees nothing here.
+    -- What a retry requeues (the failed and cancelled files): they do not change while the task
+    -- has failed, and a concurrent retry is seen below (status no longer failed).
+    SELECT coalesce(sum(f.size), 0), count(*),
+           coalesce(jsonb_agg(jsonb_build_object('path', f.path, 'size', f.size, 'sha256', f.sha256)), '[]'::jsonb)
+      INTO v_requested, v_files, v_requeued
+      FROM dlw.task_files f
+     WHERE f.tenant_id = v_tenant AND f.task_id = p_task_id AND f.status IN ('failed', 'cancelled');
+    SELECT x.storage_target_id INTO v_target FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
+    -- dlw.create_task's admission (the quota lock, then every figure from a fresh snapshot).
+    SELECT a.active, a.metric, a.detail INTO v_active, metric, detail
+      FROM dlw.admission_check(v_tenant, p_lock_timeout_ms, v_requested, false, v_target, v_requeued,
+                               'dlw.retry_task') a;
+    -- Lock order: the quota rows, then the task. FOR UPDATE also applies the UPDATE policies: a
+    -- role that may not write sees nothing here.
     SELECT x.status, x.repo_id, x.deletion INTO v_status, v_repo, v_deletion
       FROM dlw.tasks x
      WHERE x.tenant_id = v_tenant AND x.id = p_task_id
@@ -69,23 +75,16 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'dlw.retry_task: role % may not retry tasks', dlw.ctx_role() USING ERRCODE = '42501';
     END IF;
-    IF p_lock_timeout_ms IS NOT NULL THEN
-        PERFORM set_config('lock_timeout', v_lock_timeout, true);
-    END IF;
     IF v_deletion IS NOT NULL THEN  -- a deletion asked for meanwhile
         outcome := 'TASK_DELETED';
         RETURN;
     END IF;
     IF v_status <> 'failed' THEN  -- retried by a concurrent call meanwhile
         outcome := 'TASK_NOT_FAILED';
+        metric := NULL;
+        detail := NULL;
         RETURN;
     END IF;
-
-    SELECT coalesce(sum(f.size), 0), count(*) INTO v_requested, v_files
-      FROM dlw.task_files f
-     WHERE f.tenant_id = v_tenant AND f.task_id = p_task_id AND f.status IN ('failed', 'cancelled');
-    SELECT a.active, a.metric, a.detail INTO v_active, metric, detail
-      FROM dlw.admission_refusal(v_tenant, v_requested, false) a;
     IF NOT v_active THEN
         outcome := 'TENANT_INACTIVE';
         metric := NULL;
@@ -113,8 +112,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.retry_task(uuid, integer) IS
-$c$Retries a failed task of the current tenant: its failed and cancelled files return to the queue (pending, attempts 0, no backoff; their resume points kept), the task becomes pending again (error and finished_at cleared), with a task.retried audit row {files_requeued, bytes_requeued}. Admitted against the quota like dlw.create_task (same lock, dlw.admission_refusal; the creation rate is not checked: a retry creates no task); p_lock_timeout_ms bounds the lock wait (NULL = leave lock_timeout alone). Call as dlw_app at READ COMMITTED after dlw.set_context().
-Returns one row (outcome, metric, detail): retried (detail {files_requeued, bytes_requeued}) | QUOTA_EXCEEDED (metric concurrent_tasks or bytes_month; detail as dlw.create_task's; counted on the audit trail by dlw.audit_repeat, must be committed) | TASK_NOT_FAILED (the task is pending, running, succeeded or cancelled) | TASK_DELETED (its files are being deleted or were deleted) | NOT_FOUND (also another tenant's id) | TENANT_INACTIVE.
+$c$Retries a failed task of the current tenant: its failed and cancelled files return to the queue (pending, attempts 0, no backoff; their resume points kept), the task becomes pending again (error and finished_at cleared), with a task.retried audit row {files_requeued, bytes_requeued}. Admitted against the quota like dlw.create_task (the same dlw.admission_check: the requeued files' declared bytes and the storage of their contents the target does not hold; the creation rate is not checked: a retry creates no task); p_lock_timeout_ms bounds the lock wait (NULL = leave lock_timeout alone). Call as dlw_app at READ COMMITTED after dlw.set_context().
+Returns one row (outcome, metric, detail): retried (detail {files_requeued, bytes_requeued}) | QUOTA_EXCEEDED (metric concurrent_tasks, bytes_month or storage_gb; detail as dlw.create_task's; counted on the audit trail by dlw.audit_repeat, must be committed) | TASK_NOT_FAILED (the task is pending, running, succeeded or cancelled) | TASK_DELETED (its files are being deleted or were deleted) | NOT_FOUND (also another tenant's id) | TENANT_INACTIVE.
 Raises 55P03 lock timeout; 42501 without context or for a role that may not write; 25000 not READ COMMITTED.$c$;
 
 REVOKE ALL ON FUNCTION dlw.retry_task(uuid, integer) FROM PUBLIC;

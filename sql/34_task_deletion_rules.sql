@@ -101,40 +101,43 @@ $$;
 COMMENT ON FUNCTION dlw.task_deletion_plan(bigint, uuid) IS
 $c$Internal (dlw_system, at the claim of a deletion): what an executor removes for the task's deletion, as {layout, root, repo_type, repo_id, revision, commit, remove_ref, files: [{id, path, sha256, size, remove_path, remove_blob}]}. A path (tree: <repo_id>/<revision>/<path>; hf-cache: snapshots/<commit>/<path>) is removed unless another task of the tenant in the same target and repository, not being deleted, has a file there that is succeeded or may still be written; an hf-cache blob also unless such a file has the same sha256 (unknown content: the same path or unknown content too); refs/<revision> unless such a task has the revision. Partial downloads of every file (named after its id) are removed in any case.$c$;
 
-CREATE OR REPLACE FUNCTION dlw.task_deletion_released(p_tenant_id bigint, p_deletion_id uuid)
+-- Was a STABLE SQL function computing the release on its own; it now hands the release to the
+-- storage registry (one truth for storage used), so its volatility changes.
+DROP FUNCTION IF EXISTS dlw.task_deletion_released(bigint, uuid);
+CREATE FUNCTION dlw.task_deletion_released(p_tenant_id bigint, p_deletion_id uuid)
 RETURNS TABLE (storage_target_id uuid, sha256 text, bytes bigint)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    -- The one place that decides what a completed deletion frees: content the plan removed from
-    -- the target that no task of the tenant not yet deleted still holds there (by sha256 across
-    -- the target; a file of unknown content is its own blob).
-    WITH d AS (
-        SELECT d.tenant_id, d.task_id, d.plan, x.storage_target_id
-          FROM dlw.task_deletions d
-          JOIN dlw.tasks x ON x.tenant_id = d.tenant_id AND x.id = d.task_id
-         WHERE d.tenant_id = p_tenant_id AND d.id = p_deletion_id
-    ), removed AS (
-        SELECT f.id, f.sha256, f.size
-          FROM d
-         CROSS JOIN LATERAL jsonb_to_recordset(d.plan -> 'files')
-               AS e(id uuid, remove_path boolean, remove_blob boolean)
-          JOIN dlw.task_files f ON f.tenant_id = d.tenant_id AND f.id = e.id AND f.status = 'succeeded'
-         WHERE CASE WHEN d.plan ->> 'layout' = 'hf-cache' THEN e.remove_blob ELSE e.remove_path END
-    )
-    SELECT d.storage_target_id, r.sha256, max(r.size)::bigint
-      FROM d JOIN removed r ON true
-     WHERE NOT EXISTS (
-           SELECT 1 FROM dlw.task_files g
-             JOIN dlw.tasks y ON y.tenant_id = g.tenant_id AND y.id = g.task_id
-            WHERE g.tenant_id = d.tenant_id AND g.sha256 = r.sha256 AND y.id <> d.task_id
-              AND y.storage_target_id = d.storage_target_id AND y.deletion IS DISTINCT FROM 'deleted'
-              AND g.status IN ('pending', 'assigned', 'running', 'succeeded'))
-     GROUP BY d.storage_target_id, r.sha256, CASE WHEN r.sha256 IS NULL THEN r.id END
-     ORDER BY r.sha256;
+#variable_conflict use_column
+DECLARE
+    v_task    uuid;
+    v_target  uuid;
+    v_shas    text[];
+BEGIN
+    -- The one place that decides what a completed deletion frees. The deleted task's files stop
+    -- referencing their contents; the storage registry (dlw.storage_release, sql/23_stored_blobs.sql)
+    -- then drops the contents no other file of the target references and subtracts their bytes.
+    -- A task whose deletion is still under way or failed keeps its references, so two deletions
+    -- of shared content release it once, at the last.
+    SELECT d.task_id, x.storage_target_id INTO v_task, v_target
+      FROM dlw.task_deletions d
+      JOIN dlw.tasks x ON x.tenant_id = d.tenant_id AND x.id = d.task_id
+     WHERE d.tenant_id = p_tenant_id AND d.id = p_deletion_id;
+    SELECT array_agg(DISTINCT f.blob_sha256 ORDER BY f.blob_sha256) INTO v_shas
+      FROM dlw.task_files f
+     WHERE f.tenant_id = p_tenant_id AND f.task_id = v_task AND f.blob_sha256 IS NOT NULL;
+    IF v_shas IS NULL THEN  -- nothing referenced (dlw.storage_release would take NULL as "all")
+        RETURN;
+    END IF;
+    UPDATE dlw.task_files f SET blob_sha256 = NULL, stored_path = NULL
+     WHERE f.tenant_id = p_tenant_id AND f.task_id = v_task AND f.blob_sha256 IS NOT NULL;
+    RETURN QUERY
+    SELECT v_target, r.sha256, r.size FROM dlw.storage_release(p_tenant_id, v_target, v_shas) r ORDER BY r.sha256;
+END
 $$;
 COMMENT ON FUNCTION dlw.task_deletion_released(bigint, uuid) IS
-    'Internal (dlw_system, at the completion of a deletion): the storage the deletion frees, one row per (storage_target_id, sha256, bytes): content of the task''s succeeded files that its plan removed (hf-cache: the blob; tree: the path) and that no other task of the tenant in the target, not deleted, holds (same sha256, a file succeeded or still to be written). A file without a sha256 is its own row (sha256 NULL). The caller records it and releases it from storage accounting.';
+    'Internal (dlw_system, at the completion of a deletion, in its transaction): releases the storage the deletion frees and returns it, one row per (storage_target_id, sha256, bytes). The task''s files stop referencing their contents (task_files.blob_sha256 and stored_path cleared) and dlw.storage_release drops the contents of the target no other file references (no other task of the tenant in that target, deleted ones excluded, has a succeeded file of that sha256), subtracting their bytes from storage used. Content another file still uses stays registered (its bytes on disk are that file''s hard link or its own copy).';
 
 REVOKE ALL ON FUNCTION dlw.task_deletion_guard(), dlw.task_deletion_plan(bigint, uuid),
     dlw.task_deletion_released(bigint, uuid) FROM PUBLIC;

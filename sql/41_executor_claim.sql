@@ -6,7 +6,7 @@
 -- ---------------------------------------------------------------------------------------
 
 -- Dropped first: its row grew (issue 14: repo_type, commit, hub_token; issue 17: resume_bytes,
--- resume_sha256; issue 15: storage_root, storage_layout), which CREATE OR REPLACE cannot do;
+-- resume_sha256; issue 15: storage_root, storage_layout, stored_path), which CREATE OR REPLACE cannot do;
 -- the grant below is re-applied on every migrate.
 DROP FUNCTION IF EXISTS dlw.executor_claim(integer, integer, text, integer);
 CREATE FUNCTION dlw.executor_claim(
@@ -36,7 +36,8 @@ RETURNS TABLE (
     resume_bytes bigint,
     resume_sha256 text,
     storage_root text,
-    storage_layout text
+    storage_layout text,
+    stored_path text
 )
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -169,7 +170,9 @@ BEGIN
     SELECT a.id, a.task_id, a.tenant_id, t.slug, x.repo_id, x.revision, a.path, a.size, a.sha256, a.priority,
            a.attempts, a.assignment_token, a.lease_seconds, a.lease_expires_at, x.repo_type, x."commit",
            h.ciphertext, a.resume_bytes, a.resume_sha256,
-           st.config ->> 'root', coalesce(st.config ->> 'layout', 'tree')
+           st.config ->> 'root', coalesce(st.config ->> 'layout', 'tree'),
+           (SELECT b.path FROM dlw.stored_blobs b
+             WHERE b.tenant_id = a.tenant_id AND b.target_id = x.storage_target_id AND b.sha256 = a.sha256)
       FROM assigned a
       JOIN dlw.tasks x ON x.tenant_id = a.tenant_id AND x.id = a.task_id
       JOIN dlw.tenants t ON t.tenant_id = a.tenant_id
@@ -183,7 +186,7 @@ $c$Claims up to p_max_files files for the acting executor (context role executor
 Fair across tenants (the tenant with the fewest files in flight first, so one busy tenant starves nobody; ranked from the queue summary dlw.executor_queue, so the cost follows the files returned, not the tenants or the leases in flight), priority order (then oldest) within a tenant, skipping files that back off after a retryable failure (not_before in the future, set by dlw.executor_fail), whichever executor asks; files locked with FOR UPDATE SKIP LOCKED, so concurrent claims get disjoint files and never wait. Each file gets a fresh assignment_token (gen_random_uuid()), attempts + 1, status assigned; the first claim of a task moves it to running.
 Returns one row per claimed file (possibly none), with the task's repo_type and resolved commit (what to download), the file's tenant's hub token as stored (ciphertext, NULL when none; only ever for a file this claim assigned) and the file's resume point (resume_bytes, resume_sha256: the last checkpoint of an earlier attempt, 0/NULL for none). p_executor is an instance label recorded in task_files.executor_id after the token subject.
 Raises 42501 without an executor context; 22023 for max_files outside 1..claim_max_files (100), lease_seconds outside lease_seconds_min..lease_seconds_max (5..3600; see dlw.domain_facts()), max_attempts < 1.
-Where each file goes (issue 15): its task's storage target's storage_root (config root; NULL = the executor's default tree) and storage_layout (tree or hf-cache, dlw.storage_layouts()).$c$;
+Where each file goes (issue 15): its task's storage target's storage_root (config root; NULL = the executor's default tree) and storage_layout (tree or hf-cache, dlw.storage_layouts()). stored_path: when the file's declared sha256 is already stored in that target (dlw.stored_blobs, same tenant and target only), the path of the verified copy relative to the target's base directory, to place the file from (a hard link) instead of downloading it; NULL otherwise.$c$;
 
 REVOKE ALL ON FUNCTION dlw.executor_claim(integer, integer, text, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.executor_claim(integer, integer, text, integer) TO dlw_app;

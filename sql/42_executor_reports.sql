@@ -126,8 +126,10 @@ $$;
 COMMENT ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text) IS
     'The holder of a live lease reports progress: the file becomes running, its lease is extended by its lease_seconds from now, bytes_done is recorded (NULL keeps it), and a checkpoint (p_checkpoint_bytes synced bytes with sha256 p_checkpoint_sha256; both NULL: none) becomes the file''s resume point. Returns (outcome, lease_expires_at): ok | SIZE_MISMATCH (bytes_done beyond the file''s declared size; nothing changes, the lease is not extended) | BAD_CHECKPOINT (see dlw.record_checkpoint; nothing changes) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor''s scope). Raises 42501 without an executor context.';
 
+-- Dropped first: it gained where the executor put the file (issue 15, deduplication).
+DROP FUNCTION IF EXISTS dlw.executor_complete(uuid, uuid, bigint, text);
 CREATE OR REPLACE FUNCTION dlw.executor_complete(
-    p_file_id uuid, p_assignment_token uuid, p_bytes bigint, p_sha256 text
+    p_file_id uuid, p_assignment_token uuid, p_bytes bigint, p_sha256 text, p_stored_path text DEFAULT NULL
 )
 RETURNS TABLE (outcome text, task_status text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -144,6 +146,13 @@ BEGIN
     PERFORM dlw.executor_scope();  -- 42501 without an executor context, before the arguments
     IF p_bytes IS NULL OR p_bytes < 0 THEN
         RAISE EXCEPTION 'dlw.executor_complete: bytes must be >= 0' USING ERRCODE = '22023';
+    END IF;
+    IF v_sha !~ '^[0-9a-f]{64}$' THEN
+        RAISE EXCEPTION 'dlw.executor_complete: sha256 must be 64 hex digits' USING ERRCODE = '22023';
+    END IF;
+    IF length(p_stored_path) > 4096 OR p_stored_path !~ '^[^/]+(/[^/]+)*$' OR p_stored_path ~ '(^|/)\.\.?(/|$)'
+       OR p_stored_path ~ '[\x01-\x1f\x7f-\x9f]' THEN
+        RAISE EXCEPTION 'dlw.executor_complete: stored_path must be a relative, normalized path' USING ERRCODE = '22023';
     END IF;
     -- The task is locked too: the last completion of a task sees every other file succeeded
     -- (later statements, fresh snapshots).
@@ -180,10 +189,16 @@ BEGIN
         RETURN;
     END IF;
 
+    -- The content is now stored in the task's target: registered once per target (storage
+    -- counts it once, later files of the same content are placed from this copy).
+    PERFORM dlw.storage_record(v_tenant, x.storage_target_id, v_sha, v_file.size, p_stored_path)
+       FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = v_task;
     UPDATE dlw.task_files f
        SET status = 'succeeded', bytes_done = v_file.size, lease_expires_at = NULL, error = NULL,
-           resume_bytes = 0, resume_sha256 = NULL
+           resume_bytes = 0, resume_sha256 = NULL, stored_path = p_stored_path, blob_sha256 = v_sha
      WHERE f.tenant_id = v_tenant AND f.id = p_file_id;
+    -- bytes_month counts the declared size whether the bytes came from the hub or from a copy
+    -- already in the target (docs/storage.md, "Deduplication"): never the executor's word.
     INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id, occurred_at)
     VALUES (v_tenant, 'bytes_month', v_file.size, 'file:' || p_file_id, v_task, p_file_id, now())
     ON CONFLICT (tenant_id, event_key) DO NOTHING;
@@ -201,10 +216,10 @@ BEGIN
     RETURN QUERY SELECT 'completed'::text, v_status;
 END
 $$;
-COMMENT ON FUNCTION dlw.executor_complete(uuid, uuid, bigint, text) IS
-$c$The holder of a live lease reports the file downloaded: p_bytes downloaded, which must be the file's declared size, p_sha256 of the content. In one transaction the file becomes succeeded and a usage event (bytes_month, the declared size, event_key file:<id>) is appended; the task succeeds (task.succeeded audit row) when all its files have.
+COMMENT ON FUNCTION dlw.executor_complete(uuid, uuid, bigint, text, text) IS
+$c$The holder of a live lease reports the file downloaded (or placed from a copy the claim offered): p_bytes, which must be the file's declared size, p_sha256 of the content, p_stored_path where it lies relative to its target's base directory (NULL: not said). In one transaction the file becomes succeeded (stored_path and blob_sha256 recorded), its content is registered in the target (dlw.storage_record: counted for storage when new, a source for later copies when p_stored_path is given) and a usage event (bytes_month, the declared size, event_key file:<id>) is appended; the task succeeds (task.succeeded audit row) when all its files have.
 Returns (outcome, task_status): completed | already_completed (the same token reported a success before: same answer, counted once) | SHA256_MISMATCH (the manifest names another sha256: the file and its task fail, nothing is counted) | SIZE_MISMATCH (p_bytes is not the declared size: the file and its task fail, nothing is counted; checked after the sha256) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope).
-Raises 42501 without an executor context; 22023 for bytes < 0.$c$;
+Raises 42501 without an executor context; 22023 for bytes < 0, a sha256 that is not 64 hex digits, a stored_path that is not relative and normalized.$c$;
 
 -- Dropped first: it gained the hub's Retry-After (issue 17, backoff).
 DROP FUNCTION IF EXISTS dlw.executor_fail(uuid, uuid, text, boolean, integer);
@@ -277,7 +292,7 @@ $$;
 COMMENT ON FUNCTION dlw.executor_release(uuid, uuid, bigint, text) IS
     'The holder of a live lease gives the file back untouched (an executor shutting down), with the checkpoint of its partial download if any (as for dlw.executor_heartbeat): it returns to the queue at once and the claim does not count as an attempt. Returns released | BAD_CHECKPOINT (nothing changes) | LEASE_LOST (nothing changes) | NOT_FOUND. Raises 42501 without an executor context.';
 
-REVOKE ALL ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text), dlw.executor_complete(uuid, uuid, bigint, text),
+REVOKE ALL ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text), dlw.executor_complete(uuid, uuid, bigint, text, text),
     dlw.executor_fail(uuid, uuid, text, boolean, integer, integer), dlw.executor_release(uuid, uuid, bigint, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text), dlw.executor_complete(uuid, uuid, bigint, text),
+GRANT EXECUTE ON FUNCTION dlw.executor_heartbeat(uuid, uuid, bigint, bigint, text), dlw.executor_complete(uuid, uuid, bigint, text, text),
     dlw.executor_fail(uuid, uuid, text, boolean, integer, integer), dlw.executor_release(uuid, uuid, bigint, text) TO dlw_app;

@@ -25,13 +25,14 @@ BEGIN
     -- Completions first, by task (each locks its task before its file: one order for every
     -- batch, so two batches of the same tasks do not deadlock), then heartbeats (files only).
     FOR r IN
-        SELECT x.file_id, x.assignment_token, x.bytes, x.sha256
-          FROM jsonb_to_recordset(v_completions) AS x(file_id uuid, assignment_token uuid, bytes bigint, sha256 text)
+        SELECT x.file_id, x.assignment_token, x.bytes, x.sha256, x.stored_path
+          FROM jsonb_to_recordset(v_completions)
+               AS x(file_id uuid, assignment_token uuid, bytes bigint, sha256 text, stored_path text)
           LEFT JOIN dlw.task_files f
             ON dlw.cross_tenant_key(f.id) = dlw.cross_tenant_key(x.file_id) AND f.id = x.file_id
          ORDER BY f.tenant_id, f.task_id, x.file_id
     LOOP
-        SELECT * INTO v FROM dlw.executor_complete(r.file_id, r.assignment_token, r.bytes, r.sha256);
+        SELECT * INTO v FROM dlw.executor_complete(r.file_id, r.assignment_token, r.bytes, r.sha256, r.stored_path);
         RETURN QUERY SELECT r.file_id, 'complete'::text, v.outcome, v.task_status, NULL::timestamptz;
     END LOOP;
     FOR r IN
@@ -47,7 +48,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_report_batch(jsonb, jsonb) IS
-$c$Many reports of the acting executor in one transaction: p_completions, an array of {file_id, assignment_token, bytes, sha256} handled as dlw.executor_complete (in task order), then p_heartbeats, an array of {file_id, assignment_token, bytes_done, checkpoint_bytes, checkpoint_sha256} handled as dlw.executor_heartbeat. At most claim_max_files (100) items in all.
+$c$Many reports of the acting executor in one transaction: p_completions, an array of {file_id, assignment_token, bytes, sha256, stored_path?} handled as dlw.executor_complete (in task order), then p_heartbeats, an array of {file_id, assignment_token, bytes_done, checkpoint_bytes, checkpoint_sha256} handled as dlw.executor_heartbeat. At most claim_max_files (100) items in all.
 Returns one row per item (file_id, action complete|heartbeat, outcome and task_status or lease_expires_at as the single report returns them; a refused item changes nothing, the others still apply). Raises 42501 without an executor context, 22023 for anything but two arrays within the limit.$c$;
 
 REVOKE ALL ON FUNCTION dlw.executor_report_batch(jsonb, jsonb) FROM PUBLIC;

@@ -321,15 +321,14 @@ BEGIN
         RETURN QUERY SELECT v.refusal, NULL::bigint, NULL::jsonb;
         RETURN;
     END IF;
-    -- What this deletion frees, decided in one place (sql/34_task_deletion_rules.sql).
+    -- What this deletion frees, decided and released in one place (sql/34_task_deletion_rules.sql).
     SELECT coalesce(jsonb_agg(jsonb_build_object('storage_target_id', r.storage_target_id, 'sha256', r.sha256,
                                                  'bytes', r.bytes) ORDER BY r.sha256), '[]'::jsonb),
            coalesce(sum(r.bytes), 0)::bigint
       INTO v_rows, v_bytes
       FROM dlw.task_deletion_released(v.tenant_id, p_deletion_id) r;
-    -- Storage accounting releases exactly these rows here, in this transaction (docs/storage.md,
-    -- "Deleting"): the storage registry's release (branch i15-quota, dlw.storage_release) is
-    -- called at this point with v.tenant_id and the rows of v_rows, before the rows below change.
+    -- That call also released these rows from storage accounting (dlw.storage_release), here, in
+    -- this transaction (docs/storage.md, "Deleting").
     UPDATE dlw.task_deletions d
        SET status = 'done', lease_expires_at = NULL, error = NULL, released = v_rows, released_bytes = v_bytes,
            updated_at = now(), finished_at = now()

@@ -236,7 +236,10 @@ SELECT t.tenant_id,
          WHERE x.tenant_id = t.tenant_id AND x.created_at > now() - interval '1 minute') AS tasks_last_minute,
        t.quota_tasks_per_minute,
        (SELECT count(*) FROM dlw.storage_targets s WHERE s.tenant_id = t.tenant_id) AS storage_targets,
-       t.quota_storage_targets
+       t.quota_storage_targets,
+       -- the storage counter (sql/23_stored_blobs.sql): summary row plus unfolded changes
+       (SELECT coalesce(sum(su.bytes), 0)::bigint FROM dlw.storage_usage su WHERE su.tenant_id = t.tenant_id)
+           AS storage_bytes_used
   FROM dlw.tenants t
  CROSS JOIN LATERAL (SELECT date_trunc('month', now() AT TIME ZONE 'UTC')::date AS period) m
  CROSS JOIN LATERAL (SELECT coalesce(sum(x.amount), 0)::bigint AS bytes_used_month
@@ -260,7 +263,7 @@ SELECT dlw.comment_view_columns('reporting.quota_status', jsonb_build_object(
     'bytes_used_pct', 'bytes_used_month as a percentage of quota_bytes_month; NULL when unlimited',
     'concurrent_tasks', 'Live tasks now (pending or running)',
     'quota_concurrent', 'Limit on live tasks; 0 = unlimited',
-    'quota_storage_gb', 'Storage allowance in GB; 0 = unlimited (not enforced yet)',
+    'quota_storage_gb', 'Storage allowance in GB (10^9 bytes); 0 = unlimited. Admission refuses a task when storage used + reserved + what its files add would exceed it',
     'snapshot_bytes_month', 'Bytes of this month already folded into the usage snapshot; NULL when no snapshot row exists yet',
     'snapshot_refreshed_at', 'When the usage fold (snapshot refresh) last ran, platform-wide; NULL = never',
     'snapshot_age_seconds', 'Seconds since snapshot_refreshed_at; NULL = never refreshed',
@@ -268,7 +271,8 @@ SELECT dlw.comment_view_columns('reporting.quota_status', jsonb_build_object(
     'tasks_last_minute', 'Tasks created in the last 60 seconds, cancelled ones included',
     'quota_tasks_per_minute', 'Limit on tasks created in any 60 seconds; 0 = unlimited',
     'storage_targets', 'Storage targets you have',
-    'quota_storage_targets', 'Limit on storage targets; 0 = unlimited'));
+    'quota_storage_targets', 'Limit on storage targets; 0 = unlimited',
+    'storage_bytes_used', 'Bytes of the distinct contents your storage targets hold (each once per target, however many files use it)'));
 
 -- ---------------------------------------------------------------------------------------
 -- reporting.audit_log

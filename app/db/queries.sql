@@ -144,7 +144,7 @@ SELECT * FROM dlw.executor_heartbeat($1, $2, $3, $4, $5);
 SELECT * FROM dlw.executor_report_batch($1::jsonb, $2::jsonb);
 
 -- name: executor_complete
-SELECT * FROM dlw.executor_complete($1, $2, $3, $4);
+SELECT * FROM dlw.executor_complete($1, $2, $3, $4, $5);
 
 -- name: executor_fail
 SELECT * FROM dlw.executor_fail($1, $2, $3, $4, $5, $6);

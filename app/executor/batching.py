@@ -38,10 +38,14 @@ class Reporter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def complete(self, item: Claimed, size: int, sha256: str) -> str:
+    async def complete(self, item: Claimed, size: int, sha256: str, stored_path: str | None = None) -> str:
         """The completion's outcome (completed, already_completed, or the error code), or
-        UNREPORTED when the API could not be reached."""
-        return await self._submit("complete", item, {"bytes": size, "sha256": sha256})
+        UNREPORTED when the API could not be reached. stored_path: where the file now lies,
+        relative to its target's base directory (a source for later copies of its content)."""
+        body: dict[str, Any] = {"bytes": size, "sha256": sha256}
+        if stored_path is not None:
+            body["stored_path"] = stored_path
+        return await self._submit("complete", item, body)
 
     async def heartbeat(self, item: Claimed, body: dict[str, Any]) -> None:
         """Raises LeaseLost when the lease is gone, ValueError for another refusal and

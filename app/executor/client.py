@@ -58,6 +58,7 @@ class Claimed:
     hub_token: str | None = field(default=None, repr=False)  # the tenant's, for this file only
     storage_root: str | None = None  # the task's target root; None: the executor's default storage
     storage_layout: str = "tree"  # or "hf-cache" (app/executor/layout.py)
+    stored_path: str | None = None  # a verified copy of this content in the target: link it, do not download
 
     @property
     def ref(self) -> str:
@@ -83,6 +84,7 @@ class Claimed:
             hub_token=item.get("hub_token"),
             storage_root=item.get("storage_root"),
             storage_layout=str(item.get("storage_layout") or "tree"),
+            stored_path=item.get("stored_path"),
         )
 
 

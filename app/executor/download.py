@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import hashlib
 import os
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ class Downloaded:
     place: Placement
     sha256: str
     size: int
+    copied_from: str | None = None  # placed from this stored copy (no byte downloaded)
 
     @property
     def tmp(self) -> Path:
@@ -153,6 +156,9 @@ def _fetch_blocking(
     place = placement(storage, item)
     tmp = place.partial
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    copied = from_stored_copy(place, item)
+    if copied is not None:
+        return Downloaded(place, copied, item.size, copied_from=item.stored_path)
     if item.hub_token:  # the tenant's token (from this file's claim) overrides the executor's own
         headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
     fd = _open_partial(tmp)
@@ -190,6 +196,52 @@ def _fetch_blocking(
     finally:
         os.close(fd)
     return Downloaded(place, sha256, item.size)
+
+
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EACCES}
+
+
+def from_stored_copy(place: Placement, item: Claimed) -> str | None:
+    """Deduplication (docs/storage.md): the claim named a verified copy of this content in the
+    same target, so the file's partial becomes a hard link of it (the bytes are shared on disk),
+    or, where linking is impossible (another file system, no hard links), a copy hashed on the
+    way. Returns the sha256, or None when that copy cannot serve (gone, not a regular file of the
+    declared size, other bytes): the file is then downloaded as usual. A link shares the inode of
+    a copy verified when it was stored, so only its size is checked."""
+    if item.stored_path is None or item.sha256 is None:
+        return None
+    want = item.sha256.lower()
+    try:
+        source = place.copy_source(item.stored_path)
+        st = os.stat(source)  # an hf-cache snapshot entry is resolved to its blob
+    except (UnsafePath, OSError):
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != item.size:
+        return None
+    place.partial.unlink(missing_ok=True)
+    try:
+        os.link(source, place.partial)
+        return want
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            return None
+    digest = hashlib.sha256()
+    try:
+        with source.open("rb") as src, place.partial.open("wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+    except OSError:
+        place.partial.unlink(missing_ok=True)
+        return None
+    if digest.hexdigest() != want or place.partial.stat().st_size != item.size:
+        place.partial.unlink(missing_ok=True)
+        return None
+    return want
 
 
 def discard(storage: Sequence[Path], item: Claimed) -> None:

@@ -54,6 +54,27 @@ class Placement:
     link: Path | None = None  # hf-cache: snapshots/<commit>/<path>
     repo_dir: Path | None = None  # hf-cache: models--org--name
     commit: str | None = None
+    base: Path | None = None  # the target's base directory: its root, or <first --storage>/<tenant>
+
+    @property
+    def stored_path(self) -> str | None:
+        """Where the published file lies relative to the target's base directory (tree: the file;
+        hf-cache: the snapshot entry, a link to its blob): what the completion reports."""
+        where = self.link if self.link is not None else self.final
+        return None if self.base is None else where.relative_to(self.base).as_posix()
+
+    def copy_source(self, stored_path: str) -> Path:
+        """The verified copy a claim named (relative to the base), refusing anything outside it,
+        through a link included (an hf-cache snapshot entry must lead to a blob under the base)."""
+        assert self.base is not None
+        parts = stored_path.split("/")
+        if any(p in ("", ".", "..") or "\x00" in p for p in parts):
+            raise UnsafePath(f"unsafe stored path {stored_path!r}")
+        # Resolved: link(2) makes a hard link of a symbolic link itself, not of what it names.
+        source = self.base.joinpath(*parts).resolve()
+        if not source.is_relative_to(self.base) or source == self.base:
+            raise UnsafePath(f"stored path {stored_path!r} resolves outside the storage directory")
+        return source
 
 
 def _segments(item: Claimed, *names: str) -> list[str]:
@@ -108,9 +129,10 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     else:
         base = served_root(roots, item.storage_root, item.tenant)
         prefix = []
+    home = base.joinpath(*prefix)
     if item.storage_layout != "hf-cache":
         target = _inside(base, [*prefix, *_segments(item, item.repo_id, item.revision, item.path)], item)
-        return Placement(target.parent / f".{target.name}.{item.id}.part", target)
+        return Placement(target.parent / f".{target.name}.{item.id}.part", target, base=home)
     commit = item.commit or (item.revision if COMMIT.match(item.revision) else None)
     if commit is None:
         raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
@@ -118,7 +140,7 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     link = _inside(repo_dir, ["snapshots", commit, *_segments(item, item.path)], item)
     _segments(item, item.revision)  # refs/<revision> stays inside refs/
     blobs = repo_dir / "blobs"
-    return Placement(blobs / f"{item.id}.incomplete", blobs, link, repo_dir, commit)
+    return Placement(blobs / f"{item.id}.incomplete", blobs, link, repo_dir, commit, home)
 
 
 def git_blob_id(path: Path) -> str:
@@ -172,14 +194,27 @@ def _replace_text(path: Path, text: str, tag: str) -> None:
     os.replace(tmp, path)
 
 
+def _rename_over(partial: Path, final: Path) -> None:
+    """partial becomes final. When final is already a hard link of the same file (a copy placed
+    from it), rename(2) would do nothing and leave partial behind: partial is removed instead."""
+    try:
+        same = os.path.samefile(partial, final)
+    except FileNotFoundError:
+        same = False
+    if same:
+        partial.unlink()
+    else:
+        os.replace(partial, final)
+
+
 def publish(place: Placement, item: Claimed, sha256: str, etag: str | None) -> Path:
     """Put verified bytes in place (blob, then link, then ref for hf-cache) and return where."""
     if place.link is None:
-        os.replace(place.partial, place.final)
+        _rename_over(place.partial, place.final)
         return place.final
     assert place.repo_dir is not None and place.commit is not None
     blob = place.final / blob_name(place.partial, sha256, etag)
-    os.replace(place.partial, blob)  # same bytes under the same name: replacing is harmless
+    _rename_over(place.partial, blob)  # same bytes under the same name: replacing is harmless
     place.link.parent.mkdir(parents=True, exist_ok=True)
     _replace_link(os.path.relpath(blob, place.link.parent), place.link, item.id)
     if item.revision != place.commit:

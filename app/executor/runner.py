@@ -299,13 +299,14 @@ class ReferenceExecutor:
             await self._fail(item, f"publishing the file: {type(exc).__name__}: {exc}", retryable=True)
             return
         # result.size is the declared size (checked above): the only count the server accepts.
-        outcome = await self.reporter.complete(item, result.size, result.sha256)
+        outcome = await self.reporter.complete(item, result.size, result.sha256, result.place.stored_path)
         if outcome not in ("completed", "already_completed"):
             log.warning("%s: complete refused: %s", where(item), outcome)
         if outcome in ("completed", "already_completed"):
             self.progress.done += 1
             self.metrics.files.labels("succeeded").inc()
-            log.info("%s done (%d bytes)", where(item), result.size)
+            how = f"placed from the stored copy {result.copied_from}" if result.copied_from else "downloaded"
+            log.info("%s done (%d bytes, %s)", where(item), result.size, how)
 
     def _publish(self, item: Claimed, result: Downloaded) -> None:
         """Verified bytes into place; for hf-cache named as huggingface_hub names blobs (the

@@ -26,8 +26,10 @@ DEFINER_ALLOWLIST: dict[str, str] = {
     "dlw.executor_claim(integer,integer,text,integer)": _SYSTEM,
     # the cross-tenant storage-root registry, checked on every target write (sql/19_storage_roots.sql)
     "dlw.storage_root_sync(bigint,uuid)": _SYSTEM,
+    # the storage counter, folded by admission for its own tenant (sql/23_stored_blobs.sql)
+    "dlw.storage_usage_fold(bigint)": _SYSTEM,
     "dlw.executor_heartbeat(uuid,uuid,bigint,bigint,text)": _SYSTEM,
-    "dlw.executor_complete(uuid,uuid,bigint,text)": _SYSTEM,
+    "dlw.executor_complete(uuid,uuid,bigint,text,text)": _SYSTEM,
     "dlw.executor_fail(uuid,uuid,text,boolean,integer,integer)": _SYSTEM,
     "dlw.executor_release(uuid,uuid,bigint,text)": _SYSTEM,
     "dlw.executor_report_batch(jsonb,jsonb)": _SYSTEM,

@@ -178,6 +178,22 @@ def test_quota_refusals_are_429_with_the_metric_and_audited(client: TestClient, 
     assert set(quota) >= {"storage_gb_used", "storage_gb_quota", "snapshot_age_seconds"}
 
 
+def test_the_storage_quota_is_429_storage_gb_and_quota_current_shows_its_figures(client: TestClient, db: MigratedDb):
+    tid = tenant(db, "storage-http", concurrent=0, bytes_month=0, storage_gb=1)
+    op, viewer = bearer(token(tid, "tenant_operator")), bearer(token(tid, "tenant_viewer"))
+    gb = domain.STORAGE_GB_BYTES
+    most = client.post("/api/v1/tasks", headers=op, json=body(files=[{"path": "w", "size": gb * 9 // 10}]))
+    assert most.status_code == 201, most.text
+    over = client.post("/api/v1/tasks", headers=op, json=body(files=[{"path": "x", "size": gb // 10 + 1}]))
+    assert over.status_code == 429 and detail(over) == {"code": "QUOTA_EXCEEDED", "metric": "storage_gb"}
+    quota = client.get("/api/v1/quota/current", headers=viewer).json()
+    assert (quota["storage_bytes_used"], quota["storage_bytes_reserved"]) == (0, gb * 9 // 10)
+    assert (quota["storage_gb_used"], quota["storage_gb_quota"]) == (0, 1)
+    assert client.post(f"/api/v1/tasks/{most.json()['id']}/cancel", headers=op).status_code == 202
+    assert client.get("/api/v1/quota/current", headers=viewer).json()["storage_bytes_reserved"] == 0
+    assert client.post("/api/v1/tasks", headers=op, json=body(files=[{"path": "x", "size": gb}])).status_code == 201
+
+
 def test_quota_current_shows_what_live_tasks_reserve(client: TestClient, db: MigratedDb):
     tid = tenant(db, "reserved", concurrent=0, bytes_month=100)
     op, viewer = bearer(token(tid, "tenant_operator")), bearer(token(tid, "tenant_viewer"))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from app.executor.client import Claimed
+from app.executor.download import from_stored_copy
 from app.executor.layout import NoCommit, Unreachable, UnsafePath, blob_name, git_blob_id, placement, publish
 from app.executor.settings import Config, add_run_arguments, config_from
 
@@ -125,3 +126,38 @@ def test_several_storage_roots_from_flags_or_the_environment(monkeypatch: pytest
     afile.write_text("")
     bad = config({"DLW_EXECUTOR_TOKEN": "t"}, "--storage", "/a", "--storage", str(afile))
     assert bad == [f"--storage {afile} is not a directory (the executor writes files under it)"]
+
+
+def test_a_stored_copy_is_hard_linked_and_only_a_usable_one(tmp_path: Path):
+    root = tmp_path / "store"
+    content = b"abc"
+    want = hashlib.sha256(content).hexdigest()
+    first = placement(root, item(id="f1", sha256=want))
+    first.final.parent.mkdir(parents=True)
+    first.final.write_bytes(content)
+    assert first.stored_path == "org/model/main/sub/w.bin"  # relative to the target's base
+    assert first.base == root.resolve() / "acme"
+
+    # Another repository, same content: the partial becomes a hard link of the copy, then the file.
+    second = item(id="f2", repo_id="org/other", sha256=want, stored_path=first.stored_path)
+    place = placement(root, second)
+    place.partial.parent.mkdir(parents=True)
+    assert from_stored_copy(place, second) == want
+    publish(place, second, want, None)
+    assert os.stat(place.final).st_ino == os.stat(first.final).st_ino and not place.partial.exists()
+    # The same path again (a second task of the same repository): no partial left behind.
+    again = item(id="f3", sha256=want, stored_path=first.stored_path)
+    place = placement(root, again)
+    assert from_stored_copy(place, again) == want
+    publish(place, again, want, None)
+    assert [p.name for p in place.final.parent.iterdir()] == ["w.bin"]
+
+    # Unusable copies are ignored (the file is then downloaded): gone, another size, outside the base.
+    for stored, size in (("org/model/main/missing", 3), (first.stored_path, 4), ("../../etc/passwd", 3)):
+        other = item(id="f4", repo_id="org/x", sha256=want, size=size, stored_path=stored)
+        place = placement(root, other)
+        place.partial.parent.mkdir(parents=True, exist_ok=True)
+        assert from_stored_copy(place, other) is None
+        assert not place.partial.exists()
+    undeclared = item(id="f5", sha256=None, stored_path=first.stored_path)  # nothing to compare with
+    assert from_stored_copy(placement(root, undeclared), undeclared) is None

@@ -32,6 +32,8 @@ PYTHON_FACTS: dict[str, object] = {
     "retry_backoff_base_seconds": domain.RETRY_BACKOFF_BASE_SECONDS,
     "retry_backoff_max_seconds": domain.RETRY_BACKOFF_MAX_SECONDS,
     "retry_after_max_seconds": domain.RETRY_AFTER_MAX_SECONDS,
+    "storage_gb_bytes": domain.STORAGE_GB_BYTES,
+    "quota_metrics": list(domain.QUOTA_METRICS),
 }
 
 

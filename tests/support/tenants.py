@@ -128,6 +128,14 @@ def seed_tenant(db: MigratedDb, slug: str, *, reporting_login: bool = True) -> S
             (tid,),
         )
         q("INSERT INTO dlw.audit_log (tenant_id, actor, action) VALUES (%s, 'seed', 'seeded')", (tid,))
+        # The dedup registry and the storage counter (migrations/0026): the same content for
+        # every seeded tenant, which must still be each tenant's own.
+        q(
+            "INSERT INTO dlw.stored_blobs (tenant_id, target_id, sha256, size, path)"
+            " VALUES (%s, %s, repeat('ab', 32), 10, 'org/model/main/weights.bin')",
+            (tid, t.ids["storage_target"]),
+        )
+        q("INSERT INTO dlw.storage_usage (tenant_id, folded, bytes) VALUES (%s, true, 10)", (tid,))
         # A stand-in ciphertext (the API seals real ones): the row is what isolation is about.
         q(
             "INSERT INTO dlw.hub_tokens (tenant_id, ciphertext) VALUES (%s, %s)",

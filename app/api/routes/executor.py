@@ -31,6 +31,12 @@ from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
 
+# One segment of a relative stored path, as the database checks it (migrations/0026): not empty,
+# not . or .., no control character (C0, DEL, C1). Spelled without look-arounds for the schema.
+_CHAR = r"[^/\x00-\x1f\x7f-\x9f]"
+_NODOT = r"[^/.\x00-\x1f\x7f-\x9f]"
+_SEGMENT = rf"(?:{_NODOT}{_CHAR}*|\.{_NODOT}{_CHAR}*|\.\.{_CHAR}+)"
+
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha256 of the content")]
 
 
@@ -82,6 +88,12 @@ class ClaimedFile(BaseModel):
         " storage, under <tenant>/). An executor that cannot reach it gives the file back (docs/storage.md)"
     )
     storage_layout: str = Field(description="tree (<repo_id>/<revision>/<path>) or hf-cache (the hub cache layout)")
+    stored_path: str | None = Field(
+        None,
+        description="the file's content (its declared sha256) is already stored in this target: a verified copy,"
+        " relative to the target's base directory, to place the file from (a hard link) instead of downloading"
+        " it (null: download it; docs/storage.md, Deduplication)",
+    )
 
 
 class ClaimResponse(BaseModel):
@@ -119,6 +131,14 @@ class CompleteBody(LeaseBody):
         " (another count: 422 SIZE_MISMATCH, the file failed)",
     )
     sha256: Sha256
+    stored_path: str | None = Field(
+        None,
+        max_length=4096,
+        pattern=rf"^{_SEGMENT}(?:/{_SEGMENT})*$",
+        description="where the file now lies, relative to its target's base directory (tree: <repo_id>/<revision>/"
+        "<path>; hf-cache: the snapshot entry; no empty, . or .. segment, no control character): later files of"
+        " the same content in the target are placed from it",
+    )
 
 
 class FailBody(LeaseBody):
@@ -195,6 +215,7 @@ async def claim(
                 resume_sha256=r["resume_sha256"],
                 storage_root=r["storage_root"],
                 storage_layout=r["storage_layout"],
+                stored_path=r["stored_path"],
             )
             for r in rows
         ]
@@ -251,6 +272,7 @@ async def complete(
         body.assignment_token,
         body.bytes,
         body.sha256.lower(),
+        body.stored_path,
     )
     return Report(outcome=outcome, task_status=row["task_status"])
 

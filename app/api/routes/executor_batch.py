@@ -77,6 +77,7 @@ async def report_batch(
             "assignment_token": str(c.assignment_token),
             "bytes": c.bytes,
             "sha256": c.sha256.lower(),
+            "stored_path": c.stored_path,
         }
         for c in body.completions
     ]

@@ -22,7 +22,9 @@ class Quota(BaseModel):
     period: str
     bytes_used_month: int
     bytes_quota_month: int
-    storage_gb_used: int
+    storage_gb_used: int = Field(
+        description="storage_bytes_used in GB (10^9 bytes), rounded up: a tenant storing 1 byte uses 1 GB"
+    )
     storage_gb_quota: int
     concurrent_tasks: int
     concurrent_quota: int
@@ -33,6 +35,14 @@ class Quota(BaseModel):
     tasks_per_minute_quota: int
     storage_targets: int
     storage_targets_quota: int
+    storage_bytes_used: int = Field(
+        description="bytes of the distinct contents your storage targets hold (each once per target, however"
+        " many files use it): what the storage quota counts as used"
+    )
+    storage_bytes_reserved: int = Field(
+        description="declared bytes of unfinished files whose content the target does not hold yet: admission"
+        " counts storage used + reserved + the new task's new contents against storage_gb_quota"
+    )
 
 
 @router.get(
@@ -45,7 +55,7 @@ async def quota_current(
     request: Request, principal: Principal = Depends(require_perm("/api/v1/quota/current", "GET"))
 ) -> Quota:
     """Limits (0 = unlimited) and exact usage now: this UTC month's bytes used and reserved, live
-    tasks, tasks created in the last minute, storage targets."""
+    tasks, tasks created in the last minute, storage targets, storage used."""
     async with request_transaction(request, principal) as conn:
         row = found("dlw.quota_current", await conn.fetchrow(SQL["quota_current"]))
     return Quota(**{**dict(row), "period": row["period"].isoformat()})

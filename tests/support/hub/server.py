@@ -242,6 +242,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers = headers | {"Content-Range": f"bytes {start}-{end}/{blob.size}"}
         body = blob.content[start : end + 1]
+        if not head:
+            with self.emulator.lock:  # file bytes served, for tests that a copy downloads nothing
+                self.emulator.content_bytes += len(body)
         self._send(status, headers | {"Content-Type": "application/octet-stream"}, body, head=head)
 
     def _json(self, status: int, value: object, headers: dict[str, str] | None = None) -> None:
@@ -299,6 +302,8 @@ class HubEmulator:
     def __init__(self, hub: Hub | None = None) -> None:
         self.hub = hub or Hub()
         self.chunk_delay = 0.0  # seconds between 64 KiB chunks of a file body (slow downloads)
+        self.content_bytes = 0  # file-content bytes answered to GETs (not HEADs, not API JSON)
+        self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"hub": self.hub, "emulator": self})
         self.api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         # Another host, not only another port (as cdn-lfs.hf.co is): clients compare host names.
