@@ -31,22 +31,28 @@ UNANSWERED = "Server disconnected without sending a response"
 
 
 class RetryingTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport, plus one retry of an idempotent request whose connection closed (or
-    was reset) before it was answered; `retried` counts them by error, for the test to print."""
+    """httpx's transport, plus retries of an idempotent request whose connection closed (or was
+    reset) before it was answered; `retried` counts them by error, for the test to print. Each
+    such attempt discards the pooled connection it met (a stall can leave several stale at
+    once), so the attempts end at the latest on a new connection, which a live server answers;
+    a server that drops every request still fails, after one attempt per pooled connection."""
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.retried: Counter[str] = Counter()  # what the first attempt met -> how often
+    def __init__(self, *, limits: httpx.Limits = httpx.Limits(max_connections=100), **options: Any) -> None:
+        super().__init__(limits=limits, **options)
+        self.attempts = (limits.max_connections or 100) + 1
+        self.retried: Counter[str] = Counter()  # what a failed attempt met -> how often
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            return await super().handle_async_request(request)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            other_protocol_error = isinstance(exc, httpx.RemoteProtocolError) and UNANSWERED not in str(exc)
-            if request.method not in IDEMPOTENT or other_protocol_error:
-                raise
-            self.retried[f"{type(exc).__name__}: {exc}".rstrip(": ")] += 1
-            return await super().handle_async_request(request)
+        attempt = 1
+        while True:
+            try:
+                return await super().handle_async_request(request)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                other_protocol_error = isinstance(exc, httpx.RemoteProtocolError) and UNANSWERED not in str(exc)
+                if request.method not in IDEMPOTENT or other_protocol_error or attempt == self.attempts:
+                    raise
+                self.retried[f"{type(exc).__name__}: {exc}".rstrip(": ")] += 1
+                attempt += 1
 
 
 # -- task creation ------------------------------------------------------------------------------
