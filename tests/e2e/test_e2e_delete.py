@@ -101,6 +101,14 @@ def deleted(api: str, tid: int, task_id: str, storages: list[Path], hub: HubEmul
     return shown
 
 
+def storage_used(api: str, tid: int) -> int:
+    """The tenant's storage figure (`GET /api/v1/quota/current`): the bytes of the distinct contents
+    its targets hold, which a completed deletion releases."""
+    got = httpx.get(f"{api}/api/v1/quota/current", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
+    assert got.status_code == 200, got.text
+    return int(got.json()["storage_bytes_used"])
+
+
 def succeeded(api: str, hub: HubEmulator, storages: list[Path], tid: int, *tasks: dict[str, Any]) -> None:
     run_until(
         api,
@@ -138,11 +146,12 @@ def test_hf_cache_deletion_frees_what_only_it_used_and_the_other_snapshot_still_
     everything = sum(len(c) for c in MODEL.values())
     # The blobs, and refs/main (the 40 characters of the commit).
     assert disk_bytes(cache) == everything + len(commit) and (repo / "refs" / "main").read_text() == commit
+    assert storage_used(api, tid) == everything
 
     shown = deleted(api, tid, first["id"], storages, hub)
     alone = len(MODEL["README.md"]) + len(MODEL["sub/dir/weights.bin"])
     assert shown["deletion_detail"]["released_bytes"] == alone
-    assert disk_bytes(cache) == everything - alone
+    assert disk_bytes(cache) == everything - alone and storage_used(api, tid) == everything - alone
     assert files_under(repo) == {f"snapshots/{commit}/{p}" for p in SHARED} | {
         f"blobs/{name}" for name in (os.readlink(repo / "snapshots" / commit / p).rsplit("/", 1)[1] for p in SHARED)
     }
@@ -153,7 +162,7 @@ def test_hf_cache_deletion_frees_what_only_it_used_and_the_other_snapshot_still_
 
     shown = deleted(api, tid, second["id"], storages, hub)
     assert shown["deletion_detail"]["released_bytes"] == everything - alone
-    assert disk_bytes(cache) == 0 and not repo.exists()
+    assert disk_bytes(cache) == 0 and not repo.exists() and storage_used(api, tid) == 0
 
 
 def test_tree_deletion_keeps_a_shared_file_until_both_tasks_are_deleted(db, api, hub, work):
@@ -165,7 +174,7 @@ def test_tree_deletion_keeps_a_shared_file_until_both_tasks_are_deleted(db, api,
     second = create(api, tid, repo_id="org/del", revision="main", include=["config.json"], storage_target="plain")
     succeeded(api, hub, storages, tid, first, second)
     tree = root / "org" / "del" / "main"
-    assert disk_bytes(root) == sum(len(c) for c in MODEL.values())
+    assert disk_bytes(root) == sum(len(c) for c in MODEL.values()) == storage_used(api, tid)
 
     shown = deleted(api, tid, first["id"], storages, hub)
     assert shown["deletion_detail"]["released_bytes"] == sum(len(c) for p, c in MODEL.items() if p != "config.json")
@@ -173,9 +182,9 @@ def test_tree_deletion_keeps_a_shared_file_until_both_tasks_are_deleted(db, api,
         files_under(root) == {"org/del/main/config.json"}
         and (tree / "config.json").read_bytes() == MODEL["config.json"]
     )
-    assert disk_bytes(root) == len(MODEL["config.json"]) and not (tree / "sub").exists()
+    assert disk_bytes(root) == len(MODEL["config.json"]) == storage_used(api, tid) and not (tree / "sub").exists()
 
     deleted(api, tid, second["id"], storages, hub)
-    assert disk_bytes(root) == 0 and not (root / "org").exists()
+    assert disk_bytes(root) == 0 == storage_used(api, tid) and not (root / "org").exists()
     # Deleted tasks stay listed, and deleting one again changes nothing.
     assert delete(api, tid, first["id"])["deletion"] == "deleted"
