@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,8 +22,9 @@ LINGER_UNTIL = 50  # reports already waiting: send at once
 
 
 class Reporter:
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, more_coming: Callable[[], bool] = lambda: True) -> None:
         self.http = http
+        self.more_coming = more_coming  # whether other reports may join soon (downloads running)
         self._pending: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -65,8 +67,9 @@ class Reporter:
             await self._wake.wait()
             self._wake.clear()
             # Let a few more reports join (small files finish a few per millisecond): a request
-            # per batch, not per file. Reports wait at most LINGER_SECONDS for it.
-            if len(self._pending) < LINGER_UNTIL:
+            # per batch, not per file. Reports wait at most LINGER_SECONDS for it, and not at all
+            # when nothing else is downloading (the last files of a task: its end is not delayed).
+            if len(self._pending) < LINGER_UNTIL and self.more_coming():
                 await asyncio.sleep(LINGER_SECONDS)
             while self._pending:
                 batch, self._pending = self._pending[:CLAIM_MAX_FILES], self._pending[CLAIM_MAX_FILES:]

@@ -73,6 +73,11 @@ class Progress:
             f" | {self.done} done {self.failed} failed"
         )
 
+    def due(self) -> bool:
+        """Whether draw() would draw now."""
+        interval = BAR_INTERVAL if self.mode == "bar" else LINE_INTERVAL
+        return self.mode != "off" and time.monotonic() - self._drawn >= interval
+
     def draw(self, active: list[Claimed], *, force: bool = False) -> None:
         if self.mode == "off":
             return
