@@ -45,6 +45,7 @@ log = logging.getLogger("dlw.executor")
 
 USER_AGENT = "dlw-reference-executor"
 QUEUE_MAX = 2 * CLAIM_MAX_FILES  # files held waiting or downloading, at most (small files)
+SMALL_FILE = 1 << 20  # below: logged done at debug
 
 
 class ReferenceExecutor:
@@ -282,7 +283,14 @@ class ReferenceExecutor:
         if outcome in ("completed", "already_completed"):
             self.progress.done += 1
             self.metrics.files.labels("succeeded").inc()
-            log.info("%s done (%d bytes)", where(item), result.size)
+            # A line per file: at info for files that took a while, at debug for small ones
+            # (hundreds a second would flood the log; the progress line counts them).
+            log.log(
+                logging.INFO if result.size >= SMALL_FILE else logging.DEBUG,
+                "%s done (%d bytes)",
+                where(item),
+                result.size,
+            )
 
     def _verify_and_publish(self, item: Claimed, result: Downloaded) -> None:
         """In the download's thread, right after the bytes arrived (one hop off the event loop

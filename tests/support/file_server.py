@@ -21,6 +21,13 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 PIECE = 64 * 1024
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: eight clients connecting at once (curl
+    # --parallel-max 8, an executor's eight slots) overflow it, and a dropped SYN is retried only
+    # after a second. A real file endpoint accepts them.
+    request_queue_size = 128
+
+
 @dataclass
 class FileServer:
     files: dict[str, Path] = field(default_factory=dict)  # "{repo}/{revision}/{path}" -> file on disk
@@ -78,7 +85,7 @@ class FileServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
