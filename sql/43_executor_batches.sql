@@ -141,8 +141,9 @@ BEGIN
 
     RETURN QUERY
     SELECT u.id, u.o, x.status
-      FROM unnest(v_ids, v_outcomes, v_tenants, v_tasks) AS u(id, o, t, k)
-      LEFT JOIN dlw.tasks x ON x.tenant_id = u.t AND x.id = u.k;
+      FROM unnest(v_ids, v_outcomes, v_tenants, v_tasks) WITH ORDINALITY AS u(id, o, t, k, n)
+      LEFT JOIN dlw.tasks x ON x.tenant_id = u.t AND x.id = u.k
+     ORDER BY u.n;
 
     -- 7. Files reported more than once in this batch: their later reports, as a batch again.
     IF v_rest IS NOT NULL THEN
@@ -152,7 +153,7 @@ END
 $$;
 COMMENT ON FUNCTION dlw.executor_complete_set(jsonb) IS
 $c$Internal (dlw_system, inside dlw.executor_complete and dlw.executor_report_batch; 42501 without an executor context): completes an array of {file_id, assignment_token, bytes, sha256} set-based. Locks the batch's tasks, then its files (key order); judges each item as a single completion (already_completed, LEASE_LOST per file's lease, SHA256_MISMATCH, SIZE_MISMATCH, completed); moves the completed files to succeeded in one UPDATE with one usage row each (bytes_month, the declared size, event_key file:<id>) in one INSERT; then fails the mismatching files with their tasks (dlw.executor_fail_final; files of the batch already succeeded stay succeeded); then rolls up each task once (succeeded when all its files are; task.succeeded audit row).
-Returns one row per item: (file_id, outcome, task_status: the task's status after the batch; NULL for NOT_FOUND). Raises 22023 for a missing or negative bytes.$c$;
+Returns one row per item, in the order given (a file given again: after the others): (file_id, outcome, task_status: the task's status after the batch; NULL for NOT_FOUND). Raises 22023 for a missing or negative bytes.$c$;
 REVOKE ALL ON FUNCTION dlw.executor_complete_set(jsonb) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION dlw.executor_report_batch(p_completions jsonb, p_heartbeats jsonb)
