@@ -38,7 +38,7 @@ from app.executor.download import (
 )
 from app.executor.layout import hub_etag, publish
 from app.executor.metrics import ExecutorMetrics
-from app.executor.progress import Mode, Progress, route_logs_around, where
+from app.executor.progress import BAR_INTERVAL, Mode, Progress, route_logs_around, where
 from app.executor.settings import Config, config_from
 
 log = logging.getLogger("dlw.executor")
@@ -58,6 +58,7 @@ class ReferenceExecutor:
         self.fetching: set[str] = set()  # of those, the files not downloaded yet
         self._room = asyncio.Event()  # a download ended
         self._typical_size = 0  # mean declared size of the last claim's files
+        self._counting = threading.Lock()
         self._api: ExecutorApi | None = None
         self.reporter: Reporter
         self.hub_headers = {"User-Agent": USER_AGENT}
@@ -88,7 +89,6 @@ class ReferenceExecutor:
         headers = {"Authorization": f"Bearer {self.config.token}", "User-Agent": USER_AGENT}
         for root in self.config.storages:
             root.mkdir(parents=True, exist_ok=True)
-        self._loop_ref = loop
         # One worker thread per download slot (asyncio's default pool is min(32, cores + 4)),
         # plus a few for checkpoints and file operations.
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(self.config.concurrency + 4))
@@ -105,9 +105,11 @@ class ReferenceExecutor:
                 self.config.hf_endpoint,
                 ", ".join(str(root) for root in self.config.storages),
             )
+            ticker = asyncio.create_task(self._ticker())
             try:
                 await self._loop()
             finally:
+                ticker.cancel()
                 await self._shutdown()
                 self.progress.clear()
         return self.exit_code
@@ -187,16 +189,24 @@ class ReferenceExecutor:
             self.progress.draw([c for c, _ in self.active.values()])
         self.metrics.active.set(len(self.active))
 
-    def _on_bytes(self, item: Claimed, n: int) -> None:
-        item.bytes_done += n
-        self.progress.add_bytes(n)
-        self.metrics.bytes.inc(n)
-        self._draw()
-
     def _bytes_counter(self, item: Claimed) -> Any:
-        """A callback for the transfer threads: counts on the event loop's thread."""
-        loop = self._loop_ref
-        return lambda n: loop.call_soon_threadsafe(self._on_bytes, item, n)
+        """A callback for the transfer threads: counts where it runs (the range workers of one
+        file count under one lock), without waking the event loop for every read; the loop
+        draws from the counts (self._ticker)."""
+
+        def count(n: int) -> None:
+            with self._counting:
+                item.bytes_done += n
+            self.progress.add_bytes(n)
+            self.metrics.bytes.inc(n)
+
+        return count
+
+    async def _ticker(self) -> None:
+        """The status line while bytes move (a tick costs nothing when nothing is due)."""
+        while True:
+            await asyncio.sleep(BAR_INTERVAL)
+            self._draw()
 
     async def _shutdown(self) -> None:
         tasks = [task for _, task in self.active.values()]
@@ -220,18 +230,19 @@ class ReferenceExecutor:
             )
 
     async def _work(self, item: Claimed) -> None:
-        fetch = asyncio.create_task(self._download(item))
+        work = asyncio.current_task()
+        assert work is not None
         lost = asyncio.Event()
         # Heartbeats start after their first interval: a small file is done long before, and
-        # costs no heartbeat task at all.
+        # costs no heartbeat task at all. A lost lease cancels this task's download.
         beats: list[asyncio.Task[None]] = []
         timer = asyncio.get_running_loop().call_later(
             self._beat_interval(item),
-            lambda: beats.append(asyncio.create_task(self._heartbeats(item, fetch, lost))),
+            lambda: beats.append(asyncio.create_task(self._heartbeats(item, work, lost))),
         )
         try:
             try:
-                result: Downloaded = await fetch
+                result: Downloaded = await self._download(item)
             finally:
                 self._fetched(item.id)
         except asyncio.CancelledError:
@@ -333,15 +344,16 @@ class ReferenceExecutor:
         # is current: `GET /tasks/{id}` shows bytes done while the file downloads.
         return max(min(item.lease_seconds / 3, self.config.progress_seconds), 0.2)
 
-    async def _heartbeats(self, item: Claimed, fetch: asyncio.Task[Any], lost: asyncio.Event) -> None:
-        """Started one interval after the claim: a heartbeat, then one every interval."""
+    async def _heartbeats(self, item: Claimed, work: asyncio.Task[Any], lost: asyncio.Event) -> None:
+        """Started one interval after the claim: a heartbeat, then one every interval. On a lost
+        lease, `work` (the file's task, still downloading) is cancelled."""
         while True:
             try:
                 body = {"bytes_done": item.bytes_done, **await self._checkpoint_body(item)}
                 await self.reporter.heartbeat(item, body)
             except LeaseLost:
                 lost.set()
-                fetch.cancel()
+                work.cancel()
                 return
             except (httpx.HTTPError, ValueError) as exc:
                 log.warning("%s: heartbeat failed (%s); retrying", where(item), exc)
