@@ -136,84 +136,18 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
-DECLARE
-    v_tenant bigint;
-    v_task   uuid;
-    v_status text;
-    v_file   record;
-    v_sha    text := lower(p_sha256);
 BEGIN
     PERFORM dlw.executor_scope();  -- 42501 without an executor context, before the arguments
     IF p_bytes IS NULL OR p_bytes < 0 THEN
         RAISE EXCEPTION 'dlw.executor_complete: bytes must be >= 0' USING ERRCODE = '22023';
     END IF;
-    IF v_sha !~ '^[0-9a-f]{64}$' THEN
-        RAISE EXCEPTION 'dlw.executor_complete: sha256 must be 64 hex digits' USING ERRCODE = '22023';
-    END IF;
-    IF length(p_stored_path) > 4096 OR p_stored_path !~ '^[^/]+(/[^/]+)*$' OR p_stored_path ~ '(^|/)\.\.?(/|$)'
-       OR p_stored_path ~ '[\x01-\x1f\x7f-\x9f]' THEN
-        RAISE EXCEPTION 'dlw.executor_complete: stored_path must be a relative, normalized path' USING ERRCODE = '22023';
-    END IF;
-    -- The task is locked too: the last completion of a task sees every other file succeeded
-    -- (later statements, fresh snapshots).
-    SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, true);
-    v_tenant := v_file.tenant_id;
-    v_task := v_file.task_id;
-    v_status := v_file.task_status;
-
-    -- The same report again (a retry after a lost answer): the same success, counted once.
-    IF v_file.status = 'succeeded' AND p_assignment_token IS NOT NULL
-       AND v_file.assignment_token = p_assignment_token THEN
-        RETURN QUERY SELECT 'already_completed'::text, v_status;
-        RETURN;
-    END IF;
-    IF v_file.refusal IS NOT NULL THEN
-        RETURN QUERY SELECT v_file.refusal, v_status;
-        RETURN;
-    END IF;
-    IF v_file.sha256 IS NOT NULL AND v_sha IS DISTINCT FROM v_file.sha256 THEN
-        -- Not what the manifest promised: the file fails (finally: the source serves other
-        -- content than declared) and nothing is counted.
-        v_status := dlw.executor_fail_final(v_tenant, p_file_id,
-            format('sha256 mismatch: expected %s, got %s', v_file.sha256, coalesce(v_sha, 'none')));
-        RETURN QUERY SELECT 'SHA256_MISMATCH'::text, v_status;
-        RETURN;
-    END IF;
-    IF p_bytes <> v_file.size THEN
-        -- The declared size is a promise, not a hint: admission counted it against the quota,
-        -- and it is the only amount ever counted. Another count means other content than
-        -- declared (or a broken executor): the file fails finally, nothing is counted.
-        v_status := dlw.executor_fail_final(v_tenant, p_file_id,
-            format('size mismatch: declared %s bytes, reported %s', v_file.size, p_bytes));
-        RETURN QUERY SELECT 'SIZE_MISMATCH'::text, v_status;
-        RETURN;
-    END IF;
-
-    -- The content is now stored in the task's target: registered once per target (storage
-    -- counts it once, later files of the same content are placed from this copy).
-    PERFORM dlw.storage_record(v_tenant, x.storage_target_id, v_sha, v_file.size, p_stored_path)
-       FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = v_task;
-    UPDATE dlw.task_files f
-       SET status = 'succeeded', bytes_done = v_file.size, lease_expires_at = NULL, error = NULL,
-           resume_bytes = 0, resume_sha256 = NULL, stored_path = p_stored_path, blob_sha256 = v_sha
-     WHERE f.tenant_id = v_tenant AND f.id = p_file_id;
-    -- bytes_month counts the declared size whether the bytes came from the hub or from a copy
-    -- already in the target (docs/storage.md, "Deduplication"): never the executor's word.
-    INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key, task_id, file_id, occurred_at)
-    VALUES (v_tenant, 'bytes_month', v_file.size, 'file:' || p_file_id, v_task, p_file_id, now())
-    ON CONFLICT (tenant_id, event_key) DO NOTHING;
-
-    IF v_status = 'running' AND NOT EXISTS (
-        SELECT 1 FROM dlw.task_files f
-         WHERE f.tenant_id = v_tenant AND f.task_id = v_task AND f.status <> 'succeeded'
-    ) THEN
-        UPDATE dlw.tasks x SET status = 'succeeded', error = NULL WHERE x.tenant_id = v_tenant AND x.id = v_task;
-        PERFORM dlw.audit_append(v_tenant, dlw.ctx_user_id(), 'task.succeeded', v_task::text,
-            jsonb_build_object('bytes', (SELECT sum(f.bytes_done) FROM dlw.task_files f
-                                          WHERE f.tenant_id = v_tenant AND f.task_id = v_task)));
-        v_status := 'succeeded';
-    END IF;
-    RETURN QUERY SELECT 'completed'::text, v_status;
+    -- One completion is a batch of one: the same checks, writes and rollup as many
+    -- (dlw.executor_complete_set, sql/43_executor_batches.sql).
+    RETURN QUERY
+    SELECT c.outcome, c.task_status
+      FROM dlw.executor_complete_set(jsonb_build_array(jsonb_build_object(
+               'file_id', p_file_id, 'assignment_token', p_assignment_token, 'bytes', p_bytes, 'sha256', p_sha256,
+                'stored_path', p_stored_path))) c;
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_complete(uuid, uuid, bigint, text, text) IS

@@ -1,12 +1,13 @@
 """Reports sent together: completions and heartbeats of the files in flight go out in one
-request (POST /api/v1/executor/reports, one transaction) as soon as the previous batch answered,
-so a stream of small files costs a request per batch, not per file."""
+request (POST /api/v1/executor/reports, one transaction) per batch, at most IN_FLIGHT requests at
+a time, so a stream of small files costs a request per batch, not per file."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,23 +17,34 @@ from app.executor.client import REPORT_ATTEMPTS, Claimed, LeaseLost
 
 log = logging.getLogger("dlw.executor")
 
-LINGER_SECONDS = 0.02
-LINGER_UNTIL = 50  # reports already waiting: send at once
+# A completion waits at most this long for others to join its request. Nothing else waits for it
+# (the next claim does not, the lease lasts far longer), except a task's end, which is not
+# delayed: with no download running, reports go out at once.
+LINGER_SECONDS = 0.05
+LINGER_UNTIL = CLAIM_MAX_FILES  # a full request waiting: send at once
+# Requests in flight at once: while one is answered the next batch goes out, so completions
+# arriving faster than one request a round trip do not pile up behind it (a task's last
+# completions would wait for that backlog). Two batches of one task are serialised by the
+# database on the task's lock (tasks, then files, in key order: no deadlock).
+IN_FLIGHT = 2
 
 
 class Reporter:
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, more_coming: Callable[[], bool] = lambda: True) -> None:
         self.http = http
+        self.more_coming = more_coming  # whether other reports may join soon (downloads running)
         self._pending: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(IN_FLIGHT)
+        self._sending: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="reports")
 
     async def close(self) -> None:
         if self._task is not None:
-            while self._pending:  # what is queued still goes out
+            while self._pending or self._sending:  # what is queued still goes out
                 self._wake.set()
                 await asyncio.sleep(0.01)
             self._task.cancel()
@@ -69,12 +81,27 @@ class Reporter:
             await self._wake.wait()
             self._wake.clear()
             # Let a few more reports join (small files finish a few per millisecond): a request
-            # per batch, not per file. Reports wait at most LINGER_SECONDS for it.
-            if len(self._pending) < LINGER_UNTIL:
+            # per batch, not per file. Reports wait at most LINGER_SECONDS for it, and not at all
+            # when nothing else is downloading (the last files of a task: its end is not delayed).
+            if len(self._pending) < LINGER_UNTIL and self.more_coming():
                 await asyncio.sleep(LINGER_SECONDS)
             while self._pending:
+                await self._slots.acquire()  # the batch is cut once a request may go: all that joined meanwhile
                 batch, self._pending = self._pending[:CLAIM_MAX_FILES], self._pending[CLAIM_MAX_FILES:]
-                await self._send(batch)
+                task = asyncio.create_task(self._send_then_release(batch))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+
+    async def _send_then_release(self, batch: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]]) -> None:
+        try:
+            await self._send(batch)
+        except Exception:  # an answer we cannot read: nobody may wait forever for it
+            log.exception("reports not delivered")
+            for _, _, _, future in batch:
+                if not future.done():
+                    future.set_result("UNREPORTED")
+        finally:
+            self._slots.release()
 
     async def _send(self, batch: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]]) -> None:
         payload: dict[str, list[dict[str, Any]]] = {"completions": [], "heartbeats": []}

@@ -39,6 +39,7 @@ __all__ = [
     "Cancelled",
     "Downloaded",
     "NoCommit",
+    "NotPublished",
     "Unreachable",
     "UnsafePath",
     "Upstream",
@@ -50,6 +51,15 @@ __all__ = [
 
 class Busy(Exception):
     """Another process holds this file's partial download (an expired lease still running)."""
+
+
+class NotPublished(Exception):
+    """The downloaded bytes were not put in place: not the claimed file (final) or the
+    publication failed (retryable)."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -124,16 +134,23 @@ async def download(
     headers: dict[str, str],
     tuning: Tuning,
     on_bytes: Callable[[int], None],
+    then: Callable[[Downloaded], None] | None = None,
 ) -> Downloaded:
     """Fetch the file into its partial file, resuming from the claim's checkpoint when the partial
-    file matches it. While it runs, item.transfer gives heartbeats their checkpoint. The partial
-    file is kept on a transfer error or cancellation (a later attempt may resume it) and removed
-    when the bytes are not the declared file (WrongSize). One worker thread does all of it, so a
-    small file costs one hop off the event loop."""
+    file matches it, then run `then` on the result (the caller's verification and publication).
+    While it runs, item.transfer gives heartbeats their checkpoint. The partial file is kept on a
+    transfer error or cancellation (a later attempt may resume it) and removed when the bytes are
+    not the declared file (WrongSize). One worker thread does all of it, so a small file costs one
+    hop off the event loop."""
     cancel = threading.Event()
-    worker = asyncio.ensure_future(
-        asyncio.to_thread(_fetch_blocking, storage, endpoint, item, headers, tuning, on_bytes, cancel)
-    )
+
+    def work() -> Downloaded:
+        result = _fetch_blocking(storage, endpoint, item, headers, tuning, on_bytes, cancel)
+        if then is not None:
+            then(result)
+        return result
+
+    worker = asyncio.ensure_future(asyncio.to_thread(work))
     try:
         return await asyncio.shield(worker)
     except asyncio.CancelledError:

@@ -16,10 +16,12 @@ reader never sees a partial blob or a dangling link."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +87,35 @@ def _segments(item: Claimed, *names: str) -> list[str]:
     return parts
 
 
+def _resolved_below(base: Path, parts: Sequence[str]) -> Path:
+    """base/parts with symbolic links resolved, as Path.resolve() gives it, for a base whose
+    parent is resolved: one lstat per name that exists (a small file's path costs a few
+    microseconds, not a realpath walk from /); the general resolve once a name is a link."""
+    path = str(base)
+    for name in ("", *parts):
+        path = os.path.join(path, name) if name else path
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            break  # not there (or not a directory): nothing below it to follow
+        if stat.S_ISLNK(mode):
+            return base.joinpath(*parts).resolve()
+    return base.joinpath(*parts)
+
+
 def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
     # The last name is not resolved: it may be a snapshot link, which must stay the link.
-    target = base.joinpath(*parts[:-1]).resolve() / parts[-1]
+    target = _resolved_below(base, parts[:-1]) / parts[-1]
     if not target.is_relative_to(base) or target == base:
         raise UnsafePath(f"{item.path!r} resolves outside the storage directory")
     return target
+
+
+@functools.lru_cache(maxsize=64)
+def _own_root(root: Path) -> Path:
+    """One of this executor's --storage roots, resolved once (its own configuration; the roots
+    of targets and every path below a root are resolved on each use)."""
+    return root.resolve()
 
 
 def served_root(storages: Sequence[Path], root: str, tenant: str) -> Path:
@@ -102,13 +127,13 @@ def served_root(storages: Sequence[Path], root: str, tenant: str) -> Path:
     resolved = Path(root).resolve()
     if resolved != Path(root):
         raise Unreachable(f"storage root {root} goes through a symbolic link; give its real path")
-    first = storages[0].resolve()
+    first = _own_root(storages[0])
     if resolved.is_relative_to(first):
         if resolved.is_relative_to(first / tenant):
             return resolved
         raise Unreachable(f"storage root {root} is in this executor's default storage but not in {tenant}/ there")
     for storage in storages[1:]:
-        if resolved.is_relative_to(storage.resolve()):
+        if resolved.is_relative_to(_own_root(storage)):
             return resolved
     raise Unreachable(f"storage root {root} is not under any --storage root of this executor")
 
@@ -124,7 +149,7 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     roots = [storages] if isinstance(storages, Path) else list(storages)
     _segments(item, item.tenant)
     if item.storage_root is None:
-        base = roots[0].resolve()
+        base = _own_root(roots[0])
         prefix = [item.tenant]
     else:
         base = served_root(roots, item.storage_root, item.tenant)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections import deque
 from typing import Literal
@@ -38,22 +39,26 @@ class Progress:
         self._window: deque[tuple[float, int]] = deque()  # (time, bytes) of recent chunks
         self._told: tuple[int, int, int] | None = None  # (done, failed, bytes) at the last line
         self._bytes = 0
+        self._lock = threading.Lock()  # add_bytes runs in the transfer threads
 
     @property
     def enabled(self) -> bool:  # a status line is on the terminal (logs must clear it first)
         return self.mode == "bar"
 
     def add_bytes(self, n: int, now: float | None = None) -> None:
+        """Counts bytes received (from any thread)."""
         now = time.monotonic() if now is None else now
-        self._bytes += n
-        self._window.append((now, n))
+        with self._lock:
+            self._bytes += n
+            self._window.append((now, n))
 
     def rate(self, now: float | None = None) -> float:
         """Bytes per second over the last RATE_WINDOW seconds (0 when idle that long)."""
         now = time.monotonic() if now is None else now
-        while self._window and self._window[0][0] < now - RATE_WINDOW:
-            self._window.popleft()
-        return sum(n for _, n in self._window) / RATE_WINDOW
+        with self._lock:
+            while self._window and self._window[0][0] < now - RATE_WINDOW:
+                self._window.popleft()
+            return sum(n for _, n in self._window) / RATE_WINDOW
 
     def status(self, active: list[Claimed], now: float | None = None) -> str:
         """The one line both modes print."""
@@ -72,6 +77,11 @@ class Progress:
             f" {self.rate(now) / 1e6:6.1f} MB/s | {len(active)} active{': ' + files + more if files else ''}"
             f" | {self.done} done {self.failed} failed"
         )
+
+    def due(self) -> bool:
+        """Whether draw() would draw now."""
+        interval = BAR_INTERVAL if self.mode == "bar" else LINE_INTERVAL
+        return self.mode != "off" and time.monotonic() - self._drawn >= interval
 
     def draw(self, active: list[Claimed], *, force: bool = False) -> None:
         if self.mode == "off":

@@ -13,6 +13,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from app.executor.download import (
     Busy,
     Downloaded,
     NoCommit,
+    NotPublished,
     Tuning,
     Unreachable,
     UnsafePath,
@@ -37,13 +39,15 @@ from app.executor.download import (
 )
 from app.executor.layout import hub_etag, publish
 from app.executor.metrics import ExecutorMetrics
-from app.executor.progress import Mode, Progress, route_logs_around, where
+from app.executor.progress import BAR_INTERVAL, Mode, Progress, route_logs_around, where
 from app.executor.settings import Config, config_from
 
 log = logging.getLogger("dlw.executor")
 
 USER_AGENT = "dlw-reference-executor"
 DELETIONS_PER_CLAIM = 4  # each takes a moment (unlinks): a few per turn of the loop
+QUEUE_MAX = 2 * CLAIM_MAX_FILES  # files held waiting or downloading, at most (small files)
+SMALL_FILE = 1 << 20  # below: logged done at debug
 
 
 class ReferenceExecutor:
@@ -52,7 +56,11 @@ class ReferenceExecutor:
         self.progress = Progress(progress or ("bar" if sys.stderr.isatty() else "lines"))
         self.metrics = ExecutorMetrics()
         self.stopping = asyncio.Event()
-        self.active: dict[str, tuple[Claimed, asyncio.Task[None]]] = {}
+        self.active: dict[str, tuple[Claimed, asyncio.Task[None]]] = {}  # held: downloading, waiting, reporting
+        self.fetching: set[str] = set()  # of those, the files not downloaded yet
+        self._room = asyncio.Event()  # a download ended
+        self._typical_size = 0  # mean declared size of the last claim's files
+        self._counting = threading.Lock()
         self._api: ExecutorApi | None = None
         self.reporter: Reporter
         self.hub_headers = {"User-Agent": USER_AGENT}
@@ -83,7 +91,6 @@ class ReferenceExecutor:
         headers = {"Authorization": f"Bearer {self.config.token}", "User-Agent": USER_AGENT}
         for root in self.config.storages:
             root.mkdir(parents=True, exist_ok=True)
-        self._loop_ref = loop
         # One worker thread per download slot (asyncio's default pool is min(32, cores + 4)),
         # plus a few for checkpoints and file operations.
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(self.config.concurrency + 4))
@@ -91,7 +98,7 @@ class ReferenceExecutor:
             base_url=self.config.base_url, headers=headers, timeout=30, trust_env=False
         ) as api:
             self._api = ExecutorApi(api)
-            self.reporter = Reporter(api)
+            self.reporter = Reporter(api, more_coming=lambda: bool(self.fetching))
             self.reporter.start()
             log.info(
                 "executor %s: claiming from %s, files from %s, into %s",
@@ -100,22 +107,40 @@ class ReferenceExecutor:
                 self.config.hf_endpoint,
                 ", ".join(str(root) for root in self.config.storages),
             )
+            ticker = asyncio.create_task(self._ticker())
             try:
                 await self._loop()
             finally:
+                ticker.cancel()
                 await self._shutdown()
                 self.progress.clear()
         return self.exit_code
 
+    def _queue_target(self) -> int:
+        """How many files to hold waiting or downloading: --prefetch, or more while the files are
+        small (their declared sizes, as the last claim returned them, fitting --prefetch-bytes), so
+        a stream of small files is claimed up to claim_max_files at a time, not a few per claim."""
+        if not self._typical_size:
+            return self.config.prefetch
+        by_bytes = self.config.prefetch_bytes // self._typical_size
+        return int(max(self.config.prefetch, min(QUEUE_MAX, by_bytes)))
+
     async def _loop(self) -> None:
         stop_wait = asyncio.ensure_future(self.stopping.wait())
+        next_claim = 0.0  # after a claim that drained the queue: not before the poll interval
+        next_deletions = 0.0  # after a deletion claim that found none: not before the poll interval
         try:
             while not self.stopping.is_set():
-                claimed = 0
-                free = min(self.config.prefetch - len(self.active), CLAIM_MAX_FILES)
-                # Claim in batches (half the prefetch at least, unless idle): one claim per file
-                # freed would cost a transaction per small file.
-                if free > 0 and (free >= (self.config.prefetch + 1) // 2 or not self.active):
+                claimed = asked = 0
+                target = self._queue_target()
+                free = min(target - len(self.fetching), CLAIM_MAX_FILES)
+                # Claim in batches (half the target at least, unless idle): one claim per file
+                # freed would cost a transaction per small file. Only files still to download
+                # count: a file waiting for its completion report no longer needs a slot, so the
+                # next claim arrives while the last ones are reported.
+                idle = not self.fetching
+                if free > 0 and (free >= (target + 1) // 2 or idle) and (idle or time.monotonic() >= next_claim):
+                    asked = free
                     try:
                         claimed = await self._claim(free)
                     except TokenRefused as exc:
@@ -125,29 +150,47 @@ class ReferenceExecutor:
                         break
                     except (httpx.HTTPError, ValueError) as exc:
                         log.warning("claim failed: %s", exc)
-                try:  # deletions of tasks' files (docs/storage.md, "Deleting"): quick, done in turn
-                    claimed += await self._deletions()
-                except TokenRefused as exc:
-                    log.error("the API refuses this executor's token (%s): mint a new one; stopping", exc)
-                    self.exit_code = 3
-                    self.stop()
-                    break
-                except (httpx.HTTPError, ValueError) as exc:
-                    log.warning("deletion claim failed: %s", exc)
-                # Wait for a free slot, a stop, or (when the queue was empty) the poll interval.
-                waiting: set[asyncio.Future[Any]] = {stop_wait, *(task for _, task in self.active.values())}
-                timeout = 0 if claimed and len(self.active) < self.config.prefetch else self.config.poll_seconds
-                if timeout:
-                    await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    if claimed < asked:
+                        next_claim = time.monotonic() + self.config.poll_seconds
+                # Deletions of tasks' files (docs/storage.md, "Deleting"): quick, done in turn; asked
+                # again at once while there were some, else after the poll interval (not on every
+                # turn: a stream of small files turns this loop many times a second).
+                deleted = 0
+                if time.monotonic() >= next_deletions:
+                    try:
+                        deleted = await self._deletions()
+                    except TokenRefused as exc:
+                        log.error("the API refuses this executor's token (%s): mint a new one; stopping", exc)
+                        self.exit_code = 3
+                        self.stop()
+                        break
+                    except (httpx.HTTPError, ValueError) as exc:
+                        log.warning("deletion claim failed: %s", exc)
+                    if not deleted:
+                        next_deletions = time.monotonic() + self.config.poll_seconds
+                # Claim again at once while the queue gave all it was asked for and there is room
+                # (or deletions came); else wait for a download to finish, a stop, or the poll interval.
+                if not deleted and not (claimed == asked > 0 and len(self.fetching) < self._queue_target()):
+                    self._room.clear()
+                    room = asyncio.ensure_future(self._room.wait())
+                    try:
+                        await asyncio.wait(
+                            {stop_wait, room}, timeout=self.config.poll_seconds, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        room.cancel()
                 self._draw()
         finally:
             stop_wait.cancel()
 
     async def _claim(self, free: int) -> int:
         files = await self.api.claim(free, self.config.lease_seconds, self.config.label)
+        if files:
+            self._typical_size = max(1, sum(f.size for f in files) // len(files))
         for claimed in files:
             task = asyncio.create_task(self._work(claimed), name=f"download {claimed.id}")
             self.active[claimed.id] = (claimed, task)
+            self.fetching.add(claimed.id)
             task.add_done_callback(functools.partial(self._forget, claimed.id))
         return len(files)
 
@@ -208,23 +251,38 @@ class ReferenceExecutor:
             deletion.id, deletion.token, "fail", {"error": error[:2000], "retryable": retryable}
         )
 
+    def _fetched(self, file_id: str) -> None:
+        """The file's download ended (whatever the outcome): room for the next claim."""
+        self.fetching.discard(file_id)
+        self._room.set()
+
     def _forget(self, file_id: str, _task: asyncio.Task[None]) -> None:
         self.active.pop(file_id, None)
+        self._fetched(file_id)
 
     def _draw(self) -> None:
-        self.progress.draw([c for c, _ in self.active.values()])
+        if self.progress.due():  # the list only when a line is drawn (hundreds of small files)
+            self.progress.draw([c for c, _ in self.active.values()])
         self.metrics.active.set(len(self.active))
 
-    def _on_bytes(self, item: Claimed, n: int) -> None:
-        item.bytes_done += n
-        self.progress.add_bytes(n)
-        self.metrics.bytes.inc(n)
-        self._draw()
-
     def _bytes_counter(self, item: Claimed) -> Any:
-        """A callback for the transfer threads: counts on the event loop's thread."""
-        loop = self._loop_ref
-        return lambda n: loop.call_soon_threadsafe(self._on_bytes, item, n)
+        """A callback for the transfer threads: counts where it runs (the range workers of one
+        file count under one lock), without waking the event loop for every read; the loop
+        draws from the counts (self._ticker)."""
+
+        def count(n: int) -> None:
+            with self._counting:
+                item.bytes_done += n
+            self.progress.add_bytes(n)
+            self.metrics.bytes.inc(n)
+
+        return count
+
+    async def _ticker(self) -> None:
+        """The status line while bytes move (a tick costs nothing when nothing is due)."""
+        while True:
+            await asyncio.sleep(BAR_INTERVAL)
+            self._draw()
 
     async def _shutdown(self) -> None:
         tasks = [task for _, task in self.active.values()]
@@ -244,14 +302,25 @@ class ReferenceExecutor:
                 self.hub_headers,
                 self.tuning,
                 self._bytes_counter(item),
+                then=functools.partial(self._verify_and_publish, item),
             )
 
     async def _work(self, item: Claimed) -> None:
-        fetch = asyncio.create_task(self._download(item))
+        work = asyncio.current_task()
+        assert work is not None
         lost = asyncio.Event()
-        beats = asyncio.create_task(self._heartbeats(item, fetch, lost))
+        # Heartbeats start after their first interval: a small file is done long before, and
+        # costs no heartbeat task at all. A lost lease cancels this task's download.
+        beats: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            self._beat_interval(item),
+            lambda: beats.append(asyncio.create_task(self._heartbeats(item, work, lost))),
+        )
         try:
-            result: Downloaded = await fetch
+            try:
+                result: Downloaded = await self._download(item)
+            finally:
+                self._fetched(item.id)
         except asyncio.CancelledError:
             if lost.is_set():  # our own heartbeat stopped it: the lease is gone, report nothing
                 discard(self.config.storages, item)
@@ -269,6 +338,9 @@ class ReferenceExecutor:
         except (UnsafePath, NoCommit, WrongSize) as exc:  # not the declared file, or nowhere for it: final
             await self._fail(item, str(exc), retryable=False)
             return
+        except NotPublished as exc:
+            await self._fail(item, str(exc), retryable=exc.retryable)
+            return
         except Unreachable as exc:
             # Not a root this executor serves: back to the queue as a failed attempt, so another
             # executor serving it may take it, and the task fails with this message once the
@@ -283,30 +355,45 @@ class ReferenceExecutor:
             await self._fail(item, f"{type(exc).__name__}: {exc}", retryable=True)
             return
         finally:
-            beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beats
+            timer.cancel()
+            for task in beats:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if item.resumed_from:
             log.info("%s: resumed at byte %d of %d", where(item), item.resumed_from, item.size)
-        problem = mismatch(item, result)
-        if problem:
-            result.tmp.unlink(missing_ok=True)
-            await self._fail(item, problem, retryable=False)
-            return
-        try:  # on disk before the server hears "succeeded"
-            await asyncio.to_thread(self._publish, item, result)
-        except OSError as exc:
-            await self._fail(item, f"publishing the file: {type(exc).__name__}: {exc}", retryable=True)
-            return
-        # result.size is the declared size (checked above): the only count the server accepts.
+        # Verified and in place (in the download's thread) before the server hears "succeeded";
+        # result.size is the declared size (checked there): the only count the server accepts.
         outcome = await self.reporter.complete(item, result.size, result.sha256, result.place.stored_path)
         if outcome not in ("completed", "already_completed"):
             log.warning("%s: complete refused: %s", where(item), outcome)
         if outcome in ("completed", "already_completed"):
             self.progress.done += 1
             self.metrics.files.labels("succeeded").inc()
+            # A line per file: at info for files that took a while or were placed from a stored
+            # copy, at debug for small downloads (hundreds a second would flood the log; the
+            # progress line counts them).
             how = f"placed from the stored copy {result.copied_from}" if result.copied_from else "downloaded"
-            log.info("%s done (%d bytes, %s)", where(item), result.size, how)
+            log.log(
+                logging.INFO if result.size >= SMALL_FILE or result.copied_from else logging.DEBUG,
+                "%s done (%d bytes, %s)",
+                where(item),
+                result.size,
+                how,
+            )
+
+    def _verify_and_publish(self, item: Claimed, result: Downloaded) -> None:
+        """In the download's thread, right after the bytes arrived (one hop off the event loop
+        per file): the bytes must be the claimed file, then they go into place. Raises
+        NotPublished otherwise (a mismatch is final, a failed publication retryable)."""
+        problem = mismatch(item, result)
+        if problem:
+            result.tmp.unlink(missing_ok=True)
+            raise NotPublished(problem, retryable=False)
+        try:
+            self._publish(item, result)
+        except OSError as exc:
+            raise NotPublished(f"publishing the file: {type(exc).__name__}: {exc}", retryable=True) from exc
 
     def _publish(self, item: Claimed, result: Downloaded) -> None:
         """Verified bytes into place; for hf-cache named as huggingface_hub names blobs (the
@@ -316,7 +403,7 @@ class ReferenceExecutor:
             headers = dict(self.hub_headers)
             if item.hub_token:
                 headers["Authorization"] = f"Bearer {item.hub_token}"
-            # Short: no heartbeat runs any more, so this must end well within the lease.
+            # Short: bounded well within the lease.
             etag = hub_etag(file_url(self.config.hf_endpoint, item), headers, timeout=min(10.0, item.lease_seconds / 3))
         publish(result.place, item, result.sha256, etag)
 
@@ -331,21 +418,25 @@ class ReferenceExecutor:
             return {}
         return {"checkpoint_bytes": done, "checkpoint_sha256": sha256}
 
-    async def _heartbeats(self, item: Claimed, fetch: asyncio.Task[Any], lost: asyncio.Event) -> None:
+    def _beat_interval(self, item: Claimed) -> float:
         # Within a third of the lease, and often enough that progress (and the resume point)
         # is current: `GET /tasks/{id}` shows bytes done while the file downloads.
-        interval = max(min(item.lease_seconds / 3, self.config.progress_seconds), 0.2)
+        return max(min(item.lease_seconds / 3, self.config.progress_seconds), 0.2)
+
+    async def _heartbeats(self, item: Claimed, work: asyncio.Task[Any], lost: asyncio.Event) -> None:
+        """Started one interval after the claim: a heartbeat, then one every interval. On a lost
+        lease, `work` (the file's task, still downloading) is cancelled."""
         while True:
-            await asyncio.sleep(interval)
             try:
                 body = {"bytes_done": item.bytes_done, **await self._checkpoint_body(item)}
                 await self.reporter.heartbeat(item, body)
             except LeaseLost:
                 lost.set()
-                fetch.cancel()
+                work.cancel()
                 return
             except (httpx.HTTPError, ValueError) as exc:
                 log.warning("%s: heartbeat failed (%s); retrying", where(item), exc)
+            await asyncio.sleep(self._beat_interval(item))
 
     async def _fail(self, item: Claimed, error: str, *, retryable: bool, retry_after: float | None = None) -> None:
         if not retryable:  # a final failure leaves nothing behind; a retryable one keeps its resume point

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
 
+PREFETCH_BYTES = 64 << 20
+
 
 class ExecutorSettings(BaseSettings):
     """The environment: DLW_EXECUTOR_<FIELD>, except the file endpoint's DLW_HF_* names."""
@@ -35,6 +37,7 @@ class ExecutorSettings(BaseSettings):
     connections_per_file: int = 4
     max_connections: int = 8
     prefetch: int | None = None
+    prefetch_bytes: int = PREFETCH_BYTES
     label: str | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -60,6 +63,7 @@ class Config:
     connections_per_file: int = 4
     max_connections: int = 8
     prefetch: int = 8
+    prefetch_bytes: int = PREFETCH_BYTES  # small files: hold more than `prefetch` while they fit (runner.py)
     label: str = field(default_factory=_default_label)
     metrics_port: int | None = None  # Prometheus metrics on metrics_host:metrics_port (app/executor/metrics.py)
     metrics_host: str = "127.0.0.1"
@@ -97,6 +101,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="files held under lease at once, downloading or waiting for a slot (default 4 x concurrency, at most 100)",
     )
+    parser.add_argument(
+        "--prefetch-bytes",
+        type=int,
+        help="small files: hold more than --prefetch files while their declared sizes add up to at most this"
+        f" (up to {2 * CLAIM_MAX_FILES} files; default {PREFETCH_BYTES >> 20} MiB; 0: --prefetch alone)",
+    )
     parser.add_argument("--label", help="instance label recorded with each lease (default: host-pid)")
     parser.add_argument(
         "--metrics-port",
@@ -132,6 +142,7 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
     max_connections: int = env.max_connections if args.max_connections is None else args.max_connections
     prefetch_arg = env.prefetch if args.prefetch is None else args.prefetch
     prefetch: int = min(4 * concurrency, CLAIM_MAX_FILES) if prefetch_arg is None else prefetch_arg
+    prefetch_bytes: int = env.prefetch_bytes if args.prefetch_bytes is None else args.prefetch_bytes
     problems = []
     if not token:
         problems.append("no executor token: pass --token or set DLW_EXECUTOR_TOKEN")
@@ -145,6 +156,8 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         problems.append("--progress-seconds must be > 0, --connections-per-file and --max-connections >= 1")
     if not concurrency <= prefetch <= CLAIM_MAX_FILES:
         problems.append(f"--prefetch must be --concurrency..{CLAIM_MAX_FILES}")
+    if prefetch_bytes < 0:
+        problems.append("--prefetch-bytes must be >= 0")
     base_url = args.base_url or env.base_url
     if not _http_url(base_url):
         problems.append(f"--base-url must be an http:// or https:// URL with a host, not {base_url!r}")
@@ -175,6 +188,7 @@ def config_from(args: argparse.Namespace) -> Config | list[str]:
         connections_per_file=per_file,
         max_connections=max_connections,
         prefetch=prefetch,
+        prefetch_bytes=prefetch_bytes,
         metrics_port=metrics_port,
         metrics_host=args.metrics_host or env.metrics_host,
         **({"label": label} if label else {}),

@@ -4,6 +4,7 @@ resolves, the executor stands apart from the server's settings, named queries lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from app.cli import LazyCommand, build_parser
 from app.db.queries import parse
+from app.executor.runner import QUEUE_MAX, ReferenceExecutor
 from app.executor.settings import Config, add_run_arguments, config_from
 from app.ops.queries import QUERY_FILE, query
 
@@ -87,6 +89,21 @@ def test_executor_configuration_problems_are_reported_together(monkeypatch: pyte
     ]
     bad = executor_config(monkeypatch, {"DLW_EXECUTOR_CONCURRENCY": "many"})
     assert isinstance(bad, list) and "concurrency" in bad[0]
+
+
+def test_small_files_are_claimed_by_bytes_up_to_the_queue_limit(monkeypatch: pytest.MonkeyPatch):
+    env = {"DLW_EXECUTOR_TOKEN": "t", "DLW_EXECUTOR_STORAGE": "/s"}
+    config = executor_config(monkeypatch, env, "--prefetch", "8", "--prefetch-bytes", str(1 << 20))
+    assert isinstance(config, Config) and (config.prefetch, config.prefetch_bytes) == (8, 1 << 20)
+    assert executor_config(monkeypatch, env, "--prefetch-bytes", "-1") == ["--prefetch-bytes must be >= 0"]
+    executor = ReferenceExecutor(config, progress="off")
+    assert executor._queue_target() == 8  # nothing claimed yet: the file count alone
+    for typical, held in [(2048, QUEUE_MAX), (8192, 128), (1 << 20, 8), (1 << 30, 8)]:
+        executor._typical_size = typical  # the last claim's mean declared size
+        assert executor._queue_target() == held, typical
+    executor = ReferenceExecutor(dataclasses.replace(config, prefetch_bytes=0), progress="off")
+    executor._typical_size = 1
+    assert executor._queue_target() == 8
 
 
 def test_named_queries_load_and_every_name_used_exists():

@@ -21,9 +21,16 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 PIECE = 64 * 1024
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: eight clients connecting at once (curl
+    # --parallel-max 8, an executor's eight slots) overflow it, and a dropped SYN is retried only
+    # after a second. A real file endpoint accepts them.
+    request_queue_size = 128
+
+
 def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
     """A threaded HTTP server on a free port of 127.0.0.1, run by a daemon thread; and its URL."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = _Server(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
