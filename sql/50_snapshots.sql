@@ -24,7 +24,8 @@
 -- ascending (tenant_id, period) order by one INSERT ... ON CONFLICT DO UPDATE whose input is
 -- sorted, and task admission inserts then locks its tenant's two rows in the same order, so no
 -- cycle of waits can form between them. One statement for all tenants: the per-tenant cost is
--- one index probe and one row version (batched; 10,000 tenants, bench/scale.py).
+-- one index probe and one row version (batched; 10,000 tenants, bench/scale.py; what is left
+-- of the per-tenant cost and the designs measured against it: docs/dba.md, "What a fold costs").
 
 
 -- ---------------------------------------------------------------------------------------
@@ -160,15 +161,15 @@ BEGIN
            (SELECT count(*) FROM written w)
       INTO events, tenants, periods;
 
-    -- 5. The cursor moves in the same transaction: readers see the fold entirely or not at all.
+    -- 3. The cursor moves in the same transaction: readers see the fold entirely or not at all.
     UPDATE dlw.snapshot_state s SET folded_below = v_upto, refreshed_at = now() WHERE s.singleton;
     ran := true;
 
-    -- 6. The executor queue summary folds its changes here too (sql/39_executor_queue.sql), so
+    -- 4. The executor queue summary folds its changes here too (sql/39_executor_queue.sql), so
     --    they stay few even when no executor claims; skipped while a claim is folding.
     PERFORM dlw.executor_queue_try_fold();
 
-    -- 7. The reporting watchdog rides on the per-minute runner (pg_cron job or API leader). Its
+    -- 5. The reporting watchdog rides on the per-minute runner (pg_cron job or API leader). Its
     --    failure must never cost the fold: it runs in a subtransaction and only warns.
     BEGIN
         PERFORM dlw.cancel_overlong_reporting_queries();
