@@ -313,11 +313,23 @@ def _plan_text(plan: Any) -> str:
     return "\n".join(lines)
 
 
+HOT = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'dlw.quota_snapshots'::regclass"
+
+
+def hot_updates(conn: psycopg.Connection) -> tuple[int, int]:
+    """quota_snapshots' updates and HOT updates so far (this backend's counts flushed first)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(HOT).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
 def measure_refresh(conn: psycopg.Connection, few: int, many: int, events: int, reps: int) -> dict[str, Any]:
     tenants = [r[0] for r in conn.execute("SELECT tenant_id FROM dlw.tenants WHERE slug ~ '^s[0-9]+$' ORDER BY 1")]
     sets = {"few": tenants[:few], "many": tenants[:many]}
     samples: dict[str, list[float]] = {"few": [], "many": []}
     start = 0
+    upd0 = hot_updates(conn)
     for i in range(reps + 1):
         for key in ("few", "many") if i % 2 else ("many", "few"):
             conn.execute(
@@ -331,37 +343,53 @@ def measure_refresh(conn: psycopg.Connection, few: int, many: int, events: int, 
             conn.execute("SELECT * FROM dlw.refresh_quota_snapshots()")
             if i >= 1:  # the first round creates the snapshot rows
                 samples[key].append(time.perf_counter() - t0)
+    upd1 = hot_updates(conn)
     s, g = _median_ms(samples["few"]), _median_ms(samples["many"])
+    updates, hot = upd1[0] - upd0[0], upd1[1] - upd0[1]
+    per_tenant_us = (g - s) * 1000 / (len(sets["many"]) - few)
+    print(
+        f"  refresh: {per_tenant_us:.1f} us per extra tenant; quota_snapshots updates {updates:,},"
+        f" HOT {hot:,} ({100 * hot / max(updates, 1):.1f} %)"
+    )
     return {
         "measure": f"refresh {events:,} events: {few} -> {len(sets['many']):,} tenants",
         "small_ms": s,
         "large_ms": g,
         "ratio": g / s,
         "target": REFRESH_MAX,
-        "explain": lambda: explain_refresh(conn, sets["many"], events),
+        "explain": lambda: explain_refresh(conn, sets, events),
     }
 
 
-def explain_refresh(conn: psycopg.Connection, tenants: list[int], events: int) -> str:
-    """The fold's two statements, written out over the same new events (rolled back): the
-    aggregation through usage_records_xid, then the one upsert of every (tenant, month)."""
-    with conn.transaction(force_rollback=True):
-        conn.execute(
-            "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key)"
-            " SELECT (%(t)s::bigint[])[1 + g %% cardinality(%(t)s::bigint[])], 'bytes_month', 1, 'x:' || g"
-            " FROM generate_series(1, %(n)s) g",
-            {"t": tenants, "n": events},
-        )
-        plan = conn.execute(
-            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)"
-            " INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)"
-            " SELECT u.tenant_id, dlw.month_start(u.occurred_at), u.metric, sum(u.amount), now()"
-            "   FROM dlw.usage_records u WHERE u.xid >= (SELECT folded_below FROM dlw.snapshot_state)"
-            "  GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-            " ON CONFLICT (tenant_id, period, metric) DO UPDATE"
-            "   SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at"
-        ).fetchall()
-    return "\n".join("    " + r[0] for r in plan)
+def explain_refresh(conn: psycopg.Connection, sets: dict[str, list[int]], events: int) -> str:
+    """The fold's one statement (sql/50_snapshots.sql, step 2), written out over the same new
+    events for each tenant set (rolled back): the aggregation through usage_records_xid, then the
+    upsert of every (tenant, month). The difference between the two plans is the per-tenant work."""
+    out: list[str] = []
+    for key in ("few", "many"):
+        with conn.transaction(force_rollback=True):
+            conn.execute(
+                "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key)"
+                " SELECT (%(t)s::bigint[])[1 + g %% cardinality(%(t)s::bigint[])], 'bytes_month', 1, 'x:' || g"
+                " FROM generate_series(1, %(n)s) g",
+                {"t": sets[key], "n": events},
+            )
+            plan = conn.execute(
+                "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)"
+                " WITH new AS (SELECT u.tenant_id AS t, dlw.month_start(u.occurred_at) AS p, u.metric AS m,"
+                "                     sum(u.amount)::bigint AS a, count(*) AS n"
+                "                FROM dlw.usage_records u"
+                "               WHERE u.xid >= (SELECT folded_below FROM dlw.snapshot_state) GROUP BY 1, 2, 3),"
+                " written AS (INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)"
+                "             SELECT d.t, d.p, d.m, d.a, now() FROM new d ORDER BY d.t, d.p, d.m"
+                "             ON CONFLICT (tenant_id, period, metric) DO UPDATE"
+                "                SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at"
+                "             RETURNING q.tenant_id)"
+                " SELECT (SELECT sum(d.n) FROM new d), (SELECT count(*) FROM written w)"
+            ).fetchall()
+        out.append(f"  {len(sets[key]):,} tenants:")
+        out.extend("    " + r[0] for r in plan)
+    return "\n".join(out)
 
 
 def print_rows(title: str, small: str, large: str, rows: list[dict[str, Any]]) -> None:

@@ -24,7 +24,8 @@
 -- ascending (tenant_id, period) order by one INSERT ... ON CONFLICT DO UPDATE whose input is
 -- sorted, and task admission inserts then locks its tenant's two rows in the same order, so no
 -- cycle of waits can form between them. One statement for all tenants: the per-tenant cost is
--- one index probe and one row version (batched; 10,000 tenants, bench/scale.py).
+-- one index probe and one row version (batched; 10,000 tenants, bench/scale.py; what is left
+-- of the per-tenant cost and the designs measured against it: docs/dba.md, "What a fold costs").
 
 
 -- ---------------------------------------------------------------------------------------
@@ -111,10 +112,6 @@ AS $$
 DECLARE
     v_from     xid8;
     v_upto     xid8;
-    v_tenant   bigint[];
-    v_period   date[];
-    v_metric   text[];
-    v_amount   bigint[];
 BEGIN
     ran := false; events := 0; tenants := 0; periods := 0;
     IF NOT pg_try_advisory_xact_lock(28266757964587376) THEN
@@ -140,41 +137,39 @@ BEGIN
     folded_from := v_from;
     folded_below := v_upto;
 
-    -- 2. The new events per (tenant, UTC month, metric), through the xid index.
-    SELECT coalesce(array_agg(d.tenant_id ORDER BY d.tenant_id, d.period, d.metric), '{}'),
-           coalesce(array_agg(d.period ORDER BY d.tenant_id, d.period, d.metric), '{}'),
-           coalesce(array_agg(d.metric ORDER BY d.tenant_id, d.period, d.metric), '{}'),
-           coalesce(array_agg(d.amount ORDER BY d.tenant_id, d.period, d.metric), '{}'),
-           coalesce(sum(d.n), 0), count(DISTINCT d.tenant_id), count(*)
-      INTO v_tenant, v_period, v_metric, v_amount, events, tenants, periods
-      FROM (SELECT u.tenant_id, dlw.month_start(u.occurred_at) AS period, u.metric,
-                   sum(u.amount)::bigint AS amount, count(*) AS n
-              FROM dlw.usage_records u
-             WHERE u.xid >= v_from AND u.xid < v_upto
-             GROUP BY 1, 2, 3) d;
-
-    IF periods > 0 THEN
-        -- 3. One statement for every (tenant, month): rows that do not exist yet are inserted,
-        --    existing ones locked and added to, in ascending (tenant_id, period) order (the
-        --    order of the input, which ON CONFLICT follows row by row). One index probe and one
-        --    new row version per tenant and month, however many tenants a run touches.
+    -- 2. One statement: the new events per (tenant, UTC month, metric) through the xid index,
+    --    and for every (tenant, month) the row inserted when it does not exist yet, else locked
+    --    and added to, in ascending (tenant_id, period) order (the input is sorted, and ON
+    --    CONFLICT follows it row by row). Per tenant and month: one hash entry, one index probe
+    --    and one row version (HOT: amount and refreshed_at are not indexed; fillfactor 50,
+    --    migrations/0016), nothing else: no intermediate arrays, one sort.
+    WITH new AS (
+        SELECT u.tenant_id AS t, dlw.month_start(u.occurred_at) AS p, u.metric AS m,
+               sum(u.amount)::bigint AS a, count(*) AS n
+          FROM dlw.usage_records u
+         WHERE u.xid >= v_from AND u.xid < v_upto
+         GROUP BY 1, 2, 3
+    ), written AS (
         INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)
-        SELECT d.t, d.p, d.m, d.a, now()
-          FROM unnest(v_tenant, v_period, v_metric, v_amount) WITH ORDINALITY AS d(t, p, m, a, i)
-         ORDER BY d.i
+        SELECT d.t, d.p, d.m, d.a, now() FROM new d
+         ORDER BY d.t, d.p, d.m
         ON CONFLICT (tenant_id, period, metric) DO UPDATE
-           SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at;
-    END IF;
+           SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at
+        RETURNING q.tenant_id
+    )
+    SELECT coalesce((SELECT sum(d.n) FROM new d), 0), (SELECT count(DISTINCT w.tenant_id) FROM written w),
+           (SELECT count(*) FROM written w)
+      INTO events, tenants, periods;
 
-    -- 5. The cursor moves in the same transaction: readers see the fold entirely or not at all.
+    -- 3. The cursor moves in the same transaction: readers see the fold entirely or not at all.
     UPDATE dlw.snapshot_state s SET folded_below = v_upto, refreshed_at = now() WHERE s.singleton;
     ran := true;
 
-    -- 6. The executor queue summary folds its changes here too (sql/39_executor_queue.sql), so
+    -- 4. The executor queue summary folds its changes here too (sql/39_executor_queue.sql), so
     --    they stay few even when no executor claims; skipped while a claim is folding.
     PERFORM dlw.executor_queue_try_fold();
 
-    -- 7. The reporting watchdog rides on the per-minute runner (pg_cron job or API leader). Its
+    -- 5. The reporting watchdog rides on the per-minute runner (pg_cron job or API leader). Its
     --    failure must never cost the fold: it runs in a subtransaction and only warns.
     BEGIN
         PERFORM dlw.cancel_overlong_reporting_queries();

@@ -303,3 +303,72 @@ def test_refresh_and_admission_wait_for_each_other_without_deadlock(db, owner):
             (tid,),
         ).fetchone()["s"]
         assert used(db, tid) == log == snapshot(owner, tid)
+
+
+def test_concurrent_inserts_and_refreshes_fold_every_event_once_in_its_month(db, owner):
+    """Writers commit usage (this month and the last microsecond of the previous one) in
+    transactions of random length while refreshes run back to back, some of them from a second
+    caller that finds the run lock taken: at the end every event is counted exactly once, in the
+    snapshot of its own UTC month, and the usage read never went down on the way."""
+    tenants = [provision(db, f"race-{i}") for i in range(3)]
+    previous = "dlw.month_start(now())::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond'"
+    errors: list[BaseException] = []
+    seen: dict[int, list[int]] = {t: [] for t in tenants}
+    stop = time.monotonic() + 3
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with psycopg.connect(db.owner_url) as conn:
+                while time.monotonic() < stop:
+                    for _ in range(rng.randint(1, 4)):
+                        add_usage(
+                            conn, rng.choice(tenants), rng.randint(1, 9), previous if rng.random() < 0.3 else "now()"
+                        )
+                    time.sleep(rng.random() / 50)  # held open across a refresh now and then
+                    conn.commit()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def fold() -> None:
+        try:
+            while time.monotonic() < stop:
+                refresh(db)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def read() -> None:
+        try:
+            while time.monotonic() < stop:
+                for t in tenants:
+                    seen[t].append(used(db, t))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=fold) for _ in range(2)] + [threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    refresh(db)
+    assert drift(owner) == []
+    for tid in tenants:
+        assert seen[tid] == sorted(seen[tid]), "a usage read went down while folds committed"
+        for period, start, end in (
+            ("dlw.month_start(now())", "dlw.month_start(now())", "dlw.month_start(now()) + interval '1 month'"),
+            (
+                "(dlw.month_start(now()) - interval '1 month')::date",
+                "dlw.month_start(now()) - interval '1 month'",
+                "dlw.month_start(now())",
+            ),
+        ):
+            log = owner.execute(
+                "SELECT coalesce(sum(amount), 0) AS s FROM dlw.usage_records WHERE tenant_id = %s"
+                f" AND occurred_at >= ({start})::timestamp AT TIME ZONE 'UTC'"
+                f" AND occurred_at < ({end})::timestamp AT TIME ZONE 'UTC'",
+                (tid,),
+            ).fetchone()["s"]
+            assert log > 0 and snapshot(owner, tid, period) == log, (tid, period)
+        assert used(db, tid) == snapshot(owner, tid)
