@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -141,15 +142,10 @@ class ReferenceExecutor:
                 idle = not self.fetching
                 if free > 0 and (free >= (target + 1) // 2 or idle) and (idle or time.monotonic() >= next_claim):
                     asked = free
-                    try:
-                        claimed = await self._claim(free)
-                    except TokenRefused as exc:
-                        log.error("the API refuses this executor's token (%s): mint a new one; stopping", exc)
-                        self.exit_code = 3
-                        self.stop()
+                    got = await self._claimed("claim", functools.partial(self._claim, free))
+                    if got is None:
                         break
-                    except (httpx.HTTPError, ValueError) as exc:
-                        log.warning("claim failed: %s", exc)
+                    claimed = got
                     if claimed < asked:
                         next_claim = time.monotonic() + self.config.poll_seconds
                 # Deletions of tasks' files (docs/storage.md, "Deleting"): quick, done in turn; asked
@@ -157,15 +153,10 @@ class ReferenceExecutor:
                 # turn: a stream of small files turns this loop many times a second).
                 deleted = 0
                 if time.monotonic() >= next_deletions:
-                    try:
-                        deleted = await self._deletions()
-                    except TokenRefused as exc:
-                        log.error("the API refuses this executor's token (%s): mint a new one; stopping", exc)
-                        self.exit_code = 3
-                        self.stop()
+                    got = await self._claimed("deletion claim", self._deletions)
+                    if got is None:
                         break
-                    except (httpx.HTTPError, ValueError) as exc:
-                        log.warning("deletion claim failed: %s", exc)
+                    deleted = got
                     if not deleted:
                         next_deletions = time.monotonic() + self.config.poll_seconds
                 # Claim again at once while the queue gave all it was asked for and there is room
@@ -182,6 +173,20 @@ class ReferenceExecutor:
                 self._draw()
         finally:
             stop_wait.cancel()
+
+    async def _claimed(self, what: str, claim: Callable[[], Awaitable[int]]) -> int | None:
+        """How many items the claim took (0 when the API could not be reached: asked again later),
+        or None when the API refuses this executor's token: the executor then stops (exit 3)."""
+        try:
+            return await claim()
+        except TokenRefused as exc:
+            log.error("the API refuses this executor's token (%s): mint a new one; stopping", exc)
+            self.exit_code = 3
+            self.stop()
+            return None
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("%s failed: %s", what, exc)
+            return 0
 
     async def _claim(self, free: int) -> int:
         files = await self.api.claim(free, self.config.lease_seconds, self.config.label)
