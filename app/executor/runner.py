@@ -22,7 +22,7 @@ import httpx
 from app.domain import CLAIM_MAX_FILES, RETRY_AFTER_MAX_SECONDS
 from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
-from app.executor.deletion import ClaimedDeletion, carry_out
+from app.executor.deletion_work import claim_and_carry_out
 from app.executor.download import (
     Busy,
     Downloaded,
@@ -200,61 +200,7 @@ class ReferenceExecutor:
         return len(files)
 
     async def _deletions(self) -> int:
-        """Claim a few task deletions and carry each out, its lease kept by heartbeats."""
-        claimed = await self.api.claim_deletions(DELETIONS_PER_CLAIM, self.config.lease_seconds, self.config.label)
-        for item in claimed:
-            deletion = ClaimedDeletion.from_api(item)
-            work = asyncio.ensure_future(asyncio.to_thread(carry_out, self.config.storages, deletion))
-            lost = asyncio.Event()
-            beats = asyncio.create_task(self._deletion_heartbeats(deletion, work, lost))
-            try:
-                removed = await work
-            except (UnsafePath, NoCommit) as exc:  # a name that would leave the root: final
-                await self._fail_deletion(deletion, str(exc), retryable=False)
-                continue
-            except Unreachable as exc:  # not a root this executor serves: for another executor
-                await self._fail_deletion(deletion, f"executor {self.config.label}: {exc}", retryable=True)
-                continue
-            except OSError as exc:
-                await self._fail_deletion(deletion, f"{type(exc).__name__}: {exc}", retryable=True)
-                continue
-            except asyncio.CancelledError:
-                if not lost.is_set():
-                    raise
-                log.warning("deletion of task %s: lease lost; not reported", deletion.task_id)
-                continue
-            finally:
-                beats.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await beats
-            outcome = await self.api.report_deletion(deletion.id, deletion.token, "complete", {})
-            log.info(
-                "deletion of task %s: %s (%d files, %d blobs, %d refs, %d bytes freed on disk)",
-                deletion.task_id,
-                outcome,
-                removed.files,
-                removed.blobs,
-                removed.refs,
-                removed.bytes,
-            )
-        return len(claimed)
-
-    async def _deletion_heartbeats(
-        self, deletion: ClaimedDeletion, work: asyncio.Future[Any], lost: asyncio.Event
-    ) -> None:
-        while True:
-            await asyncio.sleep(max(deletion.lease_seconds / 3, 0.2))
-            outcome = await self.api.report_deletion(deletion.id, deletion.token, "heartbeat", {})
-            if outcome in ("LEASE_LOST", "DELETION_NOT_FOUND"):
-                lost.set()
-                work.cancel()  # the thread finishes its unlinks; nothing is reported
-                return
-
-    async def _fail_deletion(self, deletion: ClaimedDeletion, error: str, *, retryable: bool) -> None:
-        log.warning("deletion of task %s: %s (%s)", deletion.task_id, error, "retryable" if retryable else "final")
-        await self.api.report_deletion(
-            deletion.id, deletion.token, "fail", {"error": error[:2000], "retryable": retryable}
-        )
+        return await claim_and_carry_out(self.api, self.config, DELETIONS_PER_CLAIM)
 
     def _fetched(self, file_id: str) -> None:
         """The file's download ended (whatever the outcome): room for the next claim."""
