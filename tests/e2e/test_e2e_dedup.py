@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ import httpx
 import pytest
 
 from tests.e2e.test_e2e_hf_cache import add_target, create, read_offline, run_until_done, sha, task_of
-from tests.support import server
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb
 from tests.support.hub import HubEmulator, running_hub
@@ -42,19 +39,6 @@ def hub() -> Iterator[HubEmulator]:
         emulator.hub.repo("org/dedup-a").commit(A, lfs={"model.safetensors", "extra.bin"})
         emulator.hub.repo("org/dedup-b").commit(B, lfs=set(B))
         yield emulator
-
-
-@pytest.fixture(scope="module")
-def api(db: MigratedDb, hub: HubEmulator) -> Iterator[str]:
-    with server.running_server(db, DLW_HF_ENDPOINT=hub.url) as url:
-        yield url
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="dlw-e2e-dedup-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def disk_bytes(root: Path) -> int:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_e2e_hf_cache import READER, add_target, create, sha, task_of
-from tests.support import server
 from tests.support.app import bearer, token
-from tests.support.database import MigratedDb
 from tests.support.executors import start_executor, stop_executor, wait_for
 from tests.support.hub import HubEmulator, running_hub
 from tests.support.tenants import tenant
@@ -46,19 +42,6 @@ def hub() -> Iterator[HubEmulator]:
     with running_hub() as emulator:
         emulator.hub.repo("org/del").commit(MODEL, lfs={"model.safetensors", "sub/dir/weights.bin"})
         yield emulator
-
-
-@pytest.fixture(scope="module")
-def api(db: MigratedDb, hub: HubEmulator) -> Iterator[str]:
-    with server.running_server(db, DLW_HF_ENDPOINT=hub.url) as url:
-        yield url
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="dlw-e2e-delete-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def disk_bytes(root: Path) -> int:

@@ -6,39 +6,26 @@ file, and one rollup per task."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from tests.sql.test_executor_sql import SHA, Executor, file_row, make_task, provision, task_status, usage
-from tests.support.database import MigratedDb
+from tests.sql.test_executor_sql import (
+    SHA,
+    Executor,
+    empty_queue,
+    ex,
+    file_row,
+    make_task,
+    owner,
+    provision,
+    task_status,
+    usage,
+)
 
-
-@pytest.fixture(scope="module")
-def owner(db: MigratedDb) -> Iterator[psycopg.Connection]:
-    with db.owner() as conn:
-        conn.row_factory = dict_row  # type: ignore[assignment]
-        yield conn
-
-
-@pytest.fixture
-def ex(db: MigratedDb) -> Iterator[Executor]:
-    executor = Executor(db)
-    yield executor
-    executor.close()
-
-
-@pytest.fixture(autouse=True)
-def empty_queue(owner: psycopg.Connection) -> None:
-    owner.execute(
-        "UPDATE dlw.task_files SET status = 'cancelled', assignment_token = NULL, lease_expires_at = NULL"
-        " WHERE status IN ('pending', 'assigned', 'running')"
-    )
-    owner.execute("UPDATE dlw.tasks SET status = 'cancelled' WHERE status IN ('pending', 'running')")
+__all__ = ["empty_queue", "ex", "owner"]  # the executor tests' fixtures, shared (empty_queue: autouse)
 
 
 def batch(ex: Executor, items: list[dict[str, Any]]) -> list[tuple[uuid.UUID, str, str | None]]:

@@ -91,14 +91,19 @@ def ex(db: MigratedDb) -> Iterator[Executor]:
     executor.close()
 
 
-@pytest.fixture(autouse=True)
-def empty_queue(owner: psycopg.Connection) -> None:
-    """Each test starts with no claimable file: earlier tests' leftovers are cancelled."""
+def cancel_open_work(owner: psycopg.Connection) -> None:
+    """No claimable file left: earlier tests' unfinished files and tasks are cancelled."""
     owner.execute(
         "UPDATE dlw.task_files SET status = 'cancelled', assignment_token = NULL, lease_expires_at = NULL"
         " WHERE status IN ('pending', 'assigned', 'running')"
     )
     owner.execute("UPDATE dlw.tasks SET status = 'cancelled' WHERE status IN ('pending', 'running')")
+
+
+@pytest.fixture(autouse=True)
+def empty_queue(owner: psycopg.Connection) -> None:
+    """Each test starts with no claimable file: earlier tests' leftovers are cancelled."""
+    cancel_open_work(owner)
 
 
 def file_row(owner: psycopg.Connection, file: uuid.UUID) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -17,30 +16,21 @@ import pytest
 from psycopg import errors
 from psycopg.rows import dict_row
 
-from tests.sql.test_executor_sql import Executor, make_task, provision
+from tests.sql.test_executor_sql import Executor, cancel_open_work, make_task, owner, provision
 from tests.support.database import MigratedDb
 from tests.support.tenants import as_tenant
+
+__all__ = ["owner"]  # the executor tests' module fixture, shared
 
 
 def sha(n: int) -> str:
     return f"{n:064x}"
 
 
-@pytest.fixture(scope="module")
-def owner(db: MigratedDb) -> Iterator[psycopg.Connection]:
-    with db.owner() as conn:
-        conn.row_factory = dict_row  # type: ignore[assignment]
-        yield conn
-
-
 @pytest.fixture(autouse=True)
 def quiet_queues(owner: psycopg.Connection) -> None:
     """Each test starts with nothing claimable: earlier tests' leftovers are finished."""
-    owner.execute(
-        "UPDATE dlw.task_files SET status = 'cancelled', assignment_token = NULL, lease_expires_at = NULL"
-        " WHERE status IN ('pending', 'assigned', 'running')"
-    )
-    owner.execute("UPDATE dlw.tasks SET status = 'cancelled' WHERE status IN ('pending', 'running')")
+    cancel_open_work(owner)
     owner.execute("UPDATE dlw.task_deletions SET status = 'failed' WHERE status IN ('pending', 'assigned')")
 
 

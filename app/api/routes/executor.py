@@ -13,9 +13,11 @@ EXECUTE the functions; casbin admits only the executor role to these routes in t
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import asyncpg
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -162,6 +164,41 @@ class Report(BaseModel):
     task_status: str | None = enum_field(TASK_STATUSES, nullable=True, description="the task's status after the report")
 
 
+def lease_of(row: asyncpg.Record) -> dict[str, Any]:
+    """The fields a claimed file and a claimed deletion share: whose work it is and its lease."""
+    return {
+        "task_id": row["task_id"],
+        "tenant_id": row["tenant_id"],
+        "tenant": row["tenant_slug"],
+        "attempt": row["attempts"],
+        "assignment_token": row["assignment_token"],
+        "lease_seconds": row["lease_seconds"],
+        "lease_expires_at": row["lease_expires_at"],
+    }
+
+
+Route = TypeVar("Route", bound=Callable[..., Any])
+
+
+def report_route(
+    router: APIRouter, path: str, response_model: type[BaseModel], operation_id: str, name: str
+) -> Callable[[Route], Route]:
+    """The POST route of a lease report (of a file or a deletion), documented with the refusals
+    of its executor function dlw.<name>."""
+    return router.post(
+        path, response_model=response_model, operation_id=operation_id, responses=error_responses(f"dlw.{name}")
+    )
+
+
+async def report(
+    request: Request, principal: Principal, name: str, item_id: uuid.UUID, body: LeaseBody, *args: Any
+) -> tuple[str, asyncpg.Record]:
+    """One lease report (heartbeat, complete, fail, release of a file or a deletion): the executor
+    function dlw.<name> (its query SQL[name]) called with the item, the lease's token and args in
+    the executor's transaction; its listed success outcome and row, a refusal raised after the commit."""
+    return await call_for_outcome(request, principal, f"dlw.{name}", SQL[name], item_id, body.assignment_token, *args)
+
+
 # Claims never wait for locks and reports lock a task before its files, so a deadlock is not
 # expected; should PostgreSQL still abort one, the registry answers 503 EXECUTOR_RETRY.
 
@@ -195,9 +232,7 @@ async def claim(
         files=[
             ClaimedFile(
                 id=r["file_id"],
-                task_id=r["task_id"],
-                tenant_id=r["tenant_id"],
-                tenant=r["tenant_slug"],
+                **lease_of(r),
                 repo_id=r["repo_id"],
                 repo_type=r["repo_type"],
                 revision=r["revision"],
@@ -207,10 +242,6 @@ async def claim(
                 size=r["size"],
                 sha256=r["sha256"],
                 priority=r["priority"],
-                attempt=r["attempts"],
-                assignment_token=r["assignment_token"],
-                lease_seconds=r["lease_seconds"],
-                lease_expires_at=r["lease_expires_at"],
                 resume_bytes=r["resume_bytes"],
                 resume_sha256=r["resume_sha256"],
                 storage_root=r["storage_root"],
@@ -222,12 +253,7 @@ async def claim(
     )
 
 
-@router.post(
-    "/files/{file_id}/heartbeat",
-    response_model=HeartbeatResponse,
-    operation_id="heartbeatFile",
-    responses=error_responses("dlw.executor_heartbeat"),
-)
+@report_route(router, "/files/{file_id}/heartbeat", HeartbeatResponse, "heartbeatFile", "executor_heartbeat")
 async def heartbeat(
     request: Request,
     file_id: uuid.UUID,
@@ -235,13 +261,12 @@ async def heartbeat(
     principal: Principal = Depends(require_perm("/api/v1/executor/files/{file_id}/heartbeat", "POST")),
 ) -> HeartbeatResponse:
     """Extend the lease (and record progress); 409 LEASE_LOST means stop working on the file."""
-    _, row = await call_for_outcome(
+    _, row = await report(
         request,
         principal,
-        "dlw.executor_heartbeat",
-        SQL["executor_heartbeat"],
+        "executor_heartbeat",
         file_id,
-        body.assignment_token,
+        body,
         body.bytes_done,
         body.checkpoint_bytes,
         body.checkpoint_sha256,
@@ -249,12 +274,7 @@ async def heartbeat(
     return HeartbeatResponse(lease_expires_at=row["lease_expires_at"])
 
 
-@router.post(
-    "/files/{file_id}/complete",
-    response_model=Report,
-    operation_id="completeFile",
-    responses=error_responses("dlw.executor_complete"),
-)
+@report_route(router, "/files/{file_id}/complete", Report, "completeFile", "executor_complete")
 async def complete(
     request: Request,
     file_id: uuid.UUID,
@@ -263,26 +283,13 @@ async def complete(
 ) -> Report:
     """Report the file downloaded; its usage is counted once, however often this is repeated."""
     # Refusals are answered after the commit: a sha256 or size mismatch has failed the file (and task).
-    outcome, row = await call_for_outcome(
-        request,
-        principal,
-        "dlw.executor_complete",
-        SQL["executor_complete"],
-        file_id,
-        body.assignment_token,
-        body.bytes,
-        body.sha256.lower(),
-        body.stored_path,
+    outcome, row = await report(
+        request, principal, "executor_complete", file_id, body, body.bytes, body.sha256.lower(), body.stored_path
     )
     return Report(outcome=outcome, task_status=row["task_status"])
 
 
-@router.post(
-    "/files/{file_id}/fail",
-    response_model=Report,
-    operation_id="failFile",
-    responses=error_responses("dlw.executor_fail"),
-)
+@report_route(router, "/files/{file_id}/fail", Report, "failFile", "executor_fail")
 async def fail(
     request: Request,
     file_id: uuid.UUID,
@@ -292,13 +299,12 @@ async def fail(
     """Report a failure: retryable ones requeue the file while it has attempts left, offered
     again only after a backoff (exponential with jitter, at least retry_after_seconds)."""
     max_attempts = request.app.state.settings.executor_max_attempts
-    outcome, row = await call_for_outcome(
+    outcome, row = await report(
         request,
         principal,
-        "dlw.executor_fail",
-        SQL["executor_fail"],
+        "executor_fail",
         file_id,
-        body.assignment_token,
+        body,
         body.error,
         body.retryable,
         max_attempts,
@@ -307,12 +313,7 @@ async def fail(
     return Report(outcome=outcome, task_status=row["task_status"])
 
 
-@router.post(
-    "/files/{file_id}/release",
-    response_model=Report,
-    operation_id="releaseFile",
-    responses=error_responses("dlw.executor_release"),
-)
+@report_route(router, "/files/{file_id}/release", Report, "releaseFile", "executor_release")
 async def release(
     request: Request,
     file_id: uuid.UUID,
@@ -321,14 +322,7 @@ async def release(
 ) -> Report:
     """Give the file back (the executor is stopping): queued again, no attempt used, with the
     partial download's checkpoint if any."""
-    outcome, _ = await call_for_outcome(
-        request,
-        principal,
-        "dlw.executor_release",
-        SQL["executor_release"],
-        file_id,
-        body.assignment_token,
-        body.checkpoint_bytes,
-        body.checkpoint_sha256,
+    outcome, _ = await report(
+        request, principal, "executor_release", file_id, body, body.checkpoint_bytes, body.checkpoint_sha256
     )
     return Report(outcome=outcome, task_status=None)

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
 from app.api.refusals import REGISTRY
-from app.api.routes.executor import LeaseBody
-from app.api.transaction import call_for_outcome, request_transaction
+from app.api.routes.executor import LeaseBody, lease_of, report, report_route
+from app.api.transaction import request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
 from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN, STORAGE_LAYOUTS
@@ -121,13 +121,7 @@ async def claim_deletions(
         deletions=[
             ClaimedDeletion(
                 id=r["deletion_id"],
-                task_id=r["task_id"],
-                tenant_id=r["tenant_id"],
-                tenant=r["tenant_slug"],
-                attempt=r["attempts"],
-                assignment_token=r["assignment_token"],
-                lease_seconds=r["lease_seconds"],
-                lease_expires_at=r["lease_expires_at"],
+                **lease_of(r),
                 plan=Plan.model_validate_json(r["plan"]),
             )
             for r in rows
@@ -135,11 +129,8 @@ async def claim_deletions(
     )
 
 
-@router.post(
-    "/deletions/{deletion_id}/heartbeat",
-    response_model=DeletionHeartbeat,
-    operation_id="heartbeatDeletion",
-    responses=error_responses("dlw.executor_deletion_heartbeat"),
+@report_route(
+    router, "/deletions/{deletion_id}/heartbeat", DeletionHeartbeat, "heartbeatDeletion", "executor_deletion_heartbeat"
 )
 async def heartbeat_deletion(
     request: Request,
@@ -148,22 +139,12 @@ async def heartbeat_deletion(
     principal: Principal = Depends(require_perm("/api/v1/executor/deletions/{deletion_id}/heartbeat", "POST")),
 ) -> DeletionHeartbeat:
     """Extend the deletion's lease; 409 LEASE_LOST means stop."""
-    _, row = await call_for_outcome(
-        request,
-        principal,
-        "dlw.executor_deletion_heartbeat",
-        SQL["executor_deletion_heartbeat"],
-        deletion_id,
-        body.assignment_token,
-    )
+    _, row = await report(request, principal, "executor_deletion_heartbeat", deletion_id, body)
     return DeletionHeartbeat(lease_expires_at=row["lease_expires_at"])
 
 
-@router.post(
-    "/deletions/{deletion_id}/complete",
-    response_model=DeletionReport,
-    operation_id="completeDeletion",
-    responses=error_responses("dlw.executor_deletion_complete"),
+@report_route(
+    router, "/deletions/{deletion_id}/complete", DeletionReport, "completeDeletion", "executor_deletion_complete"
 )
 async def complete_deletion(
     request: Request,
@@ -172,14 +153,7 @@ async def complete_deletion(
     principal: Principal = Depends(require_perm("/api/v1/executor/deletions/{deletion_id}/complete", "POST")),
 ) -> DeletionReport:
     """Report the plan carried out: the task is deleted and the storage it alone used released."""
-    outcome, row = await call_for_outcome(
-        request,
-        principal,
-        "dlw.executor_deletion_complete",
-        SQL["executor_deletion_complete"],
-        deletion_id,
-        body.assignment_token,
-    )
+    outcome, row = await report(request, principal, "executor_deletion_complete", deletion_id, body)
     return DeletionReport(
         outcome=outcome,
         released_bytes=row["released_bytes"],
@@ -187,12 +161,7 @@ async def complete_deletion(
     )
 
 
-@router.post(
-    "/deletions/{deletion_id}/fail",
-    response_model=DeletionReport,
-    operation_id="failDeletion",
-    responses=error_responses("dlw.executor_deletion_fail"),
-)
+@report_route(router, "/deletions/{deletion_id}/fail", DeletionReport, "failDeletion", "executor_deletion_fail")
 async def fail_deletion(
     request: Request,
     deletion_id: uuid.UUID,
@@ -202,16 +171,8 @@ async def fail_deletion(
     """Report a failure: a retryable one requeues the deletion (after a backoff) while it has
     attempts left; otherwise the task shows deletion failed."""
     max_attempts = request.app.state.settings.executor_max_attempts
-    outcome, _ = await call_for_outcome(
-        request,
-        principal,
-        "dlw.executor_deletion_fail",
-        SQL["executor_deletion_fail"],
-        deletion_id,
-        body.assignment_token,
-        body.error,
-        body.retryable,
-        max_attempts,
+    outcome, _ = await report(
+        request, principal, "executor_deletion_fail", deletion_id, body, body.error, body.retryable, max_attempts
     )
     return DeletionReport(outcome=outcome)
 
