@@ -191,12 +191,13 @@ def report_route(
 
 
 async def report(
-    request: Request, principal: Principal, name: str, item_id: uuid.UUID, body: LeaseBody, *args: Any
+    request: Request, principal: Principal, name: str, query: str, item_id: uuid.UUID, body: LeaseBody, *args: Any
 ) -> tuple[str, asyncpg.Record]:
     """One lease report (heartbeat, complete, fail, release of a file or a deletion): the executor
-    function dlw.<name> (its query SQL[name]) called with the item, the lease's token and args in
-    the executor's transaction; its listed success outcome and row, a refusal raised after the commit."""
-    return await call_for_outcome(request, principal, f"dlw.{name}", SQL[name], item_id, body.assignment_token, *args)
+    function dlw.<name> (its named query, passed as SQL["<name>"] so that every query name stays a
+    literal) called with the item, the lease's token and args in the executor's transaction; its
+    listed success outcome and row, a refusal raised after the commit."""
+    return await call_for_outcome(request, principal, f"dlw.{name}", query, item_id, body.assignment_token, *args)
 
 
 # Claims never wait for locks and reports lock a task before its files, so a deadlock is not
@@ -265,6 +266,7 @@ async def heartbeat(
         request,
         principal,
         "executor_heartbeat",
+        SQL["executor_heartbeat"],
         file_id,
         body,
         body.bytes_done,
@@ -284,7 +286,15 @@ async def complete(
     """Report the file downloaded; its usage is counted once, however often this is repeated."""
     # Refusals are answered after the commit: a sha256 or size mismatch has failed the file (and task).
     outcome, row = await report(
-        request, principal, "executor_complete", file_id, body, body.bytes, body.sha256.lower(), body.stored_path
+        request,
+        principal,
+        "executor_complete",
+        SQL["executor_complete"],
+        file_id,
+        body,
+        body.bytes,
+        body.sha256.lower(),
+        body.stored_path,
     )
     return Report(outcome=outcome, task_status=row["task_status"])
 
@@ -303,6 +313,7 @@ async def fail(
         request,
         principal,
         "executor_fail",
+        SQL["executor_fail"],
         file_id,
         body,
         body.error,
@@ -323,6 +334,13 @@ async def release(
     """Give the file back (the executor is stopping): queued again, no attempt used, with the
     partial download's checkpoint if any."""
     outcome, _ = await report(
-        request, principal, "executor_release", file_id, body, body.checkpoint_bytes, body.checkpoint_sha256
+        request,
+        principal,
+        "executor_release",
+        SQL["executor_release"],
+        file_id,
+        body,
+        body.checkpoint_bytes,
+        body.checkpoint_sha256,
     )
     return Report(outcome=outcome, task_status=None)

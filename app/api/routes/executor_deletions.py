@@ -139,7 +139,9 @@ async def heartbeat_deletion(
     principal: Principal = Depends(require_perm("/api/v1/executor/deletions/{deletion_id}/heartbeat", "POST")),
 ) -> DeletionHeartbeat:
     """Extend the deletion's lease; 409 LEASE_LOST means stop."""
-    _, row = await report(request, principal, "executor_deletion_heartbeat", deletion_id, body)
+    _, row = await report(
+        request, principal, "executor_deletion_heartbeat", SQL["executor_deletion_heartbeat"], deletion_id, body
+    )
     return DeletionHeartbeat(lease_expires_at=row["lease_expires_at"])
 
 
@@ -153,7 +155,9 @@ async def complete_deletion(
     principal: Principal = Depends(require_perm("/api/v1/executor/deletions/{deletion_id}/complete", "POST")),
 ) -> DeletionReport:
     """Report the plan carried out: the task is deleted and the storage it alone used released."""
-    outcome, row = await report(request, principal, "executor_deletion_complete", deletion_id, body)
+    outcome, row = await report(
+        request, principal, "executor_deletion_complete", SQL["executor_deletion_complete"], deletion_id, body
+    )
     return DeletionReport(
         outcome=outcome,
         released_bytes=row["released_bytes"],
@@ -172,7 +176,15 @@ async def fail_deletion(
     attempts left; otherwise the task shows deletion failed."""
     max_attempts = request.app.state.settings.executor_max_attempts
     outcome, _ = await report(
-        request, principal, "executor_deletion_fail", deletion_id, body, body.error, body.retryable, max_attempts
+        request,
+        principal,
+        "executor_deletion_fail",
+        SQL["executor_deletion_fail"],
+        deletion_id,
+        body,
+        body.error,
+        body.retryable,
+        max_attempts,
     )
     return DeletionReport(outcome=outcome)
 
