@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.e2e.test_e2e_hf_cache import add_target, create, read_offline, run_until_done, sha, task_of
-from tests.support.app import bearer, token
 from tests.support.database import MigratedDb
+from tests.support.executors import quota_of
 from tests.support.hub import HubEmulator, running_hub
 from tests.support.tenants import tenant
 
@@ -68,12 +67,6 @@ def registry(db: MigratedDb, tid: int) -> dict[str, int]:
     return dict(rows)
 
 
-def quota(api: str, tid: int) -> dict[str, Any]:
-    got = httpx.get(f"{api}/api/v1/quota/current", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
-    assert got.status_code == 200, got.text
-    return dict(got.json())
-
-
 DISTINCT = sum(len(c) for c in A.values())
 
 
@@ -92,7 +85,7 @@ def test_a_content_already_in_the_target_is_linked_not_downloaded(db, api, hub, 
     assert disk_bytes(root) == DISTINCT  # and nothing more on disk
     assert log.count("placed from the stored copy") == len(B), log
     assert registry(db, tid) == {sha(c): len(c) for c in A.values()}  # once per distinct content
-    used = quota(api, tid)
+    used = quota_of(api, tid)
     assert used["storage_bytes_used"] == DISTINCT and used["storage_gb_used"] == 1
 
     if layout == "tree":
@@ -145,10 +138,10 @@ def test_dedup_never_crosses_tenants_or_targets(db, api, hub, work):
     assert theirs.read_bytes() == A["extra.bin"] and os.stat(theirs).st_ino != os.stat(mine).st_ino
     assert disk_bytes(work / "store" / "two") == sum(len(c) for c in B.values())
     assert registry(db, two) == {sha(c): len(c) for c in B.values()}
-    assert quota(api, two)["storage_bytes_used"] == sum(len(c) for c in B.values())
-    assert quota(api, one)["storage_bytes_used"] == DISTINCT  # undisturbed
+    assert quota_of(api, two)["storage_bytes_used"] == sum(len(c) for c in B.values())
+    assert quota_of(api, one)["storage_bytes_used"] == DISTINCT  # undisturbed
 
     # Another target of the same tenant: downloaded again too.
     _, fetched, log = run_task(api, hub, work, one, repo_id="org/dedup-b", revision="main", storage_target="other")
     assert fetched == sum(len(c) for c in B.values()) and "stored copy" not in log
-    assert quota(api, one)["storage_bytes_used"] == DISTINCT + sum(len(c) for c in B.values())
+    assert quota_of(api, one)["storage_bytes_used"] == DISTINCT + sum(len(c) for c in B.values())

@@ -24,7 +24,7 @@ import pytest
 
 from tests.e2e.test_e2e_hf_cache import READER, add_target, create, sha, task_of
 from tests.support.app import bearer, token
-from tests.support.executors import start_executor, stop_executor, wait_for
+from tests.support.executors import quota_of, start_executor, stop_executor, wait_for
 from tests.support.hub import HubEmulator, running_hub
 from tests.support.tenants import tenant
 
@@ -87,9 +87,7 @@ def deleted(api: str, tid: int, task_id: str, storages: list[Path], hub: HubEmul
 def storage_used(api: str, tid: int) -> int:
     """The tenant's storage figure (`GET /api/v1/quota/current`): the bytes of the distinct contents
     its targets hold, which a completed deletion releases."""
-    got = httpx.get(f"{api}/api/v1/quota/current", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
-    assert got.status_code == 200, got.text
-    return int(got.json()["storage_bytes_used"])
+    return int(quota_of(api, tid)["storage_bytes_used"])
 
 
 def succeeded(api: str, hub: HubEmulator, storages: list[Path], tid: int, *tasks: dict[str, Any]) -> None:

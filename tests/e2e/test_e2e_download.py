@@ -34,9 +34,9 @@ import pytest
 from app.executor.client import Claimed
 from app.executor.download import Tuning, UnsafePath, WrongSize, destination, download, file_url, partial_path
 from tests.support import server
-from tests.support.app import bearer, detail, token
+from tests.support.app import detail, token
 from tests.support.database import MigratedDb, free_port
-from tests.support.executors import create_task, start_executor, stop_executor, task_of, wait_for
+from tests.support.executors import create_task, quota_of, start_executor, stop_executor, task_of, wait_for
 from tests.support.file_server import serve_in_thread
 from tests.support.tenants import tenant
 
@@ -209,9 +209,9 @@ def test_several_tenants_downloaded_by_two_executors_metered_and_limited(db, api
         newest = conn.execute("SELECT max(xid)::text::bigint FROM dlw.usage_records").fetchone()[0]
     wait_for(lambda: _folded_past(db, newest), 15, "a snapshot refresh")
     for tid, slug, _, _ in tasks:
-        quota = httpx.get(f"{api}/api/v1/quota/current", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
-        assert quota.json()["bytes_used_month"] == totals[slug], slug
-        assert quota.json()["snapshot_refreshed_at"] is not None
+        quota = quota_of(api, tid)
+        assert quota["bytes_used_month"] == totals[slug], slug
+        assert quota["snapshot_refreshed_at"] is not None
         with db.owner() as conn:
             folded = conn.execute(
                 "SELECT amount FROM dlw.quota_snapshots WHERE tenant_id = %s AND period = dlw.month_start(now())",
@@ -390,8 +390,7 @@ def largest_files_seen(storage: Path) -> Iterator[dict[str, int]]:
 
 
 def quota_used(api: str, tid: int) -> int:
-    quota = httpx.get(f"{api}/api/v1/quota/current", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
-    return int(quota.json()["bytes_used_month"])
+    return int(quota_of(api, tid)["bytes_used_month"])
 
 
 def create_one_file_tasks(

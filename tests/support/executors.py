@@ -85,6 +85,13 @@ def task_of(api: str, tid: int, task_id: str) -> dict[str, Any]:
     return dict(got.json())
 
 
+def quota_of(api: str, tid: int) -> dict[str, Any]:
+    """The tenant's limits and usage as its viewer reads them (`GET /api/v1/quota/current`)."""
+    got = httpx.get(f"{api}/api/v1/quota/current", headers=bearer(token(tid, "tenant_viewer")), timeout=10)
+    assert got.status_code == 200, got.text
+    return dict(got.json())
+
+
 def _finished(api: str, tid: int, task_id: str) -> bool:
     return task_of(api, tid, task_id)["status"] in ("succeeded", "failed")
 
