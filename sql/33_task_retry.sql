@@ -40,7 +40,8 @@ BEGIN
             USING ERRCODE = '25000';
     END IF;
     -- Before any lock: an unknown task (another tenant's included) or one that has not failed.
-    SELECT x.status, x.deletion INTO v_status, v_deletion FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
+    SELECT x.status, x.deletion, x.storage_target_id INTO v_status, v_deletion, v_target
+      FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
     IF NOT FOUND THEN
         outcome := 'NOT_FOUND';
         RETURN;
@@ -61,7 +62,6 @@ BEGIN
       INTO v_requested, v_files, v_requeued
       FROM dlw.task_files f
      WHERE f.tenant_id = v_tenant AND f.task_id = p_task_id AND f.status IN ('failed', 'cancelled');
-    SELECT x.storage_target_id INTO v_target FROM dlw.tasks x WHERE x.tenant_id = v_tenant AND x.id = p_task_id;
     -- dlw.create_task's admission (the quota lock, then every figure from a fresh snapshot).
     SELECT a.active, a.metric, a.detail INTO v_active, metric, detail
       FROM dlw.admission_check(v_tenant, p_lock_timeout_ms, v_requested, false, v_target, v_requeued,
