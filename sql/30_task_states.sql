@@ -1,6 +1,7 @@
 -- owner: dlw_owner
 -- Tasks: the calendar helpers and the state machine (enforced by triggers, whoever writes).
--- Admission, cancellation and the current quota figures are in sql/31_task_admission.sql.
+-- Admission is in sql/31_admission_check.sql; task creation, cancellation and the current quota
+-- figures are in sql/31_task_admission.sql.
 --
 -- Everything here is invoker rights: the API calls it as dlw_app inside a transaction whose
 -- tenant context dlw.set_context() has set, so row-level security applies to every statement
