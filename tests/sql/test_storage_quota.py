@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from app.domain import STORAGE_GB_BYTES
-from tests.sql.test_admission_sql import concurrently, create, max_parallel, scalar
+from tests.support.admission import concurrently, create, max_parallel, scalar
 from tests.support.database import MigratedDb
 from tests.support.tenants import as_tenant, tenant
 
