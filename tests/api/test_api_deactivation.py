@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from psycopg.types.json import Jsonb
 
 from app.api.factory import create_app
-from tests.sql.test_executor_sql import Executor, make_task
 from tests.support.app import ADMIN_TOKEN, app_settings, bearer
 from tests.support.database import MigratedDb
+from tests.support.executor_sql import Executor, make_task
 from tests.support.tenants import as_tenant
 
 SYSTEM = bearer(ADMIN_TOKEN)

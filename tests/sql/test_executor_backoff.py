@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.sql.test_executor_sql import Executor, backoff_over, empty_queue, make_task, provision
 from tests.support.database import MigratedDb
+from tests.support.executor_sql import Executor, backoff_over, empty_queue, make_task, provision
 
 __all__ = ["empty_queue"]  # autouse: each test starts with an empty queue
 

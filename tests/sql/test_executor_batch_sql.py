@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.sql.test_executor_sql import (
+from tests.support.executor_sql import (
     SHA,
     Executor,
     empty_queue,

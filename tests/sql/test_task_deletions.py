@@ -16,8 +16,8 @@ import pytest
 from psycopg import errors
 from psycopg.rows import dict_row
 
-from tests.sql.test_executor_sql import Executor, cancel_open_work, make_task, owner, provision
 from tests.support.database import MigratedDb
+from tests.support.executor_sql import Executor, cancel_open_work, make_task, owner, provision
 from tests.support.tenants import as_tenant
 
 __all__ = ["owner"]  # the executor tests' module fixture, shared

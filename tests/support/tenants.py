@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import psycopg
 from psycopg import sql
@@ -23,7 +23,13 @@ TENANT_TABLES_SQL = """
 
 
 # Quotas of 0 mean unlimited: for tests about something other than admission.
-UNLIMITED: dict[str, int] = {"concurrent": 0, "bytes_month": 0, "storage_gb": 0}
+class Quotas(TypedDict):
+    concurrent: int
+    bytes_month: int
+    storage_gb: int
+
+
+UNLIMITED: Quotas = {"concurrent": 0, "bytes_month": 0, "storage_gb": 0}
 
 
 def tenant(
@@ -47,7 +53,7 @@ def tenant(
 
 
 def as_tenant(
-    conn: psycopg.Connection, tenant: int | SeededTenant, role: str = "tenant_operator", *, user: str = "test-user"
+    conn: psycopg.Connection[Any], tenant: int | SeededTenant, role: str = "tenant_operator", *, user: str = "test-user"
 ) -> None:
     """Act for a tenant in the connection's current transaction, exactly as the API's request
     transaction does first: dlw.set_context(tenant, user, acting role), transaction-local."""
