@@ -38,12 +38,12 @@ import httpx
 import psycopg
 import pytest
 
-from tests.e2e.test_e2e_download import HubServer
 from tests.support import server
 from tests.support.app import bearer, token
 from tests.support.database import MigratedDb, free_port
 from tests.support.executors import start_executor, stop_executor
 from tests.support.formation import Formation
+from tests.support.hub_server import HubServer
 from tests.support.tenants import tenant
 
 FILE_BYTES = 32 * 1024
