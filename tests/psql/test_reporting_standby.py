@@ -19,9 +19,8 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from tests.psql.test_reporting_psql import REPORTING_VIEWS
 from tests.psql.test_rls_reporting import tenant_ids_seen
-from tests.support.catalog import readable_columns, readable_tables
+from tests.support.catalog import REPORTING_VIEWS, readable_columns, readable_tables
 from tests.support.database import MigratedDb, PgServer
 from tests.support.formation import Formation
 from tests.support.tenants import SeededTenant, as_tenant, seeded_tenants

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from tests.support.database import MigratedDb
 
+# The views of the reporting schema (sql/81_reporting_views.sql), as the isolation tests expect them.
+REPORTING_VIEWS = {"tasks", "task_files", "usage_daily", "usage_monthly", "quota_status", "audit_log"}
+# The only SECURITY DEFINER function a reporting login may call (it returns a platform timestamp).
+REPORTING_DEFINERS = {"dlw.reporting_snapshot_refreshed_at()"}
+
 
 def readable_tables(db: MigratedDb) -> list[str]:
     """Every table or view, in any schema of ours, that dlw_reporting may select from."""
