@@ -39,7 +39,8 @@ def _verdict(ok: bool) -> str:
 
 
 def print_header(bench: Any, quick: bool) -> None:
-    from bench.create_path import PG_SETTINGS, POOL_MAX, POOL_MIN
+    from bench.cluster import PG_SETTINGS
+    from bench.servers import POOL_MAX, POOL_MIN
 
     http = "httptools" if importlib.util.find_spec("httptools") else "h11 (pure Python; httptools not installed)"
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio (uvloop not installed)"
@@ -278,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if "create" in parts or "list" in parts or "notify" in parts:
         from bench import create_path, list_rls, notify_flood
+        from bench.cluster import bench_cluster
 
         print("starting the embedded PostgreSQL and migrating a template database ...", flush=True)
-        with create_path.bench_cluster() as bench:
+        with bench_cluster() as bench:
             print_header(bench, args.quick)
             if "create" in parts:
                 with timed_part("create"):
@@ -317,9 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows += report_notify(flood)
 
     if "executor" in parts:
-        from bench import create_path, executor
+        from bench import executor
+        from bench.cluster import bench_cluster
 
-        with timed_part("executor"), create_path.bench_cluster() as bench:
+        with timed_part("executor"), bench_cluster() as bench:
             print("\nexecutor: transfers vs curl ...", flush=True)
             try:
                 rows += executor.run(bench, quick=args.quick)

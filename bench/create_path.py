@@ -1,7 +1,5 @@
-"""Create-task throughput: the full stack vs a bare endpoint vs pgbench, on one embedded cluster.
-
-Also home of the benchmark's PostgreSQL (BenchCluster): an embedded cluster from pgserver's
-binaries in a temporary directory, a template database migrated once, one database per part.
+"""Create-task throughput: the full stack vs a bare endpoint vs pgbench, on one embedded cluster
+(bench/cluster.py), each cell's CPU accounted from /proc (bench/cpu_accounting.py).
 """
 
 from __future__ import annotations
@@ -9,302 +7,37 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import secrets
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import httpx
 import psycopg
-from psycopg import sql
 
 from app.identity import system_jwt
 from app.identity.principal import Principal
-from app.ops.embedded import LocalCluster
-from app.ops.migrate import migrate
+from bench.cluster import BENCH_DIR, ROOT, BenchCluster
+from bench.cpu_accounting import (
+    CLK_TCK,
+    BackendSampler,
+    QuietWaiter,
+    children_cpu_s,
+    machine_busy,
+    postgres_cpu_s,
+    process_cpu_s,
+)
 from bench.load import build_request, summarize
+from bench.servers import JWT_SECRET, bare_env, base_env, full_stack_env, server
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-# Durability off: this measures CPU and locking, not the disk of whatever machine runs it.
-PG_SETTINGS = {
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
-    "shared_buffers": "512MB",
-}
-POOL_MIN, POOL_MAX = 2, 20  # the API's defaults (DLW_DB_POOL_MIN_SIZE / DLW_DB_POOL_MAX_SIZE)
-JWT_SECRET = secrets.token_urlsafe(48)
-UNUSED_ISSUER = "http://127.0.0.1:9/no-provider"  # required outside dev mode; never contacted here
 TASK_BODY = {
     "repo_id": "bench-org/bench-model",
     "revision": "main",
     "files": [{"path": "model.safetensors", "size": 1048576}],
 }
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# ------------------------------------------------------------------------------------------
-# The benchmark's PostgreSQL
-# ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class BenchCluster:
-    cluster: LocalCluster
-    app_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
-    template: str = "dlw_bench_template"
-
-    def superuser_url(self, dbname: str = "postgres") -> str:
-        return self.cluster.url(dbname)
-
-    def app_url(self, dbname: str) -> str:
-        return self.cluster.url(dbname, "dlw_app", self.app_password)
-
-    def execute(self, statement: sql.Composable | str, dbname: str = "postgres") -> None:
-        with psycopg.connect(self.superuser_url(dbname), autocommit=True) as conn:
-            conn.execute(statement)  # type: ignore[arg-type]
-
-    def prepare_template(self) -> None:
-        self.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.template)))
-        migrate(self.superuser_url(self.template))
-        self.execute(sql.SQL("ALTER ROLE dlw_app PASSWORD {}").format(sql.Literal(self.app_password)))
-
-    def new_database(self, name: str) -> str:
-        self.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(self.template))
-        )
-        self.execute("SELECT dlw.secure_database()", name)  # database-level grants are not cloned
-        return name
-
-    def server_version(self) -> str:
-        with psycopg.connect(self.superuser_url(), autocommit=True) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-        return str(row[0]) if row else "?"
-
-    def postmaster_pid(self) -> int:
-        return int((self.cluster.datadir / "postmaster.pid").read_text().split()[0])
-
-
-@contextmanager
-def bench_cluster() -> Iterator[BenchCluster]:
-    with tempfile.TemporaryDirectory(prefix="dlw-bench-") as tmp:
-        cluster = LocalCluster(Path(tmp) / "pgdata", port=free_port(), extra_settings=PG_SETTINGS)
-        cluster.start()
-        try:
-            bench = BenchCluster(cluster)
-            bench.prepare_template()
-            yield bench
-        finally:
-            cluster.destroy()
-
-
-# ------------------------------------------------------------------------------------------
-# CPU accounting from /proc (clock ticks: 10 ms resolution, fine over seconds)
-# ------------------------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str]:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2 :].split()  # fields from the 3rd on (state is [0])
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def postgres_cpu_s(postmaster: int) -> float:
-    """CPU of the postmaster, its live children and its reaped children (exited backends)."""
-    fields = _stat(postmaster)
-    total = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    for pid in _children(postmaster):
-        try:
-            child = _stat(pid)
-        except OSError:
-            continue
-        total += int(child[11]) + int(child[12])
-    return total / CLK_TCK
-
-
-def _children(parent: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int(_stat(int(entry.name))[1]) == parent:
-                    pids.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return pids
-
-
-class BackendSampler(threading.Thread):
-    """CPU of the dlw_app backends (the connections serving the benchmark's requests), sampled
-    every 50 ms so that backends which exit during the cell (pgbench's) still count."""
-
-    def __init__(self, postmaster: int) -> None:
-        super().__init__(daemon=True)
-        self.postmaster = postmaster
-        self.stopping = threading.Event()
-        self.baseline: dict[int, int] = {}
-        self.last: dict[int, int] = {}
-        self.is_backend: dict[int, bool] = {}
-        self._sample(initial=True)
-
-    def _sample(self, initial: bool = False) -> None:
-        for pid in _children(self.postmaster):
-            try:
-                if pid not in self.is_backend:
-                    title = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    self.is_backend[pid] = b"dlw_app" in title
-                if not self.is_backend[pid]:
-                    continue
-                fields = _stat(pid)
-            except OSError:
-                continue
-            ticks = int(fields[11]) + int(fields[12])
-            if initial:
-                self.baseline[pid] = ticks
-            self.last[pid] = ticks
-
-    def run(self) -> None:
-        while not self.stopping.wait(0.05):
-            self._sample()
-
-    def finish(self) -> float:
-        self.stopping.set()
-        self.join()
-        self._sample()
-        return sum(t - self.baseline.get(pid, 0) for pid, t in self.last.items()) / CLK_TCK
-
-
-def machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
-
-
-class QuietWaiter:
-    """Before a cell, wait (within a budget for the whole run) until the machine is nearly idle:
-    other work on a shared 2-core machine, or autovacuum catching up after the previous cell,
-    would otherwise be measured as part of the next cell."""
-
-    def __init__(self, budget_s: float, threshold: float = 0.25, max_per_cell_s: float = 5.0) -> None:
-        self.budget_s, self.threshold, self.max_per_cell_s = budget_s, threshold, max_per_cell_s
-        self.waited_s = 0.0
-
-    def wait(self) -> None:
-        start = time.monotonic()
-        while True:
-            b0 = machine_busy()
-            time.sleep(0.25)
-            b1 = machine_busy()
-            busy = (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
-            elapsed = time.monotonic() - start
-            if busy < self.threshold or elapsed >= self.max_per_cell_s or self.waited_s + elapsed >= self.budget_s:
-                break
-        self.waited_s += time.monotonic() - start
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-# ------------------------------------------------------------------------------------------
-# Servers
-# ------------------------------------------------------------------------------------------
-
-
-def _wait_http(proc: subprocess.Popen[bytes], url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server did not answer {url}")
-
-
-@contextmanager
-def server(
-    argv: list[str], env: dict[str, str], ready_path: str, log: IO[bytes] | None = None
-) -> Iterator[tuple[int, int]]:
-    """A server subprocess on a free port; yields (port, pid). Its log goes to `log` (for a part
-    that reads it) or a temp file."""
-    port = free_port()
-    with ExitStack() as stack:
-        if log is None:
-            log = stack.enter_context(tempfile.TemporaryFile())
-        proc = subprocess.Popen(
-            [sys.executable, *argv, "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        try:
-            try:
-                _wait_http(proc, f"http://127.0.0.1:{port}{ready_path}")
-            except RuntimeError as exc:
-                log.seek(0)
-                raise RuntimeError(f"{exc}\n{log.read().decode(errors='replace')[-3000:]}") from None
-            yield port, proc.pid
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("DLW_", "BENCH_"))}
-
-
-def full_stack_env(app_url: str) -> dict[str, str]:
-    return {
-        **base_env(),
-        "DLW_DATABASE_URL": app_url,
-        "DLW_SYSTEM_JWT_SECRET": JWT_SECRET,
-        "DLW_OIDC_ISSUER": UNUSED_ISSUER,
-        "DLW_SECRET_KEY": secrets.token_urlsafe(48),
-        "DLW_HF_ENDPOINT": "",  # measured: admission, not a hub (bench tasks carry their files)
-        "DLW_DB_POOL_MIN_SIZE": str(POOL_MIN),
-        "DLW_DB_POOL_MAX_SIZE": str(POOL_MAX),
-    }
-
-
-def bare_env(app_url: str) -> dict[str, str]:
-    return {
-        **base_env(),
-        "BENCH_DATABASE_URL": app_url,
-        "BENCH_POOL_MIN_SIZE": str(POOL_MIN),
-        "BENCH_POOL_MAX_SIZE": str(POOL_MAX),
-    }
 
 
 # ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import asyncpg
 import psycopg
 
 from app.api.routes import tasks as task_routes
-from bench.create_path import BenchCluster
+from bench.cluster import BenchCluster
 from bench.load import percentile
 
 PAGE = 50  # the route's default limit

@@ -30,17 +30,10 @@ import psycopg
 from app.authz.authorizer import CHANNEL
 from app.identity import system_jwt
 from app.identity.principal import Principal
-from bench.create_path import (
-    JWT_SECRET,
-    ROOT,
-    BenchCluster,
-    QuietWaiter,
-    base_env,
-    full_stack_env,
-    process_cpu_s,
-    server,
-)
+from bench.cluster import ROOT, BenchCluster
+from bench.cpu_accounting import QuietWaiter, process_cpu_s
 from bench.load import build_request
+from bench.servers import JWT_SECRET, base_env, full_stack_env, server
 
 GRANTS = 3000
 # One flood statement sends BURST notifications with distinct payloads (PostgreSQL folds identical
