@@ -144,8 +144,6 @@ def test_a_sha256_mismatch_fails_the_file_and_task_and_counts_nothing(db, owner,
 
 
 HUGE = [1 << 62, 4_600_000_000_000_000_000, 9_223_372_036_854_775_807]
-
-
 WRONG_COUNTS = [0, 9, 11, *HUGE]
 
 
