@@ -160,25 +160,30 @@ def run(bench: BenchCluster, *, quick: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         served = work / "served"
-        big = fs.add(served, "bench/large", "main", "large.bin", os.urandom(large_size))
-        small = [fs.add(served, "bench/small", "main", f"f{i:03}.bin", os.urandom(2048)) for i in range(500)]
+        large_bytes = bytearray(os.urandom(large_size))
         with (
             server(["-m", "app", "serve"], full_stack_env(bench.app_url(dbname)), "/readyz") as (port, _pid),
             httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as api,
         ):
-            large_url = f"{endpoint}/bench/large/resolve/main/large.bin"
-            small_urls = [f"{endpoint}/bench/small/resolve/main/{f['path']}" for f in small]
             times: dict[str, list[float]] = {k: [] for k in ("null", "curl", "ours", "curl_par", "ours_small")}
             for r in range(rounds):
+                # New contents each round: the same bytes again would be placed from the stored copy
+                # of an earlier round (deduplication), not downloaded.
+                large_bytes[:8] = r.to_bytes(8, "big")
+                big = fs.add(served, f"bench/large{r}", "main", "large.bin", bytes(large_bytes))
+                small = [fs.add(served, f"bench/small{r}", "main", f"f{i:03}.bin", os.urandom(2048)) for i in range(500)]
+                large_url = f"{endpoint}/bench/large{r}/resolve/main/large.bin"
+                small_urls = [f"{endpoint}/bench/small{r}/resolve/main/{f['path']}" for f in small]
                 storage = work / f"storage-{r}"
                 with _executor(port, endpoint, storage, "--concurrency", "8"):
                     times["null"].append(_curl_null(large_url))
                     times["curl"].append(_curl_one(large_url, work / "curl.bin"))
-                    times["ours"].append(_timed_task(api, tenant, "bench/large", [big]))
-                    shutil.rmtree(storage / "bench-xfer" / "bench" / "large", ignore_errors=True)
+                    times["ours"].append(_timed_task(api, tenant, f"bench/large{r}", [big]))
+                    shutil.rmtree(storage / "bench-xfer" / f"bench/large{r}", ignore_errors=True)
                     times["curl_par"].append(_curl_parallel(small_urls, work / "curl-small"))
-                    times["ours_small"].append(_timed_task(api, tenant, "bench/small", small))
+                    times["ours_small"].append(_timed_task(api, tenant, f"bench/small{r}", small))
                     shutil.rmtree(storage, ignore_errors=True)
+                (served / f"bench/large{r}" / "main" / "large.bin").unlink()
                 print(
                     f"  executor round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
                 )

@@ -22,6 +22,7 @@ import httpx
 from app.domain import CLAIM_MAX_FILES, RETRY_AFTER_MAX_SECONDS
 from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
+from app.executor.curl_lane import CurlLane
 from app.executor.deletion_work import claim_and_carry_out
 from app.executor.download import (
     Busy,
@@ -36,6 +37,7 @@ from app.executor.download import (
     discard,
     download,
     file_url,
+    in_lane,
     mismatch,
 )
 from app.executor.layout import hub_etag, publish
@@ -68,7 +70,9 @@ class ReferenceExecutor:
         if config.hf_token:
             self.hub_headers["Authorization"] = f"Bearer {config.hf_token}"  # dropped on cross-origin redirects
         self.tuning = Tuning(
-            connections_per_file=config.connections_per_file, slots=threading.BoundedSemaphore(config.max_connections)
+            connections_per_file=config.connections_per_file,
+            slots=threading.BoundedSemaphore(config.max_connections),
+            lane=CurlLane(config.concurrency, config.max_connections),
         )
         self.slots = asyncio.Semaphore(config.concurrency)
         self.exit_code = 0
@@ -240,21 +244,27 @@ class ReferenceExecutor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.tuning.lane is not None:
+            await asyncio.to_thread(self.tuning.lane.close)
         await self.reporter.close()  # completions already queued still go out
 
     # -- one file --------------------------------------------------------------------------
     async def _download(self, item: Claimed) -> Downloaded:
+        fetch = functools.partial(
+            download,
+            self.config.storages,
+            self.config.hf_endpoint,
+            item,
+            self.hub_headers,
+            self.tuning,
+            self._bytes_counter(item),
+            then=functools.partial(self._verify_and_publish, item),
+        )
+        if in_lane(item):  # the lane keeps its own --concurrency files at once (it queues the rest)
+            return await fetch()
         # Claimed files beyond the download slots wait here, their leases kept by heartbeats.
         async with self.slots:
-            return await download(
-                self.config.storages,
-                self.config.hf_endpoint,
-                item,
-                self.hub_headers,
-                self.tuning,
-                self._bytes_counter(item),
-                then=functools.partial(self._verify_and_publish, item),
-            )
+            return await fetch()
 
     async def _work(self, item: Claimed) -> None:
         work = asyncio.current_task()
@@ -349,8 +359,8 @@ class ReferenceExecutor:
     def _publish(self, item: Claimed, result: Downloaded) -> None:
         """Verified bytes into place; for hf-cache named as huggingface_hub names blobs (the
         hub's ETag, asked with a HEAD like it does)."""
-        etag = None
-        if result.place.link is not None:
+        etag = result.etag  # as the download's first answer gave it; else asked for
+        if result.place.link is not None and etag is None:
             headers = dict(self.hub_headers)
             if item.hub_token:
                 headers["Authorization"] = f"Bearer {item.hub_token}"
