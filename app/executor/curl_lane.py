@@ -197,7 +197,7 @@ class CurlLane:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
         finally:
-            for handle, transfer in list(active.items()):
+            for handle in list(active):
                 self._end(multi, handle, active, idle, Cancelled())
             with self._lock:
                 left, self._incoming = list(self._incoming), deque()

@@ -40,9 +40,9 @@ __all__ = [
     "Busy",
     "Cancelled",
     "Downloaded",
-    "TransferError",
     "NoCommit",
     "NotPublished",
+    "TransferError",
     "Unreachable",
     "UnsafePath",
     "Upstream",
@@ -204,13 +204,13 @@ async def _in_lane(
         headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
     item.resumed_from = item.bytes_done = 0
     transfer = LaneTransfer(
-            url=file_url(endpoint, item),
-            headers=[f"{name}: {value}" for name, value in headers.items()],
-            size=item.size,
-            start=start,
-            finish=finish,
-            on_bytes=on_bytes,
-            want_etag=item.storage_layout == "hf-cache",
+        url=file_url(endpoint, item),
+        headers=[f"{name}: {value}" for name, value in headers.items()],
+        size=item.size,
+        start=start,
+        finish=finish,
+        on_bytes=on_bytes,
+        want_etag=item.storage_layout == "hf-cache",
     )
     waiting = lane.submit(transfer)
     try:

@@ -49,6 +49,7 @@ log = logging.getLogger("dlw.executor")
 
 USER_AGENT = "dlw-reference-executor"
 DELETIONS_PER_CLAIM = 4  # each takes a moment (unlinks): a few per turn of the loop
+DELETIONS_BUSY_SECONDS = 1.0  # asked for at most this often while files download (a request each)
 QUEUE_MAX = 2 * CLAIM_MAX_FILES  # files held waiting or downloading, at most (small files)
 SMALL_FILE = 1 << 20  # below: logged done at debug
 
@@ -153,16 +154,18 @@ class ReferenceExecutor:
                     if claimed < asked:
                         next_claim = time.monotonic() + self.config.poll_seconds
                 # Deletions of tasks' files (docs/storage.md, "Deleting"): quick, done in turn; asked
-                # again at once while there were some, else after the poll interval (not on every
-                # turn: a stream of small files turns this loop many times a second).
+                # again at once while there were some, else after the poll interval, or a second
+                # while files download (not on every turn: a stream of small files turns this loop
+                # many times a second).
                 deleted = 0
                 if time.monotonic() >= next_deletions:
                     got = await self._claimed("deletion claim", self._deletions)
                     if got is None:
                         break
                     deleted = got
-                    if not deleted:
-                        next_deletions = time.monotonic() + self.config.poll_seconds
+                    if not deleted:  # while files download, at most once a second: housekeeping can wait
+                        pause = max(self.config.poll_seconds, DELETIONS_BUSY_SECONDS if self.fetching else 0)
+                        next_deletions = time.monotonic() + pause
                 # Claim again at once while the queue gave all it was asked for and there is room
                 # (or deletions came); else wait for a download to finish, a stop, or the poll interval.
                 if not deleted and not (claimed == asked > 0 and len(self.fetching) < self._queue_target()):
