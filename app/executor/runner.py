@@ -213,6 +213,8 @@ class ReferenceExecutor:
         """The file's download ended (whatever the outcome): room for the next claim."""
         self.fetching.discard(file_id)
         self._room.set()
+        if not self.fetching:  # the last download ended: its completion need not wait for others
+            self.reporter.flush()
 
     def _forget(self, file_id: str, _task: asyncio.Task[None]) -> None:
         self.active.pop(file_id, None)
