@@ -346,6 +346,7 @@ def _curl_problem(handle: pycurl.Curl, transfer: LaneTransfer[Any], code: int, m
         return Upstream(310, url)
     if code == pycurl.E_UNSUPPORTED_PROTOCOL:
         return Upstream(0, url)
-    if code == pycurl.E_FILESIZE_EXCEEDED:
-        return WrongSize(f"server announced more than the declared {transfer.size} bytes")
+    if code == pycurl.E_FILESIZE_EXCEEDED:  # refused on the announced length, before any byte
+        announced = int(handle.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T))
+        return WrongSize(f"server sent more than the declared {transfer.size} bytes (Content-Length {announced})")
     return TransferError(f"{message} (curl error {code})")
