@@ -22,9 +22,10 @@ import contextlib
 import hashlib
 import logging
 import os
-import select
+import selectors
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ class CurlLane:
         os.set_blocking(self._wake_w, False)
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._broken = False  # the lane's thread failed: files take the threaded path instead
         self._cainfo = ca_bundle()
 
     def submit(self, transfer: LaneTransfer[T]) -> asyncio.Future[T]:
@@ -134,7 +136,7 @@ class CurlLane:
         loop = asyncio.get_running_loop()
         transfer.future = loop.create_future()
         with self._lock:
-            if self._closing:
+            if self._closing or self._broken:
                 raise RuntimeError("the transfer lane is closed")
             self._loop = loop
             self._incoming.append(transfer)
@@ -145,6 +147,10 @@ class CurlLane:
         if wake:  # a lane that is busy sees the queue at its next turn
             self._wake()
         return transfer.future
+
+    @property
+    def usable(self) -> bool:
+        return not (self._closing or self._broken)
 
     def cancel(self, transfer: LaneTransfer[Any]) -> None:
         """Stop the transfer (its future then raises Cancelled); its partial file is kept."""
@@ -167,10 +173,35 @@ class CurlLane:
 
     # -- the lane's thread -----------------------------------------------------------------
     def _run(self) -> None:
+        """libcurl's socket interface on an epoll selector (no FD_SETSIZE limit, no fd set
+        rebuilt per turn): libcurl says which sockets to watch and when to call it again."""
         multi = pycurl.CurlMulti()
         multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, self.max_connections)
+        watch = selectors.DefaultSelector()
+        watch.register(self._wake_r, selectors.EVENT_READ)
+        due: list[float | None] = [None]  # when libcurl wants to be called again (M_TIMERFUNCTION)
+
+        def on_socket(what: int, fd: int, _multi: object, _data: object) -> None:
+            if what == pycurl.POLL_REMOVE:
+                with contextlib.suppress(KeyError, ValueError):
+                    watch.unregister(fd)
+                return
+            events = (selectors.EVENT_READ if what & pycurl.POLL_IN else 0) | (
+                selectors.EVENT_WRITE if what & pycurl.POLL_OUT else 0
+            )
+            try:
+                watch.modify(fd, events)
+            except KeyError:
+                watch.register(fd, events)
+
+        def on_timer(ms: int) -> None:
+            due[0] = None if ms < 0 else time.monotonic() + ms / 1000
+
+        multi.setopt(pycurl.M_SOCKETFUNCTION, on_socket)
+        multi.setopt(pycurl.M_TIMERFUNCTION, on_timer)
         active: dict[pycurl.Curl, LaneTransfer[Any]] = {}
         idle: list[pycurl.Curl] = []
+        problem: BaseException = Cancelled()
         try:
             while True:
                 self._admit(multi, active, idle)
@@ -178,8 +209,6 @@ class CurlLane:
                     if transfer.cancelled and transfer.why is None:  # stalled: no callback would see it
                         transfer.why = Cancelled()
                         self._end(multi, handle, active, idle, transfer.why)
-                while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
-                    pass
                 self._collect(multi, active, idle)
                 self._deliver()
                 with self._lock:
@@ -187,26 +216,41 @@ class CurlLane:
                         return
                     # Asleep (woken by a submission) unless queued files could start now.
                     self._sleeping = sleep = not (self._incoming and len(active) < self.max_active)
-                reads, writes, errors = multi.fdset()
-                wait = multi.timeout()
-                seconds = 0.0 if not sleep else 1.0 if wait < 0 else min(wait / 1000, 1.0)
-                ready, _, _ = select.select([*reads, self._wake_r], writes, errors, seconds)
+                when = due[0]
+                wait = 0.0 if not sleep else 1.0 if when is None else min(max(when - time.monotonic(), 0.0), 1.0)
+                ready = watch.select(wait)
                 with self._lock:
                     self._sleeping = False
-                if self._wake_r in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
+                for key, mask in ready:
+                    if key.fd == self._wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 4096)
+                        continue
+                    flags = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
+                        pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0
+                    )
+                    multi.socket_action(key.fd, flags)
+                when = due[0]
+                if when is not None and when <= time.monotonic():
+                    due[0] = None
+                    multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        except BaseException as exc:  # a bug here must not leave the files' waiters hanging
+            log.exception("the small-file lane stopped")
+            problem = TransferError(f"the small-file lane stopped: {type(exc).__name__}: {exc}")
+            with self._lock:
+                self._broken = True
         finally:
             for handle in list(active):
-                self._end(multi, handle, active, idle, Cancelled())
+                self._end(multi, handle, active, idle, problem)
             with self._lock:
                 left, self._incoming = list(self._incoming), deque()
             for transfer in left:
-                self._settle(transfer, None, Cancelled())
+                self._settle(transfer, None, problem)
             self._deliver()
             for handle in idle:
                 handle.close()
             multi.close()
+            watch.close()
 
     def _settle(self, transfer: LaneTransfer[Any], result: Any, problem: BaseException | None) -> None:
         self._ended.append((transfer, result, problem))

@@ -149,7 +149,8 @@ async def download(
     not the declared file (WrongSize). One worker thread does all of it, so a small file costs one
     hop off the event loop. A small file without a resume point goes through the lane instead
     (app/executor/curl_lane.py), its partial file opened and published there."""
-    if tuning.lane is not None and in_lane(item):
+    if lane_takes(tuning, item):
+        assert tuning.lane is not None
         return await _in_lane(tuning.lane, storage, endpoint, item, headers, on_bytes, then)
     cancel = threading.Event()
 
@@ -171,8 +172,13 @@ async def download(
 
 
 def in_lane(item: Claimed) -> bool:
-    """Whether the lane fetches this file: small, nothing to resume, no stored copy to place."""
+    """Whether the lane is for this file: small, nothing to resume, no stored copy to place."""
     return item.size < INLINE_BELOW and not item.resume_bytes and item.stored_path is None
+
+
+def lane_takes(tuning: Tuning, item: Claimed) -> bool:
+    """Whether download() sends this file through the lane (there is one, and it runs)."""
+    return tuning.lane is not None and tuning.lane.usable and in_lane(item)
 
 
 async def _in_lane(

@@ -37,7 +37,7 @@ from app.executor.download import (
     discard,
     download,
     file_url,
-    in_lane,
+    lane_takes,
     mismatch,
 )
 from app.executor.layout import hub_etag, publish
@@ -265,7 +265,7 @@ class ReferenceExecutor:
             self._bytes_counter(item),
             then=functools.partial(self._verify_and_publish, item),
         )
-        if in_lane(item):  # the lane keeps its own --concurrency files at once (it queues the rest)
+        if lane_takes(self.tuning, item):  # the lane keeps its own --concurrency files at once (it queues the rest)
             return await fetch()
         # Claimed files beyond the download slots wait here, their leases kept by heartbeats.
         async with self.slots:
