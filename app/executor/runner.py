@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from app.domain import CLAIM_MAX_FILES, RETRY_AFTER_MAX_SECONDS
+from app.domain import CLAIM_MAX_FILES, CLAIM_WAIT_SECONDS_MAX, RETRY_AFTER_MAX_SECONDS
 from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, LeaseLost, TokenRefused
 from app.executor.curl_lane import CurlLane
@@ -144,13 +144,18 @@ class ReferenceExecutor:
                 # freed would cost a transaction per small file. Only files still to download
                 # count: a file waiting for its completion report no longer needs a slot, so the
                 # next claim arrives while the last ones are reported.
+                # An idle executor's claim waits on the server for work (a long poll of the poll
+                # interval, in whole seconds, at least 1): a new task starts at once, not at the
+                # next poll.
                 idle = not self.fetching
+                waited = False
                 if free > 0 and (free >= (target + 1) // 2 or idle) and (idle or time.monotonic() >= next_claim):
                     asked = free
-                    got = await self._claimed("claim", functools.partial(self._claim, free))
+                    wait = min(max(1, round(self.config.poll_seconds)), CLAIM_WAIT_SECONDS_MAX) if idle else 0
+                    got = await self._claimed("claim", functools.partial(self._claim, free, wait))
                     if got is None:
                         break
-                    claimed = got
+                    claimed, waited = got, wait > 0
                     if claimed < asked:
                         next_claim = time.monotonic() + self.config.poll_seconds
                 # Deletions of tasks' files (docs/storage.md, "Deleting"): quick, done in turn; asked
@@ -168,7 +173,8 @@ class ReferenceExecutor:
                         next_deletions = time.monotonic() + pause
                 # Claim again at once while the queue gave all it was asked for and there is room
                 # (or deletions came); else wait for a download to finish, a stop, or the poll interval.
-                if not deleted and not (claimed == asked > 0 and len(self.fetching) < self._queue_target()):
+                more = claimed == asked > 0 and len(self.fetching) < self._queue_target()
+                if not deleted and not more and not (waited and not claimed):  # a waited claim waited already
                     self._room.clear()
                     room = asyncio.ensure_future(self._room.wait())
                     try:
@@ -195,8 +201,8 @@ class ReferenceExecutor:
             log.warning("%s failed: %s", what, exc)
             return 0
 
-    async def _claim(self, free: int) -> int:
-        files = await self.api.claim(free, self.config.lease_seconds, self.config.label)
+    async def _claim(self, free: int, wait: int = 0) -> int:
+        files = await self.api.claim(free, self.config.lease_seconds, self.config.label, wait)
         if files:
             self._typical_size = max(1, sum(f.size for f in files) // len(files))
         for claimed in files:
