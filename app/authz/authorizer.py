@@ -36,11 +36,11 @@ DEBOUNCE_SECONDS = 0.1
 
 
 class Authorizer:
-    def __init__(self, pool: asyncpg.Pool, also: dict[str, Callable[[], None]] | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, also: dict[str, Callable[[object], None]] | None = None) -> None:
         self.pool = pool
         # Other channels LISTENed to on the same connection (one listening connection per
-        # instance): channel -> callback, also called after every reconnection (a notification
-        # may have been missed meanwhile).
+        # instance): channel -> callback of the payload, also called (with None) after every
+        # reconnection (a notification may have been missed meanwhile).
         self._also = dict(also or {})
         self._file_rules = frozenset(file_rules())
         self.policy = PolicyIndex()  # nothing is allowed until the first load (fail closed)
@@ -184,8 +184,8 @@ class Authorizer:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._notified)
                 for channel, callback in self._also.items():
-                    await conn.add_listener(channel, lambda *_a, callback=callback: callback())
-                    callback()
+                    await conn.add_listener(channel, lambda _c, _p, _ch, payload, f=callback: f(payload))
+                    callback(None)
                 self._force_reload = True
                 self._wake.set()
                 backoff = 0.5

@@ -36,21 +36,22 @@ def tid(db: MigratedDb) -> int:
     return tenant(db, "claim-wait", concurrent=0, bytes_month=0, storage_gb=0)
 
 
-def claim(api: str, **body: Any) -> tuple[float, httpx.Response]:
+def claim(api: str, scope: int = 0, **body: Any) -> tuple[float, httpx.Response]:
+    """A claim by an executor of every tenant (scope 0) or of one."""
     started = time.monotonic()
     response = httpx.post(
         f"{api}/api/v1/executor/claim",
-        headers=bearer(token(0, "executor")),
+        headers=bearer(token(scope, "executor")),
         json={"max_files": 10, "lease_seconds": 60, **body},
         timeout=60,
     )
     return time.monotonic() - started, response
 
 
-def claim_while(api: str, action: Any, **body: Any) -> tuple[float, httpx.Response]:
+def claim_while(api: str, action: Any, scope: int = 0, wait: int = WAIT) -> tuple[float, httpx.Response]:
     """A waiting claim on `api`, and `action` done once it waits."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(claim, api, wait_seconds=WAIT, **body)
+        waiting = pool.submit(claim, api, scope, wait_seconds=wait)
         time.sleep(1.0)  # it is waiting by now (the queue is empty)
         assert not waiting.done()
         action()
@@ -83,6 +84,15 @@ def test_a_wait_with_nothing_to_claim_ends_empty(servers: tuple[str, str], db: M
     took, response = claim_while(servers[1], notify)
     assert response.status_code == 200 and response.json()["files"] == []
     assert took >= WAIT
+
+
+def test_a_claim_limited_to_one_tenant_is_woken_by_its_tenants_work(servers: tuple[str, str], tid: int) -> None:
+    def create() -> None:
+        assert create_task(servers[1], tid, "org/mine", "main", [{"path": "b.bin", "size": 10}]).status_code == 201
+
+    took, response = claim_while(servers[0], create, scope=tid)
+    assert [f["repo_id"] for f in response.json()["files"]] == ["org/mine"]
+    assert took < WAIT / 2, took
 
 
 @pytest.mark.parametrize("wait", [-1, CLAIM_WAIT_SECONDS_MAX + 1, "5", 2.5])

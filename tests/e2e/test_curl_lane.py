@@ -11,8 +11,6 @@ import asyncio
 import functools
 import hashlib
 import random
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,14 +31,7 @@ KB = 1024
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="dlw-lane-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def files(workdir: Path) -> Iterator[FileServer]:
+def files() -> Iterator[FileServer]:
     fs = FileServer()
     fs.start()
     yield fs
@@ -85,32 +76,32 @@ def fetch(
     return asyncio.run(run())
 
 
-def test_small_files_arrive_verified_in_place_one_request_each(files: FileServer, workdir: Path) -> None:
+def test_small_files_arrive_verified_in_place_one_request_each(files: FileServer, work: Path) -> None:
     rng = random.Random(1)
     specs = [
-        files.add(workdir / "served", "org/lane", "main", f"d/f{i}.bin", rng.randbytes(rng.randint(0, 9000)))
+        files.add(work / "served", "org/lane", "main", f"d/f{i}.bin", rng.randbytes(rng.randint(0, 9000)))
         for i in range(40)
     ]
     items = [claimed(s["path"], s["size"], s["sha256"]) for s in specs]
     assert all(in_lane(i) for i in items)
-    results = fetch(workdir / "storage", files.url, items)
+    results = fetch(work / "storage", files.url, items)
     for spec, result in zip(specs, results, strict=True):
         assert isinstance(result, Downloaded), result
         assert result.sha256 == spec["sha256"]
-        on_disk = workdir / "storage" / "acme" / "org/lane" / "main" / spec["path"]
+        on_disk = work / "storage" / "acme" / "org/lane" / "main" / spec["path"]
         assert hashlib.sha256(on_disk.read_bytes()).hexdigest() == spec["sha256"]
         assert files.requests[spec["path"]] == 1
-    assert not list((workdir / "storage").rglob("*.part"))  # every partial file became its file
+    assert not list((work / "storage").rglob("*.part"))  # every partial file became its file
 
 
 def test_more_bytes_than_declared_stop_the_transfer_and_nothing_past_the_size_is_written(
-    files: FileServer, workdir: Path
+    files: FileServer, work: Path
 ) -> None:
     """Announced (a Content-Length above the size: refused before any byte is written) or not (a
     server that just keeps sending): WrongSize, the partial file never above the declared size,
     then removed; the unannounced sender sees the connection close long before its end."""
     content = random.Random(2).randbytes(900 * KB)
-    files.add(workdir / "served", "org/lane", "main", "announced.bin", content)
+    files.add(work / "served", "org/lane", "main", "announced.bin", content)
     hidden, hidden_url = _endless_server(content)
     declared = 100 * KB + 7
     written: dict[str, list[int]] = {"announced.bin": [], "hidden.bin": []}
@@ -119,16 +110,16 @@ def test_more_bytes_than_declared_stop_the_transfer_and_nothing_past_the_size_is
         item = claimed(path, declared)
 
         def after_write(n: int) -> None:
-            written[path].append(partial_path([workdir / "storage"], item).stat().st_size)
+            written[path].append(partial_path([work / "storage"], item).stat().st_size)
 
         return after_write
 
     try:
         (announced,) = fetch(
-            workdir / "storage", files.url, [claimed("announced.bin", declared)], on_bytes=watch("announced.bin")
+            work / "storage", files.url, [claimed("announced.bin", declared)], on_bytes=watch("announced.bin")
         )
         (unannounced,) = fetch(
-            workdir / "storage", hidden_url, [claimed("hidden.bin", declared)], on_bytes=watch("hidden.bin")
+            work / "storage", hidden_url, [claimed("hidden.bin", declared)], on_bytes=watch("hidden.bin")
         )
     finally:
         hidden.shutdown()
@@ -138,32 +129,32 @@ def test_more_bytes_than_declared_stop_the_transfer_and_nothing_past_the_size_is
     assert written["announced.bin"] == []
     assert written["hidden.bin"] and max(written["hidden.bin"]) <= declared
     assert hidden.sent < len(content)  # type: ignore[attr-defined]
-    assert not [p for p in (workdir / "storage").rglob("*") if p.is_file()]
+    assert not [p for p in (work / "storage").rglob("*") if p.is_file()]
 
 
-def test_fewer_bytes_than_declared_fail_the_file(files: FileServer, workdir: Path) -> None:
+def test_fewer_bytes_than_declared_fail_the_file(files: FileServer, work: Path) -> None:
     content = random.Random(3).randbytes(5000)
-    spec = files.add(workdir / "served", "org/lane", "main", "short.bin", content)
-    (result,) = fetch(workdir / "storage", files.url, [claimed("short.bin", 5001, spec["sha256"])])
+    spec = files.add(work / "served", "org/lane", "main", "short.bin", content)
+    (result,) = fetch(work / "storage", files.url, [claimed("short.bin", 5001, spec["sha256"])])
     assert isinstance(result, WrongSize) and "fewer than the declared 5001 bytes" in str(result), result
-    assert not [p for p in (workdir / "storage").rglob("*") if p.is_file()]
+    assert not [p for p in (work / "storage").rglob("*") if p.is_file()]
 
 
-def test_an_error_status_comes_back_with_its_retry_after(files: FileServer, workdir: Path) -> None:
+def test_an_error_status_comes_back_with_its_retry_after(files: FileServer, work: Path) -> None:
     for name in ("busy.bin", "down.bin", "gone.bin"):
-        files.add(workdir / "served", "org/lane", "main", name, b"x" * 10)
+        files.add(work / "served", "org/lane", "main", name, b"x" * 10)
     files.refusals["busy.bin"] = [(429, 7)]
     files.refusals["down.bin"] = [(503, None)]
     files.refusals["gone.bin"] = [(404, None)]
     busy, down, gone = fetch(
-        workdir / "storage", files.url, [claimed(n, 10) for n in ("busy.bin", "down.bin", "gone.bin")]
+        work / "storage", files.url, [claimed(n, 10) for n in ("busy.bin", "down.bin", "gone.bin")]
     )
     assert isinstance(busy, Upstream) and (busy.status, busy.retry_after) == (429, 7.0)
     assert isinstance(down, Upstream) and (down.status, down.retry_after) == (503, None)
     assert isinstance(gone, Upstream) and gone.status == 404
 
 
-def test_the_token_never_follows_a_redirect_to_another_origin_and_only_http_is_followed(workdir: Path) -> None:
+def test_the_token_never_follows_a_redirect_to_another_origin_and_only_http_is_followed(work: Path) -> None:
     seen: list[tuple[str, str | None]] = []
     content = b"redirected bytes"
     cdn, cdn_url = serve_in_thread(_recording(seen, "cdn", lambda h: _send(h, 200, content)))
@@ -177,7 +168,7 @@ def test_the_token_never_follows_a_redirect_to_another_origin_and_only_http_is_f
     hub, hub_url = serve_in_thread(_recording(seen, "hub", lambda h: _send(h, 302, b"", Location=routes[h.path])))
     try:
         items = [claimed(n, len(content)) for n in ("port.bin", "host.bin", "ftp.bin", "file.bin")]
-        port, host, ftp, file = fetch(workdir / "storage", hub_url, items, {"Authorization": "Bearer hub-secret"})
+        port, host, ftp, file = fetch(work / "storage", hub_url, items, {"Authorization": "Bearer hub-secret"})
     finally:
         cdn.shutdown()
         hub.shutdown()
@@ -187,10 +178,10 @@ def test_the_token_never_follows_a_redirect_to_another_origin_and_only_http_is_f
     assert [auth for who, auth in seen if who == "cdn"] == [None, None]
 
 
-def test_a_cancelled_download_stops_and_the_lane_goes_on(files: FileServer, workdir: Path) -> None:
+def test_a_cancelled_download_stops_and_the_lane_goes_on(files: FileServer, work: Path) -> None:
     slow = random.Random(4).randbytes(400 * KB)
-    files.add(workdir / "served", "org/lane", "main", "slow.bin", slow)
-    quick = files.add(workdir / "served", "org/lane", "main", "quick.bin", b"q" * 3000)
+    files.add(work / "served", "org/lane", "main", "slow.bin", slow)
+    quick = files.add(work / "served", "org/lane", "main", "quick.bin", b"q" * 3000)
     files.rate["slow.bin"] = 100 * KB  # four seconds in all
     item = claimed("slow.bin", len(slow))
 
@@ -198,13 +189,13 @@ def test_a_cancelled_download_stops_and_the_lane_goes_on(files: FileServer, work
         lane = CurlLane(max_active=2, max_connections=2)
         tuning = Tuning(lane=lane)
         try:
-            job = asyncio.create_task(download([workdir / "storage"], files.url, item, {}, tuning, lambda _n: None))
+            job = asyncio.create_task(download([work / "storage"], files.url, item, {}, tuning, lambda _n: None))
             await asyncio.to_thread(_until, lambda: files.sent["slow.bin"] >= 50 * KB)
             job.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await job
             return await download(
-                [workdir / "storage"], files.url, claimed("quick.bin", 3000), {}, tuning, lambda _n: None
+                [work / "storage"], files.url, claimed("quick.bin", 3000), {}, tuning, lambda _n: None
             )
         finally:
             await asyncio.to_thread(lane.close)
@@ -214,10 +205,10 @@ def test_a_cancelled_download_stops_and_the_lane_goes_on(files: FileServer, work
     sent = files.sent["slow.bin"]
     threading.Event().wait(0.5)
     assert files.sent["slow.bin"] - sent <= 64 * KB  # stopped (one piece in flight at most)
-    assert partial_path([workdir / "storage"], item).exists()  # kept, as a stopped download is
+    assert partial_path([work / "storage"], item).exists()  # kept, as a stopped download is
 
 
-def test_hf_cache_blobs_are_named_from_the_first_answer_without_a_head(workdir: Path) -> None:
+def test_hf_cache_blobs_are_named_from_the_first_answer_without_a_head(work: Path) -> None:
     lfs, plain = random.Random(5).randbytes(6000), b"a small git file\n"
     with running_hub() as hub:
         repo = hub.hub.repo("org/cache")
@@ -228,12 +219,12 @@ def test_hf_cache_blobs_are_named_from_the_first_answer_without_a_head(workdir: 
             )
             for p, c in (("w.bin", lfs), ("config.json", plain))
         ]
-        weights, config = fetch(workdir / "storage", hub.url, items)
+        weights, config = fetch(work / "storage", hub.url, items)
         methods = {method for method, _ in hub.hub.requests}
     assert isinstance(weights, Downloaded) and isinstance(config, Downloaded), (weights, config)
     assert weights.etag == hashlib.sha256(lfs).hexdigest()  # X-Linked-Etag of the hub's redirect
     assert config.etag == git_blob_oid(plain)  # ETag of a file stored in git
-    blobs = workdir / "storage" / "acme" / "models--org--cache" / "blobs"
+    blobs = work / "storage" / "acme" / "models--org--cache" / "blobs"
     assert sorted(p.name for p in blobs.iterdir()) == sorted([weights.etag, config.etag])
     assert "HEAD" not in methods
 

@@ -210,11 +210,11 @@ async def report(
     return await call_for_outcome(request, principal, f"dlw.{name}", query, item_id, body.assignment_token, *args)
 
 
-async def requeued(request: Request, done: Awaitable[T]) -> T:
+async def requeued(request: Request, principal: Principal, done: Awaitable[T]) -> T:
     """A report that may have queued its file again (a release, a retryable failure): once it
     committed, waiting claims look again (app/api/queue_wakeup.py)."""
     result = await done
-    request.app.state.queue_wakeup.poke(request.app.state.pool)
+    request.app.state.queue_wakeup.poke(request.app.state.pool, principal.tenant_id or None)  # 0: any tenant
     return result
 
 
@@ -250,7 +250,7 @@ async def claim(
         # No transaction is held while waiting; a client that left gets no files leased to it.
         if rows or loop.time() >= deadline or await request.is_disconnected():
             break
-        await wakeup.wait(seen, deadline - loop.time())
+        await wakeup.wait(seen, deadline - loop.time(), principal.tenant_id or None)
         await asyncio.sleep(max(0.0, claimed_at + MIN_CLAIM_GAP_SECONDS - loop.time()))
     # One decryption per tenant of the claim; the token goes only with that tenant's files.
     tokens = {
@@ -340,6 +340,7 @@ async def fail(
     max_attempts = request.app.state.settings.executor_max_attempts
     outcome, row = await requeued(
         request,
+        principal,
         report(
             request,
             principal,
@@ -367,6 +368,7 @@ async def release(
     partial download's checkpoint if any."""
     outcome, _ = await requeued(
         request,
+        principal,
         report(
             request,
             principal,
