@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=LazyCommand("app.ops.openapi_cli", "cmd_openapi"))
 
     executor = command_group(sub, "executor", "the reference executor", "executor_command")
-    p = executor.add_parser("run", help="claim, download and report files until SIGTERM (see docs/executors.md)")
+    p = executor.add_parser(
+        "run", help="claim, download and report files until SIGTERM (see docs/reference-executor.md)"
+    )
     add_run_arguments(p)
     p.set_defaults(func=LazyCommand("app.executor.runner", "run_command"))
 

@@ -55,6 +55,9 @@ LEASE_SECONDS_MAX: Final[int] = 3600
 """Bounds of an executor lease, in seconds."""
 CLAIM_MAX_FILES: Final[int] = 100
 """Most files one executor claim returns."""
+CLAIM_WAIT_SECONDS_MAX: Final[int] = 20
+"""Longest wait of a long-poll claim (wait_seconds). The API's own bound, not a database fact:
+the claim function never waits (app/api/queue_wakeup.py); below the executor's 30 s timeout."""
 RETRY_BACKOFF_BASE_SECONDS: Final[int] = 2
 RETRY_BACKOFF_MAX_SECONDS: Final[int] = 300
 """A retryable failure on attempt n waits min(max, base * 2**(n-1) * (1 + jitter in [0, 1)))

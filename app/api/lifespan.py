@@ -1,5 +1,6 @@
-"""What the API holds while it runs: the pool, the authorizer and the snapshot runner (the last
-two on the session connection, DLW_DIRECT_DATABASE_URL: app/db/connect.py)."""
+"""What the API holds while it runs: the pool, the authorizer (whose listening connection also
+wakes long-poll claims) and the snapshot runner (the last two on the session connection,
+DLW_DIRECT_DATABASE_URL: app/db/connect.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.metrics import MetricsListener
+from app.api.queue_wakeup import CHANNEL as WAKEUP_CHANNEL
+from app.api.queue_wakeup import QueueWakeup
 from app.api.snapshot_leader import SnapshotRunner
 from app.authz.authorizer import Authorizer
 from app.config import Settings
@@ -44,7 +47,8 @@ def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContext
             for problem in problems:
                 log.warning("dev mode: %s", problem)
             app.state.pool = pool
-            app.state.authz = Authorizer(pool)
+            app.state.queue_wakeup = QueueWakeup()  # long-poll claims (app/api/queue_wakeup.py)
+            app.state.authz = Authorizer(pool, also={WAKEUP_CHANNEL: app.state.queue_wakeup.notified})
             # LISTEN and the leader's advisory lock need a session: the direct URL.
             await app.state.authz.start(endpoints.direct_url)
             # Usage snapshots: nothing to run under pg_cron, else compete for leadership.
@@ -69,6 +73,7 @@ def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContext
                     listener.stop()
                 await app.state.snapshot_runner.stop()
                 await app.state.authz.stop()
+                await app.state.queue_wakeup.close()
         finally:
             await pool.close()
 

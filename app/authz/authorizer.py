@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -36,8 +36,12 @@ DEBOUNCE_SECONDS = 0.1
 
 
 class Authorizer:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, also: dict[str, Callable[[object], None]] | None = None) -> None:
         self.pool = pool
+        # Other channels LISTENed to on the same connection (one listening connection per
+        # instance): channel -> callback of the payload, also called (with None) after every
+        # reconnection (a notification may have been missed meanwhile).
+        self._also = dict(also or {})
         self._file_rules = frozenset(file_rules())
         self.policy = PolicyIndex()  # nothing is allowed until the first load (fail closed)
         # Bounded by roles x routes x 2, not by grants: decisions are asked of roles, never of users.
@@ -179,6 +183,9 @@ class Authorizer:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._notified)
+                for channel, callback in self._also.items():
+                    await conn.add_listener(channel, lambda _c, _p, _ch, payload, f=callback: f(payload))
+                    callback(None)
                 self._force_reload = True
                 self._wake.set()
                 backoff = 0.5

@@ -180,6 +180,11 @@ SELECT CASE WHEN pg_try_advisory_lock($1)
 -- name: probe
 SELECT 1;
 
+-- name: executor_queue_notify
+-- Wakes the claims waiting on every API instance (app/api/queue_wakeup.py), in a transaction of
+-- its own after the work committed: one notification per tenant whose files became claimable.
+SELECT pg_notify('dlw_executor_queue', t) FROM unnest($1::text[]) AS t;
+
 -- name: session_keepalives
 -- The leader's session: the server drops it when its client vanishes without closing the socket
 -- (idle $1 s, then $3 probes $2 s apart). Set after connecting rather than as startup parameters:

@@ -16,6 +16,9 @@ token (401/403: expired, wrong secret, or not an executor).
 
 Modules: `settings` (flags and DLW_EXECUTOR_* variables; independent of the server's
 app.config), `client` (the executor API and its retry policy), `download` (path safety,
-streaming, sha256), `progress` (the terminal status line), `runner` (the claim loop, one task
-per file, the `dlw executor run` command).
+which byte path a file takes), `transfer` (large files: parallel ranges, resume, in threads),
+`curl_lane` (small files: libcurl, many at once from one thread), `layout` (where files go and
+how they are published), `batching` (reports sent together), `progress` (the terminal status
+line), `runner` (the claim loop, one task per file, the `dlw executor run` command).
+Behaviour in full: docs/reference-executor.md.
 """

@@ -5,6 +5,7 @@ a time, so a stream of small files costs a request per batch, not per file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ class Reporter:
         self.more_coming = more_coming  # whether other reports may join soon (downloads running)
         self._pending: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]] = []
         self._wake = asyncio.Event()
+        self._flush = asyncio.Event()  # the linger ends early: nothing more is coming, or a full batch
         self._task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(IN_FLIGHT)
         self._sending: set[asyncio.Task[None]] = set()
@@ -70,10 +72,16 @@ class Reporter:
         if outcome != "ok":
             raise ValueError(f"heartbeat answered {outcome}")
 
+    def flush(self) -> None:
+        """Send what is waiting now: the caller knows no more reports are coming soon."""
+        self._flush.set()
+
     async def _submit(self, action: str, item: Claimed, body: dict[str, Any]) -> str:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending.append((action, item, body, future))
         self._wake.set()
+        if len(self._pending) >= LINGER_UNTIL:
+            self._flush.set()
         return await future
 
     async def _loop(self) -> None:
@@ -81,10 +89,12 @@ class Reporter:
             await self._wake.wait()
             self._wake.clear()
             # Let a few more reports join (small files finish a few per millisecond): a request
-            # per batch, not per file. Reports wait at most LINGER_SECONDS for it, and not at all
-            # when nothing else is downloading (the last files of a task: its end is not delayed).
+            # per batch, not per file. Reports wait at most LINGER_SECONDS for it, and no longer
+            # once nothing else is downloading (the last files of a task: its end is not delayed).
+            self._flush.clear()
             if len(self._pending) < LINGER_UNTIL and self.more_coming():
-                await asyncio.sleep(LINGER_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush.wait(), LINGER_SECONDS)
             while self._pending:
                 await self._slots.acquire()  # the batch is cut once a request may go: all that joined meanwhile
                 batch, self._pending = self._pending[:CLAIM_MAX_FILES], self._pending[CLAIM_MAX_FILES:]

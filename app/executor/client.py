@@ -94,11 +94,12 @@ class ExecutorApi:
     def __init__(self, http: httpx.AsyncClient) -> None:
         self.http = http
 
-    async def claim(self, max_files: int, lease_seconds: int, label: str) -> list[Claimed]:
-        response = await self.http.post(
-            "/api/v1/executor/claim",
-            json={"max_files": max_files, "lease_seconds": lease_seconds, "executor": label},
-        )
+    async def claim(self, max_files: int, lease_seconds: int, label: str, wait: int = 0) -> list[Claimed]:
+        """Files claimed; with `wait` (seconds), the API waits that long for work when there is none yet."""
+        body: dict[str, Any] = {"max_files": max_files, "lease_seconds": lease_seconds, "executor": label}
+        if wait > 0:
+            body["wait_seconds"] = wait
+        response = await self.http.post("/api/v1/executor/claim", json=body, timeout=30 + wait)
         if response.status_code in (401, 403):
             raise TokenRefused(f"{response.status_code} {response.text[:200]}")
         if response.status_code != 200:

@@ -23,8 +23,10 @@ from typing import Any
 from urllib.parse import quote
 
 from app.executor.client import Claimed
-from app.executor.layout import NoCommit, Placement, Unreachable, UnsafePath, placement
+from app.executor.curl_lane import CurlLane, LaneTransfer, TransferError
+from app.executor.layout import NoCommit, Placement, Unreachable, UnsafePath, etag_name, placement
 from app.executor.transfer import (
+    INLINE_BELOW,
     Cancelled,
     ConnectionPool,
     RangeIgnored,
@@ -40,6 +42,7 @@ __all__ = [
     "Downloaded",
     "NoCommit",
     "NotPublished",
+    "TransferError",
     "Unreachable",
     "UnsafePath",
     "Upstream",
@@ -70,6 +73,7 @@ class Downloaded:
     sha256: str
     size: int
     copied_from: str | None = None  # placed from this stored copy (no byte downloaded)
+    etag: str | None = None  # the hub's ETag as the download's first answer gave it (hf-cache)
 
     @property
     def tmp(self) -> Path:
@@ -94,12 +98,14 @@ def partial_path(storage: Sequence[Path] | Path, item: Claimed) -> Path:
 
 @dataclass(frozen=True)
 class Tuning:
-    """How one executor moves bytes: connections per large file and in all (a shared cap)."""
+    """How one executor moves bytes: connections per large file and in all (a shared cap), and
+    the lane that fetches small files (None: they are fetched in a worker thread like the rest)."""
 
     connections_per_file: int = 4
     slots: threading.BoundedSemaphore | None = None
     timeout: float = 60.0
     pool: ConnectionPool = field(default_factory=ConnectionPool)
+    lane: CurlLane | None = None
 
 
 def _resume_point(fd: int, item: Claimed) -> tuple[int, Any]:
@@ -141,7 +147,11 @@ async def download(
     While it runs, item.transfer gives heartbeats their checkpoint. The partial file is kept on a
     transfer error or cancellation (a later attempt may resume it) and removed when the bytes are
     not the declared file (WrongSize). One worker thread does all of it, so a small file costs one
-    hop off the event loop."""
+    hop off the event loop. A small file without a resume point goes through the lane instead
+    (app/executor/curl_lane.py), its partial file opened and published there."""
+    if lane_takes(tuning, item):
+        assert tuning.lane is not None
+        return await _in_lane(tuning.lane, storage, endpoint, item, headers, on_bytes, then)
     cancel = threading.Event()
 
     def work() -> Downloaded:
@@ -159,6 +169,62 @@ async def download(
         raise
     finally:
         item.transfer = None
+
+
+def in_lane(item: Claimed) -> bool:
+    """Whether the lane is for this file: small, nothing to resume, no stored copy to place."""
+    return item.size < INLINE_BELOW and not item.resume_bytes and item.stored_path is None
+
+
+def lane_takes(tuning: Tuning, item: Claimed) -> bool:
+    """Whether download() sends this file through the lane (there is one, and it runs)."""
+    return tuning.lane is not None and tuning.lane.usable and in_lane(item)
+
+
+async def _in_lane(
+    lane: CurlLane,
+    storage: Sequence[Path],
+    endpoint: str,
+    item: Claimed,
+    headers: dict[str, str],
+    on_bytes: Callable[[int], None],
+    then: Callable[[Downloaded], None] | None,
+) -> Downloaded:
+    place: list[Placement] = []
+
+    def start() -> tuple[int, Path]:
+        here = placement(storage, item)
+        here.partial.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_partial(here.partial)
+        os.ftruncate(fd, 0)  # no resume point: whatever an earlier attempt left is not kept
+        place.append(here)
+        return fd, here.partial
+
+    def finish(sha256: str, etag: str | None) -> Downloaded:
+        result = Downloaded(place[0], sha256, item.size, etag=etag_name(etag))
+        if then is not None:
+            then(result)
+        return result
+
+    if item.hub_token:  # the tenant's token (from this file's claim) overrides the executor's own
+        headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
+    item.resumed_from = item.bytes_done = 0
+    transfer = LaneTransfer(
+        url=file_url(endpoint, item),
+        headers=[f"{name}: {value}" for name, value in headers.items()],
+        size=item.size,
+        start=start,
+        finish=finish,
+        on_bytes=on_bytes,
+        want_etag=item.storage_layout == "hf-cache",
+    )
+    waiting = lane.submit(transfer)
+    try:
+        return await asyncio.shield(waiting)
+    except asyncio.CancelledError:
+        lane.cancel(transfer)  # the lane stops it and closes the partial file; wait for that
+        await asyncio.gather(waiting, return_exceptions=True)
+        raise
 
 
 def _fetch_blocking(

@@ -194,6 +194,11 @@ def hub_etag(url: str, headers: dict[str, str], timeout: float = 30.0) -> str | 
         return None
     finally:
         conn.close()
+    return etag_name(value)
+
+
+def etag_name(value: str | None) -> str | None:
+    """The id an X-Linked-Etag or ETag value carries (a sha256 or a git blob id), or None."""
     match = _ETAG.match(value.strip()) if value else None
     return match[1] if match else None
 

@@ -6,6 +6,7 @@ through SCHEMATHESIS_HOOKS.
   the rest of positive_data_acceptance there: schema-valid data is never malformed. "Schema-valid"
   is checked against the document (DLW_FUZZ_SCHEMA) itself: a stateful link may carry a value
   the target does not take (the `user_id` of /auth/me is no users.id for a token's subject).
+- A claim's wait_seconds is sent as 0 (_no_wait): a long poll per case would take the run hours.
 - JSON Schema counts 5.0 as an integer; this API does not (strict input, docs/errors.md), and
   no schema keyword can say so. Positive cases therefore send integral numbers as integers
   (map_case below); negative cases still send 5.0 and must be refused."""
@@ -19,6 +20,8 @@ from typing import Any
 
 import jsonschema_rs
 import schemathesis
+
+from app.domain import CLAIM_WAIT_SECONDS_MAX
 
 MALFORMED = frozenset({"VALIDATION_FAILED", "INVALID_JSON", "DUPLICATE_KEY"})
 
@@ -34,14 +37,30 @@ def _integers(value: Any) -> Any:
     return value
 
 
+CLAIM = "/api/v1/executor/claim"
+
+
+def _no_wait(body: Any) -> Any:
+    """A claim's wait_seconds within bounds becomes 0: an empty claim would otherwise sit for up
+    to 20 s per case (the wait is tested in tests/e2e/test_claim_wait.py); values out of bounds
+    stay, to be refused."""
+    wait = body.get("wait_seconds") if isinstance(body, dict) else None
+    if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 < wait <= CLAIM_WAIT_SECONDS_MAX:
+        return {**body, "wait_seconds": 0}
+    return body
+
+
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
-    """The request models have no `number` field: a float in a positive case stands for an integer."""
+    """The request models have no `number` field: a float in a positive case stands for an
+    integer. Claims never wait (_no_wait)."""
     meta = case.meta
     if meta is not None and meta.generation.mode.is_positive:
         case.body = _integers(case.body)
         if case.query:
             case.query = _integers(case.query)
+    if case.operation.path == CLAIM:
+        case.body = _no_wait(case.body)
     return case
 
 

@@ -12,8 +12,9 @@ EXECUTE the functions; casbin admits only the executor role to these routes in t
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api import hub_secrets
 from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
+from app.api.queue_wakeup import MIN_CLAIM_GAP_SECONDS, WAIT_SECONDS_MAX
 from app.api.refusals import REGISTRY
 from app.api.transaction import call_for_outcome, request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
@@ -57,6 +59,13 @@ class ClaimRequest(BaseModel):
     )
     executor: str | None = Field(
         None, max_length=100, pattern=r"^[A-Za-z0-9_.:@/-]+$", description="instance label, recorded with the lease"
+    )
+    wait_seconds: int = Field(
+        0,
+        ge=0,
+        le=WAIT_SECONDS_MAX,
+        description="when nothing is claimable, wait up to this many seconds for files to become so (a long"
+        " poll); the answer comes as soon as there are some, or empty once the wait is over",
     )
 
 
@@ -178,6 +187,7 @@ def lease_of(row: asyncpg.Record) -> dict[str, Any]:
 
 
 Route = TypeVar("Route", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def report_route(
@@ -200,6 +210,14 @@ async def report(
     return await call_for_outcome(request, principal, f"dlw.{name}", query, item_id, body.assignment_token, *args)
 
 
+async def requeued(request: Request, principal: Principal, done: Awaitable[T]) -> T:
+    """A report that may have queued its file again (a release, a retryable failure): once it
+    committed, waiting claims look again (app/api/queue_wakeup.py)."""
+    result = await done
+    request.app.state.queue_wakeup.poke(request.app.state.pool, principal.tenant_id or None)  # 0: any tenant
+    return result
+
+
 # Claims never wait for locks and reports lock a task before its files, so a deadlock is not
 # expected; should PostgreSQL still abort one, the registry answers 503 EXECUTOR_RETRY.
 
@@ -212,17 +230,28 @@ async def claim(
     body: ClaimRequest,
     principal: Principal = Depends(require_perm("/api/v1/executor/claim", "POST")),
 ) -> ClaimResponse:
-    """Claim up to max_files files (possibly none), fairly across the tenants the token covers."""
+    """Claim up to max_files files (possibly none), fairly across the tenants the token covers;
+    with wait_seconds, an empty claim waits for work and claims again (app/api/queue_wakeup.py)."""
     settings = request.app.state.settings
-    max_attempts = settings.executor_max_attempts
-    async with request_transaction(request, principal, "dlw.executor_claim") as conn:
-        rows = await conn.fetch(
-            SQL["executor_claim"],
-            body.max_files,
-            body.lease_seconds,
-            body.executor,
-            max_attempts,
-        )
+    wakeup = request.app.state.queue_wakeup
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + body.wait_seconds
+    while True:
+        seen = wakeup.generation
+        claimed_at = loop.time()
+        async with request_transaction(request, principal, "dlw.executor_claim") as conn:
+            rows = await conn.fetch(
+                SQL["executor_claim"],
+                body.max_files,
+                body.lease_seconds,
+                body.executor,
+                settings.executor_max_attempts,
+            )
+        # No transaction is held while waiting; a client that left gets no files leased to it.
+        if rows or loop.time() >= deadline or await request.is_disconnected():
+            break
+        await wakeup.wait(seen, deadline - loop.time(), principal.tenant_id or None)
+        await asyncio.sleep(max(0.0, claimed_at + MIN_CLAIM_GAP_SECONDS - loop.time()))
     # One decryption per tenant of the claim; the token goes only with that tenant's files.
     tokens = {
         r["tenant_id"]: hub_secrets.opened(settings.secret_key, settings.auth_dev_mode, r["tenant_id"], r["hub_token"])
@@ -309,17 +338,21 @@ async def fail(
     """Report a failure: retryable ones requeue the file while it has attempts left, offered
     again only after a backoff (exponential with jitter, at least retry_after_seconds)."""
     max_attempts = request.app.state.settings.executor_max_attempts
-    outcome, row = await report(
+    outcome, row = await requeued(
         request,
         principal,
-        "executor_fail",
-        SQL["executor_fail"],
-        file_id,
-        body,
-        body.error,
-        body.retryable,
-        max_attempts,
-        body.retry_after_seconds,
+        report(
+            request,
+            principal,
+            "executor_fail",
+            SQL["executor_fail"],
+            file_id,
+            body,
+            body.error,
+            body.retryable,
+            max_attempts,
+            body.retry_after_seconds,
+        ),
     )
     return Report(outcome=outcome, task_status=row["task_status"])
 
@@ -333,14 +366,18 @@ async def release(
 ) -> Report:
     """Give the file back (the executor is stopping): queued again, no attempt used, with the
     partial download's checkpoint if any."""
-    outcome, _ = await report(
+    outcome, _ = await requeued(
         request,
         principal,
-        "executor_release",
-        SQL["executor_release"],
-        file_id,
-        body,
-        body.checkpoint_bytes,
-        body.checkpoint_sha256,
+        report(
+            request,
+            principal,
+            "executor_release",
+            SQL["executor_release"],
+            file_id,
+            body,
+            body.checkpoint_bytes,
+            body.checkpoint_sha256,
+        ),
     )
     return Report(outcome=outcome, task_status=None)

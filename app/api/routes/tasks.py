@@ -248,6 +248,8 @@ async def create_task(
     if result is not None:
         count_admission(request, result["outcome"], result["metric"])  # /metrics: dlw_admissions_total
     outcome = answer_of("dlw.create_task", result)
+    if outcome != "existing":  # committed: its files are claimable now (long-poll claims look)
+        request.app.state.queue_wakeup.poke(request.app.state.pool, principal.tenant_id)
     if outcome == "existing":
         return JSONResponse(Task(**dict(found("task_by_id", existing))).model_dump(mode="json"), status_code=200)
     made = json.loads(result["detail"])
@@ -373,4 +375,5 @@ async def retry_task(
     if result is not None and result["outcome"] in ("retried", "QUOTA_EXCEEDED"):
         count_admission(request, result["outcome"], result["metric"])  # /metrics: dlw_admissions_total
     answer_of("dlw.retry_task", result)
+    request.app.state.queue_wakeup.poke(request.app.state.pool, principal.tenant_id)  # claimable again
     return Retried(**json.loads(result["detail"]))
