@@ -35,8 +35,8 @@ import psycopg
 from app.identity import system_jwt
 from app.identity.principal import Principal
 from bench.cluster import ROOT, BenchCluster
-from bench.servers import JWT_SECRET, full_stack_env, server
 from bench.load import print_table_head
+from bench.servers import JWT_SECRET, full_stack_env, server
 from tests.support.file_server import FileServer, served_bytes
 
 MB = 1 << 20
