@@ -61,7 +61,12 @@ class QueueWakeup:
             return False
         if scope is None or not self._history or self._history[0][0] > seen + 1:
             return True  # system-wide, or wake-ups older than the history remembers
-        return any(gen > seen and tenant in (None, scope) for gen, tenant in reversed(self._history))
+        for gen, tenant in reversed(self._history):  # the newest first, back to `seen`
+            if gen <= seen:
+                return False
+            if tenant is None or tenant == scope:
+                return True
+        return False
 
     async def wait(self, seen: int, seconds: float, scope: int | None = None) -> None:
         """Until a wake-up for `scope` (a tenant, None: every tenant) after generation `seen`,
