@@ -34,7 +34,7 @@ from typing import Any, Generic, TypeVar
 
 import pycurl
 
-from app.executor.transfer import MAX_REDIRECTS, Cancelled, Upstream, WrongSize
+from app.executor.http_ranges import MAX_REDIRECTS, Cancelled, Upstream, WrongSize
 
 log = logging.getLogger("dlw.executor")
 

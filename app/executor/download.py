@@ -248,6 +248,8 @@ def _fetch_blocking(
     try:
         start, digest = _resume_point(fd, item)
 
+        answers: list[dict[str, str]] = []
+
         def fetch(start: int, digest: Any, connections: int) -> str:
             item.resumed_from = item.bytes_done = start
             transfer = Transfer(
@@ -265,6 +267,7 @@ def _fetch_blocking(
                 pool=tuning.pool,
             )
             item.transfer = transfer
+            answers.append(transfer.first_answer)
             return transfer.run()
 
         try:
@@ -278,7 +281,7 @@ def _fetch_blocking(
         raise
     finally:
         os.close(fd)
-    return Downloaded(place, sha256, item.size)
+    return Downloaded(place, sha256, item.size, etag=etag_name(answers[-1].get("etag")) if answers else None)
 
 
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EACCES}

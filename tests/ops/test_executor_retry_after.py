@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.executor.transfer import _retry_after
+from app.executor.http_ranges import _retry_after
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("7", 7.0), (" 120 ", 120.0), ("0", 0.0)])
