@@ -15,6 +15,8 @@
 -- that token (compared exactly) may heartbeat, complete, fail or release the file, and only
 -- while the lease runs. A wrong, stale or expired token gets LEASE_LOST and changes nothing.
 -- Cancelling a task, a retry and an expiry clear the token: every lease on it is lost.
+-- The lease machinery itself (lookup, requeue, sweep, failure with backoff, claim prologue) is
+-- shared with task deletions: sql/38_work_leases.sql, kind 'file'.
 -- Expired leases are swept back to the queue by every claim whose scope covers them (the
 -- queue is only ever read by claims, so an expired lease never delays a file). The sweep reads
 -- only the expired leases (an index on the expiry), never every lease in flight.
