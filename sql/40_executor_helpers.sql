@@ -77,14 +77,14 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     -- The caller holds the file row; the shared return to the queue (sql/38_work_leases.sql).
-    IF dlw.lease_requeue('file', ARRAY[p_tenant_id], ARRAY[p_file_id], ARRAY[p_error], NULL, p_refund_attempt) > 0 THEN
+    IF dlw.lease_requeue_file(ARRAY[p_tenant_id], ARRAY[p_file_id], ARRAY[p_error], NULL, coalesce(p_refund_attempt, false)) > 0 THEN
         RETURN p_file_id;
     END IF;
     RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION dlw.requeue_file(bigint, uuid, text, boolean) IS
-    'Internal (caller holds the file row): puts a file back to pending, ending its lease (token, expiry and lease length cleared, bytes_done 0), with error p_error; p_refund_attempt also gives the claim back (attempts - 1). Returns the file id (NULL: no such file). dlw.lease_requeue for one file; kept for operators (docs/dba.md, break-glass).';
+    'Internal (caller holds the file row): puts a file back to pending, ending its lease (token, expiry and lease length cleared, bytes_done 0), with error p_error; p_refund_attempt also gives the claim back (attempts - 1). Returns the file id (NULL: no such file). dlw.lease_requeue_file for one file; kept for operators (docs/dba.md, break-glass).';
 
 CREATE OR REPLACE FUNCTION dlw.executor_fail_final(p_tenant_id bigint, p_file_id uuid, p_error text)
 RETURNS text
@@ -121,9 +121,9 @@ CREATE OR REPLACE FUNCTION dlw.executor_sweep_expired_leases(p_scope bigint, p_m
 RETURNS integer
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-RETURN dlw.lease_sweep('file', p_scope, p_max_attempts, p_limit);
+RETURN dlw.lease_sweep_file(p_scope, p_max_attempts, p_limit);
 COMMENT ON FUNCTION dlw.executor_sweep_expired_leases(bigint, integer, integer) IS
-    'Internal expiry sweep of file leases (NULL scope = every tenant): dlw.lease_sweep for files. Assigned/running files whose lease expired return to pending with their token cleared while attempts < p_max_attempts; otherwise they fail finally with their task. Returns how many files it moved.';
+    'Internal expiry sweep of file leases (NULL scope = every tenant): dlw.lease_sweep_file (sql/38_work_leases.sql). Assigned/running files whose lease expired return to pending with their token cleared while attempts < p_max_attempts; otherwise they fail finally with their task. Returns how many files it moved.';
 
 -- The executor queue summary follows every change of task_files (sql/39_executor_queue.sql).
 CREATE OR REPLACE TRIGGER task_files_queue_inserted

@@ -56,9 +56,10 @@ BEGIN
     --    (or fail, out of attempts); only expired leases are read. Then the queue summary takes
     --    in the changes committed since the last fold and this sweep's own (unless another claim
     --    is folding right now: never a wait; see sql/39_executor_queue.sql).
-    SELECT b.scope, b.executor INTO v_scope, v_executor
-      FROM dlw.lease_claim_begin('file', 'dlw.executor_claim', 'max_files', p_max_files, p_lease_seconds,
-                                 p_max_attempts, p_executor, 500) b;
+    SELECT c.scope, c.executor INTO v_scope, v_executor
+      FROM dlw.lease_claim_check('dlw.executor_claim', 'max_files', p_max_files, p_lease_seconds, p_max_attempts,
+                                 p_executor) c;
+    PERFORM dlw.lease_sweep_file(v_scope, p_max_attempts, 500);
     v_now := clock_timestamp();
     PERFORM dlw.executor_queue_try_fold();
 

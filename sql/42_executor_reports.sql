@@ -2,7 +2,7 @@
 -- Executors: the reports of a lease holder (heartbeat, complete, fail, release). SECURITY
 -- DEFINER, owned by dlw_system; see sql/40_executor_helpers.sql for leases, rollup and lock order.
 
--- Every report starts with the shared locked-item lookup, dlw.lease_lock('file', ...)
+-- Every report starts with the shared locked-item lookup, dlw.lease_lock_file
 -- (sql/38_work_leases.sql). It replaced dlw.executor_locked_file.
 DROP FUNCTION IF EXISTS dlw.executor_locked_file(uuid, uuid, boolean);
 
@@ -48,7 +48,7 @@ DECLARE
     v_refusal text;
 BEGIN
     -- Only the file changes (assigned -> running, the lease), so only the file is locked.
-    SELECT * INTO v_file FROM dlw.lease_lock('file', p_file_id, p_assignment_token, false);
+    SELECT * INTO v_file FROM dlw.lease_lock_file(p_file_id, p_assignment_token, false);
     IF v_file.refusal IS NOT NULL THEN
         RETURN QUERY SELECT v_file.refusal, NULL::timestamptz;
         RETURN;
@@ -126,8 +126,8 @@ BEGIN
     -- or the final failure (dlw.executor_fail_final).
     RETURN QUERY
     SELECT l.outcome, l.task_status
-      FROM dlw.lease_fail('file', p_file_id, p_assignment_token, p_error, p_retryable, p_max_attempts,
-                          p_retry_after_seconds) l;
+      FROM dlw.lease_fail_file(p_file_id, p_assignment_token, p_error, p_retryable, p_max_attempts,
+                               p_retry_after_seconds) l;
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_fail(uuid, uuid, text, boolean, integer, integer) IS
@@ -146,7 +146,7 @@ DECLARE
     v_refusal text;
 BEGIN
     -- Only the file changes, so only the file is locked.
-    SELECT * INTO v_file FROM dlw.lease_lock('file', p_file_id, p_assignment_token, false);
+    SELECT * INTO v_file FROM dlw.lease_lock_file(p_file_id, p_assignment_token, false);
     IF v_file.refusal IS NOT NULL THEN
         RETURN v_file.refusal;
     END IF;

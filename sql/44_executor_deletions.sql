@@ -10,13 +10,14 @@
 -- file claim does, so a tenant-limited executor never sees, changes or learns of another
 -- tenant's deletion (it reads as NOT_FOUND). dlw_app has no write grant on dlw.task_deletions.
 --
--- Leases: the one mechanism of files and deletions (sql/38_work_leases.sql, kind 'deletion'): a
+-- Leases: the one mechanism of files and deletions (sql/38_work_leases.sql, kind deletion): a
 -- claim gives a fresh assignment_token and lease; only that token, while the lease runs, may
--- heartbeat, complete or fail the deletion (dlw.lease_lock); every deletion claim first returns
--- expired leases of its scope to the queue or fails the deletion, out of attempts
--- (dlw.lease_claim_begin, dlw.lease_sweep); a failure backs off (dlw.lease_fail). Lock order: the
--- task before its deletion row (the request and the reports lock the task first and wait; the
--- claim and the sweep hold deletion rows before they know the task: SKIP LOCKED, never a wait).
+-- heartbeat, complete or fail the deletion (dlw.lease_lock_deletion); every deletion claim first
+-- returns expired leases of its scope to the queue or fails the deletion, out of attempts
+-- (dlw.lease_claim_check, dlw.lease_sweep_deletion); a failure backs off (dlw.lease_fail_deletion).
+-- Lock order: the task before its deletion row (the request and the reports lock the task first
+-- and wait; the claim and the sweep hold deletion rows before they know the task: SKIP LOCKED,
+-- never a wait).
 
 -- ---------------------------------------------------------------------------------------
 -- Internal helpers (invoker rights, owned by dlw_system, EXECUTE for nobody else)
@@ -45,11 +46,11 @@ $$;
 COMMENT ON FUNCTION dlw.deletion_fail_final(bigint, uuid, text) IS
     'Internal (caller holds the task row, then the deletion row): the deletion fails (its lease ends) and so does the task''s deletion marker (tasks.deletion = failed; DELETE again requeues it), with a task.deletion_failed audit row. Returns failed.';
 
--- The sweep and the locked lookup are the shared ones now (dlw.lease_sweep, dlw.lease_lock).
+-- The sweep and the locked lookup are the shared ones now (dlw.lease_sweep_deletion, dlw.lease_lock_deletion).
 DROP FUNCTION IF EXISTS dlw.deletion_sweep_expired(bigint, integer, integer);
 DROP FUNCTION IF EXISTS dlw.executor_locked_deletion(uuid, uuid);
 
--- dlw.lease_fail_final calls it for a deletion, as dlw_system (its owner).
+-- The shared sweep and failure report call it for a deletion, as dlw_system (its owner).
 REVOKE ALL ON FUNCTION dlw.deletion_fail_final(bigint, uuid, text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------
@@ -129,9 +130,10 @@ DECLARE
 BEGIN
     -- The shared claim prologue (sql/38_work_leases.sql): scope (42501 first), limits (22023),
     -- then the expiry sweep of the deletion leases in this scope.
-    SELECT b.scope, b.executor INTO v_scope, v_executor
-      FROM dlw.lease_claim_begin('deletion', 'dlw.executor_claim_deletions', 'max', p_max, p_lease_seconds,
-                                 p_max_attempts, p_executor, 100) b;
+    SELECT c.scope, c.executor INTO v_scope, v_executor
+      FROM dlw.lease_claim_check('dlw.executor_claim_deletions', 'max', p_max, p_lease_seconds, p_max_attempts,
+                                 p_executor) c;
+    PERFORM dlw.lease_sweep_deletion(v_scope, p_max_attempts, 100);
     v_now := clock_timestamp();
 
     -- Oldest first, from an index of pending deletions only (across tenants for a system-wide
@@ -185,7 +187,7 @@ AS $$
 DECLARE
     v record;
 BEGIN
-    SELECT * INTO v FROM dlw.lease_lock('deletion', p_deletion_id, p_assignment_token, true);
+    SELECT * INTO v FROM dlw.lease_lock_deletion(p_deletion_id, p_assignment_token, true);
     IF v.refusal IS NOT NULL THEN
         RETURN QUERY SELECT v.refusal, NULL::timestamptz;
         RETURN;
@@ -211,7 +213,7 @@ DECLARE
     v_rows   jsonb;
     v_bytes  bigint;
 BEGIN
-    SELECT * INTO v FROM dlw.lease_lock('deletion', p_deletion_id, p_assignment_token, true);
+    SELECT * INTO v FROM dlw.lease_lock_deletion(p_deletion_id, p_assignment_token, true);
     IF v.status = 'done' AND p_assignment_token IS NOT NULL AND v.assignment_token = p_assignment_token THEN
         -- The same report again (its answer was lost): the same answer, released once.
         RETURN QUERY SELECT 'already_deleted'::text, d.released_bytes, d.released
@@ -257,8 +259,8 @@ BEGIN
     -- The shared failure report (sql/38_work_leases.sql): the task and the deletion locked,
     -- backoff (dlw.retry_backoff) or the final failure (dlw.deletion_fail_final).
     RETURN (SELECT l.outcome
-              FROM dlw.lease_fail('deletion', p_deletion_id, p_assignment_token, p_error, p_retryable,
-                                  p_max_attempts) l);
+              FROM dlw.lease_fail_deletion(p_deletion_id, p_assignment_token, p_error, p_retryable,
+                                           p_max_attempts) l);
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_deletion_fail(uuid, uuid, text, boolean, integer) IS

@@ -6,6 +6,7 @@ the shared helpers are internal (dlw_app cannot call them)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -29,14 +30,25 @@ from tests.support.tenants import as_tenant
 
 __all__ = ["owner", "quiet_queues"]  # the deletion tests' module fixtures, shared
 
-SHARED = [
-    "dlw.lease_kind(text)",
-    "dlw.lease_lock(text,uuid,uuid,boolean)",
-    "dlw.lease_requeue(text,bigint[],uuid[],text[],timestamp with time zone,boolean)",
-    "dlw.lease_fail_final(text,bigint,uuid,text)",
-    "dlw.lease_sweep(text,bigint,integer,integer)",
-    "dlw.lease_fail(text,uuid,uuid,text,boolean,integer,integer)",
-    "dlw.lease_claim_begin(text,text,text,integer,integer,integer,text,integer)",
+KINDS = {  # the rows of the template's list in sql/38_work_leases.sql, in the same order of values
+    "file": ["file", "dlw.task_files", "'assigned', 'running'", "bytes_done = 0", "dlw.executor_fail_final", "true"],
+    "deletion": [
+        "deletion",
+        "dlw.task_deletions",
+        "'assigned'",
+        "updated_at = now()",
+        "dlw.deletion_fail_final",
+        "false",
+    ],
+}
+MADE = {  # what the template makes for each kind
+    "lease_lock_{}": "uuid,uuid,boolean",
+    "lease_requeue_{}": "bigint[],uuid[],text[],timestamp with time zone,boolean",
+    "lease_sweep_{}": "bigint,integer,integer",
+    "lease_fail_{}": "uuid,uuid,text,boolean,integer,integer",
+}
+SHARED = [f"dlw.{name.format(kind)}({args})" for name, args in MADE.items() for kind in KINDS] + [
+    "dlw.lease_claim_check(text,text,integer,integer,integer,text)"
 ]
 
 
@@ -64,7 +76,7 @@ def lease_lock(db: MigratedDb, scope: int, kind: str, item: uuid.UUID, token: uu
         with conn.transaction(force_rollback=True):
             conn.execute("SET LOCAL ROLE dlw_system")
             as_tenant(conn, scope, "executor", user="exec-1")
-            row = conn.execute("SELECT * FROM dlw.lease_lock(%s, %s, %s, true)", (kind, item, token)).fetchone()
+            row = conn.execute(f"SELECT * FROM dlw.lease_lock_{kind}(%s, %s, true)", (item, token)).fetchone()
     assert row is not None
     return dict(row)
 
@@ -217,21 +229,43 @@ def test_the_one_failure_report_backs_off_both_kinds_then_fails_at_the_last_atte
         ex.close()
 
 
-def test_the_shared_helpers_are_internal_and_know_only_the_two_kinds(db):
+def test_the_shared_helpers_are_internal(db):
     with psycopg.connect(db.app_url) as conn:
         for signature in SHARED:
-            definer, app_may = conn.execute(
-                "SELECT p.prosecdef, has_function_privilege('dlw_app', p.oid, 'EXECUTE')"
+            definer, app_may, config = conn.execute(
+                "SELECT p.prosecdef, has_function_privilege('dlw_app', p.oid, 'EXECUTE'), p.proconfig"
                 " FROM pg_proc p WHERE p.oid = %s::regprocedure",
                 (signature,),
             ).fetchone()
             assert (definer, app_may) == (False, False), signature
-            config = conn.execute("SELECT proconfig FROM pg_proc WHERE oid = %s::regprocedure", (signature,))
-            assert "search_path=pg_catalog, pg_temp" in config.fetchone()[0], signature
+            assert "search_path=pg_catalog, pg_temp" in config, signature
         with pytest.raises(errors.InsufficientPrivilege), conn.transaction():
             as_tenant(conn, 0, "executor", user="x")
-            conn.execute("SELECT * FROM dlw.lease_lock('file', gen_random_uuid(), NULL, false)")
+            conn.execute("SELECT * FROM dlw.lease_lock_file(gen_random_uuid(), NULL, false)")
+
+
+def template_of(source: str, row: list[str]) -> str:
+    """A made function's source with its kind's values put back as the template's tokens."""
+    kind, table, held, requeue_also, fail_final, count_expiries = row
+    source = re.sub(rf"\b(lease_[a-z]+)_{kind}\b", r"\1_{kind}", source)
+    for value, token in ((table, "{table}"), (held, "{held}"), (requeue_also, "{requeue_also}")):
+        source = source.replace(value, token)
+    source = source.replace(fail_final, "{fail_final}")
+    return source.replace(f"IF {count_expiries} THEN", "IF {count_expiries} THEN")
+
+
+def test_both_kinds_run_the_one_template_and_differ_only_by_their_row(db):
+    """Each function of the deletion kind is the file kind's, but for the values of its row in
+    the template's list: no kind has lease logic of its own."""
     with db.owner() as conn:
-        conn.execute("SET ROLE dlw_system")
-        with pytest.raises(errors.InvalidParameterValue):
-            conn.execute("SELECT * FROM dlw.lease_kind('dlw.tasks')")
+        for name in MADE:
+            templates = set()
+            for kind, row in KINDS.items():
+                (source,) = conn.execute(
+                    "SELECT prosrc FROM pg_proc WHERE proname = %s AND pronamespace = 'dlw'::regnamespace",
+                    (name.format(kind),),
+                ).fetchone()
+                templates.add(template_of(source, row))
+            assert len(templates) == 1, name
+            made = templates.pop()
+            assert "{table}" in made or "_{kind}(" in made, name  # the kind shows in each
