@@ -46,6 +46,10 @@ DECLARE
         ['deletion', 'dlw.task_deletions', $$'assigned'$$,            'updated_at = now()', 'dlw.deletion_fail_final', 'false']
     ];
     v_tokens CONSTANT text[] := ARRAY['{kind}', '{table}', '{held}', '{requeue_also}', '{fail_final}', '{count_expiries}'];
+    -- What the template makes for each kind, for its privileges: dlw_system only.
+    v_made CONSTANT text := 'dlw.lease_lock_{kind}(uuid, uuid, boolean),'
+        ' dlw.lease_requeue_{kind}(bigint[], uuid[], text[], timestamptz, boolean),'
+        ' dlw.lease_sweep_{kind}(bigint, integer, integer), dlw.lease_fail_{kind}(uuid, uuid, text, boolean, integer, integer)';
     v_template CONSTANT text[] := ARRAY[
 $t$
 CREATE OR REPLACE FUNCTION dlw.lease_lock_{kind}(
@@ -259,22 +263,17 @@ COMMENT ON FUNCTION dlw.lease_fail_{kind}(uuid, uuid, text, boolean, integer, in
     'Internal (made from the lease template of sql/38_work_leases.sql for kind {kind}, {table}): the holder of a live lease on item p_id reports a failure. Retryable while attempts < p_max_attempts (NULL: domain_facts default_max_attempts): back to the queue, not offered before now + dlw.retry_backoff(attempts, p_retry_after_seconds). Otherwise the item fails finally ({fail_final}). Returns (outcome, task_status): requeued | failed | LEASE_LOST | NOT_FOUND, and the task''s status as the lookup or the final failure gives it.'
 $t$,
 $t$
-REVOKE ALL ON FUNCTION dlw.lease_lock_{kind}(uuid, uuid, boolean),
-    dlw.lease_requeue_{kind}(bigint[], uuid[], text[], timestamptz, boolean),
-    dlw.lease_sweep_{kind}(bigint, integer, integer),
-    dlw.lease_fail_{kind}(uuid, uuid, text, boolean, integer, integer) FROM PUBLIC
+REVOKE ALL ON FUNCTION {made} FROM PUBLIC
 $t$,
 $t$
-GRANT EXECUTE ON FUNCTION dlw.lease_lock_{kind}(uuid, uuid, boolean),
-    dlw.lease_requeue_{kind}(bigint[], uuid[], text[], timestamptz, boolean),
-    dlw.lease_sweep_{kind}(bigint, integer, integer),
-    dlw.lease_fail_{kind}(uuid, uuid, text, boolean, integer, integer) TO dlw_system
+GRANT EXECUTE ON FUNCTION {made} TO dlw_system
 $t$
     ];
     v_statement text;
 BEGIN
     FOR k IN 1 .. array_length(v_kinds, 1) LOOP
         FOREACH v_statement IN ARRAY v_template LOOP
+            v_statement := replace(v_statement, '{made}', v_made);
             FOR t IN 1 .. array_length(v_tokens, 1) LOOP
                 v_statement := replace(v_statement, v_tokens[t], v_kinds[k][t]);
             END LOOP;

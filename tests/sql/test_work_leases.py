@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import psycopg
 import pytest
@@ -69,6 +70,49 @@ def held_deletion(db: MigratedDb, tid: int, ex: Executor) -> dict[str, Any]:
     return claimed
 
 
+class Held(NamedTuple):
+    """An executor of one tenant holding a file and a deletion; each item's id under item."""
+
+    ex: Executor
+    file: dict[str, Any]
+    deletion: dict[str, Any]
+
+    def item(self, kind: str) -> tuple[uuid.UUID, uuid.UUID]:
+        claimed = self.file if kind == "file" else self.deletion
+        return claimed[f"{kind}_id"], claimed["assignment_token"]
+
+
+@pytest.fixture
+def held(db: MigratedDb) -> Iterator[Held]:
+    tid = provision(db, f"lease-{uuid.uuid4().hex[:8]}")
+    ex = Executor(db, tid)
+    try:
+        yield Held(ex, held_file(db, tid, ex), held_deletion(db, tid, ex))
+    finally:
+        ex.close()
+
+
+def deletion_heartbeat(ex: Executor, deletion: uuid.UUID, token: uuid.UUID | None) -> str:
+    return str(ex.call("SELECT outcome FROM dlw.executor_deletion_heartbeat(%s, %s)", deletion, token)[0]["outcome"])
+
+
+def deletion_fail(ex: Executor, deletion: uuid.UUID, token: uuid.UUID | None) -> str:
+    call = "SELECT dlw.executor_deletion_fail(%s, %s, 'root not served', true, 5) AS outcome"
+    return str(ex.call(call, deletion, token)[0]["outcome"])
+
+
+def kind_row(owner: psycopg.Connection, kind: str, item: uuid.UUID) -> dict[str, Any]:
+    """The item's status and error, and its task's status and deletion marker."""
+    table = "task_files" if kind == "file" else "task_deletions"
+    return dict(
+        owner.execute(
+            f"SELECT w.status, w.error, x.status AS task, x.deletion FROM dlw.{table} w"
+            " JOIN dlw.tasks x ON x.tenant_id = w.tenant_id AND x.id = w.task_id WHERE w.id = %s",
+            (item,),
+        ).fetchone()
+    )
+
+
 def lease_lock(db: MigratedDb, scope: int, kind: str, item: uuid.UUID, token: uuid.UUID | None) -> dict[str, Any]:
     """dlw.lease_lock as the definer entry points run it: as dlw_system, in an executor context."""
     with db.owner() as conn:
@@ -95,138 +139,91 @@ def expiries(owner: psycopg.Connection) -> int:
     return int(row["n"])
 
 
-def test_both_kinds_refuse_a_stale_token_through_the_one_lookup(db, owner):
-    tid, other = provision(db, "lease-stale"), provision(db, "lease-stale-other")
-    ex = Executor(db, tid)
-    try:
-        items = {
-            "file": (held_file(db, tid, ex), "file_id"),
-            "deletion": (held_deletion(db, tid, ex), "deletion_id"),
-        }
-        for kind, (claimed, key) in items.items():
-            item, token = claimed[key], claimed["assignment_token"]
-            assert lease_lock(db, tid, kind, item, token)["refusal"] is None, kind
-            stale = lease_lock(db, tid, kind, item, uuid.uuid4())
-            assert (stale["refusal"], stale["tenant_id"]) == ("LEASE_LOST", tid), kind
-            assert lease_lock(db, tid, kind, item, None)["refusal"] == "LEASE_LOST", kind
-            # A system-wide executor finds it by id across tenants; another tenant's never learns of it.
-            assert lease_lock(db, 0, kind, item, token)["refusal"] is None, kind
-            assert lease_lock(db, other, kind, item, token) == dict.fromkeys(stale, None) | {"refusal": "NOT_FOUND"}
-        # The entry points of both kinds answer LEASE_LOST for the stale token and change nothing.
-        file, deletion = items["file"][0], items["deletion"][0]
-        stale = uuid.uuid4()
-        assert ex.heartbeat(file["file_id"], stale) == "LEASE_LOST"
-        assert ex.fail(file["file_id"], stale, retryable=True)[0] == "LEASE_LOST"
-        assert ex.release(file["file_id"], stale) == "LEASE_LOST"
-        for call in (
-            "SELECT outcome FROM dlw.executor_deletion_heartbeat(%s, %s)",
-            "SELECT outcome FROM dlw.executor_deletion_complete(%s, %s)",
-            "SELECT dlw.executor_deletion_fail(%s, %s, 'boom', true, 5) AS outcome",
-        ):
-            assert ex.call(call, deletion["deletion_id"], stale)[0]["outcome"] == "LEASE_LOST", call
-        assert owner.execute(
-            "SELECT status, assignment_token FROM dlw.task_deletions WHERE id = %s", (deletion["deletion_id"],)
-        ).fetchone() == {"status": "assigned", "assignment_token": deletion["assignment_token"]}
-        assert ex.heartbeat(file["file_id"], file["assignment_token"]) == "ok"
-    finally:
-        ex.close()
+def test_both_kinds_refuse_a_stale_token_through_the_one_lookup(db, owner, held):
+    tid, other = held.ex.tenant, provision(db, "lease-stale-other")
+    for kind in KINDS:
+        item, token = held.item(kind)
+        assert lease_lock(db, tid, kind, item, token)["refusal"] is None, kind
+        stale = lease_lock(db, tid, kind, item, uuid.uuid4())
+        assert (stale["refusal"], stale["tenant_id"]) == ("LEASE_LOST", tid), kind
+        assert lease_lock(db, tid, kind, item, None)["refusal"] == "LEASE_LOST", kind
+        # A system-wide executor finds it by id across tenants; another tenant's never learns of it.
+        assert lease_lock(db, 0, kind, item, token)["refusal"] is None, kind
+        assert lease_lock(db, other, kind, item, token) == dict.fromkeys(stale, None) | {"refusal": "NOT_FOUND"}
+    # The entry points of both kinds answer LEASE_LOST for a stale token and change nothing.
+    ex, (file, token), (deletion, d_token), stale = held.ex, held.item("file"), held.item("deletion"), uuid.uuid4()
+    assert ex.heartbeat(file, stale) == "LEASE_LOST"
+    assert ex.fail(file, stale, retryable=True)[0] == "LEASE_LOST"
+    assert ex.release(file, stale) == "LEASE_LOST"
+    assert deletion_heartbeat(ex, deletion, stale) == "LEASE_LOST"
+    assert ex.call("SELECT outcome FROM dlw.executor_deletion_complete(%s, %s)", deletion, stale)[0]["outcome"] == (
+        "LEASE_LOST"
+    )
+    assert deletion_fail(ex, deletion, stale) == "LEASE_LOST"
+    assert (kind_row(owner, "deletion", deletion)["status"], kind_row(owner, "file", file)["status"]) == (
+        "assigned",
+        "assigned",
+    )
+    assert ex.heartbeat(file, token) == "ok" and deletion_heartbeat(ex, deletion, d_token) == "ok"
 
 
-def test_the_one_sweep_requeues_expired_leases_of_both_kinds_then_fails_them_out_of_attempts(db, owner):
-    tid = provision(db, "lease-sweep")
-    ex = Executor(db, tid)
-    try:
-        file, deletion = held_file(db, tid, ex), held_deletion(db, tid, ex)
-        expire(owner, "task_files", file["file_id"])
-        expire(owner, "task_deletions", deletion["deletion_id"])
-        counted = expiries(owner)
+def test_the_one_sweep_requeues_expired_leases_of_both_kinds_then_fails_them_out_of_attempts(owner, held):
+    ex, (file, token), (deletion, d_token) = held.ex, held.item("file"), held.item("deletion")
+    expire(owner, "task_files", file)
+    expire(owner, "task_deletions", deletion)
+    counted = expiries(owner)
 
-        # Attempts left: each kind's next claim takes its item back (a new token, attempt 2);
-        # the first holder's token is lost. Only file expiries count for /metrics, as before.
-        (again,) = ex.claim(1)
-        assert (again["file_id"], again["attempts"]) == (file["file_id"], 2)
-        assert expiries(owner) == counted + 1
-        (d_again,) = claim_deletions(ex, 1)
-        assert (d_again["deletion_id"], d_again["attempts"]) == (deletion["deletion_id"], 2)
-        assert expiries(owner) == counted + 1
-        assert ex.heartbeat(file["file_id"], file["assignment_token"]) == "LEASE_LOST"
-        assert ex.call(
-            "SELECT outcome FROM dlw.executor_deletion_heartbeat(%s, %s)",
-            deletion["deletion_id"],
-            deletion["assignment_token"],
-        )[0]["outcome"] == ("LEASE_LOST")
+    # Attempts left: each kind's next claim takes its item back (a new token, attempt 2); the
+    # first holder's token is lost. Only file expiries count for /metrics, as before.
+    (again,) = ex.claim(1)
+    assert (again["file_id"], again["attempts"], expiries(owner)) == (file, 2, counted + 1)
+    (d_again,) = claim_deletions(ex, 1)
+    assert (d_again["deletion_id"], d_again["attempts"], expiries(owner)) == (deletion, 2, counted + 1)
+    assert ex.heartbeat(file, token) == "LEASE_LOST" and deletion_heartbeat(ex, deletion, d_token) == "LEASE_LOST"
 
-        # Out of attempts: the next claim fails each item finally, as its kind fails.
-        expire(owner, "task_files", file["file_id"], attempts=5)
-        expire(owner, "task_deletions", deletion["deletion_id"], attempts=5)
-        assert ex.claim(1) == []
-        assert claim_deletions(ex, 1) == []
-        f = owner.execute(
-            "SELECT f.status, f.error, x.status AS task FROM dlw.task_files f"
-            " JOIN dlw.tasks x ON x.tenant_id = f.tenant_id AND x.id = f.task_id WHERE f.id = %s",
-            (file["file_id"],),
+    # Out of attempts: the next claim fails each item finally, as its kind fails (a file with its
+    # task; a deletion with the task's deletion marker).
+    expire(owner, "task_files", file, attempts=5)
+    expire(owner, "task_deletions", deletion, attempts=5)
+    assert ex.claim(1) == [] and claim_deletions(ex, 1) == []
+    f, d = kind_row(owner, "file", file), kind_row(owner, "deletion", deletion)
+    assert (f["status"], f["task"], d["status"], d["deletion"]) == ("failed", "failed", "failed", "failed")
+    for row in (f, d):
+        assert row["error"].startswith("lease expired on attempt 5 of 5 (last held by exec-1/test)"), row
+    assert expiries(owner) == counted + 2
+
+
+def test_the_one_failure_report_backs_off_both_kinds_then_fails_at_the_last_attempt(owner, held):
+    ex, (file, token), (deletion, d_token) = held.ex, held.item("file"), held.item("deletion")
+    assert ex.fail(file, token, retryable=True)[0] == "requeued"
+    assert deletion_fail(ex, deletion, d_token) == "requeued"
+    for table, item in (("task_files", file), ("task_deletions", deletion)):
+        row = owner.execute(
+            "SELECT status, assignment_token, lease_expires_at, attempts,"
+            f" not_before > clock_timestamp() AS backs_off FROM dlw.{table} WHERE id = %s",
+            (item,),
         ).fetchone()
-        assert (f["status"], f["task"]) == ("failed", "failed")
-        assert f["error"].startswith("lease expired on attempt 5 of 5 (last held by exec-1/test)")
-        d = owner.execute(
-            "SELECT d.status, d.error, x.deletion FROM dlw.task_deletions d"
-            " JOIN dlw.tasks x ON x.tenant_id = d.tenant_id AND x.id = d.task_id WHERE d.id = %s",
-            (deletion["deletion_id"],),
-        ).fetchone()
-        assert (d["status"], d["deletion"]) == ("failed", "failed")
-        assert d["error"].startswith("lease expired on attempt 5 of 5 (last held by exec-1/test)")
-        assert expiries(owner) == counted + 2
-    finally:
-        ex.close()
+        assert row == {
+            "status": "pending",
+            "assignment_token": None,
+            "lease_expires_at": None,
+            "attempts": 1,
+            "backs_off": True,
+        }, table
+    # Not offered while it backs off, to any executor of either kind.
+    assert ex.claim(1) == [] and claim_deletions(ex, 1) == []
 
-
-def test_the_one_failure_report_backs_off_both_kinds_then_fails_at_the_last_attempt(db, owner):
-    tid = provision(db, "lease-backoff")
-    ex = Executor(db, tid)
-    try:
-        file, deletion = held_file(db, tid, ex), held_deletion(db, tid, ex)
-        assert ex.fail(file["file_id"], file["assignment_token"], retryable=True)[0] == "requeued"
-        (outcome,) = ex.call(
-            "SELECT dlw.executor_deletion_fail(%s, %s, 'root not served', true, 5) AS o",
-            deletion["deletion_id"],
-            deletion["assignment_token"],
-        )
-        assert outcome["o"] == "requeued"
-        for table, item in (("task_files", file["file_id"]), ("task_deletions", deletion["deletion_id"])):
-            row = owner.execute(
-                "SELECT status, assignment_token, lease_expires_at, attempts,"
-                f" not_before > clock_timestamp() AS backs_off FROM dlw.{table} WHERE id = %s",
-                (item,),
-            ).fetchone()
-            assert row == {
-                "status": "pending",
-                "assignment_token": None,
-                "lease_expires_at": None,
-                "attempts": 1,
-                "backs_off": True,
-            }, table
-        # Not offered while it backs off, to any executor of either kind.
-        assert ex.claim(1) == [] and claim_deletions(ex, 1) == []
-
-        # The last attempt: a retryable failure is final, with the attempt count in the error.
-        for table, item in (("task_files", file["file_id"]), ("task_deletions", deletion["deletion_id"])):
-            owner.execute(f"UPDATE dlw.{table} SET not_before = NULL, attempts = 4 WHERE id = %s", (item,))
-        (f,) = ex.claim(1)
-        (d,) = claim_deletions(ex, 1)
-        assert ex.fail(f["file_id"], f["assignment_token"], retryable=True) == ("failed", "failed")
-        (outcome,) = ex.call(
-            "SELECT dlw.executor_deletion_fail(%s, %s, 'root not served', true, 5) AS o",
-            d["deletion_id"],
-            d["assignment_token"],
-        )
-        assert outcome["o"] == "failed"
-        errors_now = [
-            owner.execute(f"SELECT error FROM dlw.{t} WHERE id = %s", (i,)).fetchone()["error"]
-            for t, i in (("task_files", f["file_id"]), ("task_deletions", d["deletion_id"]))
-        ]
-        assert errors_now == ["boom (attempt 5 of 5)", "root not served (attempt 5 of 5)"]
-    finally:
-        ex.close()
+    # The last attempt: a retryable failure is final, with the attempt count in the error.
+    for table, item in (("task_files", file), ("task_deletions", deletion)):
+        owner.execute(f"UPDATE dlw.{table} SET not_before = NULL, attempts = 4 WHERE id = %s", (item,))
+    (f,) = ex.claim(1)
+    (d,) = claim_deletions(ex, 1)
+    assert ex.fail(f["file_id"], f["assignment_token"], retryable=True) == ("failed", "failed")
+    assert deletion_fail(ex, d["deletion_id"], d["assignment_token"]) == "failed"
+    assert [kind_row(owner, "file", file)["error"], kind_row(owner, "deletion", deletion)["error"]] == [
+        "boom (attempt 5 of 5)",
+        "root not served (attempt 5 of 5)",
+    ]
 
 
 def test_the_shared_helpers_are_internal(db):
