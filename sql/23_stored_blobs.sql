@@ -3,8 +3,9 @@
 -- migrations/0026.stored_blobs.sql, docs/storage.md "Deduplication" and "Storage quota").
 --
 -- The registry dlw.stored_blobs holds, per tenant and target, each distinct content (sha256)
--- stored there. A completion adds its content (dlw.storage_record); the claim offers a file
--- whose declared sha256 is registered the path of the verified copy, and the executor places it
+-- stored there. A completion adds its contents (dlw.storage_record_set, one statement for a
+-- batch); the claim offers a file whose declared sha256 is registered the path of the verified
+-- copy, and the executor places it
 -- from there (a hard link) instead of downloading it. dlw.storage_release drops the contents no
 -- file uses any more (for deletions). Every change of the registry appends a change row to
 -- dlw.storage_usage, so the bytes stored are one summary row plus few changes
@@ -12,29 +13,51 @@
 --
 -- Never across tenants or targets: every lookup is keyed by (tenant_id, target_id, sha256).
 
-CREATE OR REPLACE FUNCTION dlw.storage_record(
-    p_tenant_id bigint, p_target_id uuid, p_sha256 text, p_size bigint, p_path text
-) RETURNS boolean
+CREATE OR REPLACE FUNCTION dlw.storage_record_set(
+    p_tenant_ids bigint[], p_target_ids uuid[], p_sha256s text[], p_sizes bigint[], p_paths text[]
+) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_added boolean;
+    v_added integer;
 BEGIN
-    -- An upsert, so the row is locked until commit: a concurrent dlw.storage_release of this
-    -- content waits, then sees this file referencing it. A row without a copy gets this one.
-    INSERT INTO dlw.stored_blobs AS b (tenant_id, target_id, sha256, size, path)
-    VALUES (p_tenant_id, p_target_id, p_sha256, p_size, p_path)
-    ON CONFLICT (tenant_id, target_id, sha256) DO UPDATE SET path = coalesce(b.path, EXCLUDED.path)
-    RETURNING b.xmax = 0 INTO v_added;
-    IF v_added THEN
-        INSERT INTO dlw.storage_usage (tenant_id, folded, bytes) VALUES (p_tenant_id, false, p_size);
-    END IF;
+    -- One upsert for the set, so the rows are locked until commit: a concurrent
+    -- dlw.storage_release of a content waits, then sees the files referencing it. Each content
+    -- once (a second row of it would be a second update of the same row in one statement), with
+    -- the first copy in path order (as one call per file in that order registered it), taken in
+    -- (tenant_id, target_id, sha256) order: two sets registering the same contents lock the
+    -- registry rows in one order and never wait for each other in a cycle. A row without a copy
+    -- gets this one.
+    WITH given AS (
+        SELECT DISTINCT ON (u.t, u.target, u.sha) u.t, u.target, u.sha, u.size, u.path
+          FROM unnest(p_tenant_ids, p_target_ids, p_sha256s, p_sizes, p_paths) AS u(t, target, sha, size, path)
+         ORDER BY u.t, u.target, u.sha, u.path NULLS LAST
+    ), upserted AS (
+        INSERT INTO dlw.stored_blobs AS b (tenant_id, target_id, sha256, size, path)
+        SELECT g.t, g.target, g.sha, g.size, g.path FROM given g ORDER BY g.t, g.target, g.sha
+        ON CONFLICT (tenant_id, target_id, sha256) DO UPDATE SET path = coalesce(b.path, EXCLUDED.path)
+        RETURNING b.tenant_id, b.size, b.xmax = 0 AS added
+    ), counted AS (
+        -- New contents count for storage: one +size change row of dlw.storage_usage per tenant.
+        INSERT INTO dlw.storage_usage (tenant_id, folded, bytes)
+        SELECT x.tenant_id, false, sum(x.size) FROM upserted x WHERE x.added GROUP BY x.tenant_id
+    )
+    SELECT count(*) FILTER (WHERE x.added) INTO v_added FROM upserted x;
     RETURN v_added;
 END
 $$;
+COMMENT ON FUNCTION dlw.storage_record_set(bigint[], uuid[], text[], bigint[], text[]) IS
+    'Internal (dlw_system, inside dlw.executor_complete_set): registers verified contents in one statement, given as parallel arrays (tenant, target, sha256, size bytes, path relative to the target''s base directory; NULL = unknown) in any order, in (tenant_id, target_id, sha256) order, each content once (its first path in path order as its copy). A new content counts its bytes for storage (one +sum change row of dlw.storage_usage per tenant); an existing row keeps its copy (or takes the path if it had none) and counts nothing. Returns how many contents were new.';
+
+CREATE OR REPLACE FUNCTION dlw.storage_record(
+    p_tenant_id bigint, p_target_id uuid, p_sha256 text, p_size bigint, p_path text
+) RETURNS boolean
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+RETURN dlw.storage_record_set(ARRAY[p_tenant_id], ARRAY[p_target_id], ARRAY[p_sha256], ARRAY[p_size], ARRAY[p_path]) > 0;
 COMMENT ON FUNCTION dlw.storage_record(bigint, uuid, text, bigint, text) IS
-    'Internal (dlw_system, inside dlw.executor_complete): registers a verified content (p_sha256, p_size bytes) in the tenant''s target, with p_path (relative to the target''s base directory; NULL = unknown) as its copy, and counts its bytes for storage (a +size change row of dlw.storage_usage) when it is new. An existing row keeps its copy (or takes p_path if it had none) and counts nothing. Returns whether the content was new.';
+    'Internal (dlw_system): dlw.storage_record_set for one content: registers p_sha256 (p_size bytes) in the tenant''s target with p_path as its copy, counting its bytes for storage when it is new. Returns whether the content was new.';
 
 CREATE OR REPLACE FUNCTION dlw.storage_release(
     p_tenant_id bigint, p_target_id uuid, p_sha256 text[] DEFAULT NULL
@@ -128,6 +151,7 @@ $$;
 COMMENT ON FUNCTION dlw.storage_usage_fold(bigint) IS
     'Folds the tenant''s dlw.storage_usage change rows into its summary row, so that dlw.storage_used_bytes stays one row plus the changes since the last fold. Definer (dlw_system: dlw_app may not write the counter); only for the tenant in context (42501 otherwise). Task admission calls it while it holds the tenant''s quota rows.';
 
-REVOKE ALL ON FUNCTION dlw.storage_record(bigint, uuid, text, bigint, text), dlw.storage_release(bigint, uuid, text[]),
+REVOKE ALL ON FUNCTION dlw.storage_record_set(bigint[], uuid[], text[], bigint[], text[]),
+    dlw.storage_record(bigint, uuid, text, bigint, text), dlw.storage_release(bigint, uuid, text[]),
     dlw.storage_used_bytes(bigint), dlw.storage_usage_fold(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.storage_used_bytes(bigint), dlw.storage_usage_fold(bigint) TO dlw_app;

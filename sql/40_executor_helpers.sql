@@ -15,6 +15,8 @@
 -- that token (compared exactly) may heartbeat, complete, fail or release the file, and only
 -- while the lease runs. A wrong, stale or expired token gets LEASE_LOST and changes nothing.
 -- Cancelling a task, a retry and an expiry clear the token: every lease on it is lost.
+-- The lease machinery itself (lookup, requeue, sweep, failure with backoff, claim prologue) is
+-- shared with task deletions: sql/38_work_leases.sql, kind 'file'.
 -- Expired leases are swept back to the queue by every claim whose scope covers them (the
 -- queue is only ever read by claims, so an expired lease never delays a file). The sweep reads
 -- only the expired leases (an index on the expiry), never every lease in flight.
@@ -70,19 +72,19 @@ COMMENT ON FUNCTION dlw.executor_scope() IS
 CREATE OR REPLACE FUNCTION dlw.requeue_file(
     p_tenant_id bigint, p_file_id uuid, p_error text, p_refund_attempt boolean DEFAULT false
 ) RETURNS uuid
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    -- The caller holds the file row. Clearing the token ends the lease.
-    UPDATE dlw.task_files f
-       SET status = 'pending', assignment_token = NULL, lease_expires_at = NULL, lease_seconds = NULL,
-           bytes_done = 0, error = p_error,
-           attempts = CASE WHEN p_refund_attempt THEN greatest(f.attempts - 1, 0) ELSE f.attempts END
-     WHERE f.tenant_id = p_tenant_id AND f.id = p_file_id
-    RETURNING f.id;
+BEGIN
+    -- The caller holds the file row; the shared return to the queue (sql/38_work_leases.sql).
+    IF dlw.lease_requeue_file(ARRAY[p_tenant_id], ARRAY[p_file_id], ARRAY[p_error], NULL, coalesce(p_refund_attempt, false)) > 0 THEN
+        RETURN p_file_id;
+    END IF;
+    RETURN NULL;
+END
 $$;
 COMMENT ON FUNCTION dlw.requeue_file(bigint, uuid, text, boolean) IS
-    'Internal (caller holds the file row): puts a file back to pending, ending its lease (token, expiry and lease length cleared, bytes_done 0), with error p_error; p_refund_attempt also gives the claim back (attempts - 1). Returns the file id (NULL: no such file). Used by the expiry sweep, retryable failures and releases.';
+    'Internal (caller holds the file row): puts a file back to pending, ending its lease (token, expiry and lease length cleared, bytes_done 0), with error p_error; p_refund_attempt also gives the claim back (attempts - 1). Returns the file id (NULL: no such file). dlw.lease_requeue_file for one file; kept for operators (docs/dba.md, break-glass).';
 
 CREATE OR REPLACE FUNCTION dlw.executor_fail_final(p_tenant_id bigint, p_file_id uuid, p_error text)
 RETURNS text
@@ -117,90 +119,11 @@ COMMENT ON FUNCTION dlw.executor_fail_final(bigint, uuid, text) IS
 
 CREATE OR REPLACE FUNCTION dlw.executor_sweep_expired_leases(p_scope bigint, p_max_attempts integer, p_limit integer DEFAULT 500)
 RETURNS integer
-LANGUAGE plpgsql VOLATILE
+LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_now      timestamptz := clock_timestamp();
-    v_requeued integer;
-    v_failed   integer := 0;
-    r          record;
-    v_file     record;
-BEGIN
-    -- Only expired leases are read: through task_files_lease_expiry for every tenant (NULL scope),
-    -- through task_files_in_flight for one tenant. Nothing expired costs one index probe.
-    -- Files with attempts left return to the queue. Only the file changes, so no task lock;
-    -- SKIP LOCKED: a file being heartbeaten right now is re-checked by the next sweep.
-    IF p_scope IS NULL THEN
-        WITH expired AS (
-            SELECT f.tenant_id, f.id, f.executor_id
-              FROM dlw.task_files f
-             WHERE f.status IN ('assigned', 'running') AND dlw.cross_tenant_key(f.lease_expires_at) < v_now
-               AND f.attempts < p_max_attempts
-             ORDER BY dlw.cross_tenant_key(f.lease_expires_at)
-             LIMIT p_limit
-               FOR UPDATE SKIP LOCKED
-        )
-        SELECT count(dlw.requeue_file(e.tenant_id, e.id, left(format('lease of %s expired', e.executor_id), 2000)))
-          INTO v_requeued
-          FROM expired e;
-    ELSE
-        WITH expired AS (
-            SELECT f.tenant_id, f.id, f.executor_id
-              FROM dlw.task_files f
-             WHERE f.tenant_id = p_scope AND f.status IN ('assigned', 'running') AND f.lease_expires_at < v_now
-               AND f.attempts < p_max_attempts
-             ORDER BY f.lease_expires_at
-             LIMIT p_limit
-               FOR UPDATE SKIP LOCKED
-        )
-        SELECT count(dlw.requeue_file(e.tenant_id, e.id, left(format('lease of %s expired', e.executor_id), 2000)))
-          INTO v_requeued
-          FROM expired e;
-    END IF;
-    -- /metrics counts expiries (dlw_lease_expiries_total; migrations/0021).
-    PERFORM nextval('dlw.lease_expiries') FROM generate_series(1, v_requeued);
-
-    -- Files out of attempts fail, and so does their task: task first (SKIP LOCKED: a task a
-    -- cancel or completion holds is left for the next sweep), then the file, re-checked.
-    FOR r IN
-        SELECT DISTINCT x.tenant_id, x.task_id
-          FROM (SELECT f.tenant_id, f.task_id
-                  FROM dlw.task_files f
-                 WHERE p_scope IS NULL
-                   AND f.status IN ('assigned', 'running') AND dlw.cross_tenant_key(f.lease_expires_at) < v_now
-                   AND f.attempts >= p_max_attempts
-                 LIMIT p_limit) x
-        UNION
-        SELECT DISTINCT y.tenant_id, y.task_id
-          FROM (SELECT f.tenant_id, f.task_id
-                  FROM dlw.task_files f
-                 WHERE f.tenant_id = p_scope
-                   AND f.status IN ('assigned', 'running') AND f.lease_expires_at < v_now
-                   AND f.attempts >= p_max_attempts
-                 LIMIT p_limit) y
-    LOOP
-        PERFORM 1 FROM dlw.tasks x WHERE x.tenant_id = r.tenant_id AND x.id = r.task_id FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
-        SELECT f.id, f.attempts, f.executor_id INTO v_file
-          FROM dlw.task_files f
-         WHERE f.tenant_id = r.tenant_id AND f.task_id = r.task_id
-           AND f.status IN ('assigned', 'running') AND f.lease_expires_at < v_now AND f.attempts >= p_max_attempts
-         ORDER BY f.id
-         LIMIT 1
-           FOR UPDATE;
-        CONTINUE WHEN NOT FOUND;
-        PERFORM dlw.executor_fail_final(r.tenant_id, v_file.id,
-            format('lease expired on attempt %s of %s (last held by %s)', v_file.attempts, p_max_attempts,
-                   v_file.executor_id));
-        v_failed := v_failed + 1;
-        PERFORM nextval('dlw.lease_expiries');
-    END LOOP;
-    RETURN v_requeued + v_failed;
-END
-$$;
+RETURN dlw.lease_sweep_file(p_scope, p_max_attempts, p_limit);
 COMMENT ON FUNCTION dlw.executor_sweep_expired_leases(bigint, integer, integer) IS
-    'Internal expiry sweep of leases (run by every claim, for its scope; NULL = every tenant): assigned/running files whose lease expired return to pending with their token cleared while attempts < p_max_attempts; otherwise they fail finally with their task. Returns how many files it moved.';
+    'Internal expiry sweep of file leases (NULL scope = every tenant): dlw.lease_sweep_file (sql/38_work_leases.sql). Assigned/running files whose lease expired return to pending with their token cleared while attempts < p_max_attempts; otherwise they fail finally with their task. Returns how many files it moved.';
 
 -- The executor queue summary follows every change of task_files (sql/39_executor_queue.sql).
 CREATE OR REPLACE TRIGGER task_files_queue_inserted

@@ -44,32 +44,23 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_scope    bigint := dlw.executor_scope();
-    v_now      timestamptz := clock_timestamp();
-    v_executor text := left(coalesce(dlw.ctx_user_id(), 'executor') || coalesce('/' || nullif(p_executor, ''), ''), 200);
+    v_scope    bigint;
+    v_now      timestamptz;
+    v_executor text;
     v_tenants  bigint[];
     v_files    uuid[];
     v_tasks    uuid[];
-    v_facts    record;
 BEGIN
-    SELECT f.claim_max_files, f.lease_seconds_min, f.lease_seconds_max INTO v_facts FROM dlw.domain_facts() f;
-    IF p_max_files IS NULL OR p_max_files NOT BETWEEN 1 AND v_facts.claim_max_files THEN
-        RAISE EXCEPTION 'dlw.executor_claim: max_files must be 1..%, not %', v_facts.claim_max_files, p_max_files
-            USING ERRCODE = '22023';
-    END IF;
-    IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN v_facts.lease_seconds_min AND v_facts.lease_seconds_max THEN
-        RAISE EXCEPTION 'dlw.executor_claim: lease_seconds must be %..%, not %', v_facts.lease_seconds_min,
-            v_facts.lease_seconds_max, p_lease_seconds USING ERRCODE = '22023';
-    END IF;
-    IF p_max_attempts IS NULL OR p_max_attempts < 1 THEN
-        RAISE EXCEPTION 'dlw.executor_claim: max_attempts must be >= 1' USING ERRCODE = '22023';
-    END IF;
-
-    -- 0. Expired leases in this executor's scope return to the queue (or fail, out of attempts);
-    --    only expired leases are read. Then the queue summary takes in the changes committed
-    --    since the last fold and this sweep's own (unless another claim is folding right now:
-    --    never a wait; see sql/39_executor_queue.sql).
-    PERFORM dlw.executor_sweep_expired_leases(v_scope, p_max_attempts);
+    -- 0. The shared claim prologue (sql/38_work_leases.sql): the executor's scope (42501
+    --    first), the limits (22023), then the expired leases in this scope return to the queue
+    --    (or fail, out of attempts); only expired leases are read. Then the queue summary takes
+    --    in the changes committed since the last fold and this sweep's own (unless another claim
+    --    is folding right now: never a wait; see sql/39_executor_queue.sql).
+    SELECT c.scope, c.executor INTO v_scope, v_executor
+      FROM dlw.lease_claim_check('dlw.executor_claim', 'max_files', p_max_files, p_lease_seconds, p_max_attempts,
+                                 p_executor) c;
+    PERFORM dlw.lease_sweep_file(v_scope, p_max_attempts, 500);
+    v_now := clock_timestamp();
     PERFORM dlw.executor_queue_try_fold();
 
     -- 1. Fair shares, without locks, from the queue summary (dlw.executor_queue): a file's turn

@@ -2,58 +2,9 @@
 -- Executors: the reports of a lease holder (heartbeat, complete, fail, release). SECURITY
 -- DEFINER, owned by dlw_system; see sql/40_executor_helpers.sql for leases, rollup and lock order.
 
--- The step every report starts with (invoker rights, owned by dlw_system like its callers,
--- EXECUTE for nobody else). Dropped first: its result gained the declared size, and CREATE OR
--- REPLACE cannot change a result type (nothing depends on it but the plpgsql bodies below).
+-- Every report starts with the shared locked-item lookup, dlw.lease_lock_file
+-- (sql/38_work_leases.sql). It replaced dlw.executor_locked_file.
 DROP FUNCTION IF EXISTS dlw.executor_locked_file(uuid, uuid, boolean);
-CREATE FUNCTION dlw.executor_locked_file(
-    p_file_id uuid, p_assignment_token uuid, p_lock_task boolean,
-    OUT refusal text, OUT tenant_id bigint, OUT task_id uuid, OUT task_status text,
-    OUT status text, OUT assignment_token uuid, OUT sha256 text, OUT attempts integer, OUT size bigint
-)
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_scope bigint := dlw.executor_scope();
-    v_held  boolean;
-BEGIN
-    IF v_scope IS NULL THEN
-        -- A system-wide executor: the file by id across tenants (task_files_id_cross_tenant).
-        SELECT f.tenant_id, f.task_id INTO tenant_id, task_id
-          FROM dlw.task_files f
-         WHERE dlw.cross_tenant_key(f.id) = dlw.cross_tenant_key(p_file_id) AND f.id = p_file_id;
-    ELSE
-        SELECT f.tenant_id, f.task_id INTO tenant_id, task_id
-          FROM dlw.task_files f
-         WHERE f.tenant_id = v_scope AND f.id = p_file_id;
-    END IF;
-    IF NOT FOUND THEN
-        refusal := 'NOT_FOUND';
-        RETURN;
-    END IF;
-    -- Task before file (the lock order). The task lock also serialises the reports of one
-    -- task that may change it, so the last completion sees every other file succeeded.
-    IF p_lock_task THEN
-        SELECT x.status INTO task_status
-          FROM dlw.tasks x
-         WHERE x.tenant_id = executor_locked_file.tenant_id AND x.id = executor_locked_file.task_id
-           FOR UPDATE;
-    END IF;
-    SELECT f.status, f.assignment_token, f.sha256, f.attempts, f.size,
-           dlw.lease_held(f.status, f.assignment_token, f.lease_expires_at, p_assignment_token, clock_timestamp())
-      INTO status, assignment_token, sha256, attempts, size, v_held
-      FROM dlw.task_files f
-     WHERE f.tenant_id = executor_locked_file.tenant_id AND f.id = p_file_id
-       FOR UPDATE;
-    IF NOT v_held THEN
-        refusal := 'LEASE_LOST';
-    END IF;
-END
-$$;
-COMMENT ON FUNCTION dlw.executor_locked_file(uuid, uuid, boolean) IS
-    'Internal (dlw_system, inside the executor reports): finds the file in the acting executor''s scope (42501 without an executor context) and locks it, after its task when p_lock_task (task before file). Returns the file''s figures (sha256, attempts and declared size included), its task''s status (only when p_lock_task) and refusal: NULL while p_assignment_token holds the lease, LEASE_LOST (see dlw.lease_held) or NOT_FOUND (no such file in scope; every other column NULL).';
-REVOKE ALL ON FUNCTION dlw.executor_locked_file(uuid, uuid, boolean) FROM PUBLIC;
 
 -- The checkpoint of a partial download (see migrations/0022): recorded by heartbeats and
 -- releases, handed to the next claim. Internal; the caller holds the file row.
@@ -97,7 +48,7 @@ DECLARE
     v_refusal text;
 BEGIN
     -- Only the file changes (assigned -> running, the lease), so only the file is locked.
-    SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, false);
+    SELECT * INTO v_file FROM dlw.lease_lock_file(p_file_id, p_assignment_token, false);
     IF v_file.refusal IS NOT NULL THEN
         RETURN QUERY SELECT v_file.refusal, NULL::timestamptz;
         RETURN;
@@ -105,7 +56,7 @@ BEGIN
     -- More progress than the file has is impossible: refused, and nothing changes (the lease is
     -- not extended). The executor decides what to do with its download (the reference one never
     -- reads past the declared size, and fails the file).
-    IF p_bytes_done > v_file.size THEN
+    IF p_bytes_done > (SELECT f.size FROM dlw.task_files f WHERE f.tenant_id = v_file.tenant_id AND f.id = p_file_id) THEN
         RETURN QUERY SELECT 'SIZE_MISMATCH'::text, NULL::timestamptz;
         RETURN;
     END IF;
@@ -151,9 +102,9 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_complete(uuid, uuid, bigint, text, text) IS
-$c$The holder of a live lease reports the file downloaded (or placed from a copy the claim offered): p_bytes, which must be the file's declared size, p_sha256 of the content, p_stored_path where it lies relative to its target's base directory (NULL: not said). In one transaction the file becomes succeeded (stored_path and blob_sha256 recorded), its content is registered in the target (dlw.storage_record: counted for storage when new, a source for later copies when p_stored_path is given) and a usage event (bytes_month, the declared size, event_key file:<id>) is appended; the task succeeds (task.succeeded audit row) when all its files have.
+$c$The holder of a live lease reports the file downloaded (or placed from a copy the claim offered): p_bytes, which must be the file's declared size, p_sha256 of the content, p_stored_path where it lies relative to its target's base directory (NULL: not said). In one transaction the file becomes succeeded (stored_path and blob_sha256 recorded), its content is registered in the target (dlw.storage_record_set: counted for storage when new, a source for later copies when p_stored_path is given) and a usage event (bytes_month, the declared size, event_key file:<id>) is appended; the task succeeds (task.succeeded audit row) when all its files have.
 Returns (outcome, task_status): completed | already_completed (the same token reported a success before: same answer, counted once) | SHA256_MISMATCH (the manifest names another sha256: the file and its task fail, nothing is counted) | SIZE_MISMATCH (p_bytes is not the declared size: the file and its task fail, nothing is counted; checked after the sha256) | LEASE_LOST (wrong or stale token, expired lease, file not assigned/running; nothing changes) | NOT_FOUND (no such file in the executor's scope).
-Raises 42501 without an executor context; 22023 for bytes < 0, a sha256 that is not 64 hex digits, a stored_path that is not relative and normalized.$c$;
+Raises 42501 without an executor context; 22023 for bytes < 0, a sha256 that is not 64 hex digits, a stored_path that is not relative and normalized (dlw.stored_path_ok).$c$;
 
 -- Dropped first: it gained the hub's Retry-After (issue 17, backoff).
 DROP FUNCTION IF EXISTS dlw.executor_fail(uuid, uuid, text, boolean, integer);
@@ -167,32 +118,16 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
-DECLARE
-    v_file   record;
-    v_error  text := left(coalesce(nullif(p_error, ''), 'failed'), 2000);
-    v_max    integer := coalesce(p_max_attempts, (SELECT f.default_max_attempts FROM dlw.domain_facts() f));
 BEGIN
     IF p_retry_after_seconds < 0 THEN
         RAISE EXCEPTION 'dlw.executor_fail: retry_after_seconds must be >= 0' USING ERRCODE = '22023';
     END IF;
-    SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, true);
-    IF v_file.refusal IS NOT NULL THEN
-        RETURN QUERY SELECT v_file.refusal, v_file.task_status;
-        RETURN;
-    END IF;
-    IF coalesce(p_retryable, false) AND v_file.attempts < v_max THEN
-        PERFORM dlw.requeue_file(v_file.tenant_id, p_file_id, v_error);
-        -- Backoff, kept here so that no executor is offered the file before it expires.
-        UPDATE dlw.task_files f
-           SET not_before = clock_timestamp() + dlw.retry_backoff(v_file.attempts, p_retry_after_seconds)
-         WHERE f.tenant_id = v_file.tenant_id AND f.id = p_file_id;
-        RETURN QUERY SELECT 'requeued'::text, v_file.task_status;
-        RETURN;
-    END IF;
-    IF coalesce(p_retryable, false) THEN
-        v_error := format('%s (attempt %s of %s)', v_error, v_file.attempts, v_max);
-    END IF;
-    RETURN QUERY SELECT 'failed'::text, dlw.executor_fail_final(v_file.tenant_id, p_file_id, v_error);
+    -- The shared failure report (sql/38_work_leases.sql): the file and its task locked, backoff
+    -- or the final failure (dlw.executor_fail_final).
+    RETURN QUERY
+    SELECT l.outcome, l.task_status
+      FROM dlw.lease_fail_file(p_file_id, p_assignment_token, p_error, p_retryable, p_max_attempts,
+                               p_retry_after_seconds) l;
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_fail(uuid, uuid, text, boolean, integer, integer) IS
@@ -211,7 +146,7 @@ DECLARE
     v_refusal text;
 BEGIN
     -- Only the file changes, so only the file is locked.
-    SELECT * INTO v_file FROM dlw.executor_locked_file(p_file_id, p_assignment_token, false);
+    SELECT * INTO v_file FROM dlw.lease_lock_file(p_file_id, p_assignment_token, false);
     IF v_file.refusal IS NOT NULL THEN
         RETURN v_file.refusal;
     END IF;

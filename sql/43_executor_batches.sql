@@ -34,10 +34,10 @@ BEGIN
         RAISE EXCEPTION 'dlw.executor_complete: sha256 must be 64 hex digits' USING ERRCODE = '22023';
     END IF;
     -- Where the executor put the file (deduplication, sql/23_stored_blobs.sql): the shape
-    -- task_files.stored_path accepts (relative, normalized, no control characters).
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_completions) e(item), LATERAL (SELECT e.item ->> 'stored_path' AS p) x
-                WHERE length(x.p) > 4096 OR x.p !~ '^[^/]+(/[^/]+)*$' OR x.p ~ '(^|/)\.\.?(/|$)'
-                   OR x.p ~ '[\x01-\x1f\x7f-\x9f]') THEN
+    -- task_files.stored_path accepts, by the constraint's own rule (dlw.stored_path_ok,
+    -- migrations/0032), so a bad path is the caller's 22023, not a constraint violation.
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_completions) e(item)
+                WHERE NOT dlw.stored_path_ok(e.item ->> 'stored_path')) THEN
         RAISE EXCEPTION 'dlw.executor_complete: stored_path must be a relative, normalized path' USING ERRCODE = '22023';
     END IF;
 
@@ -122,16 +122,17 @@ BEGIN
       FROM done d
      ORDER BY d.tenant_id, d.id
         ON CONFLICT (tenant_id, event_key) DO NOTHING;
-    --    Their contents are now stored in their tasks' targets: each registered once per target
-    --    (dlw.storage_record: storage counts it once, later files of it are placed from this copy),
-    --    in (tenant, target, sha256) order so that two batches registering the same contents
-    --    take the registry rows in one order.
-    PERFORM dlw.storage_record(u.t, x.storage_target_id, u.sha, f.size, u.path)
+    --    Their contents are now stored in their tasks' targets: registered once per target in one
+    --    statement (dlw.storage_record_set: storage counts each content once, later files of it
+    --    are placed from this copy; it takes the registry rows in (tenant, target, sha256) order,
+    --    so two batches registering the same contents never wait for each other in a cycle).
+    PERFORM dlw.storage_record_set(array_agg(u.t), array_agg(x.storage_target_id), array_agg(u.sha),
+                                   array_agg(f.size), array_agg(u.path))
        FROM unnest(v_tenants, v_ids, v_tasks, v_outcomes, v_shas, v_paths) AS u(t, id, k, o, sha, path)
        JOIN dlw.tasks x ON x.tenant_id = u.t AND x.id = u.k
        JOIN dlw.task_files f ON f.tenant_id = u.t AND f.id = u.id
       WHERE u.o = 'completed' AND u.sha IS NOT NULL
-      ORDER BY u.t, x.storage_target_id, u.sha, u.path NULLS LAST;
+     HAVING count(*) > 0;
 
     -- 5. Not what the manifest promised (other content, or another size): the file fails finally
     --    with its task, nothing is counted. After step 4, so files of the batch that did arrive
@@ -177,7 +178,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_complete_set(jsonb) IS
-$c$Internal (dlw_system, inside dlw.executor_complete and dlw.executor_report_batch; 42501 without an executor context): completes an array of {file_id, assignment_token, bytes, sha256, stored_path?} set-based. Locks the batch's tasks, then its files (key order); judges each item as a single completion (already_completed, LEASE_LOST per file's lease, SHA256_MISMATCH, SIZE_MISMATCH, completed); moves the completed files to succeeded in one UPDATE (stored_path and blob_sha256 recorded) with one usage row each (bytes_month, the declared size, event_key file:<id>) in one INSERT, and registers their contents in their targets (dlw.storage_record, (tenant, target, sha256) order); then fails the mismatching files with their tasks (dlw.executor_fail_final; files of the batch already succeeded stay succeeded); then rolls up each task once (succeeded when all its files are; task.succeeded audit row).
+$c$Internal (dlw_system, inside dlw.executor_complete and dlw.executor_report_batch; 42501 without an executor context): completes an array of {file_id, assignment_token, bytes, sha256, stored_path?} set-based. Locks the batch's tasks, then its files (key order); judges each item as a single completion (already_completed, LEASE_LOST per file's lease, SHA256_MISMATCH, SIZE_MISMATCH, completed); moves the completed files to succeeded in one UPDATE (stored_path and blob_sha256 recorded) with one usage row each (bytes_month, the declared size, event_key file:<id>) in one INSERT, and registers their contents in their targets in one statement (dlw.storage_record_set, (tenant, target, sha256) order); then fails the mismatching files with their tasks (dlw.executor_fail_final; files of the batch already succeeded stay succeeded); then rolls up each task once (succeeded when all its files are; task.succeeded audit row).
 Returns one row per item, in the order given (a file given again: after the others): (file_id, outcome, task_status: the task's status after the batch; NULL for NOT_FOUND). Raises 22023 for a missing or negative bytes, a sha256 that is not 64 hex digits, a stored_path that is not relative and normalized.$c$;
 REVOKE ALL ON FUNCTION dlw.executor_complete_set(jsonb) FROM PUBLIC;
 

@@ -10,12 +10,14 @@
 -- file claim does, so a tenant-limited executor never sees, changes or learns of another
 -- tenant's deletion (it reads as NOT_FOUND). dlw_app has no write grant on dlw.task_deletions.
 --
--- Leases as for files (sql/40_executor_helpers.sql): a claim gives a fresh assignment_token and
--- lease; only that token, while the lease runs, may heartbeat, complete or fail the deletion.
--- Every deletion claim first returns expired leases of its scope to the queue (or fails the
--- deletion, out of attempts). Lock order: the task before its deletion row (the request and the
--- reports lock the task first and wait; the claim and the sweep hold deletion rows before they
--- know the task, so they never wait for a task: SKIP LOCKED).
+-- Leases: the one mechanism of files and deletions (sql/38_work_leases.sql, kind deletion): a
+-- claim gives a fresh assignment_token and lease; only that token, while the lease runs, may
+-- heartbeat, complete or fail the deletion (dlw.lease_lock_deletion); every deletion claim first
+-- returns expired leases of its scope to the queue or fails the deletion, out of attempts
+-- (dlw.lease_claim_check, dlw.lease_sweep_deletion); a failure backs off (dlw.lease_fail_deletion).
+-- Lock order: the task before its deletion row (the request and the reports lock the task first
+-- and wait; the claim and the sweep hold deletion rows before they know the task: SKIP LOCKED,
+-- never a wait).
 
 -- ---------------------------------------------------------------------------------------
 -- Internal helpers (invoker rights, owned by dlw_system, EXECUTE for nobody else)
@@ -44,104 +46,12 @@ $$;
 COMMENT ON FUNCTION dlw.deletion_fail_final(bigint, uuid, text) IS
     'Internal (caller holds the task row, then the deletion row): the deletion fails (its lease ends) and so does the task''s deletion marker (tasks.deletion = failed; DELETE again requeues it), with a task.deletion_failed audit row. Returns failed.';
 
-CREATE OR REPLACE FUNCTION dlw.deletion_sweep_expired(p_scope bigint, p_max_attempts integer, p_limit integer DEFAULT 100)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_now   timestamptz := clock_timestamp();
-    v_moved integer := 0;
-    r       record;
-BEGIN
-    -- Only expired leases are read (task_deletions_lease_expiry across tenants, or
-    -- task_deletions_in_flight for one tenant). With attempts left: back to the queue.
-    WITH expired AS (
-        SELECT d.tenant_id, d.id
-          FROM dlw.task_deletions d
-         WHERE d.status = 'assigned' AND d.attempts < p_max_attempts
-           AND ((p_scope IS NULL AND dlw.cross_tenant_key(d.lease_expires_at) < v_now)
-                OR (d.tenant_id = p_scope AND d.lease_expires_at < v_now))
-         LIMIT p_limit
-           FOR UPDATE SKIP LOCKED
-    )
-    UPDATE dlw.task_deletions d
-       SET status = 'pending', assignment_token = NULL, lease_expires_at = NULL, lease_seconds = NULL,
-           error = left(format('lease of %s expired', d.executor_id), 2000), updated_at = now()
-      FROM expired e
-     WHERE d.tenant_id = e.tenant_id AND d.id = e.id;
-    GET DIAGNOSTICS v_moved = ROW_COUNT;
-    -- Out of attempts: the deletion fails, task first (SKIP LOCKED: never a wait).
-    FOR r IN
-        SELECT d.tenant_id, d.id, d.task_id, d.attempts, d.executor_id
-          FROM dlw.task_deletions d
-         WHERE d.status = 'assigned' AND d.attempts >= p_max_attempts
-           AND ((p_scope IS NULL AND dlw.cross_tenant_key(d.lease_expires_at) < v_now)
-                OR (d.tenant_id = p_scope AND d.lease_expires_at < v_now))
-         LIMIT p_limit
-    LOOP
-        PERFORM 1 FROM dlw.tasks x WHERE x.tenant_id = r.tenant_id AND x.id = r.task_id FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
-        PERFORM 1 FROM dlw.task_deletions d
-         WHERE d.tenant_id = r.tenant_id AND d.id = r.id AND d.status = 'assigned' AND d.lease_expires_at < v_now
-           FOR UPDATE;
-        CONTINUE WHEN NOT FOUND;
-        PERFORM dlw.deletion_fail_final(r.tenant_id, r.id,
-            format('lease expired on attempt %s of %s (last held by %s)', r.attempts, p_max_attempts, r.executor_id));
-        v_moved := v_moved + 1;
-    END LOOP;
-    RETURN v_moved;
-END
-$$;
-COMMENT ON FUNCTION dlw.deletion_sweep_expired(bigint, integer, integer) IS
-    'Internal expiry sweep of deletion leases (run by every deletion claim, for its scope; NULL = every tenant): an assigned deletion whose lease expired returns to pending (token cleared) while attempts < p_max_attempts, else it fails (dlw.deletion_fail_final). Returns how many it moved.';
+-- The sweep and the locked lookup are the shared ones now (dlw.lease_sweep_deletion, dlw.lease_lock_deletion).
+DROP FUNCTION IF EXISTS dlw.deletion_sweep_expired(bigint, integer, integer);
+DROP FUNCTION IF EXISTS dlw.executor_locked_deletion(uuid, uuid);
 
-CREATE OR REPLACE FUNCTION dlw.executor_locked_deletion(
-    p_deletion_id uuid, p_assignment_token uuid,
-    OUT refusal text, OUT tenant_id bigint, OUT task_id uuid, OUT status text,
-    OUT assignment_token uuid, OUT attempts integer
-)
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_scope bigint := dlw.executor_scope();
-    v_held  boolean;
-BEGIN
-    IF v_scope IS NULL THEN
-        SELECT d.tenant_id, d.task_id INTO tenant_id, task_id
-          FROM dlw.task_deletions d
-         WHERE dlw.cross_tenant_key(d.id) = dlw.cross_tenant_key(p_deletion_id) AND d.id = p_deletion_id;
-    ELSE
-        SELECT d.tenant_id, d.task_id INTO tenant_id, task_id
-          FROM dlw.task_deletions d
-         WHERE d.tenant_id = v_scope AND d.id = p_deletion_id;
-    END IF;
-    IF NOT FOUND THEN
-        refusal := 'NOT_FOUND';
-        RETURN;
-    END IF;
-    -- Task before deletion (the lock order).
-    PERFORM 1 FROM dlw.tasks x
-     WHERE x.tenant_id = executor_locked_deletion.tenant_id AND x.id = executor_locked_deletion.task_id
-       FOR UPDATE;
-    SELECT d.status, d.assignment_token, d.attempts,
-           dlw.lease_held(d.status, d.assignment_token, d.lease_expires_at,
-                          p_assignment_token, clock_timestamp())
-      INTO status, assignment_token, attempts, v_held
-      FROM dlw.task_deletions d
-     WHERE d.tenant_id = executor_locked_deletion.tenant_id AND d.id = p_deletion_id
-       FOR UPDATE;
-    IF NOT coalesce(v_held, false) THEN
-        refusal := 'LEASE_LOST';
-    END IF;
-END
-$$;
-COMMENT ON FUNCTION dlw.executor_locked_deletion(uuid, uuid) IS
-    'Internal (inside the deletion reports): finds the deletion in the acting executor''s scope (42501 without an executor context), locks its task then it, and returns its figures with refusal: NULL while p_assignment_token holds its lease (dlw.lease_held), LEASE_LOST, or NOT_FOUND (no such deletion in scope; every other column NULL).';
-
-REVOKE ALL ON FUNCTION dlw.deletion_fail_final(bigint, uuid, text), dlw.deletion_sweep_expired(bigint, integer, integer),
-    dlw.executor_locked_deletion(uuid, uuid) FROM PUBLIC;
+-- The shared sweep and failure report call it for a deletion, as dlw_system (its owner).
+REVOKE ALL ON FUNCTION dlw.deletion_fail_final(bigint, uuid, text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------
 -- The API's request: DELETE /api/v1/tasks/{id}
@@ -214,24 +124,17 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_scope    bigint := dlw.executor_scope();
-    v_now      timestamptz := clock_timestamp();
-    v_executor text := left(coalesce(dlw.ctx_user_id(), 'executor') || coalesce('/' || nullif(p_executor, ''), ''), 200);
-    v_facts    record;
+    v_scope    bigint;
+    v_now      timestamptz;
+    v_executor text;
 BEGIN
-    SELECT f.claim_max_files, f.lease_seconds_min, f.lease_seconds_max INTO v_facts FROM dlw.domain_facts() f;
-    IF p_max IS NULL OR p_max NOT BETWEEN 1 AND v_facts.claim_max_files THEN
-        RAISE EXCEPTION 'dlw.executor_claim_deletions: max must be 1..%, not %', v_facts.claim_max_files, p_max
-            USING ERRCODE = '22023';
-    END IF;
-    IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN v_facts.lease_seconds_min AND v_facts.lease_seconds_max THEN
-        RAISE EXCEPTION 'dlw.executor_claim_deletions: lease_seconds must be %..%, not %', v_facts.lease_seconds_min,
-            v_facts.lease_seconds_max, p_lease_seconds USING ERRCODE = '22023';
-    END IF;
-    IF p_max_attempts IS NULL OR p_max_attempts < 1 THEN
-        RAISE EXCEPTION 'dlw.executor_claim_deletions: max_attempts must be >= 1' USING ERRCODE = '22023';
-    END IF;
-    PERFORM dlw.deletion_sweep_expired(v_scope, p_max_attempts);
+    -- The shared claim prologue (sql/38_work_leases.sql): scope (42501 first), limits (22023),
+    -- then the expiry sweep of the deletion leases in this scope.
+    SELECT c.scope, c.executor INTO v_scope, v_executor
+      FROM dlw.lease_claim_check('dlw.executor_claim_deletions', 'max', p_max, p_lease_seconds, p_max_attempts,
+                                 p_executor) c;
+    PERFORM dlw.lease_sweep_deletion(v_scope, p_max_attempts, 100);
+    v_now := clock_timestamp();
 
     -- Oldest first, from an index of pending deletions only (across tenants for a system-wide
     -- executor, the tenant's own otherwise): the cost follows the deletions returned. SKIP
@@ -284,7 +187,7 @@ AS $$
 DECLARE
     v record;
 BEGIN
-    SELECT * INTO v FROM dlw.executor_locked_deletion(p_deletion_id, p_assignment_token);
+    SELECT * INTO v FROM dlw.lease_lock_deletion(p_deletion_id, p_assignment_token, true);
     IF v.refusal IS NOT NULL THEN
         RETURN QUERY SELECT v.refusal, NULL::timestamptz;
         RETURN;
@@ -310,7 +213,7 @@ DECLARE
     v_rows   jsonb;
     v_bytes  bigint;
 BEGIN
-    SELECT * INTO v FROM dlw.executor_locked_deletion(p_deletion_id, p_assignment_token);
+    SELECT * INTO v FROM dlw.lease_lock_deletion(p_deletion_id, p_assignment_token, true);
     IF v.status = 'done' AND p_assignment_token IS NOT NULL AND v.assignment_token = p_assignment_token THEN
         -- The same report again (its answer was lost): the same answer, released once.
         RETURN QUERY SELECT 'already_deleted'::text, d.released_bytes, d.released
@@ -352,26 +255,12 @@ RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v       record;
-    v_error text := left(coalesce(nullif(p_error, ''), 'failed'), 2000);
 BEGIN
-    SELECT * INTO v FROM dlw.executor_locked_deletion(p_deletion_id, p_assignment_token);
-    IF v.refusal IS NOT NULL THEN
-        RETURN v.refusal;
-    END IF;
-    IF coalesce(p_retryable, false) AND v.attempts < coalesce(p_max_attempts, 5) THEN
-        UPDATE dlw.task_deletions d
-           SET status = 'pending', assignment_token = NULL, lease_expires_at = NULL, lease_seconds = NULL,
-               error = v_error, updated_at = now(),
-               not_before = clock_timestamp() + dlw.retry_backoff(v.attempts)
-         WHERE d.tenant_id = v.tenant_id AND d.id = p_deletion_id;
-        RETURN 'requeued';
-    END IF;
-    IF coalesce(p_retryable, false) THEN
-        v_error := format('%s (attempt %s of %s)', v_error, v.attempts, p_max_attempts);
-    END IF;
-    RETURN dlw.deletion_fail_final(v.tenant_id, p_deletion_id, v_error);
+    -- The shared failure report (sql/38_work_leases.sql): the task and the deletion locked,
+    -- backoff (dlw.retry_backoff) or the final failure (dlw.deletion_fail_final).
+    RETURN (SELECT l.outcome
+              FROM dlw.lease_fail_deletion(p_deletion_id, p_assignment_token, p_error, p_retryable,
+                                           p_max_attempts) l);
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_deletion_fail(uuid, uuid, text, boolean, integer) IS

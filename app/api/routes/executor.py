@@ -35,8 +35,9 @@ from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
 
-# One segment of a relative stored path, as the database checks it (migrations/0026): not empty,
-# not . or .., no control character (C0, DEL, C1). Spelled without look-arounds for the schema.
+# One segment of a relative stored path, as the database's one rule checks it (dlw.stored_path_ok,
+# migrations/0032): not empty, not . or .., no control character (C0, DEL, C1). Spelled without
+# look-arounds for the schema; tests/sql/test_stored_path_rule.py feeds both the same samples.
 _CHAR = r"[^/\x00-\x1f\x7f-\x9f]"
 _NODOT = r"[^/.\x00-\x1f\x7f-\x9f]"
 _SEGMENT = rf"(?:{_NODOT}{_CHAR}*|\.{_NODOT}{_CHAR}*|\.\.{_CHAR}+)"
