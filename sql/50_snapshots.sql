@@ -20,12 +20,14 @@
 -- a pg_cron job (scheduled by `dlw migrate` where pg_cron is preloaded) or the API instance that
 -- holds the leader lock (app/api/snapshot_leader.py); a DBA may also call it in psql.
 --
--- Lock order (see sql/31_task_admission.sql): quota_snapshots rows are inserted or locked in
--- ascending (tenant_id, period) order by one INSERT ... ON CONFLICT DO UPDATE whose input is
--- sorted, and task admission inserts then locks its tenant's two rows in the same order, so no
--- cycle of waits can form between them. One statement for all tenants: the per-tenant cost is
--- one index probe and one row version (batched; 10,000 tenants, bench/scale.py; what is left
--- of the per-tenant cost and the designs measured against it: docs/dba.md, "What a fold costs").
+-- Lock order (see sql/31_task_admission.sql): quota_snapshots rows are updated or inserted in
+-- ascending (tenant_id, period) order, each one before the next is touched, by one MERGE over
+-- the sorted totals (or, when admission inserted a row after the MERGE's snapshot, by the same
+-- write as INSERT ... ON CONFLICT DO UPDATE), and task admission inserts-or-locks its tenant's
+-- two rows the same way in one statement, so no cycle of waits can form between them
+-- (tests/sql/test_snapshot_lock_order.py). One statement for all tenants: per tenant and month
+-- one hash entry, one index probe and one HOT row version. What that costs, and the designs
+-- measured against it: docs/fold-costs.md (10,000 tenants still cost more than 5x 10 tenants).
 
 
 -- ---------------------------------------------------------------------------------------
@@ -160,13 +162,14 @@ BEGIN
              WHERE u.xid >= v_from AND u.xid < v_upto
              GROUP BY 1, 2, 3) d;
 
-    -- 3. Every total added to its (tenant, month) row, or the row inserted, in that order (lock
-    --    order: sql/31_task_admission.sql). MERGE, not INSERT ... ON CONFLICT DO UPDATE: it
-    --    finds each row once, through the join's index probe, and updates it (HOT: amount and
-    --    refreshed_at are not indexed), where the upsert probes, locks, then updates: a third
-    --    less per tenant (docs/fold-costs.md). A row task admission inserted after this
-    --    statement's snapshot makes the MERGE's insert fail (unique_violation, after waiting
-    --    for that transaction); the block then starts again as the upsert, which waits and adds.
+    -- 3. Every total added to its (tenant, month) row, or the row inserted, in the arrays' order
+    --    (unnest and the nested loop keep it; lock order: sql/31_task_admission.sql). MERGE, not
+    --    INSERT ... ON CONFLICT DO UPDATE: it finds each row once, through the join's index
+    --    probe, and updates it (HOT: amount and refreshed_at are not indexed), where the upsert
+    --    probes, locks, then updates and checks the row's constraints twice: about a fifth less
+    --    per tenant (docs/fold-costs.md). A row task admission inserted after this statement's
+    --    snapshot makes the MERGE's insert fail (unique_violation, after waiting for that
+    --    transaction); the block then starts again as the upsert, which waits and adds.
     IF periods > 0 THEN
         BEGIN
             MERGE INTO dlw.quota_snapshots q
