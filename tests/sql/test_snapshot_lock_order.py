@@ -41,7 +41,8 @@ def test_the_fold_and_admission_never_deadlock_when_this_months_row_is_new(db: M
     tenant = provision(db, "rollover", bytes_month=1 << 40)
     refresh(db)
     owner.execute(
-        f"INSERT INTO dlw.quota_snapshots (tenant_id, period, metric, amount) VALUES (%s, {PREVIOUS}, 'bytes_month', 0)",
+        "INSERT INTO dlw.quota_snapshots (tenant_id, period, metric, amount)"
+        f" VALUES (%s, {PREVIOUS}, 'bytes_month', 0)",
         (tenant,),
     )
     add_usage(owner, tenant, 3, LAST_MICROSECOND)
