@@ -26,10 +26,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,88 +41,12 @@ from app.ops.embedded import LocalCluster
 from app.ops.migrate import migrate
 from bench.load import print_table_head
 from bench.refresh_cost import PG_SETTINGS, _free_port
+from bench.scale_claims import Queue, load_queue, measure_claims
+from bench.scale_common import explain_touched, median_ms, time_in_rolled_back
+from bench.scale_refresh import measure_refresh
 
-CLAIM_MAX = 2.0
 USAGE_MAX = 1.5
 LIST_MAX = 1.5
-REFRESH_MAX = 5.0
-
-
-@dataclass(frozen=True)
-class Queue:
-    tenants: int
-    pending: int
-    in_flight: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.tenants:,} t / {self.pending:,} p / {self.in_flight:,} f"
-
-
-# Which rows of a transaction's statistics (pg_stat_xact_*) one call touched: how many rows each
-# table and index gave. It explains a ratio for statements inside a function (no EXPLAIN there).
-TOUCHED = """
-SELECT c.relname, c.relkind,
-       pg_stat_get_xact_numscans(c.oid) AS scans,
-       pg_stat_get_xact_tuples_returned(c.oid) AS rows_read
-  FROM pg_class c
- WHERE c.relnamespace = 'dlw'::regnamespace AND c.relkind IN ('r', 'i')
-   AND (pg_stat_get_xact_numscans(c.oid) > 0 OR pg_stat_get_xact_tuples_returned(c.oid) > 0)
- ORDER BY rows_read DESC, c.relname"""
-
-
-def touched(conn: psycopg.Connection) -> list[tuple[str, str, int, int]]:
-    return [(r[0], "table" if r[1] == "r" else "index", int(r[2]), int(r[3])) for r in conn.execute(TOUCHED)]
-
-
-def format_touched(rows: list[tuple[str, str, int, int]]) -> str:
-    return "\n".join(
-        f"    {kind:5} {name:36} scans {scans:>6}  rows read {read:>9,}" for name, kind, scans, read in rows
-    )
-
-
-def load_queue(conn: psycopg.Connection, q: Queue) -> None:
-    """q.tenants tenants, each with one running task holding pending/tenants pending files and
-    in_flight/tenants assigned ones (leases for an hour: nothing expires while measuring). The
-    tasks are already running, so a claim starts none: what is measured is the fairness step,
-    the sweep and the files' own work."""
-    conn.execute(
-        "SELECT count(dlw.provision_tenant(format('s%%s', g), 'scale', 0, 0, 0)) FROM generate_series(1, %s) g",
-        (q.tenants,),
-    )
-    conn.execute("SET session_replication_role = replica")
-    conn.execute("SET work_mem = '256MB'")
-    conn.execute(
-        """
-        INSERT INTO dlw.tasks (tenant_id, project_id, storage_target_id, repo_id, revision, status, file_count,
-                               total_bytes, created_by)
-        SELECT t.tenant_id, p.id, s.id, 'bench/scale', 'main', 'running', %(per)s, %(per)s, 'bench'
-          FROM dlw.tenants t
-          JOIN dlw.projects p ON p.tenant_id = t.tenant_id AND p.is_default
-          JOIN dlw.storage_targets s ON s.tenant_id = t.tenant_id AND s.name = 'default'
-         WHERE t.slug ~ '^s[0-9]+$'
-        """,
-        {"per": (q.pending + q.in_flight) // q.tenants},
-    )
-    conn.execute(
-        """
-        INSERT INTO dlw.task_files (tenant_id, task_id, path, size, status, attempts, assignment_token,
-                                    lease_seconds, lease_expires_at, executor_id, created_at)
-        SELECT x.tenant_id, x.id, 'f' || g, 1,
-               CASE WHEN g <= %(pending)s THEN 'pending' ELSE 'assigned' END,
-               CASE WHEN g <= %(pending)s THEN 0 ELSE 1 END,
-               CASE WHEN g > %(pending)s THEN gen_random_uuid() END,
-               CASE WHEN g > %(pending)s THEN 3600 END,
-               CASE WHEN g > %(pending)s THEN now() + interval '1 hour' + g * interval '1 ms' END,
-               CASE WHEN g > %(pending)s THEN 'bench' END,
-               now() - interval '1 day' + g * interval '1 ms'
-          FROM dlw.tasks x CROSS JOIN generate_series(1, %(pending)s + %(in_flight)s) g
-         WHERE x.repo_id = 'bench/scale'
-        """,
-        {"pending": q.pending // q.tenants, "in_flight": q.in_flight // q.tenants},
-    )
-    conn.execute("RESET session_replication_role")
-    conn.execute("SELECT dlw.executor_queue_rebuild()")
 
 
 def load_history(conn: psycopg.Connection, rows: int) -> dict[str, int]:
@@ -173,57 +95,6 @@ def load_history(conn: psycopg.Connection, rows: int) -> dict[str, int]:
     return ids
 
 
-def _median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
-
-
-def time_in_rolled_back(
-    conn: psycopg.Connection, context: tuple[int, str, str], query: str, args: tuple[Any, ...]
-) -> float:
-    """Seconds one call takes, inside BEGIN; set_context; ...; ROLLBACK (the state stays)."""
-    with conn.transaction(force_rollback=True):
-        conn.execute("SELECT dlw.set_context(%s, %s, %s)", context)
-        t0 = time.perf_counter()
-        conn.execute(query, args).fetchall()
-        return time.perf_counter() - t0
-
-
-def explain_touched(conn: psycopg.Connection, context: tuple[int, str, str], query: str, args: tuple[Any, ...]) -> str:
-    # The backend's pending counters may still hold earlier transactions' counts (they are
-    # flushed about once a second): the difference around the one call is what it read.
-    with conn.transaction(force_rollback=True):
-        conn.execute("SELECT dlw.set_context(%s, %s, %s)", context)
-        before = {(name, kind): (scans, read) for name, kind, scans, read in touched(conn)}
-        conn.execute(query, args).fetchall()
-        after = touched(conn)
-    rows = [
-        (name, kind, scans - before.get((name, kind), (0, 0))[0], read - before.get((name, kind), (0, 0))[1])
-        for name, kind, scans, read in after
-    ]
-    return format_touched(sorted((r for r in rows if r[2] or r[3]), key=lambda r: -r[3]))
-
-
-CLAIM = "SELECT file_id FROM dlw.executor_claim(%s, 3600, 'bench')"
-EXECUTOR = (0, "bench-executor", "executor")
-
-
-def measure_claims(small: psycopg.Connection, large: psycopg.Connection, reps: int) -> list[dict[str, Any]]:
-    rows = []
-    for n in (1, 10, 100):
-        samples: dict[str, list[float]] = {"small": [], "large": []}
-        for i in range(reps + 3):
-            order = (("small", small), ("large", large)) if i % 2 else (("large", large), ("small", small))
-            for key, conn in order:
-                t = time_in_rolled_back(conn, EXECUTOR, CLAIM, (n,))
-                if i >= 3:  # warm-up
-                    samples[key].append(t)
-        s, g = _median_ms(samples["small"]), _median_ms(samples["large"])
-        rows.append({"measure": f"claim {n} file(s)", "small_ms": s, "large_ms": g, "ratio": g / s, "target": CLAIM_MAX,
-                     "explain": lambda n=n: "  small:\n" + explain_touched(small, EXECUTOR, CLAIM, (n,))
-                     + "\n  large:\n" + explain_touched(large, EXECUTOR, CLAIM, (n,))})  # fmt: skip
-    return rows
-
-
 FILES = [{"path": "model.safetensors", "size": 1000}]
 CREATE = "SELECT outcome FROM dlw.create_task(NULL, 'default', 'org/m', 'main', 0, %s)"
 QUOTA = "SELECT bytes_used_month FROM dlw.quota_current()"
@@ -242,7 +113,7 @@ def measure_admission(conn: psycopg.Connection, ids: dict[str, int], reps: int) 
                 t = time_in_rolled_back(conn, (ids[key], "bench", "tenant_operator"), query, args)
                 if i >= 3:
                     samples[key].append(t)
-        s, g = _median_ms(samples["usage-100"]), _median_ms(samples["usage-100k"])
+        s, g = median_ms(samples["usage-100"]), median_ms(samples["usage-100k"])
 
         def explain(query: str = query, args: tuple[Any, ...] = args) -> str:
             out = []
@@ -289,7 +160,7 @@ async def _lists(app_url: str, tenant: int, reps: int) -> list[dict[str, Any]]:
                     await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
                     plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, FORMAT JSON) {q}", *args)
                     plans.append(f"  {key} (generic plan, as dlw_app):\n" + _plan_text(plan))
-            s, g = _median_ms(samples["plain"]), _median_ms(samples["filtered"])
+            s, g = median_ms(samples["plain"]), median_ms(samples["filtered"])
             label = "GET /tasks?status=failed" if name == "tasks" else "GET /audit?action=task.failed"
             rows.append({"measure": f"{label} vs unfiltered", "small_ms": s, "large_ms": g, "ratio": g / s,
                          "target": LIST_MAX, "explain": lambda plans=plans: "\n".join(plans)})  # fmt: skip
@@ -311,85 +182,6 @@ def _plan_text(plan: Any) -> str:
 
     walk(node, 0)
     return "\n".join(lines)
-
-
-HOT = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'dlw.quota_snapshots'::regclass"
-
-
-def hot_updates(conn: psycopg.Connection) -> tuple[int, int]:
-    """quota_snapshots' updates and HOT updates so far (this backend's counts flushed first)."""
-    conn.execute("SELECT pg_stat_force_next_flush()")
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-    row = conn.execute(HOT).fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 0)
-
-
-def measure_refresh(conn: psycopg.Connection, few: int, many: int, events: int, reps: int) -> dict[str, Any]:
-    tenants = [r[0] for r in conn.execute("SELECT tenant_id FROM dlw.tenants WHERE slug ~ '^s[0-9]+$' ORDER BY 1")]
-    sets = {"few": tenants[:few], "many": tenants[:many]}
-    samples: dict[str, list[float]] = {"few": [], "many": []}
-    start = 0
-    upd0 = hot_updates(conn)
-    for i in range(reps + 1):
-        for key in ("few", "many") if i % 2 else ("many", "few"):
-            conn.execute(
-                "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key)"
-                " SELECT (%(t)s::bigint[])[1 + g %% cardinality(%(t)s::bigint[])], 'bytes_month', 1, 'r:' || g"
-                " FROM generate_series(%(a)s::bigint, %(b)s::bigint) g",
-                {"t": sets[key], "a": start, "b": start + events - 1},
-            )
-            start += events
-            t0 = time.perf_counter()
-            conn.execute("SELECT * FROM dlw.refresh_quota_snapshots()")
-            if i >= 1:  # the first round creates the snapshot rows
-                samples[key].append(time.perf_counter() - t0)
-    upd1 = hot_updates(conn)
-    s, g = _median_ms(samples["few"]), _median_ms(samples["many"])
-    updates, hot = upd1[0] - upd0[0], upd1[1] - upd0[1]
-    per_tenant_us = (g - s) * 1000 / (len(sets["many"]) - few)
-    print(
-        f"  refresh: {per_tenant_us:.1f} us per extra tenant; quota_snapshots updates {updates:,},"
-        f" HOT {hot:,} ({100 * hot / max(updates, 1):.1f} %)"
-    )
-    return {
-        "measure": f"refresh {events:,} events: {few} -> {len(sets['many']):,} tenants",
-        "small_ms": s,
-        "large_ms": g,
-        "ratio": g / s,
-        "target": REFRESH_MAX,
-        "explain": lambda: explain_refresh(conn, sets, events),
-    }
-
-
-def explain_refresh(conn: psycopg.Connection, sets: dict[str, list[int]], events: int) -> str:
-    """The fold's one statement (sql/50_snapshots.sql, step 2), written out over the same new
-    events for each tenant set (rolled back): the aggregation through usage_records_xid, then the
-    upsert of every (tenant, month). The difference between the two plans is the per-tenant work."""
-    out: list[str] = []
-    for key in ("few", "many"):
-        with conn.transaction(force_rollback=True):
-            conn.execute(
-                "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key)"
-                " SELECT (%(t)s::bigint[])[1 + g %% cardinality(%(t)s::bigint[])], 'bytes_month', 1, 'x:' || g"
-                " FROM generate_series(1, %(n)s) g",
-                {"t": sets[key], "n": events},
-            )
-            plan = conn.execute(
-                "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)"
-                " WITH new AS (SELECT u.tenant_id AS t, dlw.month_start(u.occurred_at) AS p, u.metric AS m,"
-                "                     sum(u.amount)::bigint AS a, count(*) AS n"
-                "                FROM dlw.usage_records u"
-                "               WHERE u.xid >= (SELECT folded_below FROM dlw.snapshot_state) GROUP BY 1, 2, 3),"
-                " written AS (INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)"
-                "             SELECT d.t, d.p, d.m, d.a, now() FROM new d ORDER BY d.t, d.p, d.m"
-                "             ON CONFLICT (tenant_id, period, metric) DO UPDATE"
-                "                SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at"
-                "             RETURNING q.tenant_id)"
-                " SELECT (SELECT sum(d.n) FROM new d), (SELECT count(*) FROM written w)"
-            ).fetchall()
-        out.append(f"  {len(sets[key]):,} tenants:")
-        out.extend("    " + r[0] for r in plan)
-    return "\n".join(out)
 
 
 def print_rows(title: str, small: str, large: str, rows: list[dict[str, Any]]) -> None:

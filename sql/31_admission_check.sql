@@ -22,13 +22,16 @@ DECLARE
     v_period      date := dlw.month_start(now());
     v_prev_period date := (dlw.month_start(now()) - interval '1 month')::date;
 BEGIN
-    -- Insert-then-lock: the rows always exist to be locked, even for a tenant created a second
-    -- ago (a concurrent first insert makes this one wait, then do nothing). The previous and
-    -- the current month's rows are locked, in period order: two callers whose transactions
-    -- straddle a month boundary still share a row and serialise.
+    -- Insert-or-lock, row by row in period order: the rows always exist to be locked, even for
+    -- a tenant created a second ago (a concurrent first insert makes this one wait, then lock).
+    -- The previous and the current month's rows: two callers whose transactions straddle a
+    -- month boundary still share a row and serialise. One statement takes both (DO UPDATE ...
+    -- WHERE false locks the existing row and changes nothing), so this month's row is never
+    -- inserted before last month's is held: the fold, which takes them in the same order,
+    -- cannot be waiting for one while holding the other (tests/sql/test_snapshot_lock_order.py).
     INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount)
     VALUES (p_tenant_id, v_prev_period, 'bytes_month', 0), (p_tenant_id, v_period, 'bytes_month', 0)
-    ON CONFLICT DO NOTHING;
+    ON CONFLICT (tenant_id, period, metric) DO UPDATE SET amount = q.amount WHERE false;
     PERFORM 1
        FROM dlw.quota_snapshots q
       WHERE q.tenant_id = p_tenant_id AND q.metric = 'bytes_month' AND q.period IN (v_prev_period, v_period)

@@ -41,6 +41,13 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- Every statement here (and in the sweep and the queue fold it calls) reads through an index
+-- whatever its parameters, and the fixed shapes are what the plan tests pin. With the default
+-- (auto), some statements were planned again on every call with their values, and planning
+-- them costs more the larger the tables. A 1-file claim, side by side: 1.2 ms at 10k pending /
+-- 10k in flight and 2.5 ms at 1M / 1M replanned, 1.0 ms and 1.2 ms with the cached generic
+-- plans: the planning was what issue 16's "at most 2x" for 1 file missed (bench/scale_claims.py).
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE

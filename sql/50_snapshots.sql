@@ -20,12 +20,14 @@
 -- a pg_cron job (scheduled by `dlw migrate` where pg_cron is preloaded) or the API instance that
 -- holds the leader lock (app/api/snapshot_leader.py); a DBA may also call it in psql.
 --
--- Lock order (see sql/31_task_admission.sql): quota_snapshots rows are inserted or locked in
--- ascending (tenant_id, period) order by one INSERT ... ON CONFLICT DO UPDATE whose input is
--- sorted, and task admission inserts then locks its tenant's two rows in the same order, so no
--- cycle of waits can form between them. One statement for all tenants: the per-tenant cost is
--- one index probe and one row version (batched; 10,000 tenants, bench/scale.py; what is left
--- of the per-tenant cost and the designs measured against it: docs/dba.md, "What a fold costs").
+-- Lock order (see sql/31_admission_check.sql, dlw.lock_tenant_quota_rows): quota_snapshots rows are updated or inserted in
+-- ascending (tenant_id, period) order, each one before the next is touched, by one MERGE over
+-- the sorted totals (or, when admission inserted a row after the MERGE's snapshot, by the same
+-- write as INSERT ... ON CONFLICT DO UPDATE), and task admission inserts-or-locks its tenant's
+-- two rows the same way in one statement, so no cycle of waits can form between them
+-- (tests/sql/test_snapshot_lock_order.py). One statement for all tenants: per tenant and month
+-- one hash entry, one index probe and one HOT row version. What that costs, and the designs
+-- measured against it: docs/fold-costs.md (10,000 tenants still cost more than 5x 10 tenants).
 
 
 -- ---------------------------------------------------------------------------------------
@@ -108,10 +110,21 @@ CREATE OR REPLACE FUNCTION dlw.refresh_quota_snapshots(
 )
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- The MERGE below joins the sorted new totals to quota_snapshots by an index nested loop: its
+-- output (and so the lock order) follows the sorted input, and its cost the rows folded, not
+-- the table (a hash join would read the whole table, in its physical order).
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+-- A few milliseconds of work: starting parallel workers would cost about as much.
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_from     xid8;
     v_upto     xid8;
+    v_tenant   bigint[];
+    v_period   date[];
+    v_metric   text[];
+    v_amount   bigint[];
 BEGIN
     ran := false; events := 0; tenants := 0; periods := 0;
     IF NOT pg_try_advisory_xact_lock(28266757964587376) THEN
@@ -137,39 +150,52 @@ BEGIN
     folded_from := v_from;
     folded_below := v_upto;
 
-    -- 2. One statement: the new events per (tenant, UTC month, metric) through the xid index,
-    --    and for every (tenant, month) the row inserted when it does not exist yet, else locked
-    --    and added to, in ascending (tenant_id, period) order (the input is sorted, and ON
-    --    CONFLICT follows it row by row). Per tenant and month: one hash entry, one index probe
-    --    and one row version (HOT: amount and refreshed_at are not indexed; fillfactor 50,
-    --    migrations/0016), nothing else: no intermediate arrays, one sort.
-    WITH new AS (
-        SELECT u.tenant_id AS t, dlw.month_start(u.occurred_at) AS p, u.metric AS m,
-               sum(u.amount)::bigint AS a, count(*) AS n
-          FROM dlw.usage_records u
-         WHERE u.xid >= v_from AND u.xid < v_upto
-         GROUP BY 1, 2, 3
-    ), written AS (
-        INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)
-        SELECT d.t, d.p, d.m, d.a, now() FROM new d
-         ORDER BY d.t, d.p, d.m
-        ON CONFLICT (tenant_id, period, metric) DO UPDATE
-           SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at
-        RETURNING q.tenant_id
-    )
-    SELECT coalesce((SELECT sum(d.n) FROM new d), 0), (SELECT count(DISTINCT w.tenant_id) FROM written w),
-           (SELECT count(*) FROM written w)
-      INTO events, tenants, periods;
+    -- 2. The new events per (tenant, UTC month, metric) through the xid index, sorted by
+    --    (tenant_id, period, metric), with the run's counts: one hash entry per total, one sort.
+    SELECT array_agg(d.t ORDER BY d.t, d.p, d.m), array_agg(d.p ORDER BY d.t, d.p, d.m),
+           array_agg(d.m ORDER BY d.t, d.p, d.m), array_agg(d.a ORDER BY d.t, d.p, d.m),
+           coalesce(sum(d.n), 0), count(DISTINCT d.t), count(*)
+      INTO v_tenant, v_period, v_metric, v_amount, events, tenants, periods
+      FROM (SELECT u.tenant_id AS t, dlw.month_start(u.occurred_at) AS p, u.metric AS m,
+                   sum(u.amount)::bigint AS a, count(*) AS n
+              FROM dlw.usage_records u
+             WHERE u.xid >= v_from AND u.xid < v_upto
+             GROUP BY 1, 2, 3) d;
 
-    -- 3. The cursor moves in the same transaction: readers see the fold entirely or not at all.
+    -- 3. Every total added to its (tenant, month) row, or the row inserted, in the arrays' order
+    --    (unnest and the nested loop keep it; lock order: sql/31_admission_check.sql). MERGE, not
+    --    INSERT ... ON CONFLICT DO UPDATE: it finds each row once, through the join's index
+    --    probe, and updates it (HOT: amount and refreshed_at are not indexed), where the upsert
+    --    probes, locks, then updates and checks the row's constraints twice: about a fifth less
+    --    per tenant (docs/fold-costs.md). A row task admission inserted after this statement's
+    --    snapshot makes the MERGE's insert fail (unique_violation, after waiting for that
+    --    transaction); the block then starts again as the upsert, which waits and adds.
+    IF periods > 0 THEN
+        BEGIN
+            MERGE INTO dlw.quota_snapshots q
+            USING unnest(v_tenant, v_period, v_metric, v_amount) AS d(t, p, m, a)
+               ON q.tenant_id = d.t AND q.period = d.p AND q.metric = d.m
+             WHEN MATCHED THEN
+                  UPDATE SET amount = q.amount + d.a, refreshed_at = now()
+             WHEN NOT MATCHED THEN
+                  INSERT (tenant_id, period, metric, amount, refreshed_at) VALUES (d.t, d.p, d.m, d.a, now());
+        EXCEPTION WHEN unique_violation THEN
+            INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)
+            SELECT d.t, d.p, d.m, d.a, now() FROM unnest(v_tenant, v_period, v_metric, v_amount) AS d(t, p, m, a)
+            ON CONFLICT (tenant_id, period, metric) DO UPDATE
+               SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at;
+        END;
+    END IF;
+
+    -- 4. The cursor moves in the same transaction: readers see the fold entirely or not at all.
     UPDATE dlw.snapshot_state s SET folded_below = v_upto, refreshed_at = now() WHERE s.singleton;
     ran := true;
 
-    -- 4. The executor queue summary folds its changes here too (sql/39_executor_queue.sql), so
+    -- 5. The executor queue summary folds its changes here too (sql/39_executor_queue.sql), so
     --    they stay few even when no executor claims; skipped while a claim is folding.
     PERFORM dlw.executor_queue_try_fold();
 
-    -- 5. The reporting watchdog rides on the per-minute runner (pg_cron job or API leader). Its
+    -- 6. The reporting watchdog rides on the per-minute runner (pg_cron job or API leader). Its
     --    failure must never cost the fold: it runs in a subtransaction and only warns.
     BEGIN
         PERFORM dlw.cancel_overlong_reporting_queries();

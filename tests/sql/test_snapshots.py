@@ -232,9 +232,9 @@ def create_task(conn: psycopg.Connection, tenant: int, size: int) -> str:
 
 
 def test_refresh_and_admission_wait_for_each_other_without_deadlock(db, owner):
-    """The two writers of quota_snapshots: admission inserts its tenant's rows then locks them;
-    the fold inserts missing rows first, then locks in ascending order. Either may wait for the
-    other, never both."""
+    """The two writers of quota_snapshots: admission inserts or locks its tenant's two rows, the
+    fold updates or inserts every row it folds, both in ascending order, one row after the other
+    (tests/sql/test_snapshot_lock_order.py). Either may wait for the other, never both."""
     tenants = [provision(db, f"mix-{i}", bytes_month=1 << 40) for i in range(4)]
     # Admission holds its (brand new) rows while the fold needs one of them.
     fresh = provision(db, "mix-fresh", bytes_month=1 << 40)

@@ -1,0 +1,108 @@
+"""The refresh part of the scale bench (bench/scale.py): dlw.refresh_quota_snapshots() folding the
+same number of new events spread over few and over many tenants, side by side, with the share of
+quota_snapshots updates that were HOT and, above target, the plans of the fold's two statements.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+
+from bench.scale_common import median_ms
+
+REFRESH_MAX = 5.0
+
+
+HOT = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'dlw.quota_snapshots'::regclass"
+
+# `n` usage events numbered from `a`, event g going to the (g mod the set's size)-th tenant of
+# the set (each set's tenants ascending), in one statement.
+EVENTS = """
+WITH t AS (SELECT x.tenant_id, x.i - 1 AS i FROM unnest(%(t)s::bigint[]) WITH ORDINALITY AS x(tenant_id, i))
+INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key)
+SELECT t.tenant_id, 'bytes_month', 1, %(prefix)s || g
+  FROM generate_series(%(a)s::bigint, %(a)s::bigint + %(n)s - 1) g
+  JOIN t ON t.i = g %% cardinality(%(t)s::bigint[])"""
+
+# The fold's two statements (sql/50_snapshots.sql, steps 2 and 3) over the events not folded yet,
+# with the settings the function runs them with.
+FOLD_SETTINGS = ("enable_hashjoin", "enable_mergejoin", "max_parallel_workers_per_gather")
+AGGREGATE = """
+SELECT array_agg(d.t ORDER BY d.t, d.p, d.m), array_agg(d.p ORDER BY d.t, d.p, d.m),
+       array_agg(d.m ORDER BY d.t, d.p, d.m), array_agg(d.a ORDER BY d.t, d.p, d.m),
+       coalesce(sum(d.n), 0), count(DISTINCT d.t), count(*)
+  FROM (SELECT u.tenant_id AS t, dlw.month_start(u.occurred_at) AS p, u.metric AS m,
+               sum(u.amount)::bigint AS a, count(*) AS n
+          FROM dlw.usage_records u
+         WHERE u.xid >= (SELECT s.folded_below FROM dlw.snapshot_state s)
+         GROUP BY 1, 2, 3) d"""
+MERGE = """
+MERGE INTO dlw.quota_snapshots q
+USING unnest(%s::bigint[], %s::date[], %s::text[], %s::bigint[]) AS d(t, p, m, a)
+   ON q.tenant_id = d.t AND q.period = d.p AND q.metric = d.m
+ WHEN MATCHED THEN UPDATE SET amount = q.amount + d.a, refreshed_at = now()
+ WHEN NOT MATCHED THEN INSERT (tenant_id, period, metric, amount, refreshed_at) VALUES (d.t, d.p, d.m, d.a, now())"""
+
+
+def hot_updates(conn: psycopg.Connection) -> tuple[int, int]:
+    """quota_snapshots' updates and HOT updates so far (this backend's counts flushed first)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(HOT).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def measure_refresh(conn: psycopg.Connection, few: int, many: int, events: int, reps: int) -> dict[str, Any]:
+    """Rounds of: `events` new events over the first `few` tenants, fold; the same over the first
+    `many`, fold (the order alternating). Each fold commits, as the per-minute runner's does."""
+    tenants = [r[0] for r in conn.execute("SELECT tenant_id FROM dlw.tenants WHERE slug ~ '^s[0-9]+$' ORDER BY 1")]
+    sets = {"few": tenants[:few], "many": tenants[:many]}
+    samples: dict[str, list[float]] = {"few": [], "many": []}
+    start = 0
+    upd0 = hot_updates(conn)
+    for i in range(reps + 1):
+        for key in ("few", "many") if i % 2 else ("many", "few"):
+            conn.execute(EVENTS, {"t": sets[key], "a": start, "n": events, "prefix": "r:"})
+            start += events
+            t0 = time.perf_counter()
+            conn.execute("SELECT * FROM dlw.refresh_quota_snapshots()")
+            if i >= 1:  # the first round creates the snapshot rows
+                samples[key].append(time.perf_counter() - t0)
+    upd1 = hot_updates(conn)
+    s, g = median_ms(samples["few"]), median_ms(samples["many"])
+    updates, hot = upd1[0] - upd0[0], upd1[1] - upd0[1]
+    per_tenant_us = (g - s) * 1000 / (len(sets["many"]) - few)
+    print(
+        f"  refresh: {per_tenant_us:.1f} us per extra tenant; quota_snapshots updates {updates:,},"
+        f" HOT {hot:,} ({100 * hot / max(updates, 1):.1f} %)"
+    )
+    return {
+        "measure": f"refresh {events:,} events: {few} -> {len(sets['many']):,} tenants",
+        "small_ms": s,
+        "large_ms": g,
+        "ratio": g / s,
+        "target": REFRESH_MAX,
+        "explain": lambda: explain_refresh(conn, sets, events),
+    }
+
+
+def explain_refresh(conn: psycopg.Connection, sets: dict[str, list[int]], events: int) -> str:
+    """The fold's two statements written out over the same new events for each tenant set
+    (rolled back): the totals through usage_records_xid into sorted arrays, then the MERGE of
+    every (tenant, month). The difference between the two sets' plans is the per-tenant work."""
+    out: list[str] = []
+    for key in ("few", "many"):
+        with conn.transaction(force_rollback=True):
+            conn.execute(EVENTS, {"t": sets[key], "a": 1, "n": events, "prefix": "x:"})
+            for name in FOLD_SETTINGS:
+                conn.execute("SELECT set_config(%s, %s, true)", (name, "0" if name.startswith("max_") else "off"))
+            arrays = conn.execute(AGGREGATE).fetchone()
+            assert arrays is not None
+            plans = [conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {AGGREGATE}").fetchall()]
+            plans.append(conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {MERGE}", arrays[:4]).fetchall())
+        out.append(f"  {len(sets[key]):,} tenants:")
+        for plan in plans:
+            out.extend("    " + r[0] for r in plan)
+    return "\n".join(out)
