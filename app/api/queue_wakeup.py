@@ -95,8 +95,10 @@ class QueueWakeup:
                 payloads, self._unsent = sorted(self._unsent), set()
                 async with pool.acquire() as conn:
                     await conn.execute(SQL["executor_queue_notify"], payloads)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except Exception as exc:  # a hint: no failure of it may reach anyone
             # Only other instances' waiting claims miss it: they look again when their wait ends.
+            # Any exception: a connection terminated under it can fail the pool's release with
+            # asyncpg's InternalClientError, which is none of its connection errors.
             log.warning("queue wake-up not sent to other instances: %s", exc.__class__.__name__)
         finally:
             self._sending = None
