@@ -47,6 +47,7 @@ class ReferenceExecutor(FileWork):
         self.fetching: set[str] = set()  # of those, the files not downloaded yet
         self._room = asyncio.Event()  # a download ended
         self._typical_size = 0  # mean declared size of the last claim's files
+        self._claim_answered = False  # the last claim got the API's answer (it may have waited there)
         self._counting = threading.Lock()
         self._api: ExecutorApi | None = None
         self.reporter: Reporter
@@ -137,10 +138,13 @@ class ReferenceExecutor(FileWork):
                 if free > 0 and (free >= (target + 1) // 2 or idle) and (idle or time.monotonic() >= next_claim):
                     asked = free
                     wait = min(max(1, round(self.config.poll_seconds)), CLAIM_WAIT_SECONDS_MAX) if idle else 0
+                    self._claim_answered = False
                     got = await self._claimed("claim", functools.partial(self._claim, free, wait))
                     if got is None:
                         break
-                    claimed, waited = got, wait > 0
+                    # Waited only if the API answered: an unreachable API is asked again after the
+                    # poll interval, not at once.
+                    claimed, waited = got, wait > 0 and self._claim_answered
                     if claimed < asked:
                         next_claim = time.monotonic() + self.config.poll_seconds
                 # Claim again at once while the queue gave all it was asked for and there is room;
@@ -176,6 +180,7 @@ class ReferenceExecutor(FileWork):
 
     async def _claim(self, free: int, wait: int = 0) -> int:
         files = await self.api.claim(free, self.config.lease_seconds, self.config.label, wait)
+        self._claim_answered = True
         if files:
             self._typical_size = max(1, sum(f.size for f in files) // len(files))
         for claimed in files:

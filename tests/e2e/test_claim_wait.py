@@ -2,13 +2,16 @@
 on the server. Two real `dlw serve` instances on one database: a task created through either
 wakes a claim waiting on the other (NOTIFY on the listening connection) long before its wait
 ends; a wait with nothing to claim ends empty once it is over; a NOTIFY anyone sends only makes
-the claim look again; the bound is refused past CLAIM_WAIT_SECONDS_MAX."""
+the claim look again; the bound is refused past CLAIM_WAIT_SECONDS_MAX; an executor whose API is unreachable does not
+turn its waiting claim into a busy loop."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -18,8 +21,8 @@ import pytest
 from app.domain import CLAIM_WAIT_SECONDS_MAX
 from tests.support import server
 from tests.support.app import bearer, token
-from tests.support.database import MigratedDb
-from tests.support.executors import create_task
+from tests.support.database import MigratedDb, free_port
+from tests.support.executors import create_task, start_executor, stop_executor
 from tests.support.tenants import tenant
 
 WAIT = 15  # far longer than a wake-up takes: a claim answered well before it was woken
@@ -93,6 +96,20 @@ def test_a_claim_limited_to_one_tenant_is_woken_by_its_tenants_work(servers: tup
     took, response = claim_while(servers[0], create, scope=tid)
     assert [f["repo_id"] for f in response.json()["files"]] == ["org/mine"]
     assert took < WAIT / 2, took
+
+
+def test_an_idle_executor_whose_api_is_unreachable_asks_again_after_its_poll_interval(work: Path) -> None:
+    """Its claim waits on the server only when the server answers: a refused connection is asked
+    again after --poll-seconds (1 s here), not at once in a loop."""
+    nobody = f"http://127.0.0.1:{free_port()}"
+    executor = start_executor(
+        nobody, SimpleNamespace(url=nobody), work / "storage", "unreachable", "--poll-seconds", "1"
+    )
+    time.sleep(3)
+    code, log = stop_executor(executor)
+    assert code == 0, log
+    attempts = log.count("claim failed") - log.count("deletion claim failed")
+    assert 1 <= attempts <= 5, log
 
 
 @pytest.mark.parametrize("wait", [-1, CLAIM_WAIT_SECONDS_MAX + 1, "5", 2.5])
