@@ -49,7 +49,7 @@ class QueueWakeup:
     def notified(self, payload: object = None) -> None:
         """A wake-up: the LISTEN callback's payload (a tenant id, or anything else: every claim)."""
         text = str(payload).strip() if payload is not None else ""
-        tenant = int(text) if text.isdigit() and len(text) < 19 else None
+        tenant = int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None  # '²' is a digit too
         self.generation += 1
         self._history.append((self.generation, tenant))
         self._changed.set()

@@ -30,6 +30,7 @@ def test_a_wake_up_ends_the_waits_it_concerns() -> None:
         assert not await waits_through(wakeup, 5, "7", "5")
         assert not await waits_through(wakeup, 5, "")  # a wake-up naming no tenant
         assert not await waits_through(wakeup, 5, "spoofed")
+        assert not await waits_through(wakeup, 5, "\u00b2")  # a digit to str.isdigit, no int
         assert not await waits_through(wakeup, 5, None)  # the listener reconnected: may have missed some
         assert await waits_through(wakeup, 5)  # nothing came
 
