@@ -282,11 +282,21 @@ class CurlLane:
                 self._settle(transfer, None, exc)
                 continue
             handle = idle.pop() if idle else pycurl.Curl()
-            self._configure(handle, transfer)
+            try:
+                self._configure(handle, transfer)
+                multi.add_handle(handle)
+            except (pycurl.error, ValueError, TypeError) as exc:  # this file's, not the lane's
+                handle.close()
+                os.close(transfer.fd)
+                self._settle(transfer, None, TransferError(f"transfer not started: {exc}"))
+                continue
             active[handle] = transfer
-            multi.add_handle(handle)
 
     def _configure(self, handle: pycurl.Curl, transfer: LaneTransfer[Any]) -> None:
+        # libcurl sends header lines as given: a line break in one would be a header of its own
+        # (http.client refuses those too).
+        if any(c in line for line in transfer.headers for c in "\r\n\0"):
+            raise ValueError("a request header contains a line break or NUL")
         handle.reset()
         handle.setopt(pycurl.URL, transfer.url)
         handle.setopt(pycurl.HTTPHEADER, [*transfer.headers, "Accept-Encoding: identity"])

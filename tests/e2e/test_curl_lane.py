@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from app.executor.client import Claimed
-from app.executor.curl_lane import CurlLane
+from app.executor.curl_lane import CurlLane, TransferError
 from app.executor.download import Downloaded, Tuning, Upstream, WrongSize, download, in_lane, partial_path
 from app.executor.layout import publish
 from tests.support.file_server import FileServer, serve_in_thread
@@ -175,6 +175,8 @@ def test_the_token_never_follows_a_redirect_to_another_origin_and_only_http_is_f
     assert isinstance(port, Downloaded) and isinstance(host, Downloaded), (port, host)
     assert isinstance(ftp, Upstream) and isinstance(file, Upstream) and ftp.status == file.status == 0
     assert {auth for who, auth in seen if who == "hub"} == {"Bearer hub-secret"}
+    (injected,) = fetch(work / "storage", hub_url, [claimed("port.bin", 1)], {"Authorization": "Bearer a\r\nX-Evil: 1"})
+    assert isinstance(injected, TransferError) and "line break" in str(injected), injected
     assert [auth for who, auth in seen if who == "cdn"] == [None, None]
 
 
@@ -208,8 +210,10 @@ def test_a_cancelled_download_stops_and_the_lane_goes_on(files: FileServer, work
     assert partial_path([work / "storage"], item).exists()  # kept, as a stopped download is
 
 
-def test_hf_cache_blobs_are_named_from_the_first_answer_without_a_head(work: Path) -> None:
-    lfs, plain = random.Random(5).randbytes(6000), b"a small git file\n"
+@pytest.mark.parametrize("lfs_size", [6000, 9 << 20], ids=["small-lane", "large-threaded-ranges"])
+def test_hf_cache_blobs_are_named_from_the_first_answer_without_a_head(work: Path, lfs_size: int) -> None:
+    """On both byte paths: the lane (small) and the threaded ranges (8 MiB and more)."""
+    lfs, plain = random.Random(5).randbytes(lfs_size), b"a small git file\n"
     with running_hub() as hub:
         repo = hub.hub.repo("org/cache")
         commit = repo.commit({"w.bin": lfs, "config.json": plain}, lfs={"w.bin"})
@@ -219,6 +223,7 @@ def test_hf_cache_blobs_are_named_from_the_first_answer_without_a_head(work: Pat
             )
             for p, c in (("w.bin", lfs), ("config.json", plain))
         ]
+        assert in_lane(items[0]) == (lfs_size < 8 << 20)
         weights, config = fetch(work / "storage", hub.url, items)
         methods = {method for method, _ in hub.hub.requests}
     assert isinstance(weights, Downloaded) and isinstance(config, Downloaded), (weights, config)
