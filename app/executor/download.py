@@ -149,6 +149,8 @@ async def download(
     not the declared file (WrongSize). One worker thread does all of it, so a small file costs one
     hop off the event loop. A small file without a resume point goes through the lane instead
     (app/executor/curl_lane.py), its partial file opened and published there."""
+    if item.hub_token:  # the tenant's token (from this file's claim) overrides the executor's own
+        headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
     if lane_takes(tuning, item):
         assert tuning.lane is not None
         return await _in_lane(tuning.lane, storage, endpoint, item, headers, on_bytes, then)
@@ -206,8 +208,6 @@ async def _in_lane(
             then(result)
         return result
 
-    if item.hub_token:  # the tenant's token (from this file's claim) overrides the executor's own
-        headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
     item.resumed_from = item.bytes_done = 0
     transfer = LaneTransfer(
         url=file_url(endpoint, item),
@@ -242,8 +242,6 @@ def _fetch_blocking(
     copied = from_stored_copy(place, item)
     if copied is not None:
         return Downloaded(place, copied, item.size, copied_from=item.stored_path)
-    if item.hub_token:  # the tenant's token (from this file's claim) overrides the executor's own
-        headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
     fd = _open_partial(tmp)
     try:
         start, digest = _resume_point(fd, item)
