@@ -45,6 +45,19 @@ _SEGMENT = rf"(?:{_NODOT}{_CHAR}*|\.{_NODOT}{_CHAR}*|\.\.{_CHAR}+)"
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha256 of the content")]
 
 
+# What every claim (of files, of deletions) asks for its leases.
+LeaseSeconds = Annotated[
+    int,
+    Field(
+        ge=LEASE_SECONDS_MIN, le=LEASE_SECONDS_MAX, description="lease length; every heartbeat extends it by as much"
+    ),
+]
+ExecutorLabel = Annotated[
+    str | None,
+    Field(max_length=100, pattern=r"^[A-Za-z0-9_.:@/-]+$", description="instance label, recorded with the lease"),
+]
+
+
 class ClaimRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -52,15 +65,8 @@ class ClaimRequest(BaseModel):
         json_schema_extra={"examples": [{"max_files": 4, "lease_seconds": 120, "executor": "worker-1"}]},
     )
     max_files: int = Field(1, ge=1, le=CLAIM_MAX_FILES)
-    lease_seconds: int = Field(
-        60,
-        ge=LEASE_SECONDS_MIN,
-        le=LEASE_SECONDS_MAX,
-        description="lease length; every heartbeat extends it by as much",
-    )
-    executor: str | None = Field(
-        None, max_length=100, pattern=r"^[A-Za-z0-9_.:@/-]+$", description="instance label, recorded with the lease"
-    )
+    lease_seconds: LeaseSeconds = 60
+    executor: ExecutorLabel = None
     wait_seconds: int = Field(
         0,
         ge=0,

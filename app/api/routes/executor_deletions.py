@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.api.openapi_document import enum_field
 from app.api.openapi_errors import error_responses
 from app.api.refusals import REGISTRY
-from app.api.routes.executor import LeaseBody, lease_of, report, report_route
+from app.api.routes.executor import ExecutorLabel, LeaseBody, LeaseSeconds, lease_of, report, report_route
 from app.api.transaction import request_transaction
 from app.authz.require import PermissionFirstRoute, require_perm
 from app.db.queries import SQL
-from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN, STORAGE_LAYOUTS
+from app.domain import CLAIM_MAX_FILES, STORAGE_LAYOUTS
 from app.identity.principal import Principal
 
 router = APIRouter(prefix="/api/v1/executor", tags=["executor"], route_class=PermissionFirstRoute)
@@ -34,10 +34,8 @@ class DeletionClaimRequest(BaseModel):
         json_schema_extra={"examples": [{"max_deletions": 2, "lease_seconds": 120, "executor": "worker-1"}]},
     )
     max_deletions: int = Field(1, ge=1, le=CLAIM_MAX_FILES)
-    lease_seconds: int = Field(60, ge=LEASE_SECONDS_MIN, le=LEASE_SECONDS_MAX)
-    executor: str | None = Field(
-        None, max_length=100, pattern=r"^[A-Za-z0-9_.:@/-]+$", description="instance label, recorded with the lease"
-    )
+    lease_seconds: LeaseSeconds = 60
+    executor: ExecutorLabel = None
 
 
 class PlannedFile(BaseModel):
