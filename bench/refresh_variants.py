@@ -173,6 +173,7 @@ SET search_path = pg_catalog, pg_temp{settings}
 AS $fn$
 DECLARE
     v_t bigint[]; v_p date[]; v_m text[]; v_a bigint[];
+    v_rows dlw.quota_snapshots[];
     v_from xid8;
     v_upto xid8;
 BEGIN
