@@ -122,7 +122,15 @@ def _resume_point(fd: int, item: Claimed) -> tuple[int, Any]:
 
 
 def _open_partial(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """The partial file, opened and locked (Busy when another process holds it); its directory
+    is made when missing (for the first file of a directory only: a mkdir per small file costs
+    about as much as its open)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -196,7 +204,6 @@ async def _in_lane(
 
     def start() -> tuple[int, Path]:
         here = placement(storage, item)
-        here.partial.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_partial(here.partial)
         os.ftruncate(fd, 0)  # no resume point: whatever an earlier attempt left is not kept
         place.append(here)
