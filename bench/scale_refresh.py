@@ -26,24 +26,17 @@ SELECT t.tenant_id, 'bytes_month', 1, %(prefix)s || g
   FROM generate_series(%(a)s::bigint, %(a)s::bigint + %(n)s - 1) g
   JOIN t ON t.i = g %% cardinality(%(t)s::bigint[])"""
 
-# The fold's two statements (sql/50_snapshots.sql, steps 2 and 3) over the events not folded yet,
-# with the settings the function runs them with.
-FOLD_SETTINGS = ("enable_hashjoin", "enable_mergejoin", "max_parallel_workers_per_gather")
+# The fold's two statements in a one-month run over existing rows (sql/50_snapshots.sql, steps 2
+# and 3a) over the events not folded yet, with the settings the functions run them with.
+FOLD_SETTINGS = ("max_parallel_workers_per_gather", "enable_seqscan", "enable_bitmapscan")
 AGGREGATE = """
-SELECT array_agg(d.t ORDER BY d.t, d.p, d.m), array_agg(d.p ORDER BY d.t, d.p, d.m),
-       array_agg(d.m ORDER BY d.t, d.p, d.m), array_agg(d.a ORDER BY d.t, d.p, d.m),
-       coalesce(sum(d.n), 0), count(DISTINCT d.t), count(*)
-  FROM (SELECT u.tenant_id AS t, dlw.month_start(u.occurred_at) AS p, u.metric AS m,
-               sum(u.amount)::bigint AS a, count(*) AS n
-          FROM dlw.usage_records u
-         WHERE u.xid >= (SELECT s.folded_below FROM dlw.snapshot_state s)
-         GROUP BY 1, 2, 3) d"""
-MERGE = """
-MERGE INTO dlw.quota_snapshots q
-USING unnest(%s::bigint[], %s::date[], %s::text[], %s::bigint[]) AS d(t, p, m, a)
-   ON q.tenant_id = d.t AND q.period = d.p AND q.metric = d.m
- WHEN MATCHED THEN UPDATE SET amount = q.amount + d.a, refreshed_at = now()
- WHEN NOT MATCHED THEN INSERT (tenant_id, period, metric, amount, refreshed_at) VALUES (d.t, d.p, d.m, d.a, now())"""
+SELECT array_agg(d.t ORDER BY d.t), array_agg(d.a ORDER BY d.t),
+       coalesce(sum(d.n), 0), count(*), min(d.p), max(d.p), min(d.m), max(d.m)
+  FROM dlw.fold_totals(%(from)s::xid8, '18446744073709551615'::xid8) d"""
+UPDATE = """
+UPDATE dlw.quota_snapshots q
+   SET amount = q.amount + (%(a)s::bigint[])[width_bucket(q.tenant_id, (SELECT %(t)s::bigint[]))], refreshed_at = now()
+ WHERE q.tenant_id = ANY (%(t)s::bigint[]) AND q.period = %(p)s AND q.metric = %(m)s"""
 
 
 def hot_updates(conn: psycopg.Connection) -> tuple[int, int]:
@@ -90,18 +83,21 @@ def measure_refresh(conn: psycopg.Connection, few: int, many: int, events: int, 
 
 def explain_refresh(conn: psycopg.Connection, sets: dict[str, list[int]], events: int) -> str:
     """The fold's two statements written out over the same new events for each tenant set
-    (rolled back): the totals through usage_records_xid into sorted arrays, then the MERGE of
-    every (tenant, month). The difference between the two sets' plans is the per-tenant work."""
+    (rolled back): the totals through usage_records_xid into sorted arrays, then the single
+    UPDATE of every tenant's row (dlw.fold_add_to_existing_rows). The difference between the
+    two sets' plans is the per-tenant work."""
     out: list[str] = []
     for key in ("few", "many"):
         with conn.transaction(force_rollback=True):
             conn.execute(EVENTS, {"t": sets[key], "a": 1, "n": events, "prefix": "x:"})
             for name in FOLD_SETTINGS:
                 conn.execute("SELECT set_config(%s, %s, true)", (name, "0" if name.startswith("max_") else "off"))
-            arrays = conn.execute(AGGREGATE).fetchone()
-            assert arrays is not None
-            plans = [conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {AGGREGATE}").fetchall()]
-            plans.append(conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {MERGE}", arrays[:4]).fetchall())
+            cursor = conn.execute("SELECT folded_below::text FROM dlw.snapshot_state").fetchone()
+            totals = conn.execute(AGGREGATE, {"from": cursor[0] if cursor else "0"}).fetchone()
+            assert totals is not None
+            plans = [conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {AGGREGATE}", {"from": cursor[0] if cursor else "0"}).fetchall()]
+            args = {"t": totals[0], "a": totals[1], "p": totals[4], "m": totals[6]}
+            plans.append(conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {UPDATE}", args).fetchall())
         out.append(f"  {len(sets[key]):,} tenants:")
         for plan in plans:
             out.extend("    " + r[0] for r in plan)

@@ -209,11 +209,13 @@ BEGIN
 
     -- 2. The new events per (tenant, UTC month, metric) through the xid index (dlw.fold_totals):
     --    the tenants ascending and their totals, the run's counts, its first and last month and
-    --    metric. One hash entry per total, one sort.
+    --    metric. One hash entry per total, one sort. With one month and one metric there is one
+    --    total per tenant (tenants = periods); otherwise step 3b counts the tenants.
     SELECT array_agg(d.t ORDER BY d.t), array_agg(d.a ORDER BY d.t),
-           coalesce(sum(d.n), 0), count(DISTINCT d.t), count(*), min(d.p), max(d.p), min(d.m), max(d.m)
-      INTO v_tenant, v_amount, events, tenants, periods, v_first, v_last, v_metric1, v_metric2
+           coalesce(sum(d.n), 0), count(*), min(d.p), max(d.p), min(d.m), max(d.m)
+      INTO v_tenant, v_amount, events, periods, v_first, v_last, v_metric1, v_metric2
       FROM dlw.fold_totals(v_from, v_upto) d;
+    tenants := periods;
 
     -- 3. Every total added to its (tenant, month) row, or the row inserted, in ascending
     --    (tenant_id, period) order (lock order: sql/31_admission_check.sql).
@@ -246,8 +248,8 @@ BEGIN
     --    transaction); the block then starts again as the upsert, which waits and adds.
     IF periods > 0 AND NOT v_written THEN
         SELECT array_agg(d.t ORDER BY d.t, d.p, d.m), array_agg(d.p ORDER BY d.t, d.p, d.m),
-               array_agg(d.m ORDER BY d.t, d.p, d.m), array_agg(d.a ORDER BY d.t, d.p, d.m)
-          INTO v_tenant, v_period, v_metric, v_amount
+               array_agg(d.m ORDER BY d.t, d.p, d.m), array_agg(d.a ORDER BY d.t, d.p, d.m), count(DISTINCT d.t)
+          INTO v_tenant, v_period, v_metric, v_amount, tenants
           FROM dlw.fold_totals(v_from, v_upto) d;
         BEGIN
             MERGE INTO dlw.quota_snapshots q
