@@ -47,9 +47,12 @@ def hot_updates(conn: psycopg.Connection) -> tuple[int, int]:
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
-def measure_refresh(conn: psycopg.Connection, few: int, many: int, events: int, reps: int) -> dict[str, Any]:
+def measure_refresh(
+    conn: psycopg.Connection, few: int, many: int, events: int, reps: int, prefix: str = "r:"
+) -> dict[str, Any]:
     """Rounds of: `events` new events over the first `few` tenants, fold; the same over the first
-    `many`, fold (the order alternating). Each fold commits, as the per-minute runner's does."""
+    `many`, fold (the order alternating). Each fold commits, as the per-minute runner's does.
+    `prefix` starts the events' keys (unique per tenant): another one for each further call."""
     tenants = [r[0] for r in conn.execute("SELECT tenant_id FROM dlw.tenants WHERE slug ~ '^s[0-9]+$' ORDER BY 1")]
     sets = {"few": tenants[:few], "many": tenants[:many]}
     samples: dict[str, list[float]] = {"few": [], "many": []}
@@ -57,7 +60,7 @@ def measure_refresh(conn: psycopg.Connection, few: int, many: int, events: int, 
     upd0 = hot_updates(conn)
     for i in range(reps + 1):
         for key in ("few", "many") if i % 2 else ("many", "few"):
-            conn.execute(EVENTS, {"t": sets[key], "a": start, "n": events, "prefix": "r:"})
+            conn.execute(EVENTS, {"t": sets[key], "a": start, "n": events, "prefix": prefix})
             start += events
             t0 = time.perf_counter()
             conn.execute("SELECT * FROM dlw.refresh_quota_snapshots()")
@@ -93,12 +96,54 @@ def explain_refresh(conn: psycopg.Connection, sets: dict[str, list[int]], events
             for name in FOLD_SETTINGS:
                 conn.execute("SELECT set_config(%s, %s, true)", (name, "0" if name.startswith("max_") else "off"))
             cursor = conn.execute("SELECT folded_below::text FROM dlw.snapshot_state").fetchone()
-            totals = conn.execute(AGGREGATE, {"from": cursor[0] if cursor else "0"}).fetchone()
+            bounds = {"from": cursor[0] if cursor else "0"}  # a constant: fold_totals is inlined as in the fold
+            totals = conn.execute(AGGREGATE, bounds).fetchone()
             assert totals is not None
-            plans = [conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {AGGREGATE}", {"from": cursor[0] if cursor else "0"}).fetchall()]
+            plans = [conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {AGGREGATE}", bounds).fetchall()]
             args = {"t": totals[0], "a": totals[1], "p": totals[4], "m": totals[6]}
             plans.append(conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {UPDATE}", args).fetchall())
         out.append(f"  {len(sets[key]):,} tenants:")
         for plan in plans:
             out.extend("    " + r[0] for r in plan)
     return "\n".join(out)
+
+
+def main() -> None:
+    """The refresh row alone, on the scale bench's large database loaded as bench/scale.py loads
+    it (10,000 tenants, 1M pending and 1M assigned files, the history; --quick: 2,000 tenants),
+    measured `--runs` times one after the other: `python -m bench.scale_refresh [--quick]`."""
+    import argparse
+    import tempfile
+    from pathlib import Path
+
+    from app.ops.embedded import LocalCluster
+    from app.ops.migrate import migrate
+    from bench.refresh_cost import PG_SETTINGS, _free_port
+    from bench.scale import load_history, print_rows
+    from bench.scale_claims import Queue, load_queue
+
+    parser = argparse.ArgumentParser(prog="python -m bench.scale_refresh", description=main.__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    large = Queue(2_000, 200_000, 200_000) if args.quick else Queue(10_000, 1_000_000, 1_000_000)
+    with tempfile.TemporaryDirectory(prefix="dlw-bench-scale-refresh-") as tmp:
+        cluster = LocalCluster(Path(tmp) / "pgdata", port=_free_port(), extra_settings=PG_SETTINGS)
+        cluster.start()
+        try:
+            with psycopg.connect(cluster.url(), autocommit=True) as admin:
+                admin.execute("CREATE DATABASE scale_large")
+            migrate(cluster.url("scale_large"))
+            with psycopg.connect(cluster.url("scale_large"), autocommit=True) as conn:
+                load_queue(conn, large)
+                load_history(conn, 50_000 if args.quick else 200_000)
+                conn.execute("VACUUM ANALYZE")
+                for run in range(args.runs):
+                    row = measure_refresh(conn, 10, large.tenants, 10_000, 5 if args.quick else 9, f"r{run}:")
+                    print_rows("Snapshot refresh (median)", "10 tenants", f"{large.tenants:,} tenants", [row])
+        finally:
+            cluster.destroy()
+
+
+if __name__ == "__main__":
+    main()

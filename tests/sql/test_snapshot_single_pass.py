@@ -77,7 +77,8 @@ def test_a_missing_row_rolls_the_single_pass_back_and_the_merge_writes_everythin
 def test_a_fold_over_two_months_takes_the_merge(db, owner):
     (a,) = tenants_with_rows(db, owner, ["two-months"])
     owner.execute(
-        f"INSERT INTO dlw.quota_snapshots (tenant_id, period, metric, amount) VALUES (%s, {PREVIOUS}, 'bytes_month', 0)",
+        "INSERT INTO dlw.quota_snapshots (tenant_id, period, metric, amount)"
+        f" VALUES (%s, {PREVIOUS}, 'bytes_month', 0)",
         (a,),
     )
     add_usage(owner, a, 3, "dlw.month_start(now())::timestamp AT TIME ZONE 'UTC' - interval '1 microsecond'")
@@ -135,8 +136,8 @@ def test_the_single_pass_is_one_index_scan_in_key_order_for_any_array(db):
     order), for 3 or 10,000 tenants."""
     with psycopg.connect(db.owner_url) as conn:
         src, config = conn.execute(
-            "SELECT prosrc, proconfig FROM pg_proc WHERE oid = 'dlw.fold_add_to_existing_rows(bigint[], bigint[], date, text)'"
-            "::regprocedure"
+            "SELECT prosrc, proconfig FROM pg_proc"
+            " WHERE oid = 'dlw.fold_add_to_existing_rows(bigint[], bigint[], date, text)'::regprocedure"
         ).fetchone()
         update = re.search(r"UPDATE dlw\.quota_snapshots .*?;", src, re.S)
         assert update is not None
@@ -148,8 +149,10 @@ def test_the_single_pass_is_one_index_scan_in_key_order_for_any_array(db):
             conn.execute("SELECT set_config(%s, %s, true)", (name, value))
         conn.execute(f"PREPARE single_pass(bigint[], bigint[], date, text) AS {statement}")
         for n in (3, 10_000):
-            tenants = "{" + ",".join(str(t) for t in range(1, n + 1)) + "}"  # EXPLAIN EXECUTE takes no $n
-            explain = f"EXPLAIN (COSTS OFF) EXECUTE single_pass('{tenants}', '{{{','.join(['1'] * n)}}}', now()::date, 'bytes_month')"
+            # EXPLAIN EXECUTE takes no $n: the arrays as literals.
+            tenants, amounts = ",".join(str(t) for t in range(1, n + 1)), ",".join(["1"] * n)
+            args = f"'{{{tenants}}}', '{{{amounts}}}', now()::date, 'bytes_month'"
+            explain = f"EXPLAIN (COSTS OFF) EXECUTE single_pass({args})"
             plan = "\n".join(r[0] for r in conn.execute(explain))
             assert "Index Scan using quota_snapshots_pkey on quota_snapshots" in plan, plan
             assert re.search(r"Index Cond: \(\(tenant_id = ANY \(\$1\)\)", plan), plan
