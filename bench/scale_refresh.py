@@ -27,7 +27,9 @@ SELECT t.tenant_id, 'bytes_month', 1, %(prefix)s || g
   JOIN t ON t.i = g %% cardinality(%(t)s::bigint[])"""
 
 # The fold's two statements in a one-month run over existing rows (sql/50_snapshots.sql, steps 2
-# and 3a) over the events not folded yet, with the settings the functions run them with.
+# and 3a) over the events not folded yet, with the settings the functions run them with. The
+# tenants come through a subquery, a parameter of the plan as in the function's generic plan (and
+# not 10,000 ids written into the listing).
 FOLD_SETTINGS = ("max_parallel_workers_per_gather", "enable_seqscan", "enable_bitmapscan")
 AGGREGATE = """
 SELECT array_agg(d.t ORDER BY d.t), array_agg(d.a ORDER BY d.t),
@@ -36,7 +38,7 @@ SELECT array_agg(d.t ORDER BY d.t), array_agg(d.a ORDER BY d.t),
 UPDATE = """
 UPDATE dlw.quota_snapshots q
    SET amount = q.amount + (%(a)s::bigint[])[width_bucket(q.tenant_id, (SELECT %(t)s::bigint[]))], refreshed_at = now()
- WHERE q.tenant_id = ANY (%(t)s::bigint[]) AND q.period = %(p)s AND q.metric = %(m)s"""
+ WHERE q.tenant_id = ANY ((SELECT %(t)s::bigint[])::bigint[]) AND q.period = %(p)s AND q.metric = %(m)s"""
 
 
 def hot_updates(conn: psycopg.Connection) -> tuple[int, int]:
