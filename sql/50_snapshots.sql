@@ -21,13 +21,15 @@
 -- holds the leader lock (app/api/snapshot_leader.py); a DBA may also call it in psql.
 --
 -- Lock order (see sql/31_admission_check.sql, dlw.lock_tenant_quota_rows): quota_snapshots rows are updated or inserted in
--- ascending (tenant_id, period) order, each one before the next is touched, by one MERGE over
--- the sorted totals (or, when admission inserted a row after the MERGE's snapshot, by the same
--- write as INSERT ... ON CONFLICT DO UPDATE), and task admission inserts-or-locks its tenant's
--- two rows the same way in one statement, so no cycle of waits can form between them
--- (tests/sql/test_snapshot_lock_order.py). One statement for all tenants: per tenant and month
--- one hash entry, one index probe and one HOT row version. What that costs, and the designs
--- measured against it: docs/fold-costs.md (10,000 tenants still cost more than 5x 10 tenants).
+-- ascending (tenant_id, period) order, each one before the next is touched, by one statement:
+-- in the usual run (one month, every row there) one UPDATE over the primary key in the order of
+-- the sorted tenant array (dlw.fold_add_to_existing_rows), otherwise one MERGE over the sorted
+-- totals (or, when admission inserted a row after the MERGE's snapshot, the same write as
+-- INSERT ... ON CONFLICT DO UPDATE); task admission inserts-or-locks its tenant's two rows the
+-- same way in one statement, so no cycle of waits can form between them
+-- (tests/sql/test_snapshot_lock_order.py, tests/sql/test_snapshot_single_pass.py). Per tenant
+-- and month: one hash entry, one index descent and one HOT row version. What that costs, and
+-- the designs measured against it: docs/fold-costs.md.
 
 
 -- ---------------------------------------------------------------------------------------
@@ -100,6 +102,56 @@ COMMENT ON FUNCTION dlw.cancel_overlong_reporting_queries() IS
 $c$The reporting watchdog: cancels (pg_cancel_backend) every statement of a reporting login that has run longer than its statement_timeout_ms, and terminates (pg_terminate_backend) every session of one idle in a transaction longer than its idle_in_transaction_timeout_ms or whose transaction is older than its transaction_timeout_ms, however busy (dlw.reporting_logins), whatever the login SET itself. Only backends of non-superuser members of dlw_reporting mapped in this database; never another role's. Returns one row per backend signalled (pid, login, action cancelled | terminated, elapsed: the statement's run time, the idle time or the transaction's age, limit_ms: the limit it exceeded).
 Run by dlw.refresh_quota_snapshots(), i.e. about once a minute by the pg_cron job or the API leader; callable directly by dlw_system (and superusers).$c$;
 
+-- The new events of a fold, [p_from, p_upto) through usage_records_xid, summed per (tenant,
+-- UTC month, metric), with their count: the one definition of a fold's totals, inlined into
+-- both statements of dlw.refresh_quota_snapshots that read them.
+CREATE OR REPLACE FUNCTION dlw.fold_totals(p_from xid8, p_upto xid8)
+RETURNS TABLE (t bigint, p date, m text, a bigint, n bigint)
+LANGUAGE sql STABLE
+AS $$
+    SELECT u.tenant_id, dlw.month_start(u.occurred_at), u.metric, sum(u.amount)::bigint, count(*)
+      FROM dlw.usage_records u
+     WHERE u.xid >= p_from AND u.xid < p_upto
+     GROUP BY 1, 2, 3
+$$;
+COMMENT ON FUNCTION dlw.fold_totals(xid8, xid8) IS
+    'The usage events with p_from <= xid < p_upto summed per (tenant t, UTC month p, metric m): amount a and event count n. Read by dlw.refresh_quota_snapshots (inlined); callable by dlw_system only.';
+
+-- ---------------------------------------------------------------------------------------
+-- The fold's write when every total is for one month and one metric (step 3a of
+-- dlw.refresh_quota_snapshots): adds p_amounts[i] to the existing row of p_tenants[i]
+-- (ascending, distinct) for p_period and p_metric, in one UPDATE driven by the primary key
+-- with tenant_id = ANY (p_tenants): the index scan takes the array's tenants in ascending order,
+-- so the rows are updated (and locked) in ascending (tenant_id, period) order, each before the
+-- next, as the MERGE does; no join, no per-row rescan. width_bucket() finds a row's position in
+-- the sorted array by binary search ((SELECT p_tenants) hands it the array once, flat: PL/pgSQL
+-- keeps arrays expanded, and width_bucket would flatten a copy for every row). The settings pin
+-- that plan (a bitmap or sequential scan would take the rows in physical order) and plan once
+-- for any array (a custom plan would estimate each element). Returns the rows updated: fewer
+-- than the totals means a row was missing, and nothing may be kept (the caller rolls back).
+-- ---------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION dlw.fold_add_to_existing_rows(
+    p_tenants bigint[], p_amounts bigint[], p_period date, p_metric text
+) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_rows bigint;
+BEGIN
+    UPDATE dlw.quota_snapshots q
+       SET amount = q.amount + p_amounts[width_bucket(q.tenant_id, (SELECT p_tenants))], refreshed_at = now()
+     WHERE q.tenant_id = ANY (p_tenants) AND q.period = p_period AND q.metric = p_metric;
+    GET DIAGNOSTICS v_rows = ROW_COUNT;
+    RETURN v_rows;
+END
+$$;
+COMMENT ON FUNCTION dlw.fold_add_to_existing_rows(bigint[], bigint[], date, text) IS
+    'Step 3a of dlw.refresh_quota_snapshots: adds p_amounts[i] to the existing quota_snapshots row (p_tenants[i], p_period, p_metric) for every i, p_tenants ascending and distinct, in one UPDATE over the primary key in ascending tenant order (the fold''s lock order); returns the rows updated (fewer than the totals: a row was missing, the caller rolls back). Callable by dlw_system only.';
+
 CREATE OR REPLACE FUNCTION dlw.refresh_quota_snapshots(
     OUT ran boolean,
     OUT events bigint,
@@ -125,6 +177,11 @@ DECLARE
     v_period   date[];
     v_metric   text[];
     v_amount   bigint[];
+    v_first    date;
+    v_last     date;
+    v_metric1  text;
+    v_metric2  text;
+    v_written  boolean := false;
 BEGIN
     ran := false; events := 0; tenants := 0; periods := 0;
     IF NOT pg_try_advisory_xact_lock(28266757964587376) THEN
@@ -150,27 +207,50 @@ BEGIN
     folded_from := v_from;
     folded_below := v_upto;
 
-    -- 2. The new events per (tenant, UTC month, metric) through the xid index, sorted by
-    --    (tenant_id, period, metric), with the run's counts: one hash entry per total, one sort.
-    SELECT array_agg(d.t ORDER BY d.t, d.p, d.m), array_agg(d.p ORDER BY d.t, d.p, d.m),
-           array_agg(d.m ORDER BY d.t, d.p, d.m), array_agg(d.a ORDER BY d.t, d.p, d.m),
-           coalesce(sum(d.n), 0), count(DISTINCT d.t), count(*)
-      INTO v_tenant, v_period, v_metric, v_amount, events, tenants, periods
-      FROM (SELECT u.tenant_id AS t, dlw.month_start(u.occurred_at) AS p, u.metric AS m,
-                   sum(u.amount)::bigint AS a, count(*) AS n
-              FROM dlw.usage_records u
-             WHERE u.xid >= v_from AND u.xid < v_upto
-             GROUP BY 1, 2, 3) d;
+    -- 2. The new events per (tenant, UTC month, metric) through the xid index (dlw.fold_totals):
+    --    the tenants ascending and their totals, the run's counts, its first and last month and
+    --    metric. One hash entry per total, one sort. With one month and one metric there is one
+    --    total per tenant (tenants = periods); otherwise step 3b counts the tenants.
+    SELECT array_agg(d.t ORDER BY d.t), array_agg(d.a ORDER BY d.t),
+           coalesce(sum(d.n), 0), count(*), min(d.p), max(d.p), min(d.m), max(d.m)
+      INTO v_tenant, v_amount, events, periods, v_first, v_last, v_metric1, v_metric2
+      FROM dlw.fold_totals(v_from, v_upto) d;
+    tenants := periods;
 
-    -- 3. Every total added to its (tenant, month) row, or the row inserted, in the arrays' order
-    --    (unnest and the nested loop keep it; lock order: sql/31_admission_check.sql). MERGE, not
+    -- 3. Every total added to its (tenant, month) row, or the row inserted, in ascending
+    --    (tenant_id, period) order (lock order: sql/31_admission_check.sql).
+    --    a. The usual run: one month and one metric (so one total per tenant), every row already there (admission
+    --       creates a tenant's rows when it admits a task; a tenant's first fold of a month
+    --       creates them otherwise). dlw.fold_add_to_existing_rows updates them in one pass of the
+    --       primary key, in the order of the sorted tenant array, without a join: about half a
+    --       microsecond less per tenant than the MERGE's nested loop (docs/fold-costs.md). If a
+    --       row is missing (or admission inserted it after that statement's snapshot), fewer rows
+    --       than totals were updated: the subtransaction is rolled back (row versions and locks
+    --       released) and the MERGE below does the whole write, in order, inserting what is missing.
+    IF periods > 0 AND v_first = v_last AND v_metric1 = v_metric2 THEN
+        BEGIN
+            IF dlw.fold_add_to_existing_rows(v_tenant, v_amount, v_first, v_metric1) < periods THEN
+                RAISE EXCEPTION USING ERRCODE = 'no_data_found';
+            END IF;
+            v_written := true;
+        EXCEPTION WHEN no_data_found THEN
+            v_written := false;
+        END;
+    END IF;
+    --    b. Otherwise (and after a.'s roll-back): the totals again, sorted by (tenant_id, period,
+    --    metric) (a second read of the new events, in the runs that span two months or create
+    --    rows), then MERGE over them (unnest and the nested loop keep the arrays' order). MERGE, not
     --    INSERT ... ON CONFLICT DO UPDATE: it finds each row once, through the join's index
     --    probe, and updates it (HOT: amount and refreshed_at are not indexed), where the upsert
     --    probes, locks, then updates and checks the row's constraints twice: about a fifth less
     --    per tenant (docs/fold-costs.md). A row task admission inserted after this statement's
     --    snapshot makes the MERGE's insert fail (unique_violation, after waiting for that
     --    transaction); the block then starts again as the upsert, which waits and adds.
-    IF periods > 0 THEN
+    IF periods > 0 AND NOT v_written THEN
+        SELECT array_agg(d.t ORDER BY d.t, d.p, d.m), array_agg(d.p ORDER BY d.t, d.p, d.m),
+               array_agg(d.m ORDER BY d.t, d.p, d.m), array_agg(d.a ORDER BY d.t, d.p, d.m), count(DISTINCT d.t)
+          INTO v_tenant, v_period, v_metric, v_amount, tenants
+          FROM dlw.fold_totals(v_from, v_upto) d;
         BEGIN
             MERGE INTO dlw.quota_snapshots q
             USING unnest(v_tenant, v_period, v_metric, v_amount) AS d(t, p, m, a)
@@ -239,7 +319,7 @@ $$;
 COMMENT ON FUNCTION dlw.quota_drift() IS
     'Drift check: recomputes every (tenant, UTC month, metric) from the usage log below the fold cursor and returns the rows whose quota_snapshots.amount differs (difference = snapshot - log). No rows = the snapshots are exact. Reads the whole log (cost follows history): for DBAs and monitoring, not for the request path. Repairs nothing.';
 
-REVOKE ALL ON FUNCTION dlw.refresh_quota_snapshots(), dlw.quota_drift(), dlw.cancel_overlong_reporting_queries()
-    FROM PUBLIC;
+REVOKE ALL ON FUNCTION dlw.refresh_quota_snapshots(), dlw.quota_drift(), dlw.cancel_overlong_reporting_queries(),
+    dlw.fold_add_to_existing_rows(bigint[], bigint[], date, text), dlw.fold_totals(xid8, xid8) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlw.refresh_quota_snapshots() TO dlw_app;
 -- DBAs use the audited wrappers dlw_admin.refresh_quota_snapshots() and dlw_admin.quota_drift().
