@@ -34,7 +34,8 @@ from typing import Any, Generic, TypeVar
 
 import pycurl
 
-from app.executor.http_ranges import MAX_REDIRECTS, Cancelled, Upstream, WrongSize
+from app.executor.curl_outcomes import TransferError, answer_problem, curl_problem
+from app.executor.http_ranges import MAX_REDIRECTS, Cancelled, WrongSize
 
 log = logging.getLogger("dlw.executor")
 
@@ -47,10 +48,6 @@ def ca_bundle() -> str | None:
     store, or SSL_CERT_FILE), so both byte paths trust the same authorities."""
     paths = ssl.get_default_verify_paths()
     return paths.cafile if paths.cafile and os.path.isfile(paths.cafile) else None
-
-
-class TransferError(ConnectionError):
-    """libcurl could not complete the transfer (connection refused, timeout, reset...)."""
 
 
 @dataclass(eq=False)
@@ -325,10 +322,10 @@ class CurlLane:
             queued, done, failed = multi.info_read()
             for handle in done:
                 transfer = active[handle]
-                self._end(multi, handle, active, idle, transfer.why or _answer_problem(handle, transfer))
+                self._end(multi, handle, active, idle, transfer.why or answer_problem(handle, transfer))
             for handle, code, message in failed:
                 transfer = active[handle]
-                self._end(multi, handle, active, idle, transfer.why or _curl_problem(handle, transfer, code, message))
+                self._end(multi, handle, active, idle, transfer.why or curl_problem(handle, transfer, code, message))
             if not queued:
                 return
 
@@ -379,28 +376,3 @@ def _resolve(ended: list[tuple[LaneTransfer[Any], Any, BaseException | None]]) -
             future.set_result(result)
         else:
             future.set_exception(problem)
-
-
-def _answer_problem(handle: pycurl.Curl, transfer: LaneTransfer[Any]) -> BaseException | None:
-    """What is wrong with a transfer libcurl completed: not a 200, or fewer bytes than declared."""
-    status = int(handle.getinfo(pycurl.RESPONSE_CODE))
-    if status != 200:
-        return Upstream(status, str(handle.getinfo(pycurl.EFFECTIVE_URL)))
-    if transfer.written != transfer.size:
-        return WrongSize(f"server sent fewer than the declared {transfer.size} bytes ({transfer.written} of them)")
-    return None
-
-
-def _curl_problem(handle: pycurl.Curl, transfer: LaneTransfer[Any], code: int, message: str) -> BaseException:
-    url = str(handle.getinfo(pycurl.EFFECTIVE_URL))
-    if code == pycurl.E_HTTP_RETURNED_ERROR:
-        retry_after = int(handle.getinfo(pycurl.RETRY_AFTER))
-        return Upstream(int(handle.getinfo(pycurl.RESPONSE_CODE)), url, float(retry_after) if retry_after > 0 else None)
-    if code == pycurl.E_TOO_MANY_REDIRECTS:
-        return Upstream(310, url)
-    if code == pycurl.E_UNSUPPORTED_PROTOCOL:
-        return Upstream(0, url)
-    if code == pycurl.E_FILESIZE_EXCEEDED:  # refused on the announced length, before any byte
-        announced = int(handle.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T))
-        return WrongSize(f"server sent more than the declared {transfer.size} bytes (Content-Length {announced})")
-    return TransferError(f"{message} (curl error {code})")

@@ -23,7 +23,8 @@ from typing import Any
 from urllib.parse import quote
 
 from app.executor.client import Claimed
-from app.executor.curl_lane import CurlLane, LaneTransfer, TransferError
+from app.executor.curl_lane import CurlLane, LaneTransfer
+from app.executor.curl_outcomes import TransferError
 from app.executor.layout import NoCommit, Placement, Unreachable, UnsafePath, etag_name, placement
 from app.executor.transfer import (
     INLINE_BELOW,

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from app.executor.client import Claimed
-from app.executor.curl_lane import CurlLane, TransferError
+from app.executor.curl_lane import CurlLane
+from app.executor.curl_outcomes import TransferError
 from app.executor.download import Downloaded, Tuning, Upstream, WrongSize, download, in_lane, partial_path
 from app.executor.layout import publish
 from tests.support.file_server import FileServer, serve_in_thread
