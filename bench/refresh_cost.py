@@ -26,6 +26,8 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def migrated_cluster(prefix: str, dbname: str) -> Iterator[LocalCluster]:
+    """A throw-away PostgreSQL (PG_SETTINGS) with one migrated database `dbname`, destroyed after:
+    what the standalone scale tools (bench.scale_refresh, bench.scale_grants,
+    bench.refresh_variants) run on."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        cluster = LocalCluster(Path(tmp) / "pgdata", port=_free_port(), extra_settings=PG_SETTINGS)
+        cluster.start()
+        try:
+            with psycopg.connect(cluster.url(), autocommit=True) as admin:
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+            migrate(cluster.url(dbname))
+            yield cluster
+        finally:
+            cluster.destroy()
 
 
 def _insert_events(conn: psycopg.Connection, tenants: list[int], start: int, count: int, prefix: str) -> None:

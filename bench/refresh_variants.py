@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import psycopg
 
-from app.ops.embedded import LocalCluster
-from app.ops.migrate import migrate
-from bench.refresh_cost import PG_SETTINGS, _free_port
+from bench.refresh_cost import migrated_cluster
 from bench.scale_claims import Queue, load_queue
 
 AGG = """
@@ -286,19 +283,11 @@ def main() -> None:
     if args.url:
         compare(args.url, variants, args.tenants, args.rounds)
         return
-    with tempfile.TemporaryDirectory(prefix="dlw-refresh-variants-") as tmp:
-        cluster = LocalCluster(Path(tmp) / "pgdata", port=_free_port(), extra_settings=PG_SETTINGS)
-        cluster.start()
-        try:
-            with psycopg.connect(cluster.url(), autocommit=True) as admin:
-                admin.execute("CREATE DATABASE v")
-            migrate(cluster.url("v"))
-            with psycopg.connect(cluster.url("v"), autocommit=True) as conn:
-                load_queue(conn, Queue(tenants=args.tenants, pending=args.tenants, in_flight=args.tenants))
-                conn.execute("VACUUM ANALYZE")
-            compare(cluster.url("v"), variants, args.tenants, args.rounds)
-        finally:
-            cluster.destroy()
+    with migrated_cluster("dlw-refresh-variants-", "v") as cluster:
+        with psycopg.connect(cluster.url("v"), autocommit=True) as conn:
+            load_queue(conn, Queue(tenants=args.tenants, pending=args.tenants, in_flight=args.tenants))
+            conn.execute("VACUUM ANALYZE")
+        compare(cluster.url("v"), variants, args.tenants, args.rounds)
 
 
 if __name__ == "__main__":

@@ -162,28 +162,16 @@ def run(admin_url: str, app_url: str, quick: bool = False) -> list[dict[str, Any
 if __name__ == "__main__":
     import argparse
     import secrets
-    import tempfile
-    from pathlib import Path
 
     from psycopg import sql
 
-    from app.ops.embedded import LocalCluster
-    from app.ops.migrate import migrate
-    from bench.refresh_cost import PG_SETTINGS, _free_port
+    from bench.refresh_cost import migrated_cluster
 
     parser = argparse.ArgumentParser(prog="python -m bench.scale_grants", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     password = secrets.token_urlsafe(12)
-    with tempfile.TemporaryDirectory(prefix="dlw-bench-grants-") as tmp:
-        cluster = LocalCluster(Path(tmp) / "pgdata", port=_free_port(), extra_settings=PG_SETTINGS)
-        cluster.start()
-        try:
-            with psycopg.connect(cluster.url(), autocommit=True) as admin:
-                admin.execute("CREATE DATABASE scale_grants")
-            migrate(cluster.url("scale_grants"))
-            with psycopg.connect(cluster.url("scale_grants"), autocommit=True) as conn:
-                conn.execute(sql.SQL("ALTER ROLE dlw_app PASSWORD {}").format(sql.Literal(password)))
-            run(cluster.url("scale_grants"), cluster.url("scale_grants", user="dlw_app", password=password), args.quick)
-        finally:
-            cluster.destroy()
+    with migrated_cluster("dlw-bench-grants-", "scale_grants") as cluster:
+        with psycopg.connect(cluster.url("scale_grants"), autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER ROLE dlw_app PASSWORD {}").format(sql.Literal(password)))
+        run(cluster.url("scale_grants"), cluster.url("scale_grants", user="dlw_app", password=password), args.quick)

@@ -115,12 +115,8 @@ def main() -> None:
     it (10,000 tenants, 1M pending and 1M assigned files, the history; --quick: 2,000 tenants),
     measured `--runs` times one after the other: `python -m bench.scale_refresh [--quick]`."""
     import argparse
-    import tempfile
-    from pathlib import Path
 
-    from app.ops.embedded import LocalCluster
-    from app.ops.migrate import migrate
-    from bench.refresh_cost import PG_SETTINGS, _free_port
+    from bench.refresh_cost import migrated_cluster
     from bench.scale import load_history, print_rows
     from bench.scale_claims import Queue, load_queue
 
@@ -129,22 +125,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     large = Queue(2_000, 200_000, 200_000) if args.quick else Queue(10_000, 1_000_000, 1_000_000)
-    with tempfile.TemporaryDirectory(prefix="dlw-bench-scale-refresh-") as tmp:
-        cluster = LocalCluster(Path(tmp) / "pgdata", port=_free_port(), extra_settings=PG_SETTINGS)
-        cluster.start()
-        try:
-            with psycopg.connect(cluster.url(), autocommit=True) as admin:
-                admin.execute("CREATE DATABASE scale_large")
-            migrate(cluster.url("scale_large"))
-            with psycopg.connect(cluster.url("scale_large"), autocommit=True) as conn:
-                load_queue(conn, large)
-                load_history(conn, 50_000 if args.quick else 200_000)
-                conn.execute("VACUUM ANALYZE")
-                for run in range(args.runs):
-                    row = measure_refresh(conn, 10, large.tenants, 10_000, 5 if args.quick else 9, f"r{run}:")
-                    print_rows("Snapshot refresh (median)", "10 tenants", f"{large.tenants:,} tenants", [row])
-        finally:
-            cluster.destroy()
+    with (
+        migrated_cluster("dlw-bench-scale-refresh-", "scale_large") as cluster,
+        psycopg.connect(cluster.url("scale_large"), autocommit=True) as conn,
+    ):
+        load_queue(conn, large)
+        load_history(conn, 50_000 if args.quick else 200_000)
+        conn.execute("VACUUM ANALYZE")
+        for run in range(args.runs):
+            row = measure_refresh(conn, 10, large.tenants, 10_000, 5 if args.quick else 9, f"r{run}:")
+            print_rows("Snapshot refresh (median)", "10 tenants", f"{large.tenants:,} tenants", [row])
 
 
 if __name__ == "__main__":
