@@ -122,11 +122,12 @@ def _resume_point(fd: int, item: Claimed) -> tuple[int, Any]:
     return 0, hash_prefix(fd, 0)
 
 
-def _open_partial(path: Path) -> int:
+def open_partial(path: Path) -> int:
     """The partial file, opened and locked (Busy when another process holds it); its directory
     is made when missing (for the first file of a directory only: a mkdir per small file costs
-    about as much as its open)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    about as much as its open). Never through a symbolic link (ELOOP): the file is truncated
+    next, and a link planted under the partial file's name would truncate what it points at."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         fd = os.open(path, flags, 0o644)
     except FileNotFoundError:
@@ -205,7 +206,7 @@ async def _in_lane(
 
     def start() -> tuple[int, Path]:
         here = placement(storage, item)
-        fd = _open_partial(here.partial)
+        fd = open_partial(here.partial)
         os.ftruncate(fd, 0)  # no resume point: whatever an earlier attempt left is not kept
         place.append(here)
         return fd, here.partial
@@ -250,7 +251,7 @@ def _fetch_blocking(
     copied = from_stored_copy(place, item)
     if copied is not None:
         return Downloaded(place, copied, item.size, copied_from=item.stored_path)
-    fd = _open_partial(tmp)
+    fd = open_partial(tmp)
     try:
         start, digest = _resume_point(fd, item)
 
@@ -321,7 +322,9 @@ def from_stored_copy(place: Placement, item: Claimed) -> str | None:
             return None
     digest = hashlib.sha256()
     try:
-        with source.open("rb") as src, place.partial.open("wb") as dst:
+        # A new file (unlinked above), never one a link planted under the partial name points at.
+        new = os.open(place.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with source.open("rb") as src, os.fdopen(new, "wb") as dst:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 dst.write(chunk)

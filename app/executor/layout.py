@@ -219,8 +219,13 @@ def _replace_link(source: str, link: Path, tag: str) -> None:
 
 
 def _replace_text(path: Path, text: str, tag: str) -> None:
+    """path holds text, replaced atomically. The temporary file is made new (O_EXCL, after any old
+    one is removed), never opened through a link planted under its name, which would write there."""
     tmp = path.parent / f".{path.name}.{tag}.tmp"
-    tmp.write_text(text)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

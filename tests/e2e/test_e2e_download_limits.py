@@ -6,6 +6,7 @@ the executor never writes past the declared size."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import random
@@ -21,7 +22,16 @@ from typing import Any
 import pytest
 
 from app.executor.client import Claimed
-from app.executor.download import Tuning, UnsafePath, WrongSize, destination, download, file_url, partial_path
+from app.executor.download import (
+    Tuning,
+    UnsafePath,
+    WrongSize,
+    destination,
+    download,
+    file_url,
+    open_partial,
+    partial_path,
+)
 from tests.support import server
 from tests.support.app import token
 from tests.support.executors import create_task, quota_of, start_executor, stop_executor, task_of, wait_for
@@ -62,6 +72,17 @@ def test_the_executor_refuses_to_write_outside_its_storage(work):
     os.symlink("/tmp", work / "acme" / "org")
     with pytest.raises(UnsafePath):
         destination(work, item())
+    # A link planted under a file's partial name is not followed: opening it would truncate what
+    # it points at (both byte paths open the partial file the same way).
+    os.unlink(work / "acme" / "org")
+    partial = partial_path(work, item())
+    partial.parent.mkdir(parents=True)
+    precious = work / "precious.bin"
+    precious.write_bytes(b"keep me")
+    os.symlink(precious, partial)
+    with pytest.raises(OSError) as refused:
+        open_partial(partial)
+    assert refused.value.errno == errno.ELOOP and precious.read_bytes() == b"keep me"
     assert (
         file_url("http://hub/", item(revision="refs/pr/1", path="dir/a b.bin"))
         == "http://hub/org/model/resolve/refs%2Fpr%2F1/dir/a%20b.bin"

@@ -94,6 +94,16 @@ def test_publish_makes_blob_then_relative_link_then_ref_and_replaces_atomically(
     assert sorted(p.name for p in (place.repo_dir / "blobs").iterdir()) == [sha]  # type: ignore[operator]
     assert sorted(p.name for p in link.parent.iterdir()) == ["w.bin"]  # no temporary link left
     assert sorted(p.name for p in (place.repo_dir / "refs").iterdir()) == ["main"]  # type: ignore[operator]
+    # Links planted under the temporary names are replaced, never written through.
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    refs = place.repo_dir / "refs"  # type: ignore[operator]
+    os.symlink(precious, refs / f".main.{claimed.id}.tmp")
+    os.symlink(precious, link.parent / f".w.bin.{claimed.id}.link")
+    place.partial.write_bytes(b"abc")
+    publish(place, claimed, sha, None)
+    assert precious.read_text() == "keep me" and (refs / "main").read_text() == COMMIT
+    assert sorted(p.name for p in refs.iterdir()) == ["main"] and os.readlink(link) == "../../../blobs/" + sha
 
 
 def test_the_blob_is_named_by_the_hubs_etag_only_when_it_names_the_bytes(tmp_path: Path):
