@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.executor.client import Claimed
-from app.executor.layout import placement
+from app.executor.layout import BLOB_NAME, placement, ref_file
 
 __all__ = ["ClaimedDeletion", "carry_out"]
 
@@ -94,9 +94,10 @@ def _unlink(path: Path) -> int | None:
     return info.st_size if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 else 0
 
 
-def _blob_of(link: Path, repo_dir: Path) -> Path | None:
-    """The blob a snapshot entry points to, when it is a relative link to a name directly in
-    <repo_dir>/blobs/ (what the executor writes); anything else is not followed."""
+def _blob_of(link: Path, blobs: Path) -> Path | None:
+    """The blob a snapshot entry points to, when it is a relative link to a blob name (an ETag:
+    40 or 64 hex digits) directly in the repository's blobs/ directory, as placement resolved it
+    (what the executor writes); anything else is not followed."""
     try:
         target = os.readlink(link)
     except (FileNotFoundError, OSError):
@@ -104,8 +105,7 @@ def _blob_of(link: Path, repo_dir: Path) -> Path | None:
     if os.path.isabs(target):
         return None
     resolved = Path(os.path.normpath(link.parent / target))
-    blobs = Path(os.path.normpath(repo_dir / "blobs"))
-    if resolved.parent != blobs or resolved.name in ("", ".", ".."):
+    if resolved.parent != blobs or not BLOB_NAME.match(resolved.name):
         return None
     return resolved
 
@@ -141,11 +141,12 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
             _prune(place.final.parent, base)
             continue
         assert place.repo_dir is not None
-        blob = _blob_of(place.link, place.repo_dir) if spec["remove_blob"] else None
-        if spec["remove_blob"] and blob is None and spec.get("sha256") and not os.path.lexists(place.link):
+        blob = _blob_of(place.link, place.final) if spec["remove_blob"] else None
+        sha256 = str(spec.get("sha256") or "")
+        if spec["remove_blob"] and blob is None and BLOB_NAME.match(sha256) and not os.path.lexists(place.link):
             # An earlier attempt removed the entry and stopped before its blob: an LFS file's blob
             # is named by its sha256 (a git file's by its blob id, which the plan cannot name).
-            blob = place.repo_dir / "blobs" / str(spec["sha256"])
+            blob = place.final / sha256
         if spec["remove_path"]:
             # The entry first, then its blob: a reader never finds an entry pointing nowhere.
             done.files += _unlink(place.link) is not None
@@ -158,7 +159,7 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
         repo_dir = places[0][1].repo_dir
         assert repo_dir is not None
         commit = places[0][1].commit
-        ref = repo_dir / "refs" / str(plan["revision"])
+        ref = ref_file(repo_dir, _as_claimed(deletion, specs[0]))
         if plan.get("remove_ref") and _names(ref, commit):
             done.refs += _unlink(ref) is not None
             _prune(ref.parent, repo_dir)

@@ -125,22 +125,35 @@ def _resume_point(fd: int, item: Claimed) -> tuple[int, Any]:
 def open_partial(path: Path) -> int:
     """The partial file, opened and locked (Busy when another process holds it); its directory
     is made when missing (for the first file of a directory only: a mkdir per small file costs
-    about as much as its open). Never through a symbolic link (ELOOP): the file is truncated
-    next, and a link planted under the partial file's name would truncate what it points at."""
+    about as much as its open). It is truncated or written next, so it must be this file's own:
+    a symbolic link under its name is never followed (O_NOFOLLOW), and a link or a file with
+    another name (a hard link: a stored copy it was once linked from, or one planted in a
+    tenant-writable directory) is removed and the partial made anew, its resume point lost."""
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, flags, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            path.unlink(missing_ok=True)  # a symbolic link under our name: the link goes, nothing else
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise Busy(f"{path.name} is being written by another process") from exc
+            raise
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            return fd
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise Busy(f"{path.name} is being written by another process") from exc
-        raise
-    return fd
+        path.unlink(missing_ok=True)  # only this name: the other names keep their bytes
+    raise OSError(errno.EEXIST, "the partial file was replaced again and again", str(path))
 
 
 async def download(
@@ -313,8 +326,13 @@ def from_stored_copy(place: Placement, item: Claimed) -> str | None:
         return None
     place.partial.unlink(missing_ok=True)
     try:
-        os.link(source, place.partial)
-        return want
+        # The name itself, never a link that replaced it since; and only the file checked above.
+        os.link(source, place.partial, follow_symlinks=False)
+        linked = os.lstat(place.partial)
+        if (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino):
+            return want
+        place.partial.unlink(missing_ok=True)
+        return None
     except FileNotFoundError:
         return None
     except OSError as exc:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from app.executor.client import Claimed
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
+BLOB_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # an hf-cache blob: the hub's ETag (git blob id or sha256)
 _ETAG = re.compile(r'^(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?$')
 
 
@@ -163,9 +164,15 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
         raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
     repo_dir = _inside(base, [*prefix, repo_folder(item)], item)
     link = _inside(repo_dir, ["snapshots", commit, *_segments(item, item.path)], item)
-    _segments(item, item.revision)  # refs/<revision> stays inside refs/
-    blobs = repo_dir / "blobs"
-    return Placement(blobs / f"{item.id}.incomplete", blobs, link, repo_dir, commit, home)
+    ref_file(repo_dir, item)  # refs/<revision> stays inside the repository folder
+    # blobs/ resolved like every other directory: a link there must not take the bytes elsewhere.
+    partial = _inside(repo_dir, ["blobs", f"{item.id}.incomplete"], item)
+    return Placement(partial, partial.parent, link, repo_dir, commit, home)
+
+
+def ref_file(repo_dir: Path, item: Claimed) -> Path:
+    """<repo_dir>/refs/<revision>, refusing a revision or a link that would lead out of repo_dir."""
+    return _inside(repo_dir, ["refs", *_segments(item, item.revision)], item)
 
 
 def git_blob_id(path: Path) -> str:
@@ -253,7 +260,7 @@ def publish(place: Placement, item: Claimed, sha256: str, etag: str | None) -> P
     place.link.parent.mkdir(parents=True, exist_ok=True)
     _replace_link(os.path.relpath(blob, place.link.parent), place.link, item.id)
     if item.revision != place.commit:
-        ref = place.repo_dir / "refs" / item.revision
+        ref = ref_file(place.repo_dir, item)
         ref.parent.mkdir(parents=True, exist_ok=True)
         _replace_text(ref, place.commit, item.id)
     return place.link

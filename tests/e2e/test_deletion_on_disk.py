@@ -45,8 +45,11 @@ def hf_repo(root: Path) -> Path:
 def test_hf_cache_links_removed_not_followed_and_foreign_targets_untouched(tmp_path: Path):
     root = tmp_path / "cache"
     repo = hf_repo(root)
-    (repo / "blobs" / "aaa").write_bytes(b"mine")
-    os.symlink("../../blobs/aaa", repo / "snapshots" / COMMIT / "mine.bin")
+    mine = "a" * 64  # blobs are named by the hub's ETag: a sha256 or a git blob id
+    (repo / "blobs" / mine).write_bytes(b"mine")
+    os.symlink(f"../../blobs/{mine}", repo / "snapshots" / COMMIT / "mine.bin")
+    (repo / "blobs" / "notes.txt").write_bytes(b"not a blob")  # a name no blob has: never removed
+    os.symlink("../../blobs/notes.txt", repo / "snapshots" / COMMIT / "odd.bin")
     outside = tmp_path / "precious.bin"
     outside.write_bytes(b"not DLW's")
     os.symlink(str(outside), repo / "snapshots" / COMMIT / "abs.bin")  # absolute: not ours to follow
@@ -58,23 +61,27 @@ def test_hf_cache_links_removed_not_followed_and_foreign_targets_untouched(tmp_p
             {"path": "mine.bin", "remove_path": True, "remove_blob": True},
             {"path": "abs.bin", "remove_path": True, "remove_blob": True},
             {"path": "rel.bin", "remove_path": True, "remove_blob": True},
+            {"path": "odd.bin", "remove_path": True, "remove_blob": True},
             {"path": "gone.bin", "remove_path": True, "remove_blob": True},  # never written: success
         ],
     )
     done = carry_out([tmp_path / "default", tmp_path], plan)
     assert outside.read_bytes() == b"not DLW's"
     assert done.blobs == 1 and done.bytes == 4 and done.refs == 1
-    assert not repo.exists() and root.exists()  # emptied and pruned up to the root, not beyond
+    assert sorted(p.name for p in (repo / "blobs").iterdir()) == ["notes.txt"]  # kept, so the repo stays
+    (repo / "blobs" / "notes.txt").unlink()
     again = carry_out([tmp_path / "default", tmp_path], plan)  # a second attempt: everything already missing
     assert (again.files, again.blobs, again.bytes) == (0, 0, 0)
+    assert not repo.exists() and root.exists()  # emptied and pruned up to the root, not beyond
 
 
 def test_what_the_plan_keeps_stays_and_a_moved_ref_is_left(tmp_path: Path):
     root = tmp_path / "cache"
     repo = hf_repo(root)
     (repo / "refs" / "main").write_text("d" * 40)  # another task moved the branch meanwhile
-    (repo / "blobs" / "kept").write_bytes(b"shared")
-    os.symlink("../../blobs/kept", repo / "snapshots" / COMMIT / "shared.bin")
+    kept = "b" * 64
+    (repo / "blobs" / kept).write_bytes(b"shared")
+    os.symlink(f"../../blobs/{kept}", repo / "snapshots" / COMMIT / "shared.bin")
     plan = deletion(root, "hf-cache", [{"path": "shared.bin", "remove_path": False, "remove_blob": False}])
     carry_out([tmp_path / "default", tmp_path], plan)
     assert (repo / "snapshots" / COMMIT / "shared.bin").read_bytes() == b"shared"

@@ -6,10 +6,10 @@ the executor never writes past the declared size."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import random
+import stat
 import subprocess
 import sys
 import threading
@@ -72,17 +72,25 @@ def test_the_executor_refuses_to_write_outside_its_storage(work):
     os.symlink("/tmp", work / "acme" / "org")
     with pytest.raises(UnsafePath):
         destination(work, item())
-    # A link planted under a file's partial name is not followed: opening it would truncate what
-    # it points at (both byte paths open the partial file the same way).
+    # A link planted under a file's partial name, symbolic or hard, is not written through: the
+    # partial is truncated once opened (both byte paths open it the same way), so it is made anew.
     os.unlink(work / "acme" / "org")
     partial = partial_path(work, item())
     partial.parent.mkdir(parents=True)
     precious = work / "precious.bin"
-    precious.write_bytes(b"keep me")
-    os.symlink(precious, partial)
-    with pytest.raises(OSError) as refused:
-        open_partial(partial)
-    assert refused.value.errno == errno.ELOOP and precious.read_bytes() == b"keep me"
+    for plant in (os.symlink, os.link):
+        precious.write_bytes(b"keep me")
+        plant(precious, partial)
+        fd = open_partial(partial)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, b"new")
+        finally:
+            os.close(fd)
+        info = partial.lstat()
+        assert stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and partial.read_bytes() == b"new"
+        assert precious.read_bytes() == b"keep me", plant
+        partial.unlink()
     assert (
         file_url("http://hub/", item(revision="refs/pr/1", path="dir/a b.bin"))
         == "http://hub/org/model/resolve/refs%2Fpr%2F1/dir/a%20b.bin"

@@ -106,6 +106,24 @@ def test_publish_makes_blob_then_relative_link_then_ref_and_replaces_atomically(
     assert sorted(p.name for p in refs.iterdir()) == ["main"] and os.readlink(link) == "../../../blobs/" + sha
 
 
+def test_hf_cache_blobs_and_refs_that_are_links_out_of_the_repository_are_refused(tmp_path: Path):
+    """blobs/ and refs/ are resolved like every other directory of a placement: a link planted
+    there (a tenant-writable cache) would take the bytes, the ref or a deletion out of the target."""
+    claimed = item(storage_root=str(tmp_path / "cache"), storage_layout="hf-cache")
+    repo = placement([tmp_path / "default", tmp_path], claimed).repo_dir
+    assert repo is not None
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    repo.mkdir(parents=True)
+    for name in ("blobs", "refs"):
+        os.symlink(outside, repo / name)
+        with pytest.raises(UnsafePath):
+            placement([tmp_path / "default", tmp_path], claimed)
+        (repo / name).unlink()
+    (repo / "blobs").mkdir()
+    assert placement([tmp_path / "default", tmp_path], claimed).final == repo / "blobs"
+
+
 def test_the_blob_is_named_by_the_hubs_etag_only_when_it_names_the_bytes(tmp_path: Path):
     blob = tmp_path / "b"
     blob.write_bytes(b"hello\n")
