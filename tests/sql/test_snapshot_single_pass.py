@@ -95,6 +95,14 @@ def test_the_single_pass_takes_the_rows_in_ascending_tenant_order(db, owner):
     """A third transaction holds the middle tenant's row: the pass waits there holding the first
     tenant's row (updated) and not yet the last's; when the holder ends it finishes, exactly."""
     first, middle, last = tenants_with_rows(db, owner, ["order-1", "order-2", "order-3"])
+    # The first tenant's row written again, so it lies after the others in the table: taking the
+    # rows in physical order (a sequential or bitmap scan) would not hold it while waiting below.
+    owner.execute(
+        "WITH gone AS (DELETE FROM dlw.quota_snapshots WHERE tenant_id = %s RETURNING *)"
+        " INSERT INTO dlw.quota_snapshots SELECT * FROM gone",
+        (first,),
+    )
+    owner.commit()
     for t in (first, middle, last):
         add_usage(owner, t, 2)
     row = "SELECT 1 FROM dlw.quota_snapshots WHERE tenant_id = %s AND period = dlw.month_start(now()) FOR UPDATE"
@@ -114,16 +122,19 @@ def test_the_single_pass_takes_the_rows_in_ascending_tenant_order(db, owner):
 
         thread = threading.Thread(target=run)
         thread.start()
-        wait_for_lock(owner, fold.info.backend_pid)
-        for tenant, taken in ((first, True), (last, False)):
-            with probe.transaction(force_rollback=True):
-                if taken:
-                    with pytest.raises(psycopg.errors.LockNotAvailable):
+        try:
+            wait_for_lock(owner, fold.info.backend_pid)
+            for tenant, taken in ((first, True), (last, False)):
+                with probe.transaction(force_rollback=True):
+                    if taken:
+                        with pytest.raises(psycopg.errors.LockNotAvailable):
+                            probe.execute(row + " NOWAIT", (tenant,))
+                    else:
                         probe.execute(row + " NOWAIT", (tenant,))
-                else:
-                    probe.execute(row + " NOWAIT", (tenant,))
-        holder.commit()
-        thread.join(30)
+        finally:  # the fold finishes whatever the checks found (a failed check must not hang)
+            holder.commit()
+            thread.join(30)
+        assert not thread.is_alive(), "the fold did not finish"
     result, paths = outcome["fold"]
     assert result["periods"] == 3 and paths["single_pass"] == 1, outcome
     assert [snapshot(owner, t) for t in (first, middle, last)] == [3, 3, 3]
