@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.executor.client import Claimed
-from app.executor.layout import BLOB_NAME, placement, ref_file
+from app.executor.layout import BLOB_NAME, placement
 
 __all__ = ["ClaimedDeletion", "carry_out"]
 
@@ -156,10 +156,8 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
             done.blobs += 1
             done.bytes += freed
     if plan["layout"] == "hf-cache" and places:
-        repo_dir = places[0][1].repo_dir
-        assert repo_dir is not None
-        commit = places[0][1].commit
-        ref = ref_file(repo_dir, _as_claimed(deletion, specs[0]))
+        repo_dir, commit, ref = places[0][1].repo_dir, places[0][1].commit, places[0][1].ref
+        assert repo_dir is not None and ref is not None
         if plan.get("remove_ref") and _names(ref, commit):
             done.refs += _unlink(ref) is not None
             _prune(ref.parent, repo_dir)

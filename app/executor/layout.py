@@ -58,6 +58,7 @@ class Placement:
     repo_dir: Path | None = None  # hf-cache: models--org--name
     commit: str | None = None
     base: Path | None = None  # the target's base directory: its root, or <first --storage>/<tenant>
+    ref: Path | None = None  # hf-cache: refs/<revision>, resolved and checked like the others
 
     @property
     def stored_path(self) -> str | None:
@@ -164,15 +165,11 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
         raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
     repo_dir = _inside(base, [*prefix, repo_folder(item)], item)
     link = _inside(repo_dir, ["snapshots", commit, *_segments(item, item.path)], item)
-    ref_file(repo_dir, item)  # refs/<revision> stays inside the repository folder
-    # blobs/ resolved like every other directory: a link there must not take the bytes elsewhere.
+    # blobs/ and refs/ resolved like every other directory: a link there must not take the bytes,
+    # the ref or a deletion out of the repository folder.
     partial = _inside(repo_dir, ["blobs", f"{item.id}.incomplete"], item)
-    return Placement(partial, partial.parent, link, repo_dir, commit, home)
-
-
-def ref_file(repo_dir: Path, item: Claimed) -> Path:
-    """<repo_dir>/refs/<revision>, refusing a revision or a link that would lead out of repo_dir."""
-    return _inside(repo_dir, ["refs", *_segments(item, item.revision)], item)
+    ref = _inside(repo_dir, ["refs", *_segments(item, item.revision)], item)
+    return Placement(partial, partial.parent, link, repo_dir, commit, home, ref)
 
 
 def git_blob_id(path: Path) -> str:
@@ -260,7 +257,7 @@ def publish(place: Placement, item: Claimed, sha256: str, etag: str | None) -> P
     place.link.parent.mkdir(parents=True, exist_ok=True)
     _replace_link(os.path.relpath(blob, place.link.parent), place.link, item.id)
     if item.revision != place.commit:
-        ref = ref_file(place.repo_dir, item)
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        _replace_text(ref, place.commit, item.id)
+        assert place.ref is not None
+        place.ref.parent.mkdir(parents=True, exist_ok=True)
+        _replace_text(place.ref, place.commit, item.id)
     return place.link
