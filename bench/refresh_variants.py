@@ -32,14 +32,20 @@ AGG = """
          GROUP BY 1, 2, 3
     )"""
 
-VARIANTS = {
-    "current": AGG
-    + """, written AS (
+# The fold's write before MERGE: every total, in key order, as an upsert.
+UPSERT = """
         INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)
         SELECT d.t, d.p, d.m, d.a, now() FROM new d
          ORDER BY d.t, d.p, d.m
         ON CONFLICT (tenant_id, period, metric) DO UPDATE
-           SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at
+           SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at"""
+
+VARIANTS = {
+    "current": AGG
+    + """, written AS (
+"""
+    + UPSERT
+    + """
         RETURNING q.tenant_id
     )
     SELECT coalesce((SELECT sum(d.n) FROM new d), 0), (SELECT count(DISTINCT w.tenant_id) FROM written w),
@@ -47,11 +53,9 @@ VARIANTS = {
       INTO events, tenants, periods;""",
     "no_returning": AGG
     + """, written AS (
-        INSERT INTO dlw.quota_snapshots AS q (tenant_id, period, metric, amount, refreshed_at)
-        SELECT d.t, d.p, d.m, d.a, now() FROM new d
-         ORDER BY d.t, d.p, d.m
-        ON CONFLICT (tenant_id, period, metric) DO UPDATE
-           SET amount = q.amount + excluded.amount, refreshed_at = excluded.refreshed_at
+"""
+    + UPSERT
+    + """
     )
     SELECT coalesce(sum(d.n), 0), count(DISTINCT d.t), count(*) FROM new d
       INTO events, tenants, periods;""",
