@@ -30,7 +30,7 @@ SELECT t.tenant_id, 'bytes_month', 1, %(prefix)s || g
 # and 3a) over the events not folded yet, with the settings the functions run them with. The
 # tenants come through a subquery, a parameter of the plan as in the function's generic plan (and
 # not 10,000 ids written into the listing).
-FOLD_SETTINGS = ("max_parallel_workers_per_gather", "enable_seqscan", "enable_bitmapscan")
+FOLD_SETTINGS = ("max_parallel_workers_per_gather", "enable_hashagg", "enable_seqscan", "enable_bitmapscan")
 AGGREGATE = """
 SELECT array_agg(d.t ORDER BY d.t), array_agg(d.a ORDER BY d.t),
        coalesce(sum(d.n), 0), count(*), min(d.p), max(d.p), min(d.m), max(d.m)

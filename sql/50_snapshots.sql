@@ -169,6 +169,11 @@ SET enable_hashjoin = off
 SET enable_mergejoin = off
 -- A few milliseconds of work: starting parallel workers would cost about as much.
 SET max_parallel_workers_per_gather = 0
+-- The totals grouped by sorting the new events (tenant, month, metric), not hashing them: the
+-- groups then come out in tenant order, which the arrays need, so nothing is sorted twice and no
+-- hash entry is built per tenant. At 10,000 tenants about a fifth of the fold's time less, at
+-- 10 tenants (few groups, where hashing is cheap) about a tenth more (docs/fold-costs.md).
+SET enable_hashagg = off
 AS $$
 DECLARE
     v_from     xid8;

@@ -169,3 +169,34 @@ def test_the_single_pass_is_one_index_scan_in_key_order_for_any_array(db):
             assert re.search(r"Index Cond: \(\(tenant_id = ANY \(\$1\)\)", plan), plan
             assert not re.search(r"Bitmap|Seq Scan|Sort", plan), plan
         conn.rollback()
+
+
+def test_the_totals_are_grouped_by_one_sort_in_tenant_order(db):
+    """The fold's totals (step 2), planned with dlw.refresh_quota_snapshots' own settings over
+    20,000 new events (analyzed, so that a planner free to choose would hash them): the events
+    sorted once and grouped in that order; the tenant-ordered arrays need no second sort and no
+    hash table is built per tenant."""
+    tenant = provision(db, "totals-plan")
+    with psycopg.connect(db.owner_url) as conn:
+        conn.execute(
+            "INSERT INTO dlw.usage_records (tenant_id, metric, amount, event_key)"
+            " SELECT %s, 'bytes_month', 1, 'plan:' || g FROM generate_series(1, 20000) g",
+            (tenant,),
+        )
+        conn.execute("ANALYZE dlw.usage_records")  # rolled back with the rows
+        (config,) = conn.execute(
+            "SELECT proconfig FROM pg_proc WHERE oid = 'dlw.refresh_quota_snapshots()'::regprocedure"
+        ).fetchone()
+        for setting in config:
+            name, value = setting.split("=", 1)
+            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN (COSTS OFF) SELECT array_agg(d.t ORDER BY d.t), array_agg(d.a ORDER BY d.t), count(*)"
+                " FROM dlw.fold_totals('0'::xid8, '18446744073709551615'::xid8) d"
+            )
+        )
+        assert "GroupAggregate" in plan and "HashAggregate" not in plan, plan
+        assert len(re.findall(r"^\s*(?:->\s+)?(?:Incremental )?Sort$", plan, re.M)) == 1, plan
+        conn.rollback()
