@@ -52,7 +52,7 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF NEW."commit" IS NULL AND NEW.revision !~ '^[0-9a-f]{40}$' AND EXISTS (
+    IF NEW."commit" IS NULL AND NOT dlw.hex_digits_ok(NEW.revision, 40) AND EXISTS (
         SELECT 1 FROM dlw.storage_targets s
          WHERE s.tenant_id = NEW.tenant_id AND s.id = NEW.storage_target_id AND s.config ->> 'layout' = 'hf-cache') THEN
         RAISE EXCEPTION 'the storage target has the hf-cache layout, which needs the task''s commit: this task has none (the hub could not be asked)'

@@ -17,7 +17,7 @@ BEGIN
     IF p_bytes IS NULL AND p_sha256 IS NULL THEN
         RETURN NULL;
     END IF;
-    IF p_bytes IS NULL OR p_sha256 IS NULL OR p_bytes < 0 OR p_sha256 !~ '^[0-9a-f]{64}$'
+    IF p_bytes IS NULL OR p_sha256 IS NULL OR p_bytes < 0 OR NOT dlw.hex_digits_ok(p_sha256, 64)
        OR p_bytes > (SELECT f.size FROM dlw.task_files f WHERE f.tenant_id = p_tenant_id AND f.id = p_file_id) THEN
         RETURN 'BAD_CHECKPOINT';
     END IF;

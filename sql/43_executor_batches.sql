@@ -30,7 +30,7 @@ BEGIN
         RAISE EXCEPTION 'dlw.executor_complete: bytes must be >= 0' USING ERRCODE = '22023';
     END IF;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_completions) e(item)
-                WHERE lower(e.item ->> 'sha256') !~ '^[0-9a-f]{64}$') THEN
+                WHERE NOT dlw.hex_digits_ok(lower(e.item ->> 'sha256'), 64)) THEN
         RAISE EXCEPTION 'dlw.executor_complete: sha256 must be 64 hex digits' USING ERRCODE = '22023';
     END IF;
     -- Where the executor put the file (deduplication, sql/23_stored_blobs.sql): the shape
