@@ -94,10 +94,22 @@ BEGIN
          ORDER BY dlw.cross_tenant_key(q.in_flight), dlw.cross_tenant_key(q.served_at) NULLS FIRST,
                   dlw.cross_tenant_key(q.tenant_id)
          LIMIT p_max_files
+    ), levelled AS (
+        -- The water level: with N candidates, every one of them has a turn at most
+        -- max(in flight) + ceil(p_max_files / N), so when the candidates' pending files reach that
+        -- level p_max_files times, the first p_max_files turns all lie at or below it and no
+        -- tenant needs more ranks than up to it (otherwise: up to p_max_files each, as always).
+        -- The same turns are chosen, from about p_max_files rows instead of up to N x p_max_files.
+        SELECT l.tenant_id, l.in_flight, l.served_at,
+               CASE WHEN sum(least(l.pending, l.level - l.in_flight)) OVER () >= p_max_files
+                    THEN least(l.pending, l.level - l.in_flight, p_max_files)
+                    ELSE least(l.pending, p_max_files) END AS ranks
+          FROM (SELECT c.*, max(c.in_flight) OVER () + (p_max_files + count(*) OVER () - 1) / count(*) OVER () AS level
+                  FROM candidates c) l
     ), chosen AS (
         SELECT c.tenant_id
-          FROM candidates c
-         CROSS JOIN LATERAL generate_series(1, least(c.pending, p_max_files)::integer) AS g(rank)
+          FROM levelled c
+         CROSS JOIN LATERAL generate_series(1, c.ranks::integer) AS g(rank)
          ORDER BY c.in_flight + g.rank, c.served_at NULLS FIRST, c.tenant_id
          LIMIT p_max_files
     ), shares AS (
