@@ -76,6 +76,4 @@ def test_every_digest_constraint_and_argument_check_uses_the_rule(db: MigratedDb
         for sha in (SHA[:63], SHA[:63] + "g", SHA + "\n"):
             with pytest.raises(psycopg.errors.InvalidParameterValue), conn.transaction():
                 as_tenant(conn, 0, "executor", user="x")
-                conn.execute(
-                    "SELECT * FROM dlw.executor_complete(gen_random_uuid(), gen_random_uuid(), 1, %s)", (sha,)
-                )
+                conn.execute("SELECT * FROM dlw.executor_complete(gen_random_uuid(), gen_random_uuid(), 1, %s)", (sha,))
