@@ -99,7 +99,9 @@ BEGIN
         -- max(in flight) + ceil(p_max_files / N), so when the candidates' pending files reach that
         -- level p_max_files times, the first p_max_files turns all lie at or below it and no
         -- tenant needs more ranks than up to it (otherwise: up to p_max_files each, as always).
-        -- The same turns are chosen, from about p_max_files rows instead of up to N x p_max_files.
+        -- The same turns are chosen; while the candidates' in-flight counts are close (the
+        -- common case: the queue serves the least served first), from about p_max_files rows
+        -- instead of up to N x p_max_files.
         SELECT l.tenant_id, l.in_flight, l.served_at,
                CASE WHEN sum(least(l.pending, l.level - l.in_flight)) OVER () >= p_max_files
                     THEN least(l.pending, l.level - l.in_flight, p_max_files)

@@ -174,6 +174,10 @@ SET max_parallel_workers_per_gather = 0
 -- hash entry is built per tenant. At 10,000 tenants about a fifth of the fold's time less, at
 -- 10 tenants (few groups, where hashing is cheap) about a tenth more (docs/fold-costs.md).
 SET enable_hashagg = off
+-- That sort holds all the run's new events: in memory up to about a million (a catch-up after
+-- the runner stalled), not spilled to disk at the default 4 MB. One run at a time (the advisory
+-- lock below), so this is one backend's memory.
+SET work_mem = '64MB'
 AS $$
 DECLARE
     v_from     xid8;
@@ -214,8 +218,9 @@ BEGIN
 
     -- 2. The new events per (tenant, UTC month, metric) through the xid index (dlw.fold_totals):
     --    the tenants ascending and their totals, the run's counts, its first and last month and
-    --    metric. One hash entry per total, one sort. With one month and one metric there is one
-    --    total per tenant (tenants = periods); otherwise step 3b counts the tenants.
+    --    metric: one sort of the new events, grouped in (tenant, month, metric) order. With one
+    --    month and one metric there is one total per tenant (tenants = periods); otherwise step
+    --    3b counts the tenants.
     SELECT array_agg(d.t ORDER BY d.t), array_agg(d.a ORDER BY d.t),
            coalesce(sum(d.n), 0), count(*), min(d.p), max(d.p), min(d.m), max(d.m)
       INTO v_tenant, v_amount, events, periods, v_first, v_last, v_metric1, v_metric2

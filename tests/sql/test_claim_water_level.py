@@ -34,16 +34,21 @@ def claim_steps(conn: psycopg.Connection) -> str:
     return found.group(1)
 
 
-def shares(conn: psycopg.Connection, steps: str, candidates: list[tuple[int, int, int, int | None]], n: int) -> list:
+Candidate = tuple[int, int, int, int | None]  # tenant_id, pending, in_flight, served seconds ago
+
+
+def over(conn: psycopg.Connection, steps: str, candidates: list[Candidate], n: int, select: str) -> list:
+    """`select` over the steps, the candidates given as the claim's candidates CTE, p_max_files n."""
     values = ", ".join(
         f"({t}::bigint, {p}::bigint, {f}::bigint, {'NULL' if s is None else f'now() - {s} * interval %s1 s%s'})"
         for t, p, f, s in candidates
     ).replace("%s", "'")
-    query = (
-        f"WITH candidates (tenant_id, pending, in_flight, served_at) AS (VALUES {values}), {steps}"
-        " SELECT tenant_id, count(*) FROM chosen GROUP BY tenant_id ORDER BY tenant_id"
-    )
+    query = f"WITH candidates (tenant_id, pending, in_flight, served_at) AS (VALUES {values}), {steps} {select}"
     return conn.execute(re.sub(r"\bp_max_files\b", str(n), query)).fetchall()
+
+
+def shares(conn: psycopg.Connection, steps: str, candidates: list[Candidate], n: int) -> list:
+    return over(conn, steps, candidates, n, "SELECT tenant_id, count(*) FROM chosen GROUP BY tenant_id ORDER BY 1")
 
 
 def test_the_water_level_chooses_what_every_rank_chose(db: MigratedDb):
@@ -68,3 +73,14 @@ def test_the_water_level_chooses_what_every_rank_chose(db: MigratedDb):
             assert got == want, (case, n, candidates)
             levelled_rows += sum(c for _, c in got)
         assert levelled_rows > 1000  # the cases chose files, not nothing
+
+
+def test_equal_in_flight_counts_list_about_max_files_turns(db: MigratedDb):
+    """The point of the level: N tenants with the same files in flight and enough pending list
+    at most p_max_files + N turns, not N x p_max_files."""
+    with psycopg.connect(db.owner_url) as conn:
+        bounded = claim_steps(conn)
+        for n, tenants in ((100, 100), (100, 10), (10, 3), (1, 1)):
+            candidates: list[Candidate] = [(t, 1_000, 7, t % 3) for t in range(1, tenants + 1)]
+            ((listed,),) = over(conn, bounded, candidates, n, "SELECT sum(ranks) FROM levelled")
+            assert listed <= n + tenants, (n, tenants, listed)
