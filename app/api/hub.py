@@ -35,8 +35,8 @@ from app.api.refusals import (
 
 log = logging.getLogger("dlw.api.hub")
 
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+COMMIT = re.compile(r"[0-9a-f]{40}")  # fullmatch: "$" would also take a final newline
+SHA256 = re.compile(r"[0-9a-f]{64}")
 HASH_CONCURRENCY = 8  # git-stored files hashed at once
 MAX_LISTED = 1_000_000  # entries of a tree listing before we stop reading (a runaway hub)
 RETRY_AFTER_MAX = 300
@@ -126,7 +126,7 @@ class HubClient:
     async def revision(self, revision: str) -> Revision:
         info = self._json(await self._get(f"{self.api}/revision/{quote(revision, safe='')}"))
         commit = info.get("sha") if isinstance(info, dict) else None
-        if not isinstance(commit, str) or not COMMIT.match(commit):
+        if not isinstance(commit, str) or not COMMIT.fullmatch(commit):
             raise unavailable(None, f"no commit sha in the revision answer of {self.api}")
         restricted = bool(info.get("gated")) or bool(info.get("private"))
         return Revision(commit, await self._tree(commit), restricted)
@@ -203,7 +203,7 @@ def _file_of(entry: dict[str, Any]) -> HubFile:
         raise unavailable(None, f"a tree entry without a path or size: {str(entry)[:200]}")
     if isinstance(lfs, dict):
         oid, lfs_size = lfs.get("oid"), lfs.get("size", size)
-        if not isinstance(oid, str) or not SHA256.match(oid) or lfs_size != size:
+        if not isinstance(oid, str) or not SHA256.fullmatch(oid) or lfs_size != size:
             raise unavailable(None, f"an LFS entry without a sha256 or with another size: {path}")
         return HubFile(path, size, oid, True)
     return HubFile(path, size, None, False)

@@ -91,7 +91,7 @@ async def settle(request: Request, principal: Principal, wanted: Wanted) -> Mani
 def _commit_in(revision: str) -> str | None:
     """A revision that is a full commit sha is its own resolution."""
     lowered = revision.lower()
-    return lowered if COMMIT.match(lowered) else None
+    return lowered if COMMIT.fullmatch(lowered) else None
 
 
 async def _resolve(hub: HubClient, wanted: Wanted) -> Manifest:

@@ -105,7 +105,7 @@ def _blob_of(link: Path, blobs: Path) -> Path | None:
     if os.path.isabs(target):
         return None
     resolved = Path(os.path.normpath(link.parent / target))
-    if resolved.parent != blobs or not BLOB_NAME.match(resolved.name):
+    if resolved.parent != blobs or not BLOB_NAME.fullmatch(resolved.name):
         return None
     return resolved
 
@@ -143,7 +143,7 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
         assert place.repo_dir is not None
         blob = _blob_of(place.link, place.final) if spec["remove_blob"] else None
         sha256 = str(spec.get("sha256") or "")
-        if spec["remove_blob"] and blob is None and BLOB_NAME.match(sha256) and not os.path.lexists(place.link):
+        if spec["remove_blob"] and blob is None and BLOB_NAME.fullmatch(sha256) and not os.path.lexists(place.link):
             # An earlier attempt removed the entry and stopped before its blob: an LFS file's blob
             # is named by its sha256 (a git file's by its blob id, which the plan cannot name).
             blob = place.final / sha256

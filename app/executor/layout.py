@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 
 from app.executor.client import Claimed
 
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
-BLOB_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # an hf-cache blob: the hub's ETag (git blob id or sha256)
+COMMIT = re.compile(r"[0-9a-f]{40}")  # fullmatch: "$" would also take a final newline
+BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # an hf-cache blob: the hub's ETag (git blob id or sha256)
 _ETAG = re.compile(r'^(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?$')
 
 
@@ -160,7 +160,7 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     if item.storage_layout != "hf-cache":
         target = _inside(base, [*prefix, *_segments(item, item.repo_id, item.revision, item.path)], item)
         return Placement(target.parent / f".{target.name}.{item.id}.part", target, base=home)
-    commit = item.commit or (item.revision if COMMIT.match(item.revision) else None)
+    commit = item.commit or (item.revision if COMMIT.fullmatch(item.revision) else None)
     if commit is None:
         raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
     repo_dir = _inside(base, [*prefix, repo_folder(item)], item)

@@ -32,15 +32,20 @@ INT64_MAX = (1 << 63) - 1  # total_bytes is a bigint
 # The largest file (about 922 TB): no task of MAX_FILES files can add up beyond a bigint, so the
 # schema itself says what a task may total.
 MAX_FILE_SIZE = INT64_MAX // MAX_FILES
-# A relative POSIX path: no leading "/", no "\\", no NUL, no empty, "." or ".." segment. A pattern
-# (not a validator) so the OpenAPI document says exactly what is accepted.
-SEGMENT = r"(?!\.\.?(?:/|$))[^/\\\x00]+"
-RELATIVE_PATH = rf"^{SEGMENT}(?:/{SEGMENT})*$"
+# These models match with Python's re (their lookaheads), whose "$" also matches before a final
+# newline: END refuses one, as "$" alone does in the OpenAPI document's (ECMA-262) reading.
+END = r"$(?!\n)"
+# A relative POSIX path: no leading "/", no "\\", no empty, "." or ".." segment, no control
+# character (C0, DEL, C1: the executor's stored-path rule, dlw.stored_path_ok, refuses them, so
+# such a file could never complete). A pattern (not a validator) so the OpenAPI document says
+# exactly what is accepted.
+SEGMENT = r"(?!\.\.?(?:/|$))[^/\\\x00-\x1f\x7f-\x9f]+"
+RELATIVE_PATH = rf"^{SEGMENT}(?:/{SEGMENT})*{END}"
 TaskStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]  # = app.domain.TASK_STATUSES (tested)
-RepoId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
+RepoId = Annotated[str, Field(pattern=rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,95}}/[A-Za-z0-9][A-Za-z0-9._-]{{0,95}}{END}")]
 # No ".." segment either (the first character is no dot, every later segment follows a "/").
 Revision = Annotated[
-    str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9._-]|/(?!\.\.(?:/|$)))*$")
+    str, Field(min_length=1, max_length=255, pattern=rf"^[A-Za-z0-9](?:[A-Za-z0-9._-]|/(?!\.\.(?:/|$)))*{END}")
 ]
 Limit = Annotated[int, Query(ge=1, le=pagination.MAX_LIMIT)]
 RepoType = Literal["model", "dataset"]
@@ -52,7 +57,7 @@ class FileSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")  # lookaheads
     path: str = Field(min_length=1, max_length=1024, pattern=RELATIVE_PATH, description="a relative POSIX path")
     size: int = Field(ge=0, le=MAX_FILE_SIZE)
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    sha256: str | None = Field(None, pattern=rf"^[0-9a-fA-F]{{64}}{END}")
 
     @field_validator("sha256")
     @classmethod
