@@ -174,9 +174,9 @@ SET max_parallel_workers_per_gather = 0
 -- hash entry is built per tenant. At 10,000 tenants about a fifth of the fold's time less, at
 -- 10 tenants (few groups, where hashing is cheap) about a tenth more (docs/fold-costs.md).
 SET enable_hashagg = off
--- That sort holds all the run's new events: in memory up to about a million (a catch-up after
--- the runner stalled), not spilled to disk at the default 4 MB. One run at a time (the advisory
--- lock below), so this is one backend's memory.
+-- That sort holds all the run's new events: in memory up to several hundred thousand (a
+-- catch-up after the runner stalled) rather than spilled to disk at the default 4 MB. One run
+-- at a time (the advisory lock below), so this is one backend's memory.
 SET work_mem = '64MB'
 AS $$
 DECLARE
