@@ -28,7 +28,8 @@ UNUSED_ISSUER = "http://127.0.0.1:9/no-provider"  # required outside dev mode; n
 # ------------------------------------------------------------------------------------------
 
 
-def _wait_http(proc: subprocess.Popen[bytes], url: str, timeout: float = 60) -> None:
+def wait_http(proc: subprocess.Popen[bytes], url: str, timeout: float = 60) -> None:
+    """Until `url` answers 200; RuntimeError if `proc` exits first or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -61,7 +62,7 @@ def server(
         )
         try:
             try:
-                _wait_http(proc, f"http://127.0.0.1:{port}{ready_path}")
+                wait_http(proc, f"http://127.0.0.1:{port}{ready_path}")
             except RuntimeError as exc:
                 log.seek(0)
                 raise RuntimeError(f"{exc}\n{log.read().decode(errors='replace')[-3000:]}") from None

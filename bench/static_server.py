@@ -14,14 +14,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from bench.cluster import free_port
+from bench.servers import wait_http
 
 PACKAGE = "nginx-light"
 
@@ -46,6 +44,7 @@ http {{
     default_type application/octet-stream;
     server {{
         listen 127.0.0.1:{port};
+        location = /-/ready {{ return 200; }}
         location ~ ^/(.+)/resolve/([^/]+)/(.+)$ {{ alias {served}/$1/$2/$3; }}
     }}
 }}
@@ -81,17 +80,10 @@ def nginx_static(served: Path) -> Iterator[tuple[str, int]]:
         proc = subprocess.Popen([binary, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"])
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"nginx exited ({proc.returncode}): {(Path(tmp) / 'error.log').read_text()}")
-                try:
-                    httpx.get(f"{url}/-/resolve/-/-", timeout=1)  # any answer: it listens
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+            try:
+                wait_http(proc, f"{url}/-/ready", timeout=30)
+            except RuntimeError as exc:
+                raise RuntimeError(f"nginx: {exc}\n{(Path(tmp) / 'error.log').read_text()[-3000:]}") from None
             yield url, proc.pid
         finally:
             proc.terminate()

@@ -37,12 +37,13 @@ def claim_steps(conn: psycopg.Connection) -> str:
 Candidate = tuple[int, int, int, int | None]  # tenant_id, pending, in_flight, served seconds ago
 
 
+def served_at(seconds_ago: int | None) -> str:
+    return "NULL" if seconds_ago is None else f"now() - interval '{seconds_ago} s'"
+
+
 def over(conn: psycopg.Connection, steps: str, candidates: list[Candidate], n: int, select: str) -> list:
     """`select` over the steps, the candidates given as the claim's candidates CTE, p_max_files n."""
-    values = ", ".join(
-        f"({t}::bigint, {p}::bigint, {f}::bigint, {'NULL' if s is None else f'now() - {s} * interval %s1 s%s'})"
-        for t, p, f, s in candidates
-    ).replace("%s", "'")
+    values = ", ".join(f"({t}::bigint, {p}::bigint, {f}::bigint, {served_at(s)})" for t, p, f, s in candidates)
     query = f"WITH candidates (tenant_id, pending, in_flight, served_at) AS (VALUES {values}), {steps} {select}"
     return conn.execute(re.sub(r"\bp_max_files\b", str(n), query)).fetchall()
 

@@ -28,6 +28,18 @@ SELECT (SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions
        pg_stat_get_xact_numscans('dlw.usage_records_xid'::regclass) AS event_reads"""
 
 
+def use_settings_of(conn: psycopg.Connection, function: str) -> str:
+    """The function's own settings (its SET clauses) for the rest of this transaction, as it runs
+    its statements; returns its source."""
+    src, config = conn.execute(
+        "SELECT prosrc, proconfig FROM pg_proc WHERE oid = %s::regprocedure", (function,)
+    ).fetchone()
+    for setting in config:
+        name, value = setting.split("=", 1)
+        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+    return str(src)
+
+
 def fold_counting(conn: psycopg.Connection) -> tuple[dict[str, Any], dict[str, Any]]:
     """A fold in its own transaction on a superuser connection, with what it ran."""
     with conn.transaction():
@@ -146,18 +158,12 @@ def test_the_single_pass_is_one_index_scan_in_key_order_for_any_array(db):
     the rows come, and are locked, in key order), never a bitmap or sequential scan (physical
     order), for 3 or 10,000 tenants."""
     with psycopg.connect(db.owner_url) as conn:
-        src, config = conn.execute(
-            "SELECT prosrc, proconfig FROM pg_proc"
-            " WHERE oid = 'dlw.fold_add_to_existing_rows(bigint[], bigint[], date, text)'::regprocedure"
-        ).fetchone()
+        src = use_settings_of(conn, "dlw.fold_add_to_existing_rows(bigint[], bigint[], date, text)")
         update = re.search(r"UPDATE dlw\.quota_snapshots .*?;", src, re.S)
         assert update is not None
         statement = update.group(0).rstrip(";")
         for i, name in enumerate(("p_tenants", "p_amounts", "p_period", "p_metric"), start=1):
             statement = re.sub(rf"\b{name}\b", f"${i}", statement)
-        for setting in config:
-            name, value = setting.split("=", 1)
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
         conn.execute(f"PREPARE single_pass(bigint[], bigint[], date, text) AS {statement}")
         for n in (3, 10_000):
             # EXPLAIN EXECUTE takes no $n: the arrays as literals.
@@ -184,12 +190,7 @@ def test_the_totals_are_grouped_by_one_sort_in_tenant_order(db):
             (tenant,),
         )
         conn.execute("ANALYZE dlw.usage_records")  # rolled back with the rows
-        (config,) = conn.execute(
-            "SELECT proconfig FROM pg_proc WHERE oid = 'dlw.refresh_quota_snapshots()'::regprocedure"
-        ).fetchone()
-        for setting in config:
-            name, value = setting.split("=", 1)
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        use_settings_of(conn, "dlw.refresh_quota_snapshots()")
         plan = "\n".join(
             r[0]
             for r in conn.execute(
