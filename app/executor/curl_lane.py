@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import selectors
 import ssl
 import threading
@@ -41,6 +42,7 @@ log = logging.getLogger("dlw.executor")
 
 T = TypeVar("T")
 _HTTP = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
+_BREAKS = re.compile("[\r\n\0]")
 
 
 def ca_bundle() -> str | None:
@@ -278,7 +280,7 @@ class CurlLane:
             except BaseException as exc:  # Busy, UnsafePath, OSError...: the file's outcome
                 self._settle(transfer, None, exc)
                 continue
-            handle = idle.pop() if idle else pycurl.Curl()
+            handle = idle.pop() if idle else self._new_handle()
             try:
                 self._configure(handle, transfer)
                 multi.add_handle(handle)
@@ -289,31 +291,39 @@ class CurlLane:
                 continue
             active[handle] = transfer
 
-    def _configure(self, handle: pycurl.Curl, transfer: LaneTransfer[Any]) -> None:
-        # libcurl sends header lines as given: a line break in one would be a header of its own
-        # (http.client refuses those too).
-        if any(c in line for line in transfer.headers for c in "\r\n\0"):
-            raise ValueError("a request header contains a line break or NUL")
-        handle.reset()
-        handle.setopt(pycurl.URL, transfer.url)
-        handle.setopt(pycurl.HTTPHEADER, [*transfer.headers, "Accept-Encoding: identity"])
+    def _new_handle(self) -> pycurl.Curl:
+        """A handle with what every transfer of the lane shares, set once (the options stay on
+        the handle between transfers; setting them all again per small file cost a microsecond
+        each): only http and https (redirects too, at most MAX_REDIRECTS), errors as failures,
+        no proxy from the environment (as http.client), the timeouts, the CA bundle."""
+        handle = pycurl.Curl()
         handle.setopt(pycurl.PROTOCOLS, _HTTP)
         handle.setopt(pycurl.REDIR_PROTOCOLS, _HTTP)
         handle.setopt(pycurl.FOLLOWLOCATION, 1)
         handle.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
         handle.setopt(pycurl.FAILONERROR, 1)
         handle.setopt(pycurl.NOSIGNAL, 1)
-        handle.setopt(pycurl.PROXY, "")  # as http.client: no proxy taken from the environment
+        handle.setopt(pycurl.PROXY, "")
         handle.setopt(pycurl.CONNECTTIMEOUT, max(1, int(self.timeout)))
         handle.setopt(pycurl.LOW_SPEED_LIMIT, 1)
         handle.setopt(pycurl.LOW_SPEED_TIME, max(1, int(self.timeout)))
-        if transfer.size:  # an announced Content-Length above it stops before any byte (0 means no limit)
-            handle.setopt(pycurl.MAXFILESIZE_LARGE, transfer.size)
         if self._cainfo is not None:
             handle.setopt(pycurl.CAINFO, self._cainfo)
+        return handle
+
+    def _configure(self, handle: pycurl.Curl, transfer: LaneTransfer[Any]) -> None:
+        """What is this transfer's own; every one of these is set for every transfer, so nothing
+        of the handle's last transfer is left."""
+        # libcurl sends header lines as given: a line break in one would be a header of its own
+        # (http.client refuses those too).
+        if _BREAKS.search("".join(transfer.headers)):
+            raise ValueError("a request header contains a line break or NUL")
+        handle.setopt(pycurl.URL, transfer.url)
+        handle.setopt(pycurl.HTTPHEADER, [*transfer.headers, "Accept-Encoding: identity"])
+        # An announced Content-Length above the size stops before any byte (0: no limit).
+        handle.setopt(pycurl.MAXFILESIZE_LARGE, transfer.size)
         handle.setopt(pycurl.WRITEFUNCTION, transfer.write)
-        if transfer.want_etag:
-            handle.setopt(pycurl.HEADERFUNCTION, transfer.header)
+        handle.setopt(pycurl.HEADERFUNCTION, transfer.header if transfer.want_etag else None)
 
     def _collect(
         self, multi: pycurl.CurlMulti, active: dict[pycurl.Curl, LaneTransfer[Any]], idle: list[pycurl.Curl]
@@ -340,7 +350,7 @@ class CurlLane:
         transfer = active.pop(handle)
         multi.remove_handle(handle)
         handle.setopt(pycurl.WRITEFUNCTION, _discard)  # drop the references to the transfer
-        handle.setopt(pycurl.HEADERFUNCTION, _discard)
+        handle.setopt(pycurl.HEADERFUNCTION, None)
         idle.append(handle)
         try:
             if problem is None:

@@ -65,7 +65,12 @@ class Placement:
         """Where the published file lies relative to the target's base directory (tree: the file;
         hf-cache: the snapshot entry, a link to its blob): what the completion reports."""
         where = self.link if self.link is not None else self.final
-        return None if self.base is None else where.relative_to(self.base).as_posix()
+        if self.base is None:
+            return None
+        home, path = str(self.base), str(where)  # a string prefix: Path.relative_to costs more per small file
+        if path.startswith(home + "/"):
+            return path[len(home) + 1 :]
+        return where.relative_to(self.base).as_posix()
 
     def copy_source(self, stored_path: str) -> Path:
         """The verified copy a claim named (relative to the base), refusing anything outside it,
@@ -89,28 +94,27 @@ def _segments(item: Claimed, *names: str) -> list[str]:
     return parts
 
 
-def _resolved_below(base: Path, parts: Sequence[str]) -> Path:
-    """base/parts with symbolic links resolved, as Path.resolve() gives it, for a base whose
-    parent is resolved: one lstat per name that exists (a small file's path costs a few
-    microseconds, not a realpath walk from /); the general resolve once a name is a link."""
+def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
+    """base/parts, refusing a result outside base. Every directory on the way is looked at (one
+    lstat per name that exists: a small file's path costs a few microseconds, not a realpath
+    walk from /). The names are validated segments (_segments), so while no directory is a
+    symbolic link the path is base/parts as written, inside base, and built as a string
+    (pathlib's joins and containment checks cost more than the lstats, per small file). Once a
+    directory is a link, they are resolved as Path.resolve() does and the result is checked.
+    The last name is not resolved: it may be a snapshot link, which must stay the link."""
     path = str(base)
-    for name in ("", *parts):
+    for name in ("", *parts[:-1]):
         path = os.path.join(path, name) if name else path
         try:
             mode = os.lstat(path).st_mode
         except OSError:
             break  # not there (or not a directory): nothing below it to follow
         if stat.S_ISLNK(mode):
-            return base.joinpath(*parts).resolve()
-    return base.joinpath(*parts)
-
-
-def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
-    # The last name is not resolved: it may be a snapshot link, which must stay the link.
-    target = _resolved_below(base, parts[:-1]) / parts[-1]
-    if not target.is_relative_to(base) or target == base:
-        raise UnsafePath(f"{item.path!r} resolves outside the storage directory")
-    return target
+            target = base.joinpath(*parts[:-1]).resolve() / parts[-1]
+            if not target.is_relative_to(base) or target == base:
+                raise UnsafePath(f"{item.path!r} resolves outside the storage directory")
+            return target
+    return Path(os.path.join(str(base), *parts))
 
 
 @functools.lru_cache(maxsize=64)
@@ -150,21 +154,24 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     server validated these names; this does not rely on it."""
     roots = [storages] if isinstance(storages, Path) else list(storages)
     _segments(item, item.tenant)
+    if len(_segments(item, item.id)) != 1:  # it names the partial file: one name, in its directory
+        raise UnsafePath(f"unsafe file id {item.id!r}")
     if item.storage_root is None:
         base = _own_root(roots[0])
         prefix = [item.tenant]
     else:
         base = served_root(roots, item.storage_root, item.tenant)
         prefix = []
-    home = base.joinpath(*prefix)
+    home = Path(os.path.join(base, *prefix))
     if item.storage_layout != "hf-cache":
         target = _inside(base, [*prefix, *_segments(item, item.repo_id, item.revision, item.path)], item)
-        return Placement(target.parent / f".{target.name}.{item.id}.part", target, base=home)
+        folder, name = os.path.split(target)
+        return Placement(Path(os.path.join(folder, f".{name}.{item.id}.part")), target, base=home)
     commit = item.commit or (item.revision if COMMIT.fullmatch(item.revision) else None)
     if commit is None:
         raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
     repo_dir = _inside(base, [*prefix, repo_folder(item)], item)
-    link = _inside(repo_dir, ["snapshots", commit, *_segments(item, item.path)], item)
+    link = _inside(repo_dir, ["snapshots", *_segments(item, commit, item.path)], item)
     # blobs/ and refs/ resolved like every other directory: a link there must not take the bytes,
     # the ref or a deletion out of the repository folder.
     partial = _inside(repo_dir, ["blobs", f"{item.id}.incomplete"], item)

@@ -40,7 +40,7 @@ def files() -> Iterator[FileServer]:
 
 
 def claimed(path: str, size: int, sha256: str | None = None, repo: str = "org/lane", **extra: Any) -> Claimed:
-    return Claimed(f"id-{path}", "acme", repo, "main", path, size, sha256, "tok", 60, **extra)
+    return Claimed(f"id-{path.replace('/', '-')}", "acme", repo, "main", path, size, sha256, "tok", 60, **extra)
 
 
 def fetch(

@@ -124,6 +124,28 @@ def test_hf_cache_blobs_and_refs_that_are_links_out_of_the_repository_are_refuse
     assert placement([tmp_path / "default", tmp_path], claimed).final == repo / "blobs"
 
 
+def test_names_the_server_sent_are_single_names_and_links_inside_are_followed(tmp_path: Path):
+    """The file id names the partial file and the commit a snapshot folder: each must be one
+    name. A directory that is a link to another inside the target is followed (the place is the
+    resolved one, as Path.resolve() gives it); stored_path is relative to the target's base."""
+    storages = [tmp_path / "s"]
+    for bad in ({"id": "../f1"}, {"id": "a/b"}, {"id": ""}):
+        with pytest.raises(UnsafePath):
+            placement(storages, item(**bad))
+    cache = {"storage_root": str(tmp_path / "s" / "acme" / "c"), "storage_layout": "hf-cache"}
+    for commit in ("../x", "a/../b", ""):
+        with pytest.raises((UnsafePath, NoCommit)):
+            placement(storages, item(commit=commit, **cache))
+    plain = placement(storages, item())
+    assert plain.partial == tmp_path / "s" / "acme" / "org" / "model" / "main" / "sub" / ".w.bin.f1.part"
+    assert plain.stored_path == "org/model/main/sub/w.bin"
+    (tmp_path / "s" / "acme" / "org" / "model" / "real").mkdir(parents=True)
+    os.symlink("real", tmp_path / "s" / "acme" / "org" / "model" / "main")
+    moved = placement(storages, item())
+    assert moved.final == (tmp_path / "s" / "acme" / "org" / "model" / "real" / "sub" / "w.bin").resolve()
+    assert moved.stored_path == "org/model/real/sub/w.bin"
+
+
 def test_the_blob_is_named_by_the_hubs_etag_only_when_it_names_the_bytes(tmp_path: Path):
     blob = tmp_path / "b"
     blob.write_bytes(b"hello\n")
