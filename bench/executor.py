@@ -7,6 +7,10 @@
 - resume: the executor is killed (SIGKILL) when half of a rate-limited file was served; a second
   one on the same storage finishes it. The file server counts every byte it sent.
 
+Two floors under the small-file row are printed too (no target): the executor's transport alone
+(its lane fetching the same files, nothing else) and the control plane's SQL alone (the claims and
+reports those files cost PostgreSQL, on one connection with no executor running).
+
 The large and small files are served by nginx (bench/static_server.py), sendfile(2), keep-alive:
 its speed is shown as `curl -o /dev/null` for the large file and as its CPU during the small
 files, so a reader can see it is not the bottleneck (the tests' Python file server was, for the
@@ -19,7 +23,9 @@ small files: curl's time was mostly its time). The resume row uses the tests' fi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -32,9 +38,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import psycopg
 
+from app.db.queries import SQL
+from app.executor.curl_lane import CurlLane, LaneTransfer
+from app.executor.download import open_partial
 from app.identity import system_jwt
 from app.identity.principal import Principal
 from bench.cluster import ROOT, BenchCluster
@@ -134,6 +144,82 @@ def _curl_parallel(urls: list[str], outdir: Path) -> float:
     return elapsed
 
 
+def _lane_alone(urls: list[str], shas: list[str], outdir: Path) -> float:
+    """The executor's own small-file transport (app/executor/curl_lane.py, 8 at once) fetching
+    the same files into partial files, hashed as written, synced and renamed into place, with
+    nothing else: no claim, no placement, no report. What is left between it and the executor
+    is the control plane's per-file cost."""
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def transfer(i: int, url: str) -> LaneTransfer[str]:
+        partial, final = outdir / f".{i}.part", outdir / str(i)
+
+        def finish(sha256: str, _etag: str | None) -> str:
+            if sha256 != shas[i]:
+                raise RuntimeError(f"{url}: sha256 {sha256}, not {shas[i]}")
+            os.replace(partial, final)
+            return sha256
+
+        return LaneTransfer(url, [], 2048, lambda: (open_partial(partial), partial), finish, lambda _n: None)
+
+    async def fetch_all() -> float:
+        lane = CurlLane(8, 8)
+        try:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(lane.submit(transfer(i, url)) for i, url in enumerate(urls)))
+            return time.perf_counter() - t0
+        finally:
+            await asyncio.to_thread(lane.close)
+
+    elapsed = asyncio.run(fetch_all())
+    shutil.rmtree(outdir)
+    return elapsed
+
+
+def _sql_alone(
+    api: httpx.Client, app_url: str, tenant: int, repo: str, files: list[dict[str, Any]]
+) -> tuple[float, float]:
+    """The control plane's SQL alone for the small files: the claims and the completion reports
+    the executor's requests run (app/db/queries.sql, in request transactions as the API opens
+    them), 100 files each, one after the other on one connection, with no executor running.
+    (claims s, reports s): what PostgreSQL spends per file, whatever the executor does."""
+    _create(api, tenant, repo, files)
+
+    async def claim_and_report() -> tuple[float, float]:
+        conn = await asyncpg.connect(app_url)
+        try:
+
+            async def call(query: str, *args: Any) -> list[asyncpg.Record]:
+                async with conn.transaction():
+                    await conn.execute(SQL["set_context"], 0, "bench-executor", "executor")
+                    return list(await conn.fetch(query, *args))
+
+            t0 = time.perf_counter()
+            claimed = [
+                r for _ in range(0, len(files), 100) for r in await call(SQL["executor_claim"], 100, 300, "sql", 5)
+            ]
+            t1 = time.perf_counter()
+            for i in range(0, len(claimed), 100):
+                batch = [
+                    {
+                        "file_id": str(r["file_id"]),
+                        "assignment_token": str(r["assignment_token"]),
+                        "bytes": r["size"],
+                        "sha256": r["sha256"],
+                        "stored_path": f"{repo}/main/{r['path']}",
+                    }
+                    for r in claimed[i : i + 100]
+                ]
+                await call(SQL["executor_report_batch"], json.dumps(batch), "[]")
+            if len(claimed) != len(files):
+                raise RuntimeError(f"claimed {len(claimed)} of {len(files)} files")
+            return t1 - t0, time.perf_counter() - t1
+        finally:
+            await conn.close()
+
+    return asyncio.run(claim_and_report())
+
+
 def _provision(bench: BenchCluster, dbname: str) -> int:
     with psycopg.connect(bench.superuser_url(dbname), autocommit=True) as conn:
         row = conn.execute("SELECT dlw.provision_tenant('bench-xfer', 'transfer bench', 0, 0, 0)").fetchone()
@@ -173,7 +259,9 @@ def run(bench: BenchCluster, *, quick: bool) -> list[dict[str, Any]]:
             psycopg.connect(bench.superuser_url(dbname), autocommit=True) as db,
             nginx_static(served) as (static, static_pid),
         ):
-            times: dict[str, list[float]] = {k: [] for k in ("null", "curl", "ours", "curl_par", "ours_small")}
+            times: dict[str, list[float]] = {
+                k: [] for k in ("null", "curl", "ours", "curl_par", "lane", "ours_small", "claims", "reports", "sql")
+            }
             served_cpu: list[float] = []  # nginx's CPU seconds while curl fetched the small files
             for r in range(rounds):
                 # New contents each round: the same bytes again would be placed from the stored copy
@@ -194,8 +282,14 @@ def run(bench: BenchCluster, *, quick: bool) -> list[dict[str, Any]]:
                     cpu0 = process_cpu_s(static_pid)
                     times["curl_par"].append(_curl_parallel(small_urls, work / "curl-small"))
                     served_cpu.append(process_cpu_s(static_pid) - cpu0)
+                    times["lane"].append(_lane_alone(small_urls, [f["sha256"] for f in small], work / "lane-small"))
                     times["ours_small"].append(_timed_task(api, db, tenant, f"bench/small{r}", small))
                     shutil.rmtree(storage, ignore_errors=True)
+                fresh = [{**f, "sha256": hashlib.sha256(f"{r}/{f['path']}".encode()).hexdigest()} for f in small]
+                claims, reports = _sql_alone(api, bench.app_url(dbname), tenant, f"bench/sql{r}", fresh)
+                times["claims"].append(claims)
+                times["reports"].append(reports)
+                times["sql"].append(claims + reports)
                 (served / f"bench/large{r}" / "main" / "large.bin").unlink()
                 print(
                     f"  executor round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
@@ -266,6 +360,15 @@ def _report(best: dict[str, float], large_size: int, rows: list[dict[str, Any]],
         f" {large_size / best['ours'] / MB:>8.0f}"
     )
     print(f"{'500 x 2 KB: curl --parallel':30} {best['curl_par']:>10.2f} {best['ours_small']:>10.2f} {'':>8}")
+    print(
+        f"500 x 2 KB, the executor's transport alone (its lane, no claims, placement or reports): {best['lane']:.2f} s,"
+        f" curl --parallel / it = {best['curl_par'] / best['lane']:.2f} (not a target: the executor's floor)"
+    )
+    print(
+        f"500 x 2 KB, the control plane's SQL alone (5 claims + 5 reports of 100, one connection): {best['sql']:.2f} s"
+        f" (claims {best['claims']:.3f}, reports {best['reports']:.3f}), curl --parallel / it ="
+        f" {best['curl_par'] / best['sql']:.2f} (not a target: PostgreSQL's floor)"
+    )
     print_table_head(f"{'measure':50} {'ratio':>6} {'target':>8}  result")
     for row in rows:
         print(f"{row['measure']:50} {row['ratio']:>6.2f} {row['target']:>8}  {'met' if row['met'] else 'MISSED'}")

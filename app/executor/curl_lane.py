@@ -280,12 +280,14 @@ class CurlLane:
             except BaseException as exc:  # Busy, UnsafePath, OSError...: the file's outcome
                 self._settle(transfer, None, exc)
                 continue
-            handle = idle.pop() if idle else self._new_handle()
+            handle: pycurl.Curl | None = None
             try:
+                handle = idle.pop() if idle else self._new_handle()
                 self._configure(handle, transfer)
                 multi.add_handle(handle)
             except (pycurl.error, ValueError, TypeError) as exc:  # this file's, not the lane's
-                handle.close()
+                if handle is not None:
+                    handle.close()
                 os.close(transfer.fd)
                 self._settle(transfer, None, TransferError(f"transfer not started: {exc}"))
                 continue
@@ -308,7 +310,7 @@ class CurlLane:
         handle.setopt(pycurl.LOW_SPEED_LIMIT, 1)
         handle.setopt(pycurl.LOW_SPEED_TIME, max(1, int(self.timeout)))
         if self._cainfo is not None:
-            handle.setopt(pycurl.CAINFO, self._cainfo)
+            handle.setopt(pycurl.CAINFO, os.fsencode(self._cainfo))  # a path as bytes: any name the OS takes
         return handle
 
     def _configure(self, handle: pycurl.Curl, transfer: LaneTransfer[Any]) -> None:
@@ -323,6 +325,8 @@ class CurlLane:
         # An announced Content-Length above the size stops before any byte (0: no limit).
         handle.setopt(pycurl.MAXFILESIZE_LARGE, transfer.size)
         handle.setopt(pycurl.WRITEFUNCTION, transfer.write)
+        # None unsets the callback (and its data: libcurl then drops the headers); pycurl takes
+        # None here since 7.45.7 (pinned in pyproject.toml).
         handle.setopt(pycurl.HEADERFUNCTION, transfer.header if transfer.want_etag else None)
 
     def _collect(

@@ -102,6 +102,8 @@ def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
     (pathlib's joins and containment checks cost more than the lstats, per small file). Once a
     directory is a link, they are resolved as Path.resolve() does and the result is checked.
     The last name is not resolved: it may be a snapshot link, which must stay the link."""
+    if not parts or any(p in ("", ".", "..") or "/" in p or "\x00" in p for p in parts):
+        raise UnsafePath(f"unsafe name in {'/'.join(parts)!r}")  # the callers' names are segments: never expected
     path = str(base)
     for name in ("", *parts[:-1]):
         path = os.path.join(path, name) if name else path
@@ -110,7 +112,10 @@ def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
         except OSError:
             break  # not there (or not a directory): nothing below it to follow
         if stat.S_ISLNK(mode):
-            target = base.joinpath(*parts[:-1]).resolve() / parts[-1]
+            try:
+                target = base.joinpath(*parts[:-1]).resolve() / parts[-1]
+            except RuntimeError as exc:  # a loop of links (Python 3.11 raises this)
+                raise UnsafePath(f"{item.path!r}: a loop of symbolic links") from exc
             if not target.is_relative_to(base) or target == base:
                 raise UnsafePath(f"{item.path!r} resolves outside the storage directory")
             return target
@@ -146,32 +151,38 @@ def served_root(storages: Sequence[Path], root: str, tenant: str) -> Path:
 
 def repo_folder(item: Claimed) -> str:
     """huggingface_hub's repo_folder_name: models--org--name, datasets--org--name."""
-    return "--".join([f"{item.repo_type}s", *_segments(item, item.repo_id)])
+    return "--".join([f"{_one_name(item, item.repo_type, 'repository type')}s", *_segments(item, item.repo_id)])
+
+
+def _one_name(item: Claimed, value: str, what: str) -> str:
+    """value, when it is one safe name (it becomes one directory or file name)."""
+    if len(_segments(item, value)) != 1:
+        raise UnsafePath(f"unsafe {what} {value!r}")
+    return value
 
 
 def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     """Where the claimed file goes, refusing anything that would escape its directory. The
     server validated these names; this does not rely on it."""
     roots = [storages] if isinstance(storages, Path) else list(storages)
-    _segments(item, item.tenant)
-    if len(_segments(item, item.id)) != 1:  # it names the partial file: one name, in its directory
-        raise UnsafePath(f"unsafe file id {item.id!r}")
+    # The tenant names its default directory, the file id the partial file: one name each.
+    tenant = _one_name(item, item.tenant, "tenant")
+    _one_name(item, item.id, "file id")
     if item.storage_root is None:
-        base = _own_root(roots[0])
-        prefix = [item.tenant]
+        # Everything is resolved and checked within the tenant's own directory, not the whole
+        # default storage: a link there must not lead into another tenant's tree.
+        home = _inside(_own_root(roots[0]), [tenant], item)
     else:
-        base = served_root(roots, item.storage_root, item.tenant)
-        prefix = []
-    home = Path(os.path.join(base, *prefix))
+        home = served_root(roots, item.storage_root, item.tenant)
     if item.storage_layout != "hf-cache":
-        target = _inside(base, [*prefix, *_segments(item, item.repo_id, item.revision, item.path)], item)
+        target = _inside(home, _segments(item, item.repo_id, item.revision, item.path), item)
         folder, name = os.path.split(target)
         return Placement(Path(os.path.join(folder, f".{name}.{item.id}.part")), target, base=home)
     commit = item.commit or (item.revision if COMMIT.fullmatch(item.revision) else None)
     if commit is None:
         raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
-    repo_dir = _inside(base, [*prefix, repo_folder(item)], item)
-    link = _inside(repo_dir, ["snapshots", *_segments(item, commit, item.path)], item)
+    repo_dir = _inside(home, [repo_folder(item)], item)
+    link = _inside(repo_dir, ["snapshots", _one_name(item, commit, "commit"), *_segments(item, item.path)], item)
     # blobs/ and refs/ resolved like every other directory: a link there must not take the bytes,
     # the ref or a deletion out of the repository folder.
     partial = _inside(repo_dir, ["blobs", f"{item.id}.incomplete"], item)

@@ -95,6 +95,19 @@ def test_small_files_arrive_verified_in_place_one_request_each(files: FileServer
     assert not list((work / "storage").rglob("*.part"))  # every partial file became its file
 
 
+def test_a_certificate_bundle_under_any_file_name_is_taken(
+    files: FileServer, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane hands libcurl the bundle Python's ssl module uses (SSL_CERT_FILE here) as a path
+    of bytes: a name that is not ASCII must not stop the files (libcurl's options are bytes)."""
+    bundle = work / "certificats-é.pem"
+    bundle.write_bytes(b"")  # never read: the files are fetched over http
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    spec = files.add(work / "served", "org/lane", "main", "ca.bin", b"bytes")
+    results = fetch(work / "storage", files.url, [claimed(spec["path"], spec["size"], spec["sha256"])])
+    assert isinstance(results[0], Downloaded), results[0]
+
+
 def test_more_bytes_than_declared_stop_the_transfer_and_nothing_past_the_size_is_written(
     files: FileServer, work: Path
 ) -> None:

@@ -129,13 +129,16 @@ def test_names_the_server_sent_are_single_names_and_links_inside_are_followed(tm
     name. A directory that is a link to another inside the target is followed (the place is the
     resolved one, as Path.resolve() gives it); stored_path is relative to the target's base."""
     storages = [tmp_path / "s"]
-    for bad in ({"id": "../f1"}, {"id": "a/b"}, {"id": ""}):
+    for bad in ({"id": "../f1"}, {"id": "a/b"}, {"id": ""}, {"tenant": "acme/x"}, {"tenant": ".."}):
         with pytest.raises(UnsafePath):
             placement(storages, item(**bad))
     cache = {"storage_root": str(tmp_path / "s" / "acme" / "c"), "storage_layout": "hf-cache"}
-    for commit in ("../x", "a/../b", ""):
+    for commit in ("../x", "a/../b", "", "a/b"):
         with pytest.raises((UnsafePath, NoCommit)):
             placement(storages, item(commit=commit, **cache))
+    for repo_type in ("/tmp/evil", "../..", "a/b"):
+        with pytest.raises(UnsafePath):
+            placement(storages, item(repo_type=repo_type, **cache))
     plain = placement(storages, item())
     assert plain.partial == tmp_path / "s" / "acme" / "org" / "model" / "main" / "sub" / ".w.bin.f1.part"
     assert plain.stored_path == "org/model/main/sub/w.bin"
@@ -144,6 +147,31 @@ def test_names_the_server_sent_are_single_names_and_links_inside_are_followed(tm
     moved = placement(storages, item())
     assert moved.final == (tmp_path / "s" / "acme" / "org" / "model" / "real" / "sub" / "w.bin").resolve()
     assert moved.stored_path == "org/model/real/sub/w.bin"
+
+
+def test_a_link_in_a_tenants_default_tree_never_leads_into_another_tenants(tmp_path: Path):
+    """The default storage holds every tenant's tree at <first root>/<tenant>/: a link there that
+    stays in the storage but leaves the tenant's directory is refused, as is the tenant's
+    directory being a link, or a loop of links."""
+    storages = [tmp_path / "s"]
+    (tmp_path / "s" / "other" / "org").mkdir(parents=True)
+    (tmp_path / "s" / "acme").mkdir()
+    os.symlink(tmp_path / "s" / "other" / "org", tmp_path / "s" / "acme" / "org")
+    with pytest.raises(UnsafePath):
+        placement(storages, item())
+    os.symlink(tmp_path / "s" / "other" / "org", tmp_path / "s" / "acme" / "models--org--model")
+    with pytest.raises(UnsafePath):
+        placement(storages, item(storage_layout="hf-cache"))
+    (tmp_path / "s" / "acme" / "org").unlink()
+    os.symlink("org", tmp_path / "s" / "acme" / "org")  # a link to itself
+    with pytest.raises(UnsafePath):
+        placement(storages, item())
+    (tmp_path / "s" / "acme" / "org").unlink()
+    (tmp_path / "s" / "acme" / "models--org--model").unlink()
+    (tmp_path / "s" / "acme").rmdir()
+    os.symlink(tmp_path / "s" / "other", tmp_path / "s" / "acme")
+    with pytest.raises(UnsafePath):
+        placement(storages, item())
 
 
 def test_the_blob_is_named_by_the_hubs_etag_only_when_it_names_the_bytes(tmp_path: Path):
