@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +18,9 @@ from app.domain import CLAIM_MAX_FILES
 from app.executor.client import REPORT_ATTEMPTS, Claimed, LeaseLost
 
 log = logging.getLogger("dlw.executor")
+
+# One report waiting: (action, file, body, what gets the outcome).
+_Entry = tuple[str, Claimed, dict[str, Any], Callable[[str], None]]
 
 # A completion waits at most this long for others to join its request. Nothing else waits for it
 # (the next claim does not, the lease lasts far longer), except a task's end, which is not
@@ -34,7 +38,7 @@ class Reporter:
     def __init__(self, http: httpx.AsyncClient, more_coming: Callable[[], bool] = lambda: True) -> None:
         self.http = http
         self.more_coming = more_coming  # whether other reports may join soon (downloads running)
-        self._pending: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]] = []
+        self._pending: list[_Entry] = []
         self._wake = asyncio.Event()
         self._flush = asyncio.Event()  # the linger ends early: nothing more is coming, or a full batch
         self._task: asyncio.Task[None] | None = None
@@ -61,6 +65,16 @@ class Reporter:
             body["stored_path"] = stored_path
         return await self._submit("complete", item, body)
 
+    def complete_soon(
+        self, item: Claimed, size: int, sha256: str, stored_path: str | None, then: Callable[[str], None]
+    ) -> None:
+        """complete() without a future to wait on: `then` gets the outcome, in the event loop,
+        when the batch it joined is answered (a stream of small files: no task per file)."""
+        body: dict[str, Any] = {"bytes": size, "sha256": sha256}
+        if stored_path is not None:
+            body["stored_path"] = stored_path
+        self._queue(("complete", item, body, then))
+
     async def heartbeat(self, item: Claimed, body: dict[str, Any]) -> None:
         """Raises LeaseLost when the lease is gone, ValueError for another refusal and
         httpx.HTTPError when the API could not be reached."""
@@ -78,11 +92,14 @@ class Reporter:
 
     async def _submit(self, action: str, item: Claimed, body: dict[str, Any]) -> str:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((action, item, body, future))
+        self._queue((action, item, body, functools.partial(_answer, future)))
+        return await future
+
+    def _queue(self, entry: _Entry) -> None:
+        self._pending.append(entry)
         self._wake.set()
         if len(self._pending) >= LINGER_UNTIL:
             self._flush.set()
-        return await future
 
     async def _loop(self) -> None:
         while True:
@@ -102,18 +119,22 @@ class Reporter:
                 self._sending.add(task)
                 task.add_done_callback(self._sending.discard)
 
-    async def _send_then_release(self, batch: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]]) -> None:
+    async def _send_then_release(self, batch: list[_Entry]) -> None:
+        answers: dict[tuple[str, str], str] = {}
         try:
-            await self._send(batch)
+            answers = await self._send(batch)
         except Exception:  # an answer we cannot read: nobody may wait forever for it
             log.exception("reports not delivered")
-            for _, _, _, future in batch:
-                if not future.done():
-                    future.set_result("UNREPORTED")
         finally:
             self._slots.release()
+        for action, item, _, then in batch:
+            try:
+                then(answers.get((action, item.id), "UNREPORTED"))
+            except Exception:  # one waiter's bug must not keep the others from their answers
+                log.exception("%s of %s: handling its answer failed", action, item.id)
 
-    async def _send(self, batch: list[tuple[str, Claimed, dict[str, Any], asyncio.Future[str]]]) -> None:
+    async def _send(self, batch: list[_Entry]) -> dict[tuple[str, str], str]:
+        """The answers by (action, file id); a report without one was not delivered."""
         payload: dict[str, list[dict[str, Any]]] = {"completions": [], "heartbeats": []}
         for action, item, body, _ in batch:
             entry = {"file_id": item.id, "assignment_token": item.token, **body}
@@ -140,6 +161,9 @@ class Reporter:
             if attempt >= REPORT_ATTEMPTS and time.monotonic() >= keep_trying_until:
                 break
             await asyncio.sleep(min(0.5 * attempt, 2.0))
-        for action, item, _, future in batch:
-            if not future.done():
-                future.set_result(answers.get((action, item.id), "UNREPORTED"))
+        return answers
+
+
+def _answer(future: asyncio.Future[str], outcome: str) -> None:
+    if not future.done():  # its waiter may have given up (cancelled)
+        future.set_result(outcome)

@@ -172,8 +172,7 @@ async def download(
     not the declared file (WrongSize). One worker thread does all of it, so a small file costs one
     hop off the event loop. A small file without a resume point goes through the lane instead
     (app/executor/curl_lane.py), its partial file opened and published there."""
-    if item.hub_token:  # the tenant's token (from this file's claim) overrides the executor's own
-        headers = {**headers, "Authorization": f"Bearer {item.hub_token}"}
+    headers = with_hub_token(headers, item)
     if lane_takes(tuning, item):
         assert tuning.lane is not None
         return await _in_lane(tuning.lane, storage, endpoint, item, headers, on_bytes, then)
@@ -215,6 +214,27 @@ async def _in_lane(
     on_bytes: Callable[[int], None],
     then: Callable[[Downloaded], None] | None,
 ) -> Downloaded:
+    transfer = lane_transfer(storage, endpoint, item, headers, on_bytes, then)
+    waiting = lane.submit(transfer)
+    try:
+        return await asyncio.shield(waiting)
+    except asyncio.CancelledError:
+        lane.cancel(transfer)  # the lane stops it and closes the partial file; wait for that
+        await asyncio.gather(waiting, return_exceptions=True)
+        raise
+
+
+def lane_transfer(
+    storage: Sequence[Path],
+    endpoint: str,
+    item: Claimed,
+    headers: dict[str, str],
+    on_bytes: Callable[[int], None],
+    then: Callable[[Downloaded], None] | None,
+) -> LaneTransfer[Downloaded]:
+    """The file as the lane fetches it: its partial file opened (and emptied: no resume point)
+    and placed in the lane's thread, `then` (verification and publication) run there on the
+    result. headers: the executor's, the claim's hub token already in them (download())."""
     place: list[Placement] = []
 
     def start() -> tuple[int, Path]:
@@ -231,7 +251,7 @@ async def _in_lane(
         return result
 
     item.resumed_from = item.bytes_done = 0
-    transfer = LaneTransfer(
+    return LaneTransfer(
         url=file_url(endpoint, item),
         headers=[f"{name}: {value}" for name, value in headers.items()],
         size=item.size,
@@ -240,13 +260,12 @@ async def _in_lane(
         on_bytes=on_bytes,
         want_etag=item.storage_layout == "hf-cache",
     )
-    waiting = lane.submit(transfer)
-    try:
-        return await asyncio.shield(waiting)
-    except asyncio.CancelledError:
-        lane.cancel(transfer)  # the lane stops it and closes the partial file; wait for that
-        await asyncio.gather(waiting, return_exceptions=True)
-        raise
+
+
+def with_hub_token(headers: dict[str, str], item: Claimed) -> dict[str, str]:
+    """The request headers for this file: the tenant's token (from its claim) overrides the
+    executor's own."""
+    return {**headers, "Authorization": f"Bearer {item.hub_token}"} if item.hub_token else headers
 
 
 def _fetch_blocking(

@@ -119,36 +119,15 @@ class FileWork(abc.ABC):
                 self._fetched(item.id)
         except asyncio.CancelledError:
             if lost.is_set():  # our own heartbeat stopped it: the lease is gone, report nothing
-                discard(self.config.storages, item)
-                log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", where(item))
-                self.metrics.files.labels("lease_lost").inc()
+                self._lease_lost(item)
                 return
             # Shutting down: back to the queue at once, with what is on disk as its resume point.
             await self.api.report(item, "release", await self._checkpoint_body(item))
             self.metrics.files.labels("released").inc()
             raise
-        except Busy as exc:  # an expired holder in another process still writes it: not ours yet
-            log.warning("%s: %s; given back", where(item), exc)
-            await self.api.report(item, "release", {})
-            return
-        except (UnsafePath, NoCommit, WrongSize) as exc:  # not the declared file, or nowhere for it: final
-            await self._fail(item, str(exc), retryable=False)
-            return
-        except NotPublished as exc:
-            await self._fail(item, str(exc), retryable=exc.retryable)
-            return
-        except Unreachable as exc:
-            # Not a root this executor serves: back to the queue as a failed attempt, so another
-            # executor serving it may take it, and the task fails with this message once the
-            # attempts are spent (a release would come straight back to this executor).
-            await self._fail(item, f"executor {self.config.label}: {exc}", retryable=True)
-            return
-        except Upstream as exc:
-            retryable = exc.status >= 500 or exc.status == 429
-            await self._fail(item, str(exc), retryable=retryable, retry_after=exc.retry_after)
-            return
-        except (httpx.HTTPError, OSError) as exc:
-            await self._fail(item, f"{type(exc).__name__}: {exc}", retryable=True)
+        except Exception as exc:
+            if not await self._after_failure(item, exc):
+                raise
             return
         finally:
             timer.cancel()
@@ -161,22 +140,55 @@ class FileWork(abc.ABC):
         # Verified and in place (in the download's thread) before the server hears "succeeded";
         # result.size is the declared size (checked there): the only count the server accepts.
         outcome = await self.reporter.complete(item, result.size, result.sha256, result.place.stored_path)
+        self._completed(item, result, outcome)
+
+    async def _after_failure(self, item: Claimed, exc: Exception) -> bool:
+        """Report how the file's download failed (a release, or a failure retryable or final);
+        False for an exception that is not a download's outcome (the caller raises it)."""
+        if isinstance(exc, Busy):  # an expired holder in another process still writes it: not ours yet
+            log.warning("%s: %s; given back", where(item), exc)
+            await self.api.report(item, "release", {})
+        elif isinstance(exc, (UnsafePath, NoCommit, WrongSize)):  # not the declared file, or nowhere for it: final
+            await self._fail(item, str(exc), retryable=False)
+        elif isinstance(exc, NotPublished):
+            await self._fail(item, str(exc), retryable=exc.retryable)
+        elif isinstance(exc, Unreachable):
+            # Not a root this executor serves: back to the queue as a failed attempt, so another
+            # executor serving it may take it, and the task fails with this message once the
+            # attempts are spent (a release would come straight back to this executor).
+            await self._fail(item, f"executor {self.config.label}: {exc}", retryable=True)
+        elif isinstance(exc, Upstream):
+            retryable = exc.status >= 500 or exc.status == 429
+            await self._fail(item, str(exc), retryable=retryable, retry_after=exc.retry_after)
+        elif isinstance(exc, (httpx.HTTPError, OSError)):
+            await self._fail(item, f"{type(exc).__name__}: {exc}", retryable=True)
+        else:
+            return False
+        return True
+
+    def _lease_lost(self, item: Claimed) -> None:
+        discard(self.config.storages, item)
+        log.warning("%s: lease lost (task cancelled or lease expired); partial file discarded", where(item))
+        self.metrics.files.labels("lease_lost").inc()
+
+    def _completed(self, item: Claimed, result: Downloaded, outcome: str) -> None:
+        """The completion's answer: counted and logged."""
         if outcome not in ("completed", "already_completed"):
             log.warning("%s: complete refused: %s", where(item), outcome)
-        if outcome in ("completed", "already_completed"):
-            self.progress.done += 1
-            self.metrics.files.labels("succeeded").inc()
-            # A line per file: at info for files that took a while or were placed from a stored
-            # copy, at debug for small downloads (hundreds a second would flood the log; the
-            # progress line counts them).
-            how = f"placed from the stored copy {result.copied_from}" if result.copied_from else "downloaded"
-            log.log(
-                logging.INFO if result.size >= SMALL_FILE or result.copied_from else logging.DEBUG,
-                "%s done (%d bytes, %s)",
-                where(item),
-                result.size,
-                how,
-            )
+            return
+        self.progress.done += 1
+        self.metrics.files.labels("succeeded").inc()
+        # A line per file: at info for files that took a while or were placed from a stored
+        # copy, at debug for small downloads (hundreds a second would flood the log; the
+        # progress line counts them).
+        how = f"placed from the stored copy {result.copied_from}" if result.copied_from else "downloaded"
+        log.log(
+            logging.INFO if result.size >= SMALL_FILE or result.copied_from else logging.DEBUG,
+            "%s done (%d bytes, %s)",
+            where(item),
+            result.size,
+            how,
+        )
 
     def _verify_and_publish(self, item: Claimed, result: Downloaded) -> None:
         """In the download's thread, right after the bytes arrived (one hop off the event loop

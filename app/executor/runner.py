@@ -23,11 +23,11 @@ from app.executor.batching import Reporter
 from app.executor.client import Claimed, ExecutorApi, TokenRefused
 from app.executor.curl_lane import CurlLane
 from app.executor.deletion_work import claim_and_carry_out
-from app.executor.download import Tuning
-from app.executor.file_work import FileWork
+from app.executor.download import Tuning, lane_takes
 from app.executor.metrics import ExecutorMetrics
 from app.executor.progress import BAR_INTERVAL, Mode, Progress, route_logs_around
 from app.executor.settings import Config, config_from
+from app.executor.small_files import BatchWork
 
 log = logging.getLogger("dlw.executor")
 
@@ -37,7 +37,7 @@ DELETIONS_BUSY_SECONDS = 1.0  # asked for at most this often while files downloa
 QUEUE_MAX = 2 * CLAIM_MAX_FILES  # files held waiting or downloading, at most (small files)
 
 
-class ReferenceExecutor(FileWork):
+class ReferenceExecutor(BatchWork):
     def __init__(self, config: Config, *, progress: Mode | None = None) -> None:
         self.config = config
         self.progress = Progress(progress or ("bar" if sys.stderr.isatty() else "lines"))
@@ -183,7 +183,17 @@ class ReferenceExecutor(FileWork):
         self._claim_answered = True
         if files:
             self._typical_size = max(1, sum(f.size for f in files) // len(files))
+        small = [claimed for claimed in files if lane_takes(self.tuning, claimed)]
+        if small:  # one task for all of them (app/executor/small_files.py)
+            batch = asyncio.create_task(self._work_batch(small), name=f"{len(small)} small files")
+            for claimed in small:
+                self.active[claimed.id] = (claimed, batch)
+                self.fetching.add(claimed.id)
+            batch.add_done_callback(functools.partial(self._forget_all, [claimed.id for claimed in small]))
+        in_batch = {claimed.id for claimed in small}
         for claimed in files:
+            if claimed.id in in_batch:
+                continue
             task = asyncio.create_task(self._work(claimed), name=f"download {claimed.id}")
             self.active[claimed.id] = (claimed, task)
             self.fetching.add(claimed.id)
@@ -210,6 +220,12 @@ class ReferenceExecutor(FileWork):
         self.active.pop(file_id, None)
         self._fetched(file_id)
 
+    def _forget_all(self, file_ids: list[str], _task: asyncio.Task[None]) -> None:
+        """A batch ended (its files were forgotten one by one; this is for one it could not)."""
+        for file_id in file_ids:
+            if file_id in self.active and self.active[file_id][1] is _task:
+                self._forget(file_id, _task)
+
     def _draw(self) -> None:
         if self.progress.due():  # the list only when a line is drawn (hundreds of small files)
             self.progress.draw([c for c, _ in self.active.values()])
@@ -222,7 +238,7 @@ class ReferenceExecutor(FileWork):
             self._draw()
 
     async def _shutdown(self) -> None:
-        tasks = [task for _, task in self.active.values()]
+        tasks = list({task for _, task in self.active.values()})  # a batch holds many files
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

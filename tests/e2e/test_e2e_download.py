@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import random
 import signal
+import time
 from typing import Any
 
 import httpx
 
-from tests.support.app import detail
+from tests.support.app import bearer, detail, token
 from tests.support.database import MigratedDb, free_port
 from tests.support.executors import create_task, quota_of, start_executor, stop_executor, task_of, wait_for
 from tests.support.hub_server import CHUNK, api, hub, provision
@@ -192,3 +193,40 @@ def test_stopped_and_killed_executors_lose_their_leases_and_the_file_is_download
     assert rows == [(f"file:{file_id}", spec["size"])]
     # Only the killed executor's partial file can be left behind (the stopped one cleaned up).
     assert len([p for p in target.parent.iterdir() if p.name.endswith(".part")]) <= 1
+
+
+def test_a_small_file_whose_task_is_cancelled_stops_and_the_rest_of_its_batch_goes_on(db, api, hub, work):
+    """The small files of one claim go through the lane as one batch (app/executor/small_files.py):
+    when the task of one of them is cancelled mid-download, the batch's heartbeat hears
+    LEASE_LOST, that file's transfer stops and its partial file goes, while the other file of
+    the same claim is downloaded and completed."""
+    tid = provision(db, "e2e-lost")
+    slow = hub.add("org/lost", "main", "slow.bin", random.Random(8).randbytes(40 * CHUNK))
+    hub.slow["slow.bin"] = 0.1  # ~4 s for the whole file
+    fast = hub.add("org/kept", "main", "fast.bin", random.Random(9).randbytes(CHUNK))
+    cancelled = create_task(api, tid, "org/lost", "main", [slow]).json()["id"]
+    kept = create_task(api, tid, "org/kept", "main", [fast]).json()["id"]
+    file_id = task_of(api, tid, cancelled)["files"][0]["id"]
+    partial = work / "storage" / "e2e-lost" / "org" / "lost" / "main" / f".slow.bin.{file_id}.part"
+    # Both files in the executor's first claim, so in one batch.
+    executor = start_executor(api, hub, work / "storage", "lost", "--progress-seconds", "0.2")
+    try:
+        wait_for(lambda: hub.sent["slow.bin"] > 0, 20, "the slow download to start", (executor,))
+        wait_for(lambda: task_of(api, tid, kept)["status"] == "succeeded", 20, "the other file", (executor,))
+        assert partial.exists()
+        answer = httpx.post(
+            f"{api}/api/v1/tasks/{cancelled}/cancel", headers=bearer(token(tid, "tenant_operator")), timeout=10
+        )
+        assert answer.status_code == 202, answer.text
+        wait_for(lambda: not partial.exists(), 20, "the partial file to go", (executor,))
+        sent = hub.sent["slow.bin"]
+        time.sleep(0.5)
+        assert hub.sent["slow.bin"] <= sent + CHUNK  # the transfer stopped (a chunk may be on its way)
+        assert sent < slow["size"]
+    finally:
+        code, err = stop_executor(executor)
+    assert code == 0, err
+    assert "lease lost" in err
+    assert task_of(api, tid, cancelled)["status"] == "cancelled"
+    kept_file = work / "storage" / "e2e-lost" / "org" / "kept" / "main" / "fast.bin"
+    assert hashlib.sha256(kept_file.read_bytes()).hexdigest() == fast["sha256"]
