@@ -37,7 +37,8 @@ class BatchWork(FileWork):
         downloading: dict[str, tuple[Claimed, LaneTransfer[Downloaded]]] = {}
         waits: list[asyncio.Future[Downloaded]] = []
         lost: set[str] = set()
-        reports: set[asyncio.Task[Any]] = set()  # failures and releases being reported
+        reports: set[asyncio.Task[Any]] = set()  # failures and releases being reported, downloads elsewhere
+        elsewhere: set[str] = set()  # files the lane could not take: downloaded by FileWork._work
         left = [len(items)]
         all_done = asyncio.Event()
 
@@ -52,7 +53,7 @@ class BatchWork(FileWork):
                 reports.discard(task)
                 finished(item)
 
-            task = asyncio.create_task(work)
+            task = asyncio.create_task(work, name=item.id)
             reports.add(task)
             task.add_done_callback(done)
 
@@ -95,6 +96,7 @@ class BatchWork(FileWork):
                 future = lane.submit(transfer)
             except RuntimeError:  # the lane closed or broke meanwhile: the file takes a download slot
                 then_finished(item, self._work(item))
+                elsewhere.add(item.id)
                 continue
             downloading[item.id] = (item, transfer)
             waits.append(future)
@@ -106,6 +108,9 @@ class BatchWork(FileWork):
             for _, transfer in list(downloading.values()):
                 lane.cancel(transfer)
             await asyncio.gather(*waits, return_exceptions=True)  # each one's end is handled first
+            for task in reports:
+                if task.get_name() in elsewhere:
+                    task.cancel()  # a download: it releases its file itself
             await asyncio.gather(*list(reports), return_exceptions=True)
             raise
         finally:
