@@ -175,7 +175,7 @@ async def download(
     headers = with_hub_token(headers, item)
     if lane_takes(tuning, item):
         assert tuning.lane is not None
-        return await _in_lane(tuning.lane, storage, endpoint, item, headers, on_bytes, then)
+        return await _in_lane(tuning.lane, lane_transfer(storage, endpoint, item, headers, on_bytes, then))
     cancel = threading.Event()
 
     def work() -> Downloaded:
@@ -205,16 +205,7 @@ def lane_takes(tuning: Tuning, item: Claimed) -> bool:
     return tuning.lane is not None and tuning.lane.usable and in_lane(item)
 
 
-async def _in_lane(
-    lane: CurlLane,
-    storage: Sequence[Path],
-    endpoint: str,
-    item: Claimed,
-    headers: dict[str, str],
-    on_bytes: Callable[[int], None],
-    then: Callable[[Downloaded], None] | None,
-) -> Downloaded:
-    transfer = lane_transfer(storage, endpoint, item, headers, on_bytes, then)
+async def _in_lane(lane: CurlLane, transfer: LaneTransfer[Downloaded]) -> Downloaded:
     waiting = lane.submit(transfer)
     try:
         return await asyncio.shield(waiting)

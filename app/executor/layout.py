@@ -97,13 +97,14 @@ def _segments(item: Claimed, *names: str) -> list[str]:
 def _inside(base: Path, parts: Sequence[str], item: Claimed) -> Path:
     """base/parts, refusing a result outside base. Every directory on the way is looked at (one
     lstat per name that exists: a small file's path costs a few microseconds, not a realpath
-    walk from /). The names are validated segments (_segments), so while no directory is a
-    symbolic link the path is base/parts as written, inside base, and built as a string
-    (pathlib's joins and containment checks cost more than the lstats, per small file). Once a
-    directory is a link, they are resolved as Path.resolve() does and the result is checked.
-    The last name is not resolved: it may be a snapshot link, which must stay the link."""
+    walk from /). Each part must be one name, not "." or ".." (checked here; the callers pass
+    names _segments validated), so while no directory is a symbolic link the path is base/parts
+    as written, inside base, and built as a string (pathlib's joins and containment checks cost
+    more than the lstats, per small file). Once a directory is a link, they are resolved as
+    Path.resolve() does and the result is checked. The last name is not resolved: it may be a
+    snapshot link, which must stay the link."""
     if not parts or any(p in ("", ".", "..") or "/" in p or "\x00" in p for p in parts):
-        raise UnsafePath(f"unsafe name in {'/'.join(parts)!r}")  # the callers' names are segments: never expected
+        raise UnsafePath(f"unsafe name in {'/'.join(parts)!r}")
     path = str(base)
     for name in ("", *parts[:-1]):
         path = os.path.join(path, name) if name else path
