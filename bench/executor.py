@@ -138,7 +138,9 @@ def _curl_parallel(urls: list[str], outdir: Path) -> float:
     config = outdir / "curl.cfg"
     config.write_text("".join(f'url = "{u}"\noutput = "{outdir / str(i)}"\n' for i, u in enumerate(urls)))
     t0 = time.perf_counter()
-    subprocess.run(["curl", "-sf", "--parallel", "--parallel-max", "8", "-K", str(config)], check=True)
+    # --no-progress-meter: -s alone leaves --parallel's meter on (curl 7.88)
+    command = ["curl", "-sf", "--no-progress-meter", "--parallel", "--parallel-max", "8", "-K", str(config)]
+    subprocess.run(command, check=True)
     elapsed = time.perf_counter() - t0
     shutil.rmtree(outdir)
     return elapsed

@@ -127,11 +127,11 @@ class Reporter:
             log.exception("reports not delivered")
         finally:
             self._slots.release()
-        for action, item, _, then in batch:
-            try:
-                then(answers.get((action, item.id), "UNREPORTED"))
-            except Exception:  # one waiter's bug must not keep the others from their answers
-                log.exception("%s of %s: handling its answer failed", action, item.id)
+            for action, item, _, then in batch:  # UNREPORTED when not answered (or cancelled)
+                try:
+                    then(answers.get((action, item.id), "UNREPORTED"))
+                except Exception:  # one waiter's bug must not keep the others from their answers
+                    log.exception("%s of %s: handling its answer failed", action, item.id)
 
     async def _send(self, batch: list[_Entry]) -> dict[tuple[str, str], str]:
         """The answers by (action, file id); a report without one was not delivered."""

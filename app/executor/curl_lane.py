@@ -240,7 +240,10 @@ class CurlLane:
                 self._broken = True
         finally:
             for handle in list(active):
-                self._end(multi, handle, active, idle, problem)
+                try:
+                    self._end(multi, handle, active, idle, problem)
+                except BaseException:  # settled all the same; the others still must be
+                    log.exception("the small-file lane could not end a transfer")
             with self._lock:
                 left, self._incoming = list(self._incoming), deque()
             for transfer in left:
@@ -352,28 +355,31 @@ class CurlLane:
         problem: BaseException | None,
     ) -> None:
         transfer = active.pop(handle)
-        multi.remove_handle(handle)
-        handle.setopt(pycurl.WRITEFUNCTION, _discard)  # drop the references to the transfer
-        handle.setopt(pycurl.HEADERFUNCTION, None)
-        idle.append(handle)
+        # The file gets an outcome whatever happens here (a failure below stops the lane).
+        outcome: tuple[Any, BaseException | None] = (None, TransferError("the small-file lane stopped"))
         try:
-            if problem is None:
-                os.fsync(transfer.fd)
-        except OSError as exc:
-            problem = exc
+            multi.remove_handle(handle)
+            handle.setopt(pycurl.WRITEFUNCTION, _discard)  # drop the references to the transfer
+            handle.setopt(pycurl.HEADERFUNCTION, None)
+            idle.append(handle)
+            try:
+                if problem is None:
+                    os.fsync(transfer.fd)
+            except OSError as exc:
+                problem = exc
+            finally:
+                os.close(transfer.fd)
+            if isinstance(problem, WrongSize) and transfer.partial is not None:
+                transfer.partial.unlink(missing_ok=True)  # not the declared file: nothing to resume
+            if problem is not None:
+                outcome = (None, problem)
+                return
+            try:
+                outcome = (transfer.finish(transfer.digest.hexdigest(), transfer.etag), None)
+            except BaseException as exc:  # NotPublished and the like: the file's outcome
+                outcome = (None, exc)
         finally:
-            os.close(transfer.fd)
-        if isinstance(problem, WrongSize) and transfer.partial is not None:
-            transfer.partial.unlink(missing_ok=True)  # not the declared file: nothing to resume
-        if problem is not None:
-            self._settle(transfer, None, problem)
-            return
-        try:
-            result = transfer.finish(transfer.digest.hexdigest(), transfer.etag)
-        except BaseException as exc:  # NotPublished and the like: the file's outcome
-            self._settle(transfer, None, exc)
-            return
-        self._settle(transfer, result, None)
+            self._settle(transfer, *outcome)
 
 
 def _discard(_data: bytes) -> None:

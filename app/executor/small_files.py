@@ -35,35 +35,46 @@ class BatchWork(FileWork):
         lane = self.tuning.lane
         assert lane is not None
         downloading: dict[str, tuple[Claimed, LaneTransfer[Downloaded]]] = {}
-        waits: list[asyncio.Future[Downloaded]] = []
         lost: set[str] = set()
         reports: set[asyncio.Task[Any]] = set()  # failures and releases being reported, downloads elsewhere
-        elsewhere: set[str] = set()  # files the lane could not take: downloaded by FileWork._work
+        elsewhere: set[asyncio.Task[Any]] = set()  # downloads of files the lane could not take (FileWork._work)
         left = [len(items)]
         all_done = asyncio.Event()
+        lane_done = asyncio.Event()  # the lane has handed over every file it took
+
+        def ours(item: Claimed) -> bool:  # the executor's entry is still this claim of the file
+            held = self.active.get(item.id)
+            return held is not None and held[0] is item
 
         def finished(item: Claimed) -> None:  # the file's life in this executor is over
-            self.active.pop(item.id, None)
+            if ours(item):
+                self.active.pop(item.id, None)
             left[0] -= 1
             if left[0] == 0:
                 all_done.set()
 
-        def then_finished(item: Claimed, work: Coroutine[Any, Any, Any]) -> None:
+        def then_finished(item: Claimed, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
             def done(task: asyncio.Task[Any]) -> None:
                 reports.discard(task)
                 finished(item)
 
-            task = asyncio.create_task(work, name=item.id)
+            task = asyncio.create_task(work)
             reports.add(task)
             task.add_done_callback(done)
+            return task
 
         def answered(item: Claimed, result: Downloaded, outcome: str) -> None:
-            self._completed(item, result, outcome)
-            finished(item)
+            try:
+                self._completed(item, result, outcome)
+            finally:
+                finished(item)
 
         def ended(item: Claimed, future: asyncio.Future[Downloaded]) -> None:
             downloading.pop(item.id, None)
-            self._fetched(item.id)
+            if not downloading:
+                lane_done.set()
+            if ours(item):
+                self._fetched(item.id)
             try:
                 problem = Cancelled() if future.cancelled() else future.exception()
                 if problem is None:
@@ -95,23 +106,28 @@ class BatchWork(FileWork):
             try:
                 future = lane.submit(transfer)
             except RuntimeError:  # the lane closed or broke meanwhile: the file takes a download slot
-                then_finished(item, self._work(item))
-                elsewhere.add(item.id)
+                elsewhere.add(then_finished(item, self._work(item)))
                 continue
             downloading[item.id] = (item, transfer)
-            waits.append(future)
             future.add_done_callback(functools.partial(ended, item))
+        if not downloading:
+            lane_done.set()
         beats = asyncio.create_task(self._batch_heartbeats(items, downloading, lost))
+        beats.add_done_callback(_log_failure)
         try:
             await all_done.wait()
         except asyncio.CancelledError:
+            # Stopping: the lane stops what it holds of the batch, each file's end is handled as
+            # it comes (a release), and the reports (and downloads elsewhere) are waited for,
+            # including any started meanwhile. Waited on, never gathered: the lane's own
+            # futures are not cancelled with this task.
             for _, transfer in list(downloading.values()):
                 lane.cancel(transfer)
-            await asyncio.gather(*waits, return_exceptions=True)  # each one's end is handled first
-            for task in reports:
-                if task.get_name() in elsewhere:
-                    task.cancel()  # a download: it releases its file itself
-            await asyncio.gather(*list(reports), return_exceptions=True)
+            await lane_done.wait()
+            for task in elsewhere:
+                task.cancel()  # a download: it releases its file itself
+            while reports:
+                await asyncio.wait(set(reports))
             raise
         finally:
             beats.cancel()
@@ -152,3 +168,9 @@ class BatchWork(FileWork):
     async def _report_failure(self, item: Claimed, problem: Exception) -> None:
         if not await self._after_failure(item, problem):
             log.error("%s: download failed", where(item), exc_info=problem)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """A batch's heartbeats stopped on something unexpected: said, not lost with the task."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("small-file heartbeats stopped", exc_info=task.exception())
