@@ -121,9 +121,7 @@ class FileWork(abc.ABC):
             if lost.is_set():  # our own heartbeat stopped it: the lease is gone, report nothing
                 self._lease_lost(item)
                 return
-            # Shutting down: back to the queue at once, with what is on disk as its resume point.
-            await self.api.report(item, "release", await self._checkpoint_body(item))
-            self.metrics.files.labels("released").inc()
+            await self._release(item)  # shutting down
             raise
         except Exception as exc:
             if not await self._after_failure(item, exc):
@@ -235,16 +233,27 @@ class FileWork(abc.ABC):
         """Started one interval after the claim: a heartbeat, then one every interval. On a lost
         lease, `work` (the file's task, still downloading) is cancelled."""
         while True:
-            try:
-                body = {"bytes_done": item.bytes_done, **await self._checkpoint_body(item)}
-                await self.reporter.heartbeat(item, body)
-            except LeaseLost:
+            if not await self._beat(item):
                 lost.set()
                 work.cancel()
                 return
-            except (httpx.HTTPError, ValueError) as exc:
-                log.warning("%s: heartbeat failed (%s); retrying", where(item), exc)
             await asyncio.sleep(self._beat_interval(item))
+
+    async def _beat(self, item: Claimed) -> bool:
+        """One heartbeat with the file's progress (and checkpoint, when one runs); False when the
+        lease is gone. Another failure is logged: the next heartbeat may get through."""
+        try:
+            await self.reporter.heartbeat(item, {"bytes_done": item.bytes_done, **await self._checkpoint_body(item)})
+        except LeaseLost:
+            return False
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("%s: heartbeat failed (%s); retrying", where(item), exc)
+        return True
+
+    async def _release(self, item: Claimed) -> None:
+        """Back to the queue at once (a stop), with what is on disk as its resume point."""
+        await self.api.report(item, "release", await self._checkpoint_body(item))
+        self.metrics.files.labels("released").inc()
 
     async def _fail(self, item: Claimed, error: str, *, retryable: bool, retry_after: float | None = None) -> None:
         if not retryable:  # a final failure leaves nothing behind; a retryable one keeps its resume point

@@ -183,17 +183,17 @@ class ReferenceExecutor(BatchWork):
         self._claim_answered = True
         if files:
             self._typical_size = max(1, sum(f.size for f in files) // len(files))
-        small = [claimed for claimed in files if lane_takes(self.tuning, claimed)]
+        small: list[Claimed] = []
+        others: list[Claimed] = []
+        for claimed in files:
+            (small if lane_takes(self.tuning, claimed) else others).append(claimed)
         if small:  # one task for all of them (app/executor/small_files.py)
             batch = asyncio.create_task(self._work_batch(small), name=f"{len(small)} small files")
             for claimed in small:
                 self.active[claimed.id] = (claimed, batch)
                 self.fetching.add(claimed.id)
             batch.add_done_callback(functools.partial(self._forget_all, [claimed.id for claimed in small]))
-        in_batch = {claimed.id for claimed in small}
-        for claimed in files:
-            if claimed.id in in_batch:
-                continue
+        for claimed in others:
             task = asyncio.create_task(self._work(claimed), name=f"download {claimed.id}")
             self.active[claimed.id] = (claimed, task)
             self.fetching.add(claimed.id)

@@ -14,9 +14,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-import httpx
-
-from app.executor.client import Claimed, LeaseLost
+from app.executor.client import Claimed
 from app.executor.curl_lane import LaneTransfer
 from app.executor.download import Downloaded, lane_transfer, with_hub_token
 from app.executor.file_work import FileWork
@@ -38,7 +36,7 @@ class BatchWork(FileWork):
         lost: set[str] = set()
         reports: set[asyncio.Task[Any]] = set()  # failures and releases being reported, downloads elsewhere
         elsewhere: set[asyncio.Task[Any]] = set()  # downloads of files the lane could not take (FileWork._work)
-        left = [len(items)]
+        left = len(items)
         all_done = asyncio.Event()
         lane_done = asyncio.Event()  # the lane has handed over every file it took
 
@@ -47,10 +45,11 @@ class BatchWork(FileWork):
             return held is not None and held[0] is item
 
         def finished(item: Claimed) -> None:  # the file's life in this executor is over
+            nonlocal left
             if ours(item):
                 self.active.pop(item.id, None)
-            left[0] -= 1
-            if left[0] == 0:
+            left -= 1
+            if left == 0:
                 all_done.set()
 
         def then_finished(item: Claimed, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -86,10 +85,8 @@ class BatchWork(FileWork):
                     finished(item)
                 elif isinstance(problem, Cancelled):  # stopping: back to the queue at once
                     then_finished(item, self._release(item))
-                elif isinstance(problem, Exception):
-                    then_finished(item, self._report_failure(item, problem))
                 else:
-                    raise problem
+                    then_finished(item, self._report_failure(item, problem))
             except BaseException:  # a bug here must not leave the batch waiting for this file
                 log.exception("%s: its end could not be handled", where(item))
                 finished(item)
@@ -148,25 +145,14 @@ class BatchWork(FileWork):
             alive = list(downloading.values())
             if not alive:
                 return
-            outcomes = await asyncio.gather(
-                *(self.reporter.heartbeat(item, {"bytes_done": item.bytes_done}) for item, _ in alive),
-                return_exceptions=True,
-            )
-            for (item, transfer), outcome in zip(alive, outcomes, strict=True):
-                if isinstance(outcome, LeaseLost):
+            held = await asyncio.gather(*(self._beat(item) for item, _ in alive))
+            for (item, transfer), still in zip(alive, held, strict=True):
+                if not still:
                     lost.add(item.id)
                     lane.cancel(transfer)
-                elif isinstance(outcome, (httpx.HTTPError, ValueError)):
-                    log.warning("%s: heartbeat failed (%s); retrying", where(item), outcome)
-                elif isinstance(outcome, BaseException):
-                    raise outcome
 
-    async def _release(self, item: Claimed) -> None:
-        await self.api.report(item, "release", {})
-        self.metrics.files.labels("released").inc()
-
-    async def _report_failure(self, item: Claimed, problem: Exception) -> None:
-        if not await self._after_failure(item, problem):
+    async def _report_failure(self, item: Claimed, problem: BaseException) -> None:
+        if not isinstance(problem, Exception) or not await self._after_failure(item, problem):
             log.error("%s: download failed", where(item), exc_info=problem)
 
 
