@@ -5,7 +5,8 @@
   creation until the API says succeeded;
 - small: 500 files of 2 KB — `curl --parallel --parallel-max 8`, vs the executor with 8 slots;
 - resume: the executor is killed (SIGKILL) when half of a rate-limited file was served; a second
-  one on the same storage finishes it. The file server counts every byte it sent.
+  one on the same storage finishes it. The file server counts every byte it sent; the row is
+  what it sent after the kill, as a share of the file (the issue: "fetches < 60 % again").
 
 Two floors under the small-file row are printed too (no target): the executor's transport alone
 (its lane fetching the same files, nothing else) and the control plane's SQL alone (the claims and
@@ -16,7 +17,7 @@ its speed is shown as `curl -o /dev/null` for the large file and as its CPU duri
 files, so a reader can see it is not the bottleneck (the tests' Python file server was, for the
 small files: curl's time was mostly its time). The resume row uses the tests' file server
 (tests/support/file_server.py), which counts every byte it sent. Targets: large >= 0.8, small
->= 0.5 (the baseline's time over the executor's), resume < 1.6 file sizes served in all.
+>= 0.5 (the baseline's time over the executor's), resume < 0.6 of the file served again.
 
     python -m bench --only executor [--quick]
 """
@@ -55,7 +56,8 @@ from bench.static_server import nginx_static
 from tests.support.file_server import FileServer, served_bytes
 
 MB = 1 << 20
-LARGE_MIN_RATIO, SMALL_MIN_RATIO, RESUME_MAX_SERVED = 0.8, 0.5, 1.6
+LARGE_MIN_RATIO, SMALL_MIN_RATIO, RESUME_MAX_AGAIN = 0.8, 0.5, 0.6
+CONNECTIONS_PER_FILE = 4  # the executor's default (app/executor/settings.py)
 
 
 def _token(tenant_id: int, role: str) -> str:
@@ -306,7 +308,7 @@ def run(bench: BenchCluster, *, quick: bool) -> list[dict[str, Any]]:
                 )
             )
             resume = _resume(api, db, port, endpoint, fs, served, work, tenant, quick)
-            rows.append({**resume, "met": resume["ratio"] < RESUME_MAX_SERVED})
+            rows.append({**resume, "met": resume["ratio"] < RESUME_MAX_AGAIN})
         _report(best, large_size, rows, max(served_cpu))
     finally:
         fs.close()
@@ -331,22 +333,35 @@ def _resume(
 ) -> dict[str, Any]:
     size = (64 if quick else 256) * MB
     spec = fs.add(served, "bench/resume", "main", "resume.bin", os.urandom(size))
-    fs.rate["resume.bin"] = size / 4  # four seconds for the whole file
+    # The file server's rate is per connection: four seconds for the whole file over the
+    # executor's ranged connections.
+    fs.rate["resume.bin"] = size / 4 / CONNECTIONS_PER_FILE
     storage = work / "storage-resume"
-    args = ("--lease-seconds", "5", "--progress-seconds", "0.2")
+    args = ("--lease-seconds", "5", "--progress-seconds", "0.2", "--connections-per-file", str(CONNECTIONS_PER_FILE))
     task_id = ""
     with _executor(port, endpoint, storage, *args) as first:
         task_id = _create(api, tenant, "bench/resume", [spec])
         while served_bytes(fs, "resume.bin") < size // 2:
             time.sleep(0.01)
         first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)  # its connections are closed: nothing more is counted for it
     at_kill = served_bytes(fs, "resume.bin")
+    row = db.execute("SELECT resume_bytes FROM dlw.task_files WHERE task_id = %s", (task_id,)).fetchone()
+    checkpoint = int(row[0]) if row else 0  # what the second executor resumes from
     fs.rate.pop("resume.bin")
     with _executor(port, endpoint, storage, *args):
         status = _wait_done(db, task_id)
-    total = served_bytes(fs, "resume.bin")
-    print(f"  resume: killed at {at_kill / size:.0%} served; {status}; served in all {total / size:.2f} file sizes")
-    return {"measure": "resume after a kill at 50 %: bytes served / size", "ratio": total / size, "target": "< 1.6"}
+    again = served_bytes(fs, "resume.bin") - at_kill
+    print(
+        f"  resume: killed at {at_kill / size:.0%} served; the second executor resumes at the checkpoint,"
+        f" {checkpoint / size:.0%};"
+        f" {status}; served after the kill {again / size:.2f} of the file"
+    )
+    return {
+        "measure": "resume after a kill at 50 %: served again / size",
+        "ratio": again / size,
+        "target": f"< {RESUME_MAX_AGAIN}",
+    }
 
 
 def _report(best: dict[str, float], large_size: int, rows: list[dict[str, Any]], served_cpu: float) -> None:
