@@ -232,12 +232,16 @@ class FileWork(abc.ABC):
     async def _heartbeats(self, item: Claimed, work: asyncio.Task[Any], lost: asyncio.Event) -> None:
         """Started one interval after the claim: a heartbeat, then one every interval. On a lost
         lease, `work` (the file's task, still downloading) is cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
+            began = loop.time()
             if not await self._beat(item):
                 lost.set()
                 work.cancel()
                 return
-            await asyncio.sleep(self._beat_interval(item))
+            # One interval from this heartbeat's start, not its end: the checkpoint a crash
+            # leaves on the server is at most one interval old, however long the request took.
+            await asyncio.sleep(max(0.0, began + self._beat_interval(item) - loop.time()))
 
     async def _beat(self, item: Claimed) -> bool:
         """One heartbeat with the file's progress (and checkpoint, when one runs); False when the
