@@ -46,6 +46,7 @@ import psycopg
 from app.db.queries import SQL
 from app.executor.curl_lane import CurlLane, LaneTransfer
 from app.executor.download import open_partial
+from app.executor.settings import CONNECTIONS_PER_FILE
 from app.identity import system_jwt
 from app.identity.principal import Principal
 from bench.cluster import ROOT, BenchCluster
@@ -57,7 +58,6 @@ from tests.support.file_server import FileServer, served_bytes
 
 MB = 1 << 20
 LARGE_MIN_RATIO, SMALL_MIN_RATIO, RESUME_MAX_AGAIN = 0.8, 0.5, 0.6
-CONNECTIONS_PER_FILE = 4  # the executor's default (app/executor/settings.py)
 
 
 def _token(tenant_id: int, role: str) -> str:

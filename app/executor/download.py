@@ -26,6 +26,7 @@ from app.executor.client import Claimed
 from app.executor.curl_lane import CurlLane, LaneTransfer
 from app.executor.curl_outcomes import TransferError
 from app.executor.layout import NoCommit, Placement, Unreachable, UnsafePath, etag_name, placement
+from app.executor.settings import CONNECTIONS_PER_FILE
 from app.executor.transfer import (
     INLINE_BELOW,
     Cancelled,
@@ -102,7 +103,7 @@ class Tuning:
     """How one executor moves bytes: connections per large file and in all (a shared cap), and
     the lane that fetches small files (None: they are fetched in a worker thread like the rest)."""
 
-    connections_per_file: int = 4
+    connections_per_file: int = CONNECTIONS_PER_FILE
     slots: threading.BoundedSemaphore | None = None
     timeout: float = 60.0
     pool: ConnectionPool = field(default_factory=ConnectionPool)

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
 
 PREFETCH_BYTES = 64 << 20
+CONNECTIONS_PER_FILE = 4  # ranged connections per large file unless --connections-per-file says otherwise
+MAX_CONNECTIONS = 8  # connections to the file endpoint in all, shared by every file
 
 
 class ExecutorSettings(BaseSettings):
@@ -34,8 +36,8 @@ class ExecutorSettings(BaseSettings):
     lease_seconds: int = 60
     poll_seconds: float = 2.0
     progress_seconds: float = 2.0
-    connections_per_file: int = 4
-    max_connections: int = 8
+    connections_per_file: int = CONNECTIONS_PER_FILE
+    max_connections: int = MAX_CONNECTIONS
     prefetch: int | None = None
     prefetch_bytes: int = PREFETCH_BYTES
     label: str | None = None
@@ -60,8 +62,8 @@ class Config:
     lease_seconds: int = 60
     poll_seconds: float = 2.0
     progress_seconds: float = 2.0
-    connections_per_file: int = 4
-    max_connections: int = 8
+    connections_per_file: int = CONNECTIONS_PER_FILE
+    max_connections: int = MAX_CONNECTIONS
     prefetch: int = 8
     prefetch_bytes: int = PREFETCH_BYTES  # small files: hold more than `prefetch` while they fit (runner.py)
     label: str = field(default_factory=_default_label)
@@ -93,9 +95,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--progress-seconds", type=float, help="heartbeat (progress, resume point) at least this often (default 2)"
     )
     parser.add_argument(
-        "--connections-per-file", type=int, help="byte ranges fetched at once for a large file (default 4)"
+        "--connections-per-file",
+        type=int,
+        help=f"byte ranges fetched at once for a large file (default {CONNECTIONS_PER_FILE})",
     )
-    parser.add_argument("--max-connections", type=int, help="connections to the file endpoint in all (default 8)")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        help=f"connections to the file endpoint in all (default {MAX_CONNECTIONS})",
+    )
     parser.add_argument(
         "--prefetch",
         type=int,
