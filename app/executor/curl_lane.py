@@ -157,7 +157,11 @@ class CurlLane:
         self._wake()
 
     def close(self) -> None:
+        """Refuse new files, wait for the lane to finish those it holds, free its pipe. A second
+        call does nothing (closing the pipe's descriptors twice could close files opened since)."""
         with self._lock:
+            if self._closing:
+                return
             self._closing = True
             thread = self._thread
         self._wake()

@@ -4,6 +4,7 @@ resume from the server's checkpoint after a kill or a stop, and a corrupt range 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import shutil
@@ -16,7 +17,11 @@ from typing import Any
 import pytest
 
 from app.domain import RETRY_BACKOFF_BASE_SECONDS
+from app.executor.client import Claimed
+from app.executor.runner import ReferenceExecutor
+from app.executor.settings import Config
 from tests.support import server
+from tests.support.app import token
 from tests.support.database import MigratedDb
 from tests.support.executors import create_task, start_executor, stop_executor, task_of, wait_for
 from tests.support.file_server import FileServer, served_bytes
@@ -220,3 +225,55 @@ def test_a_refusing_hub_is_retried_after_its_retry_after_and_the_backoff_by_any_
         hashlib.sha256(_target(storage, "xfer-backoff", "org/backoff", "small.bin").read_bytes()).hexdigest()
         == (spec["sha256"])
     )
+
+
+class LaneClosesUnderItsBatch(ReferenceExecutor):
+    """A real executor whose small-file lane closes after a claim handed it a batch and before
+    the batch submits a file: what a lane that breaks between the two does to it."""
+
+    batches = 0
+
+    async def _work_batch(self, items: list[Claimed]) -> None:
+        assert self.tuning.lane is not None
+        self.batches += 1
+        await asyncio.to_thread(self.tuning.lane.close)
+        await super()._work_batch(items)
+
+
+def test_a_batch_whose_lane_closed_still_downloads_every_file_the_per_file_way(db, api, files, workdir):
+    fs, root = files
+    tid = provision(db, "xfer-lane-gone")
+    specs = [fs.add(root, "org/lane-gone", "main", f"s{i}.bin", random.Random(i).randbytes(2048)) for i in range(6)]
+    created = create_task(api, tid, "org/lane-gone", "main", specs)
+    assert created.status_code == 201, created.text
+    storage = workdir / "storage"
+    executor = LaneClosesUnderItsBatch(
+        Config(
+            base_url=api,
+            token=token(0, "executor", user_id="e2e-executor"),
+            storage=storage,
+            hf_endpoint=fs.url,
+            poll_seconds=0.2,
+            label="lane-gone",
+        ),
+        progress="off",
+    )
+
+    async def until_done() -> tuple[int, str]:
+        run = asyncio.create_task(executor.run())
+        try:
+            for _ in range(300):
+                status = await asyncio.to_thread(lambda: str(task_of(api, tid, created.json()["id"])["status"]))
+                if status in ("succeeded", "failed"):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            executor.stop()
+        return await run, status
+
+    assert asyncio.run(asyncio.wait_for(until_done(), 60)) == (0, "succeeded")
+    assert executor.batches == 1 and executor.tuning.lane is not None and not executor.tuning.lane.usable
+    for spec in specs:
+        target = _target(storage, "xfer-lane-gone", "org/lane-gone", spec["path"])
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == spec["sha256"]
+        assert fs.requests[spec["path"]] == 1  # each fetched once, by the per-file path
