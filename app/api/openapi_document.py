@@ -188,6 +188,26 @@ def _refuse_nul_in_requests(document: dict[str, Any]) -> None:
     schemas["JsonValue"] = JSON_VALUE_SCHEMA
 
 
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def _integer_bounds(node: Any) -> None:
+    """An integer's bounds as integers. FastAPI's OpenAPI model types them as floats, so `le=1 << 62`
+    was published as 4.611686018427388e+18, and a validator comparing in floating point (the
+    fuzzer's, a client's) took 2**62 + 95 for valid: the API refuses it (422 VALIDATION_FAILED)."""
+    if isinstance(node, list):
+        for item in node:
+            _integer_bounds(item)
+    elif isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in BOUNDS:
+                value = node.get(key)
+                if isinstance(value, float) and value.is_integer():
+                    node[key] = int(value)
+        for value in node.values():
+            _integer_bounds(value)
+
+
 def _drop_unreferenced(document: dict[str, Any]) -> None:
     """FastAPI's own validation schemas: the error responses no longer use them."""
     schemas = document["components"]["schemas"]
@@ -227,6 +247,7 @@ def build(app: FastAPI) -> dict[str, Any]:
         }
     }
     _refuse_nul_in_requests(document)
+    _integer_bounds(document)
     _drop_unreferenced(document)
     return document
 

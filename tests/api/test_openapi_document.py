@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel
@@ -130,6 +131,27 @@ def test_every_error_status_uses_the_one_shape_with_known_codes(doc: dict[str, A
             assert "ROUTE_NOT_FOUND" in codes(op, 404) and codes(op, 405) == {"METHOD_NOT_ALLOWED"}
     schemas = doc["components"]["schemas"]
     assert "HTTPValidationError" not in schemas and "FieldError" in schemas
+
+
+def integer_schemas(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, list):
+        return [found for item in node for found in integer_schemas(item)]
+    if not isinstance(node, dict):
+        return []
+    here = [node] if node.get("type") == "integer" else []
+    return here + [found for value in node.values() for found in integer_schemas(value)]
+
+
+def test_integer_bounds_are_published_as_integers(doc: dict[str, Any]):
+    """As floats (FastAPI's model), 2**62 + 95 passed a validator comparing in floating point
+    against `maximum: 4.611686018427388e+18`, and the API refused it: the fuzzer found it."""
+    bounded = [schema for schema in integer_schemas(doc) if set(openapi_document.BOUNDS) & schema.keys()]
+    assert len(bounded) >= 10
+    for schema in bounded:
+        assert all(type(schema[key]) is int for key in openapi_document.BOUNDS if key in schema), schema
+    heartbeat = doc["components"]["schemas"]["HeartbeatBody"]["properties"]["checkpoint_bytes"]["anyOf"][0]
+    assert heartbeat["maximum"] == 1 << 62
+    assert not jsonschema_rs.validator_for(heartbeat).is_valid((1 << 62) + 95)
 
 
 def test_retry_after_is_documented_where_it_is_sent(doc: dict[str, Any]):
