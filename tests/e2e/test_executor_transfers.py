@@ -227,6 +227,40 @@ def test_a_refusing_hub_is_retried_after_its_retry_after_and_the_backoff_by_any_
     )
 
 
+@pytest.mark.parametrize(
+    ("size", "connections", "rate"),
+    [(16 * MB, "4", 2 * MB), (2 * MB, "1", MB)],
+    ids=["ranged large file", "small file in the lane"],
+)
+def test_a_running_download_shows_its_bytes_in_the_task(db, api, files, workdir, size, connections, rate):
+    """Heartbeats carry progress: while the file comes (about 2 s, throttled), GET /tasks/{id}
+    shows its bytes_done growing, for a large file's parallel ranges and for a small file of a
+    batch through the lane alike."""
+    fs, root = files
+    slug = f"xfer-progress-{size}"
+    tid = provision(db, slug)
+    spec = fs.add(root, "org/progress", "main", "f.bin", random.Random(22).randbytes(size))
+    fs.rate["f.bin"] = rate  # per connection
+    task_id, _ = _one_file_task(api, tid, "org/progress", spec)
+    args = ("--progress-seconds", "0.3", "--connections-per-file", connections)
+    executor = start_executor(api, fs, workdir / "storage", "progress", *args)
+    seen: list[int] = []
+    try:
+
+        def finished() -> bool:
+            task = task_of(api, tid, task_id)
+            seen.append(task["files"][0]["bytes_done"])
+            return task["status"] == "succeeded"
+
+        wait_for(finished, 60, "the throttled download", (executor,))
+    finally:
+        code, log = stop_executor(executor)
+    assert code == 0, log
+    during = sorted(set(n for n in seen if 0 < n < size))
+    assert len(during) >= 3, seen  # at least three distinct counts while it ran, about one a heartbeat
+    assert seen == sorted(seen) and seen[-1] == size  # never backwards, all of it at the end
+
+
 class LaneClosesUnderItsBatch(ReferenceExecutor):
     """A real executor whose small-file lane closes after a claim handed it a batch and before
     the batch submits a file: what a lane that breaks between the two does to it."""
