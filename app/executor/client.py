@@ -53,6 +53,7 @@ class Claimed:
     bytes_done: int = 0
     resumed_from: int = 0  # where this attempt's download started (the verified checkpoint)
     transfer: Any = None  # the running app.executor.transfer.Transfer, for checkpoints
+    stopped_at: tuple[int, str] | None = None  # the synced checkpoint of a download a stop cancelled
     repo_type: str = "model"
     commit: str | None = None  # what to download; None (an unresolved task): the revision
     hub_token: str | None = field(default=None, repr=False)  # the tenant's, for this file only

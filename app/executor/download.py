@@ -10,6 +10,7 @@ expired lease and its successor in another process) from writing it at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -280,6 +281,7 @@ def _fetch_blocking(
         start, digest = _resume_point(fd, item)
 
         answers: list[dict[str, str]] = []
+        transfers: list[Transfer] = []
 
         def fetch(start: int, digest: Any, connections: int) -> str:
             item.resumed_from = item.bytes_done = start
@@ -298,19 +300,31 @@ def _fetch_blocking(
                 pool=tuning.pool,
             )
             item.transfer = transfer
+            transfers.append(transfer)
             answers.append(transfer.first_answer)
             return transfer.run()
 
         try:
             sha256 = fetch(start, digest, tuning.connections_per_file)
         except RangeIgnored:
-            # No ranges there: the whole file in one stream, from the beginning.
+            # No ranges there: the whole file in one stream, from the beginning (the first
+            # transfer's checkpoints named bytes the truncation removes).
+            transfers[-1].close_fd()
             os.ftruncate(fd, 0)
             sha256 = fetch(0, hash_prefix(fd, 0), 1)
+    except Cancelled:
+        # A stop (or a lost lease): the release reports what is on disk now, synced, rather
+        # than the last heartbeat's checkpoint, up to one interval older.
+        if transfers:
+            with contextlib.suppress(OSError):
+                item.stopped_at = transfers[-1].checkpoint()
+        raise
     except WrongSize:
         tmp.unlink(missing_ok=True)
         raise
     finally:
+        for transfer in transfers:
+            transfer.close_fd()
         os.close(fd)
     return Downloaded(place, sha256, item.size, etag=etag_name(answers[-1].get("etag")) if answers else None)
 

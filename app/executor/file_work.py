@@ -214,10 +214,14 @@ class FileWork(abc.ABC):
         publish(result.place, item, result.sha256, etag)
 
     async def _checkpoint_body(self, item: Claimed) -> dict[str, Any]:
-        """The partial download's checkpoint (synced prefix and its sha256), when one runs."""
+        """The partial download's checkpoint (synced prefix and its sha256), when one runs or a
+        stop cancelled one (the release then reports where it stopped)."""
         transfer = item.transfer
         if transfer is None:
-            return {}
+            if item.stopped_at is None:
+                return {}
+            done, sha256 = item.stopped_at
+            return {"checkpoint_bytes": done, "checkpoint_sha256": sha256}
         try:
             done, sha256 = await asyncio.to_thread(transfer.checkpoint)
         except OSError:
@@ -241,7 +245,10 @@ class FileWork(abc.ABC):
                 return
             # One interval from this heartbeat's start, not its end: the checkpoint a crash
             # leaves on the server is at most one interval old, however long the request took.
-            await asyncio.sleep(max(0.0, began + self._beat_interval(item) - loop.time()))
+            # A quarter of one at least: a heartbeat slower than the interval (a slow API, a
+            # long fdatasync) is not followed at once by the next, which would load both more.
+            interval = self._beat_interval(item)
+            await asyncio.sleep(max(interval / 4, began + interval - loop.time()))
 
     async def _beat(self, item: Claimed) -> bool:
         """One heartbeat with the file's progress (and checkpoint, when one runs); False when the

@@ -10,6 +10,7 @@ verify the partial file and continue after it instead of starting over."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -76,6 +77,10 @@ class Transfer:
         # matches: the next attempt started over, one kill in about six in the bench's harness).
         # Taken before _lock, never inside it.
         self._hash_lock = threading.Lock()
+        # Held by a checkpoint across its fdatasync, and by close_fd: a checkpoint never syncs a
+        # descriptor its caller closed (or one reused since, another file's) after the transfer.
+        self._fd_lock = threading.Lock()
+        self._fd_open = True
         self._hashed = self.resume_at
         self._chunks = self._plan()
         self._written = [start for start, _ in self._chunks]
@@ -102,8 +107,17 @@ class Transfer:
         """(n, sha256 of the first n bytes), with those bytes synced to disk first."""
         with self._hash_lock, self._lock:
             n, digest = self._hashed, self.digest.copy()
-        os.fdatasync(self.fd)
+        with self._fd_lock:
+            if not self._fd_open:
+                raise OSError(errno.EBADF, "the transfer's partial file is closed")
+            os.fdatasync(self.fd)
         return n, digest.hexdigest()
+
+    def close_fd(self) -> None:
+        """The caller is about to close or truncate `fd`: checkpoints raise OSError from now on
+        (one that is syncing finishes first)."""
+        with self._fd_lock:
+            self._fd_open = False
 
     # -- the fetch -------------------------------------------------------------------------
     def run(self) -> str:

@@ -133,7 +133,11 @@ def test_the_next_attempt_resumes_after_the_checkpoint(db, api, files, workdir, 
     fs.rate["big.bin"] = 8 * MB  # about 3 s for the file
     task_id, file_id = _one_file_task(api, tid, "org/resume", spec)
     storage = workdir / "storage"
-    args = ("--lease-seconds", "5", "--progress-seconds", "0.2", "--connections-per-file", "1")
+    # Killed: the checkpoint is the last heartbeat's. Stopped: no heartbeat comes before the stop
+    # (one every 20 s), so the server's checkpoint can only be the one the release carries.
+    killed = stop == signal.SIGKILL
+    beats = ("--lease-seconds", "5", "--progress-seconds", "0.2") if killed else ("--progress-seconds", "20")
+    args = (*beats, "--connections-per-file", "1")
 
     first = start_executor(api, fs, storage, "first", *args)
     wait_for(lambda: served_bytes(fs, "big.bin") >= len(content) // 2, 60, "half the file", (first,))

@@ -10,6 +10,8 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
+
 from app.executor.transfer import HASH_READ, Transfer
 from tests.support.file_server import FileServer
 
@@ -55,3 +57,20 @@ def prefix_digests(content: bytes, points: list[tuple[int, str]]) -> dict[int, s
         at = n
         out[n] = digest.hexdigest()
     return out
+
+
+def test_a_checkpoint_after_its_file_is_closed_raises_and_syncs_nothing(tmp_path: Path) -> None:
+    """After the download's end closes the partial file, a heartbeat still holding the transfer
+    gets OSError (it sends no checkpoint), never an fdatasync of the descriptor's next owner."""
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    transfer = Transfer(url="http://127.0.0.1:9/unused", headers={}, fd=fd, size=10)
+    assert transfer.checkpoint() == (0, hashlib.sha256().hexdigest())
+    transfer.close_fd()
+    os.close(fd)
+    reused = os.open(tmp_path / "another file", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert reused == fd  # the lowest free number: the hazard is real
+        with pytest.raises(OSError, match="closed"):
+            transfer.checkpoint()
+    finally:
+        os.close(reused)
