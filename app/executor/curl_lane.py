@@ -167,12 +167,17 @@ class CurlLane:
         self._wake()
         if thread is not None:
             thread.join()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._lock:  # a late cancel() then writes to no descriptor, not to a reused one
+            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+        os.close(wake_r)
+        os.close(wake_w)
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"\0")
+        with self._lock:  # close() swaps the descriptor out under it
+            if self._wake_w < 0:
+                return
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"\0")
 
     # -- the lane's thread -----------------------------------------------------------------
     def _run(self) -> None:
