@@ -194,7 +194,9 @@ BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipl
 def _integer_bounds(node: Any) -> None:
     """An integer's bounds as integers. FastAPI's OpenAPI model types them as floats, so `le=1 << 62`
     was published as 4.611686018427388e+18, and a validator comparing in floating point (the
-    fuzzer's, a client's) took 2**62 + 95 for valid: the API refuses it (422 VALIDATION_FAILED)."""
+    fuzzer's, a client's) took 2**62 + 95 for valid: the API refuses it (422 VALIDATION_FAILED).
+    Exact where the float was: every bound here is below 2**53 or a power of two (1 << 62); a new
+    bound past 2**53 must be one too, or it is published rounded."""
     if isinstance(node, list):
         for item in node:
             _integer_bounds(item)

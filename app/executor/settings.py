@@ -17,7 +17,7 @@ from app.domain import CLAIM_MAX_FILES, LEASE_SECONDS_MAX, LEASE_SECONDS_MIN
 
 PREFETCH_BYTES = 64 << 20
 CONNECTIONS_PER_FILE = 4  # ranged connections per large file unless --connections-per-file says otherwise
-MAX_CONNECTIONS = 8  # connections to the file endpoint in all, shared by every file
+MAX_CONNECTIONS = 8  # extra ranged connections in all (each file's first runs anyway), and the lane's
 
 
 class ExecutorSettings(BaseSettings):
@@ -102,7 +102,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-connections",
         type=int,
-        help=f"connections to the file endpoint in all (default {MAX_CONNECTIONS})",
+        help=f"extra ranged connections in all, beyond each file's first; also the small-file lane's"
+        f" connections (default {MAX_CONNECTIONS})",
     )
     parser.add_argument(
         "--prefetch",
