@@ -136,17 +136,44 @@ BEGIN
     PERFORM dlw.lease_sweep_deletion(v_scope, p_max_attempts, 100);
     v_now := clock_timestamp();
 
-    -- Oldest first, from an index of pending deletions only (across tenants for a system-wide
-    -- executor, the tenant's own otherwise): the cost follows the deletions returned. SKIP
-    -- LOCKED: concurrent claims get disjoint deletions and never wait. The plan is decided now,
-    -- from the files other tasks hold at this moment (sql/34_task_deletion_rules.sql).
+    -- A system-wide executor: fair across tenants, as the file claim is. A deletion's turn is
+    -- its tenant's deletions in flight + its rank among the tenant's pending ones (oldest
+    -- first), so a tenant that asked for thousands of deletions delays nobody else's: the
+    -- tenant with the fewest in flight goes first, ties to the older request. The tenants
+    -- with pending deletions are found by a loose scan of task_deletions_queue (one probe
+    -- each), so the cost follows those tenants and the deletions returned, not the deletions
+    -- waiting. A tenant-limited executor takes its tenant's oldest. SKIP LOCKED: concurrent
+    -- claims get disjoint deletions and never wait (a claim may get fewer than it could). The
+    -- plan is decided now, from the files other tasks hold at this moment
+    -- (sql/34_task_deletion_rules.sql).
     RETURN QUERY
-    WITH picked AS (
+    WITH RECURSIVE waiting(tenant_id) AS (
+        SELECT (SELECT min(d.tenant_id) FROM dlw.task_deletions d WHERE d.status = 'pending')
+         WHERE v_scope IS NULL
+        UNION ALL
+        SELECT (SELECT min(d.tenant_id) FROM dlw.task_deletions d
+                 WHERE d.status = 'pending' AND d.tenant_id > w.tenant_id)
+          FROM waiting w
+         WHERE w.tenant_id IS NOT NULL
+    ), turns AS (
+        SELECT w.tenant_id, e.id, e.created_at, f.in_flight + e.rank AS turn
+          FROM waiting w
+         CROSS JOIN LATERAL (SELECT count(*) AS in_flight FROM dlw.task_deletions a
+                              WHERE a.tenant_id = w.tenant_id AND a.status = 'assigned') f
+         CROSS JOIN LATERAL (
+               SELECT d.id, d.created_at, row_number() OVER (ORDER BY d.created_at) AS rank
+                 FROM dlw.task_deletions d
+                WHERE d.tenant_id = w.tenant_id AND d.status = 'pending'
+                  AND (d.not_before IS NULL OR d.not_before <= v_now)
+                ORDER BY d.created_at
+                LIMIT p_max) e
+         WHERE w.tenant_id IS NOT NULL
+    ), picked AS (
         SELECT d.tenant_id, d.id
           FROM dlw.task_deletions d
-         WHERE v_scope IS NULL AND d.status = 'pending' AND (d.not_before IS NULL OR d.not_before <= v_now)
-         ORDER BY dlw.cross_tenant_key(d.created_at)
-         LIMIT p_max
+         WHERE (d.tenant_id, d.id) IN (SELECT t.tenant_id, t.id FROM turns t
+                                        ORDER BY t.turn, t.created_at, t.tenant_id LIMIT p_max)
+           AND d.status = 'pending'
            FOR UPDATE SKIP LOCKED
     ), picked_scoped AS (
         SELECT d.tenant_id, d.id
@@ -174,7 +201,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION dlw.executor_claim_deletions(integer, integer, text, integer) IS
-$c$Claims up to p_max task deletions for the acting executor (context role executor; its tenant, or every tenant for tenant 0) under a lease of p_lease_seconds, oldest request first, after returning expired deletion leases of its scope to the queue (out of p_max_attempts: the deletion fails). Rows locked FOR UPDATE SKIP LOCKED: concurrent claims get disjoint deletions and never wait. Each gets a fresh assignment_token, attempts + 1, status assigned, and its plan (dlw.task_deletion_plan: the storage root and layout, and per file what to remove).
+$c$Claims up to p_max task deletions for the acting executor (context role executor; its tenant, or every tenant for tenant 0) under a lease of p_lease_seconds, after returning expired deletion leases of its scope to the queue (out of p_max_attempts: the deletion fails). Fair across tenants for a system-wide executor (the tenant with the fewest deletions in flight first, then the older request, so one tenant's many deletions delay no other's); oldest first within a tenant and for a tenant-limited executor. Rows locked FOR UPDATE SKIP LOCKED: concurrent claims get disjoint deletions and never wait. Each gets a fresh assignment_token, attempts + 1, status assigned, and its plan (dlw.task_deletion_plan: the storage root and layout, and per file what to remove).
 While a deletion is assigned, the file claim (dlw.executor_claim) offers no file of another task of the same repository in the same target: nothing is written where it removes.
 Raises 42501 without an executor context; 22023 for p_max outside 1..claim_max_files, lease_seconds outside lease_seconds_min..lease_seconds_max, p_max_attempts < 1.$c$;
 

@@ -117,8 +117,6 @@ INDEX_ALLOWLIST: dict[str, str] = {
     "dlw.executor_queue_rank": "the fair claim (dlw_system) ranks tenants by files in flight across"
     " tenants; every key on dlw.cross_tenant_key, which is not leakproof, so never used under RLS"
     " (migrations/0016)",
-    "dlw.task_deletions_pending_cross_tenant": "a system-wide deletion claim (dlw_system) takes the"
-    " oldest pending deletions across tenants; on dlw.cross_tenant_key, never used under RLS (migrations/0027)",
     "dlw.task_deletions_lease_expiry": "the expiry sweep of a system-wide deletion claim (dlw_system) reads"
     " expired deletion leases across tenants; on dlw.cross_tenant_key, never used under RLS (migrations/0027)",
     "dlw.task_deletions_id_cross_tenant": "the deletion reports find a deletion by id across tenants"

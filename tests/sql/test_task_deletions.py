@@ -162,6 +162,24 @@ def test_an_expired_lease_is_taken_by_another_executor_and_the_first_holder_lose
         two.close()
 
 
+def test_one_tenants_many_deletions_delay_no_other_tenants(db):
+    """A system-wide executor claims deletions fairly: the tenant with the fewest in flight first,
+    then the older request. Busy asked for three deletions before quiet asked for one; quiet's
+    comes second, not fourth (oldest first across tenants, as it was, served busy's three first)."""
+    busy, quiet = provision(db, "del-fair-busy"), provision(db, "del-fair-quiet")
+    asked = [succeeded_task(db, busy, [(f"b{i}.bin", 40 + i)], repo=f"org/busy{i}") for i in range(3)]
+    asked.append(succeeded_task(db, quiet, [("q.bin", 50)], repo="org/quiet"))
+    for tid, task in zip([busy, busy, busy, quiet], asked, strict=True):
+        assert request(db, tid, task)["outcome"] == "requested"
+    ex = Executor(db, 0, "exec-fair")
+    try:
+        order = [claim_deletions(ex, 1)[0]["task_id"] for _ in range(4)]
+        assert order == [asked[0], asked[3], asked[1], asked[2]]
+        assert claim_deletions(ex) == []
+    finally:
+        ex.close()
+
+
 def test_a_failed_deletion_shows_on_the_task_and_delete_again_requeues_it(db, owner):
     tid = provision(db, "del-fail")
     task = succeeded_task(db, tid, [("a.bin", 12)])
