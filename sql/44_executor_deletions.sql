@@ -168,13 +168,14 @@ BEGIN
                 ORDER BY d.created_at
                 LIMIT p_max) e
          WHERE w.tenant_id IS NOT NULL
+    ), chosen AS (
+        SELECT t.tenant_id, t.id FROM turns t ORDER BY t.turn, t.created_at, t.tenant_id LIMIT p_max
     ), picked AS (
         SELECT d.tenant_id, d.id
-          FROM dlw.task_deletions d
-         WHERE (d.tenant_id, d.id) IN (SELECT t.tenant_id, t.id FROM turns t
-                                        ORDER BY t.turn, t.created_at, t.tenant_id LIMIT p_max)
-           AND d.status = 'pending'
-           FOR UPDATE SKIP LOCKED
+          FROM chosen c
+          JOIN dlw.task_deletions d ON d.tenant_id = c.tenant_id AND d.id = c.id
+         WHERE d.status = 'pending'
+           FOR UPDATE OF d SKIP LOCKED
     ), picked_scoped AS (
         SELECT d.tenant_id, d.id
           FROM dlw.task_deletions d
