@@ -24,8 +24,8 @@
 -- kinds are the template with their row's values).
 --
 -- What stays per kind, and why: the claims themselves (the file claim ranks tenants from the
--- queue summary and starts tasks; the deletion claim takes the oldest request and computes its
--- plan: different selections and results, each one statement with its own pinned plan), the
+-- queue summary and starts tasks; the deletion claim finds tenants by a loose index scan and
+-- computes its plan: different selections and results, each one statement with its own plan), the
 -- heartbeats (a file's also records progress and a checkpoint, in the same row update), the
 -- completions (a file's is set-based with usage and storage; a deletion's releases storage), and
 -- the final failures (a file fails its task and cancels its siblings; a deletion marks the task's

@@ -142,10 +142,11 @@ BEGIN
     -- tenant with the fewest in flight goes first, ties to the older request. The tenants
     -- with pending deletions are found by a loose scan of task_deletions_queue (one probe
     -- each), so the cost follows those tenants and the deletions returned, not the deletions
-    -- waiting. A tenant-limited executor takes its tenant's oldest. SKIP LOCKED: concurrent
-    -- claims get disjoint deletions and never wait (a claim may get fewer than it could). The
-    -- plan is decided now, from the files other tasks hold at this moment
-    -- (sql/34_task_deletion_rules.sql).
+    -- waiting. The turns give each tenant a share; each share is then locked among the
+    -- tenant's oldest with SKIP LOCKED (as the file claim does), so a concurrent claim takes
+    -- the next ones instead of skipping the same rows and returning fewer. A tenant-limited
+    -- executor takes its tenant's oldest. Never a wait. The plan is decided now, from the
+    -- files other tasks hold at this moment (sql/34_task_deletion_rules.sql).
     RETURN QUERY
     WITH RECURSIVE waiting(tenant_id) AS (
         SELECT (SELECT min(d.tenant_id) FROM dlw.task_deletions d WHERE d.status = 'pending')
@@ -156,31 +157,38 @@ BEGIN
           FROM waiting w
          WHERE w.tenant_id IS NOT NULL
     ), turns AS (
-        SELECT w.tenant_id, e.id, e.created_at, f.in_flight + e.rank AS turn
+        SELECT w.tenant_id, e.created_at, e.id, f.in_flight + e.rank AS turn
           FROM waiting w
          CROSS JOIN LATERAL (SELECT count(*) AS in_flight FROM dlw.task_deletions a
                               WHERE a.tenant_id = w.tenant_id AND a.status = 'assigned') f
          CROSS JOIN LATERAL (
-               SELECT d.id, d.created_at, row_number() OVER (ORDER BY d.created_at) AS rank
+               SELECT d.id, d.created_at, row_number() OVER (ORDER BY d.created_at, d.id) AS rank
                  FROM dlw.task_deletions d
                 WHERE d.tenant_id = w.tenant_id AND d.status = 'pending'
                   AND (d.not_before IS NULL OR d.not_before <= v_now)
-                ORDER BY d.created_at
+                ORDER BY d.created_at, d.id
                 LIMIT p_max) e
          WHERE w.tenant_id IS NOT NULL
-    ), chosen AS (
-        SELECT t.tenant_id, t.id FROM turns t ORDER BY t.turn, t.created_at, t.tenant_id LIMIT p_max
+    ), shares AS (
+        SELECT c.tenant_id, count(*) AS n
+          FROM (SELECT t.tenant_id FROM turns t ORDER BY t.turn, t.created_at, t.id LIMIT p_max) c
+         GROUP BY c.tenant_id
     ), picked AS (
-        SELECT d.tenant_id, d.id
-          FROM chosen c
-          JOIN dlw.task_deletions d ON d.tenant_id = c.tenant_id AND d.id = c.id
-         WHERE d.status = 'pending'
-           FOR UPDATE OF d SKIP LOCKED
+        SELECT l.tenant_id, l.id
+          FROM shares s
+         CROSS JOIN LATERAL (
+               SELECT d.tenant_id, d.id
+                 FROM dlw.task_deletions d
+                WHERE d.tenant_id = s.tenant_id AND d.status = 'pending'
+                  AND (d.not_before IS NULL OR d.not_before <= v_now)
+                ORDER BY d.created_at, d.id
+                LIMIT s.n
+                  FOR UPDATE SKIP LOCKED) l
     ), picked_scoped AS (
         SELECT d.tenant_id, d.id
           FROM dlw.task_deletions d
          WHERE d.tenant_id = v_scope AND d.status = 'pending' AND (d.not_before IS NULL OR d.not_before <= v_now)
-         ORDER BY d.created_at
+         ORDER BY d.created_at, d.id
          LIMIT p_max
            FOR UPDATE SKIP LOCKED
     ), assigned AS (

@@ -180,6 +180,24 @@ def test_one_tenants_many_deletions_delay_no_other_tenants(db):
         ex.close()
 
 
+def test_a_fair_claim_of_several_spreads_them_and_a_concurrent_one_takes_the_next(db, owner):
+    """Two at once go to two tenants; a second claim while the first is still open (its rows
+    locked) gets the next deletions, not nothing (it must not pick the same rows and skip them)."""
+    busy, quiet = provision(db, "del-spread-busy"), provision(db, "del-spread-quiet")
+    asked = [succeeded_task(db, busy, [(f"s{i}.bin", 60 + i)], repo=f"org/spread{i}") for i in range(3)]
+    asked.append(succeeded_task(db, quiet, [("t.bin", 70)], repo="org/spread-quiet"))
+    for tid, task in zip([busy, busy, busy, quiet], asked, strict=True):
+        assert request(db, tid, task)["outcome"] == "requested"
+    claim = "SELECT task_id FROM dlw.executor_claim_deletions(%s, 60, 'test', 5)"
+    with psycopg.connect(db.app_url) as first, psycopg.connect(db.app_url) as second:
+        as_tenant(first, 0, "executor", user="exec-first")  # in a transaction, held open
+        assert {r[0] for r in first.execute(claim, (2,)).fetchall()} == {asked[0], asked[3]}
+        as_tenant(second, 0, "executor", user="exec-second")
+        assert [r[0] for r in second.execute(claim, (1,)).fetchall()] == [asked[1]]
+        second.commit()
+        first.commit()
+
+
 def test_a_failed_deletion_shows_on_the_task_and_delete_again_requeues_it(db, owner):
     tid = provision(db, "del-fail")
     task = succeeded_task(db, tid, [("a.bin", 12)])

@@ -109,7 +109,7 @@ async def claim_deletions(
     principal: Principal = Depends(require_perm("/api/v1/executor/deletions/claim", "POST")),
 ) -> DeletionClaimResponse:
     """Claim up to max_deletions task deletions (possibly none) of the tenants the token covers,
-    oldest first, each with its plan."""
+    fairly across tenants (oldest first within one), each with its plan."""
     max_attempts = request.app.state.settings.executor_max_attempts
     async with request_transaction(request, principal, "dlw.executor_claim_deletions") as conn:
         rows = await conn.fetch(
