@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from app.executor.client import Claimed
-from app.executor.download import from_stored_copy
 from app.executor.layout import NoCommit, Unreachable, UnsafePath, blob_name, git_blob_id, placement, publish
 from app.executor.settings import Config, add_run_arguments, config_from
+from app.executor.stored_copy import from_stored_copy
 
 COMMIT = "c" * 40
 
