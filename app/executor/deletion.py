@@ -7,7 +7,9 @@ same refusals of unsafe names and unserved roots). Removing is unlinking: a link
 never followed, and a blob is removed only when the snapshot entry is a relative link to a name
 directly in the repository's own blobs/ directory. A place already missing is success (a second
 attempt after a lost report does the same again). Partial downloads of the task's files (named
-after the file id) go in any case. Directories left empty are removed, up to the target root."""
+after the file id) go in any case. Directories left empty are removed, up to the target root.
+Every removal is made from its directory's descriptor, checked to lie inside the target's base
+when it is opened (_directory_of): a directory swapped for a link since placement() is refused."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from app.executor.client import Claimed
-from app.executor.layout import BLOB_NAME, placement
+from app.executor.layout import BLOB_NAME, UnsafePath, placement
 
 __all__ = ["ClaimedDeletion", "carry_out"]
 
@@ -77,20 +79,47 @@ def _as_claimed(deletion: ClaimedDeletion, spec: dict[str, Any]) -> Claimed:
     )
 
 
-def _unlink(path: Path) -> int | None:
+def _directory_of(home: str, path: Path) -> int | None:
+    """An O_PATH descriptor of path's directory, which must be `home` (the target's base, resolved)
+    or inside it where the kernel finds it now; None when it is missing. placement() checked the
+    path, but a tenant that can write under its root could since have swapped a directory on it
+    for a link to another tenant's tree: that is refused (UnsafePath), and what is removed next
+    is removed in this directory, whatever is swapped after."""
+    try:
+        fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        os.close(fd)
+        raise
+    if where != home and not where.startswith(home + os.sep):
+        os.close(fd)
+        raise UnsafePath(f"{path.parent} now leads out of the target's directory (to {where})")
+    return fd
+
+
+def _unlink(home: str, path: Path) -> int | None:
     """Remove one name, never following it: None when it was missing, else the bytes this freed
     (a regular file's size when this was its last name, 0 otherwise: a link, or a file another
     hard link still holds). A directory is left alone: DLW never writes one at a file's place."""
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
+    fd = _directory_of(home, path)
+    if fd is None:
         return None
-    if stat.S_ISDIR(info.st_mode):
-        raise IsADirectoryError(errno.EISDIR, "a directory where a file was written", str(path))
     try:
-        path.unlink()
-    except FileNotFoundError:
-        return None
+        try:
+            info = os.stat(path.name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory where a file was written", str(path))
+        try:
+            os.unlink(path.name, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+    finally:
+        os.close(fd)
     return info.st_size if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 else 0
 
 
@@ -110,15 +139,23 @@ def _blob_of(link: Path, blobs: Path) -> Path | None:
     return resolved
 
 
-def _prune(start: Path, stop: Path) -> None:
-    """Remove the directories from start up to (not including) stop while they are empty."""
+def _prune(home: str, start: Path, stop: Path) -> None:
+    """Remove the directories from start up to (not including) stop while they are empty, each
+    from its parent as _directory_of checked it."""
     current = start
     while current != stop and current.is_relative_to(stop):
+        fd = _directory_of(home, current)
+        if fd is None:  # its parent is gone: nothing to remove here, go on up
+            current = current.parent
+            continue
         try:
-            current.rmdir()
-        except OSError:  # not empty (or gone): stop here
-            if current.exists():
-                return
+            os.rmdir(current.name, dir_fd=fd)
+        except FileNotFoundError:
+            pass  # gone already: go on up
+        except OSError:  # not empty: stop here
+            return
+        finally:
+            os.close(fd)
         current = current.parent
 
 
@@ -131,14 +168,15 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
     places = [(spec, placement(storages, _as_claimed(deletion, spec))) for spec in specs]  # refusals first
     done = Removed()
     base = _base(storages, deletion)
+    home = os.path.realpath(base)
     for spec, place in places:
-        _unlink(place.partial)
+        _unlink(home, place.partial)
         if place.link is None:  # tree
-            freed = _unlink(place.final) if spec["remove_path"] else None
+            freed = _unlink(home, place.final) if spec["remove_path"] else None
             if freed is not None:
                 done.files += 1
                 done.bytes += freed
-            _prune(place.final.parent, base)
+            _prune(home, place.final.parent, base)
             continue
         assert place.repo_dir is not None
         blob = _blob_of(place.link, place.final) if spec["remove_blob"] else None
@@ -149,9 +187,9 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
             blob = place.final / sha256
         if spec["remove_path"]:
             # The entry first, then its blob: a reader never finds an entry pointing nowhere.
-            done.files += _unlink(place.link) is not None
-            _prune(place.link.parent, place.repo_dir / "snapshots")
-        freed = _unlink(blob) if blob is not None else None
+            done.files += _unlink(home, place.link) is not None
+            _prune(home, place.link.parent, place.repo_dir / "snapshots")
+        freed = _unlink(home, blob) if blob is not None else None
         if freed is not None:
             done.blobs += 1
             done.bytes += freed
@@ -159,11 +197,11 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
         repo_dir, commit, ref = places[0][1].repo_dir, places[0][1].commit, places[0][1].ref
         assert repo_dir is not None and ref is not None
         if plan.get("remove_ref") and _names(ref, commit):
-            done.refs += _unlink(ref) is not None
-            _prune(ref.parent, repo_dir)
+            done.refs += _unlink(home, ref) is not None
+            _prune(home, ref.parent, repo_dir)
         for leftover in ("snapshots", "blobs", "refs"):
-            _prune(repo_dir / leftover, repo_dir)
-        _prune(repo_dir, base)
+            _prune(home, repo_dir / leftover, repo_dir)
+        _prune(home, repo_dir, base)
     return done
 
 

@@ -7,11 +7,13 @@ anything is removed."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app.executor import deletion as deletion_module
 from app.executor.deletion import ClaimedDeletion, carry_out
 from app.executor.layout import Unreachable, UnsafePath
 
@@ -120,3 +122,29 @@ def test_refusals_come_before_any_removal(tmp_path: Path):
             deletion(root, "tree", [{"path": "a.bin", "remove_path": True}]),
         )
     assert keep.exists()
+
+
+def test_a_directory_swapped_for_a_link_after_the_check_takes_nothing_outside(tmp_path: Path, monkeypatch):
+    """The tenant can write under its root: between placement()'s check and the removal it swaps
+    its directory for a link to another tenant's (injected here right after the real placement).
+    The removal is refused; the other tenant's file of the same name stays."""
+    root = tmp_path / "plain"
+    tree = root / "org" / "m" / "main"
+    tree.mkdir(parents=True)
+    (tree / "a.bin").write_bytes(b"mine")
+    theirs = tmp_path / "other-tenant" / "main"
+    theirs.mkdir(parents=True)
+    (theirs / "a.bin").write_bytes(b"theirs")
+    checked = deletion_module.placement
+
+    def then_swapped(storages: Any, item: Any) -> Any:
+        place = checked(storages, item)
+        if not tree.is_symlink():
+            shutil.rmtree(tree)
+            os.symlink(theirs, tree)
+        return place
+
+    monkeypatch.setattr(deletion_module, "placement", then_swapped)
+    with pytest.raises(UnsafePath, match="leads out of the target"):
+        carry_out([tmp_path / "default", tmp_path], deletion(root, "tree", [{"path": "a.bin", "remove_path": True}]))
+    assert (theirs / "a.bin").read_bytes() == b"theirs"
