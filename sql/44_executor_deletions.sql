@@ -145,7 +145,7 @@ BEGIN
     -- waiting. The turns give each tenant a share; each share is then locked among the
     -- tenant's oldest with SKIP LOCKED (as the file claim does), so a concurrent claim takes
     -- the next ones instead of skipping the same rows and returning fewer. A tenant-limited
-    -- executor takes its tenant's oldest. Never a wait. The plan is decided now, from the
+    -- executor's share is all p_max of its own tenant, its oldest. Never a wait. The plan is decided now, from the
     -- files other tasks hold at this moment (sql/34_task_deletion_rules.sql).
     RETURN QUERY
     WITH RECURSIVE waiting(tenant_id) AS (
@@ -173,6 +173,8 @@ BEGIN
         SELECT c.tenant_id, count(*) AS n
           FROM (SELECT t.tenant_id FROM turns t ORDER BY t.turn, t.created_at, t.id LIMIT p_max) c
          GROUP BY c.tenant_id
+        UNION ALL
+        SELECT v_scope, p_max WHERE v_scope IS NOT NULL
     ), picked AS (
         SELECT l.tenant_id, l.id
           FROM shares s
@@ -184,20 +186,13 @@ BEGIN
                 ORDER BY d.created_at, d.id
                 LIMIT s.n
                   FOR UPDATE SKIP LOCKED) l
-    ), picked_scoped AS (
-        SELECT d.tenant_id, d.id
-          FROM dlw.task_deletions d
-         WHERE d.tenant_id = v_scope AND d.status = 'pending' AND (d.not_before IS NULL OR d.not_before <= v_now)
-         ORDER BY d.created_at, d.id
-         LIMIT p_max
-           FOR UPDATE SKIP LOCKED
     ), assigned AS (
         UPDATE dlw.task_deletions d
            SET status = 'assigned', assignment_token = gen_random_uuid(), lease_seconds = p_lease_seconds,
                lease_expires_at = v_now + make_interval(secs => p_lease_seconds), attempts = d.attempts + 1,
                executor_id = v_executor, error = NULL, not_before = NULL, updated_at = now(),
                plan = dlw.task_deletion_plan(d.tenant_id, d.task_id)
-          FROM (SELECT * FROM picked UNION ALL SELECT * FROM picked_scoped) p
+          FROM picked p
          WHERE d.tenant_id = p.tenant_id AND d.id = p.id
         RETURNING d.id, d.task_id, d.tenant_id, d.attempts, d.assignment_token, d.lease_seconds, d.lease_expires_at,
                   d.plan, d.created_at
