@@ -216,17 +216,15 @@ class FileWork(abc.ABC):
     async def _checkpoint_body(self, item: Claimed) -> dict[str, Any]:
         """The partial download's checkpoint (synced prefix and its sha256), when one runs or a
         stop cancelled one (the release then reports where it stopped)."""
-        transfer = item.transfer
-        if transfer is None:
-            if item.stopped_at is None:
+        point = item.stopped_at
+        if item.transfer is not None:
+            try:
+                point = await asyncio.to_thread(item.transfer.checkpoint)
+            except OSError:
                 return {}
-            done, sha256 = item.stopped_at
-            return {"checkpoint_bytes": done, "checkpoint_sha256": sha256}
-        try:
-            done, sha256 = await asyncio.to_thread(transfer.checkpoint)
-        except OSError:
+        if point is None:
             return {}
-        return {"checkpoint_bytes": done, "checkpoint_sha256": sha256}
+        return {"checkpoint_bytes": point[0], "checkpoint_sha256": point[1]}
 
     def _beat_interval(self, item: Claimed) -> float:
         # Within a third of the lease, and often enough that progress (and the resume point)
