@@ -162,15 +162,21 @@ def test_an_expired_lease_is_taken_by_another_executor_and_the_first_holder_lose
         two.close()
 
 
+def busy_then_quiet(db: MigratedDb, slug: str, content: int) -> list[uuid.UUID]:
+    """Three deletions asked by one tenant ("busy"), then one by another ("quiet"): their tasks."""
+    busy, quiet = provision(db, f"{slug}-busy"), provision(db, f"{slug}-quiet")
+    asked = [succeeded_task(db, busy, [(f"b{i}.bin", content + i)], repo=f"org/{slug}{i}") for i in range(3)]
+    asked.append(succeeded_task(db, quiet, [("q.bin", content + 10)], repo=f"org/{slug}-quiet"))
+    for tid, task in zip([busy, busy, busy, quiet], asked, strict=True):
+        assert request(db, tid, task)["outcome"] == "requested"
+    return asked
+
+
 def test_one_tenants_many_deletions_delay_no_other_tenants(db):
     """A system-wide executor claims deletions fairly: the tenant with the fewest in flight first,
     then the older request. Busy asked for three deletions before quiet asked for one; quiet's
     comes second, not fourth (oldest first across tenants, as it was, served busy's three first)."""
-    busy, quiet = provision(db, "del-fair-busy"), provision(db, "del-fair-quiet")
-    asked = [succeeded_task(db, busy, [(f"b{i}.bin", 40 + i)], repo=f"org/busy{i}") for i in range(3)]
-    asked.append(succeeded_task(db, quiet, [("q.bin", 50)], repo="org/quiet"))
-    for tid, task in zip([busy, busy, busy, quiet], asked, strict=True):
-        assert request(db, tid, task)["outcome"] == "requested"
+    asked = busy_then_quiet(db, "del-fair", 40)
     ex = Executor(db, 0, "exec-fair")
     try:
         order = [claim_deletions(ex, 1)[0]["task_id"] for _ in range(4)]
@@ -183,11 +189,7 @@ def test_one_tenants_many_deletions_delay_no_other_tenants(db):
 def test_a_fair_claim_of_several_spreads_them_and_a_concurrent_one_takes_the_next(db, owner):
     """Two at once go to two tenants; a second claim while the first is still open (its rows
     locked) gets the next deletions, not nothing (it must not pick the same rows and skip them)."""
-    busy, quiet = provision(db, "del-spread-busy"), provision(db, "del-spread-quiet")
-    asked = [succeeded_task(db, busy, [(f"s{i}.bin", 60 + i)], repo=f"org/spread{i}") for i in range(3)]
-    asked.append(succeeded_task(db, quiet, [("t.bin", 70)], repo="org/spread-quiet"))
-    for tid, task in zip([busy, busy, busy, quiet], asked, strict=True):
-        assert request(db, tid, task)["outcome"] == "requested"
+    asked = busy_then_quiet(db, "del-spread", 60)
     claim = "SELECT task_id FROM dlw.executor_claim_deletions(%s, 60, 'test', 5)"
     with psycopg.connect(db.app_url) as first, psycopg.connect(db.app_url) as second:
         as_tenant(first, 0, "executor", user="exec-first")  # in a transaction, held open
