@@ -46,6 +46,7 @@ import psycopg
 from app.db.queries import SQL
 from app.executor.curl_lane import CurlLane, LaneTransfer
 from app.executor.download import open_partial
+from app.executor.layout import Placement
 from app.executor.settings import CONNECTIONS_PER_FILE
 from app.identity import system_jwt
 from app.identity.principal import Principal
@@ -164,7 +165,8 @@ def _lane_alone(urls: list[str], shas: list[str], outdir: Path) -> float:
             os.replace(partial, final)
             return sha256
 
-        return LaneTransfer(url, [], 2048, lambda: (open_partial(partial), partial), finish, lambda _n: None)
+        place = Placement(partial, final, outdir)
+        return LaneTransfer(url, [], 2048, lambda: (open_partial(place), partial.unlink), finish, lambda _n: None)
 
     async def fetch_all() -> float:
         lane = CurlLane(8, 8)

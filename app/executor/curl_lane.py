@@ -30,7 +30,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pycurl
@@ -55,21 +54,22 @@ def ca_bundle() -> str | None:
 @dataclass(eq=False)
 class LaneTransfer(Generic[T]):
     """One file in the lane. `start` (in the lane's thread) opens the partial file and returns its
-    descriptor and path; `finish(sha256, etag)` turns the complete, synced bytes into the result.
+    descriptor and how to remove it (bytes that are not the file); `finish(sha256, etag)` turns
+    the complete, synced bytes into the result.
     `etag`: what the first answer (before any redirect) said in X-Linked-Etag or ETag, asked for
     with want_etag (hf-cache names blobs by it, as huggingface_hub does from its HEAD)."""
 
     url: str
     headers: list[str]
     size: int
-    start: Callable[[], tuple[int, Path]]
+    start: Callable[[], tuple[int, Callable[[], None]]]
     finish: Callable[[str, str | None], T]
     on_bytes: Callable[[int], None]
     want_etag: bool = False
     future: asyncio.Future[T] | None = None  # set by submit, in the event loop's thread
     cancelled: bool = False
     fd: int = -1
-    partial: Path | None = None
+    discard: Callable[[], None] | None = None
     written: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
     why: BaseException | None = None  # set by a callback that stopped the transfer
@@ -288,7 +288,7 @@ class CurlLane:
                 self._settle(transfer, None, Cancelled())
                 continue
             try:
-                transfer.fd, transfer.partial = transfer.start()
+                transfer.fd, transfer.discard = transfer.start()
             except BaseException as exc:  # Busy, UnsafePath, OSError...: the file's outcome
                 self._settle(transfer, None, exc)
                 continue
@@ -378,8 +378,8 @@ class CurlLane:
                 problem = exc
             finally:
                 os.close(transfer.fd)
-            if isinstance(problem, WrongSize) and transfer.partial is not None:
-                transfer.partial.unlink(missing_ok=True)  # not the declared file: nothing to resume
+            if isinstance(problem, WrongSize) and transfer.discard is not None:
+                transfer.discard()  # not the declared file: nothing to resume
             if problem is not None:
                 outcome = (None, problem)
                 return

@@ -8,12 +8,11 @@ never followed, and a blob is removed only when the snapshot entry is a relative
 directly in the repository's own blobs/ directory. A place already missing is success (a second
 attempt after a lost report does the same again). Partial downloads of the task's files (named
 after the file id) go in any case. Directories left empty are removed, up to the target root.
-Every removal is made from its directory's descriptor, checked to lie inside the target's base
-when it is opened (_directory_of): a directory swapped for a link since placement() is refused."""
+Every removal is made in its directory as reached from the target's base without following a
+link (app/executor/anchored.py): a directory swapped for a link since placement() is refused."""
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -21,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.executor.anchored import directory, remove
 from app.executor.client import Claimed
-from app.executor.layout import BLOB_NAME, UnsafePath, placement
+from app.executor.layout import BLOB_NAME, placement
 
 __all__ = ["ClaimedDeletion", "carry_out"]
 
@@ -79,47 +79,13 @@ def _as_claimed(deletion: ClaimedDeletion, spec: dict[str, Any]) -> Claimed:
     )
 
 
-def _directory_of(home: str, path: Path) -> int | None:
-    """An O_PATH descriptor of path's directory, which must be `home` (the target's base, resolved)
-    or inside it where the kernel finds it now; None when it is missing. placement() checked the
-    path, but a tenant that can write under its root could since have swapped a directory on it
-    for a link to another tenant's tree: that is refused (UnsafePath), and what is removed next
-    is removed in this directory, whatever is swapped after."""
-    try:
-        fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
+def _unlink(base: Path, path: Path) -> int | None:
+    """Remove one name, never following it (anchored.remove): None when it was missing, else the
+    bytes this freed (a regular file's size when this was its last name, 0 otherwise: a link, or
+    a file another hard link still holds)."""
+    info = remove(base, path)
+    if info is None:
         return None
-    try:
-        where = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        os.close(fd)
-        raise
-    if where != home and not where.startswith(home + os.sep):
-        os.close(fd)
-        raise UnsafePath(f"{path.parent} now leads out of the target's directory (to {where})")
-    return fd
-
-
-def _unlink(home: str, path: Path) -> int | None:
-    """Remove one name, never following it: None when it was missing, else the bytes this freed
-    (a regular file's size when this was its last name, 0 otherwise: a link, or a file another
-    hard link still holds). A directory is left alone: DLW never writes one at a file's place."""
-    fd = _directory_of(home, path)
-    if fd is None:
-        return None
-    try:
-        try:
-            info = os.stat(path.name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "a directory where a file was written", str(path))
-        try:
-            os.unlink(path.name, dir_fd=fd)
-        except FileNotFoundError:
-            return None
-    finally:
-        os.close(fd)
     return info.st_size if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 else 0
 
 
@@ -139,23 +105,19 @@ def _blob_of(link: Path, blobs: Path) -> Path | None:
     return resolved
 
 
-def _prune(home: str, start: Path, stop: Path) -> None:
+def _prune(base: Path, start: Path, stop: Path) -> None:
     """Remove the directories from start up to (not including) stop while they are empty, each
-    from its parent as _directory_of checked it."""
+    from its parent's anchored directory."""
     current = start
-    while current != stop and current.is_relative_to(stop):
-        fd = _directory_of(home, current)
-        if fd is None:  # its parent is gone: nothing to remove here, go on up
-            current = current.parent
-            continue
-        try:
-            os.rmdir(current.name, dir_fd=fd)
-        except FileNotFoundError:
-            pass  # gone already: go on up
-        except OSError:  # not empty: stop here
-            return
-        finally:
-            os.close(fd)
+    while current != stop and current.is_relative_to(stop) and current.is_relative_to(base):
+        with directory(base, current.parent) as fd:
+            if fd is not None:  # else its parent is gone: nothing to remove here, go on up
+                try:
+                    os.rmdir(current.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass  # gone already: go on up
+                except OSError:  # not empty: stop here
+                    return
         current = current.parent
 
 
@@ -167,16 +129,17 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
     specs = list(plan.get("files") or [])
     places = [(spec, placement(storages, _as_claimed(deletion, spec))) for spec in specs]  # refusals first
     done = Removed()
-    base = _base(storages, deletion)
-    home = os.path.realpath(base)
+    if not places:
+        return done
+    base = places[0][1].base  # one target for the whole plan: its base, as placement() resolved it
     for spec, place in places:
-        _unlink(home, place.partial)
+        _unlink(base, place.partial)
         if place.link is None:  # tree
-            freed = _unlink(home, place.final) if spec["remove_path"] else None
+            freed = _unlink(base, place.final) if spec["remove_path"] else None
             if freed is not None:
                 done.files += 1
                 done.bytes += freed
-            _prune(home, place.final.parent, base)
+            _prune(base, place.final.parent, base)
             continue
         assert place.repo_dir is not None
         blob = _blob_of(place.link, place.final) if spec["remove_blob"] else None
@@ -187,21 +150,21 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
             blob = place.final / sha256
         if spec["remove_path"]:
             # The entry first, then its blob: a reader never finds an entry pointing nowhere.
-            done.files += _unlink(home, place.link) is not None
-            _prune(home, place.link.parent, place.repo_dir / "snapshots")
-        freed = _unlink(home, blob) if blob is not None else None
+            done.files += _unlink(base, place.link) is not None
+            _prune(base, place.link.parent, place.repo_dir / "snapshots")
+        freed = _unlink(base, blob) if blob is not None else None
         if freed is not None:
             done.blobs += 1
             done.bytes += freed
-    if plan["layout"] == "hf-cache" and places:
+    if plan["layout"] == "hf-cache":
         repo_dir, commit, ref = places[0][1].repo_dir, places[0][1].commit, places[0][1].ref
         assert repo_dir is not None and ref is not None
         if plan.get("remove_ref") and _names(ref, commit):
-            done.refs += _unlink(home, ref) is not None
-            _prune(home, ref.parent, repo_dir)
+            done.refs += _unlink(base, ref) is not None
+            _prune(base, ref.parent, repo_dir)
         for leftover in ("snapshots", "blobs", "refs"):
-            _prune(home, repo_dir / leftover, repo_dir)
-        _prune(home, repo_dir, base)
+            _prune(base, repo_dir / leftover, repo_dir)
+        _prune(base, repo_dir, base)
     return done
 
 
@@ -213,9 +176,3 @@ def _names(ref: Path, commit: str | None) -> bool:
         return ref.read_text().strip() == commit
     except (FileNotFoundError, OSError):
         return False
-
-
-def _base(storages: Sequence[Path], deletion: ClaimedDeletion) -> Path:
-    """The directory pruning stops at: the target root, or <first storage>/<tenant>."""
-    root = deletion.plan.get("root")
-    return Path(root) if root else storages[0].resolve() / deletion.tenant

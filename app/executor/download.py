@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import stat
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from app.executor.anchored import made_directory, remove, unlink_if_there
 from app.executor.client import Claimed
 from app.executor.curl_lane import CurlLane, LaneTransfer
 from app.executor.curl_outcomes import TransferError
@@ -78,10 +80,6 @@ class Downloaded:
     copied_from: str | None = None  # placed from this stored copy (no byte downloaded)
     etag: str | None = None  # the hub's ETag as the download's first answer gave it (hf-cache)
 
-    @property
-    def tmp(self) -> Path:
-        return self.place.partial
-
 
 def destination(storage: Sequence[Path] | Path, item: Claimed) -> Path:
     """Where the file's bytes go (tree layouts: the file itself; hf-cache: the blobs directory)."""
@@ -124,38 +122,42 @@ def _resume_point(fd: int, item: Claimed) -> tuple[int, Any]:
     return 0, hash_prefix(fd, 0)
 
 
-def open_partial(path: Path) -> int:
-    """The partial file, opened and locked (Busy when another process holds it); its directory
-    is made when missing (for the first file of a directory only: a mkdir per small file costs
-    about as much as its open). It is truncated or written next, so it must be this file's own:
-    a symbolic link under its name is never followed (O_NOFOLLOW), and a link or a file with
-    another name (a hard link: a stored copy it was once linked from, or one planted in a
-    tenant-writable directory) is removed and the partial made anew, its resume point lost."""
+def open_partial(place: Placement) -> int:
+    """The partial file, opened and locked (Busy when another process holds it), in its directory
+    as reached from the target's base (app/executor/anchored.py: made when missing, never through
+    a link). It is truncated or written next, so it must be this file's own: a symbolic link
+    under its name is never followed (O_NOFOLLOW), and a link or a file with another name (a
+    hard link: a stored copy it was once linked from, or one planted in a tenant-writable
+    directory) is removed and the partial made anew, its resume point lost."""
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-    for _ in range(3):
-        try:
-            fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            continue
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
+    path = place.partial
+    with made_directory(place.base, path.parent) as there:
+        for _ in range(3):
+            try:
+                fd = os.open(path.name, flags, 0o644, dir_fd=there)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                unlink_if_there(path.name, there)  # a symbolic link under our name: the link goes, nothing else
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise Busy(f"{path.name} is being written by another process") from exc
                 raise
-            path.unlink(missing_ok=True)  # a symbolic link under our name: the link goes, nothing else
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                return fd
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise Busy(f"{path.name} is being written by another process") from exc
-            raise
-        info = os.fstat(fd)
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
-            return fd
-        os.close(fd)
-        path.unlink(missing_ok=True)  # only this name: the other names keep their bytes
+            unlink_if_there(path.name, there)  # only this name: the other names keep their bytes
     raise OSError(errno.EEXIST, "the partial file was replaced again and again", str(path))
+
+
+def remove_partial(place: Placement) -> None:
+    """The partial file removed (missing is fine), in its anchored directory."""
+    remove(place.base, place.partial)
 
 
 async def download(
@@ -230,12 +232,12 @@ def lane_transfer(
     result. headers: the executor's, the claim's hub token already in them (download())."""
     place: list[Placement] = []
 
-    def start() -> tuple[int, Path]:
+    def start() -> tuple[int, Callable[[], None]]:
         here = placement(storage, item)
-        fd = open_partial(here.partial)
+        fd = open_partial(here)
         os.ftruncate(fd, 0)  # no resume point: whatever an earlier attempt left is not kept
         place.append(here)
-        return fd, here.partial
+        return fd, functools.partial(remove_partial, here)
 
     def finish(sha256: str, etag: str | None) -> Downloaded:
         result = Downloaded(place[0], sha256, item.size, etag=etag_name(etag))
@@ -271,12 +273,10 @@ def _fetch_blocking(
     cancel: threading.Event,
 ) -> Downloaded:
     place = placement(storage, item)
-    tmp = place.partial
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     copied = from_stored_copy(place, item)
     if copied is not None:
         return Downloaded(place, copied, item.size, copied_from=item.stored_path)
-    fd = open_partial(tmp)
+    fd = open_partial(place)
     try:
         start, digest = _resume_point(fd, item)
 
@@ -320,7 +320,7 @@ def _fetch_blocking(
                 item.stopped_at = transfers[-1].checkpoint()
         raise
     except WrongSize:
-        tmp.unlink(missing_ok=True)
+        remove_partial(place)
         raise
     finally:
         for transfer in transfers:
@@ -332,7 +332,7 @@ def _fetch_blocking(
 def discard(storage: Sequence[Path], item: Claimed) -> None:
     """Remove the file's partial download (its lease is gone, or its bytes are not the file)."""
     try:
-        placement(storage, item).partial.unlink(missing_ok=True)
+        remove_partial(placement(storage, item))
     except (UnsafePath, Unreachable, NoCommit):
         pass
 

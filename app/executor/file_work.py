@@ -34,6 +34,7 @@ from app.executor.download import (
     file_url,
     lane_takes,
     mismatch,
+    remove_partial,
 )
 from app.executor.layout import hub_etag, publish
 from app.executor.metrics import ExecutorMetrics
@@ -194,7 +195,7 @@ class FileWork(abc.ABC):
         NotPublished otherwise (a mismatch is final, a failed publication retryable)."""
         problem = mismatch(item, result)
         if problem:
-            result.tmp.unlink(missing_ok=True)
+            remove_partial(result.place)
             raise NotPublished(problem, retryable=False)
         try:
             self._publish(item, result)

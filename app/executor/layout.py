@@ -16,6 +16,7 @@ reader never sees a partial blob or a dangling link."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import http.client
@@ -27,15 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from app.executor.anchored import UnsafePath as UnsafePath  # raised here too: importable from here
+from app.executor.anchored import directory, made_directory, unlink_if_there
 from app.executor.client import Claimed
 
 COMMIT = re.compile(r"[0-9a-f]{40}")  # fullmatch: "$" would also take a final newline
 BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # an hf-cache blob: the hub's ETag (git blob id or sha256)
 _ETAG = re.compile(r'^(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?$')
-
-
-class UnsafePath(ValueError):
-    """A file whose destination would leave its storage directory."""
 
 
 class Unreachable(ValueError):
@@ -54,19 +53,17 @@ class Placement:
 
     partial: Path
     final: Path
+    base: Path  # the target's base directory (its root, or <first --storage>/<tenant>), resolved
     link: Path | None = None  # hf-cache: snapshots/<commit>/<path>
     repo_dir: Path | None = None  # hf-cache: models--org--name
     commit: str | None = None
-    base: Path | None = None  # the target's base directory: its root, or <first --storage>/<tenant>
     ref: Path | None = None  # hf-cache: refs/<revision>, resolved and checked like the others
 
     @property
-    def stored_path(self) -> str | None:
+    def stored_path(self) -> str:
         """Where the published file lies relative to the target's base directory (tree: the file;
         hf-cache: the snapshot entry, a link to its blob): what the completion reports."""
         where = self.link if self.link is not None else self.final
-        if self.base is None:
-            return None
         home, path = str(self.base), str(where)  # a string prefix: Path.relative_to costs more per small file
         if path.startswith(home + "/"):
             return path[len(home) + 1 :]
@@ -75,7 +72,6 @@ class Placement:
     def copy_source(self, stored_path: str) -> Path:
         """The verified copy a claim named (relative to the base), refusing anything outside it,
         through a link included (an hf-cache snapshot entry must lead to a blob under the base)."""
-        assert self.base is not None
         parts = stored_path.split("/")
         if any(p in ("", ".", "..") or "\x00" in p for p in parts):
             raise UnsafePath(f"unsafe stored path {stored_path!r}")
@@ -178,7 +174,7 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     if item.storage_layout != "hf-cache":
         target = _inside(home, _segments(item, item.repo_id, item.revision, item.path), item)
         folder, name = os.path.split(target)
-        return Placement(Path(os.path.join(folder, f".{name}.{item.id}.part")), target, base=home)
+        return Placement(Path(os.path.join(folder, f".{name}.{item.id}.part")), target, home)
     commit = item.commit or (item.revision if COMMIT.fullmatch(item.revision) else None)
     if commit is None:
         raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
@@ -188,14 +184,18 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     # the ref or a deletion out of the repository folder.
     partial = _inside(repo_dir, ["blobs", f"{item.id}.incomplete"], item)
     ref = _inside(repo_dir, ["refs", *_segments(item, item.revision)], item)
-    return Placement(partial, partial.parent, link, repo_dir, commit, home, ref)
+    return Placement(partial, partial.parent, home, link, repo_dir, commit, ref)
 
 
-def git_blob_id(path: Path) -> str:
-    """The git blob id of a file: sha1 of "blob <size>\\0" + its bytes (the hub's ETag of a file
-    stored in git)."""
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
-    with path.open("rb") as f:
+def git_blob_id(place: Placement) -> str:
+    """The git blob id of the partial file: sha1 of "blob <size>\\0" + its bytes (the hub's ETag of
+    a file stored in git)."""
+    with directory(place.base, place.partial.parent) as fd:
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "the partial file's directory is gone", str(place.partial))
+        opened = os.open(place.partial.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    with os.fdopen(opened, "rb") as f:
+        digest = hashlib.sha1(f"blob {os.fstat(f.fileno()).st_size}\0".encode(), usedforsecurity=False)
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -226,57 +226,67 @@ def etag_name(value: str | None) -> str | None:
     return match[1] if match else None
 
 
-def blob_name(partial: Path, sha256: str, etag: str | None) -> str:
+def blob_name(place: Placement, sha256: str, etag: str | None) -> str:
     """The hub's ETag when it names these bytes (their sha256, or their git blob id), else the
     sha256: a name never taken on the server's word alone, as it becomes a path."""
-    if etag == sha256 or (etag is not None and len(etag) == 40 and etag == git_blob_id(partial)):
+    if etag == sha256 or (etag is not None and len(etag) == 40 and etag == git_blob_id(place)):
         return etag
     return sha256
 
 
-def _replace_link(source: str, link: Path, tag: str) -> None:
-    tmp = link.parent / f".{link.name}.{tag}.link"
-    tmp.unlink(missing_ok=True)
-    os.symlink(source, tmp)
-    os.replace(tmp, link)
+# Publishing writes only through directories anchored at the target's base (anchored.py): a
+# directory swapped for a link since placement() is refused, not written through.
 
 
-def _replace_text(path: Path, text: str, tag: str) -> None:
+def _replace_link(base: Path, source: str, link: Path, tag: str) -> None:
+    tmp = f".{link.name}.{tag}.link"
+    with made_directory(base, link.parent) as fd:
+        unlink_if_there(tmp, fd)
+        os.symlink(source, tmp, dir_fd=fd)
+        os.replace(tmp, link.name, src_dir_fd=fd, dst_dir_fd=fd)
+
+
+def _replace_text(base: Path, path: Path, text: str, tag: str) -> None:
     """path holds text, replaced atomically. The temporary file is made new (O_EXCL, after any old
     one is removed), never opened through a link planted under its name, which would write there."""
-    tmp = path.parent / f".{path.name}.{tag}.tmp"
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = f".{path.name}.{tag}.tmp"
+    with made_directory(base, path.parent) as fd:
+        unlink_if_there(tmp, fd)
+        new = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd)
+        with os.fdopen(new, "w") as f:
+            f.write(text)
+        os.replace(tmp, path.name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
-def _rename_over(partial: Path, final: Path) -> None:
-    """partial becomes final. When final is already a hard link of the same file (a copy placed
-    from it), rename(2) would do nothing and leave partial behind: partial is removed instead."""
-    try:
-        same = os.path.samefile(partial, final)
-    except FileNotFoundError:
-        same = False
-    if same:
-        partial.unlink()
-    else:
-        os.replace(partial, final)
+def _rename_over(base: Path, partial: Path, final: Path) -> None:
+    """partial becomes final (a name in the same directory). When final is already a hard link
+    of the same file (a copy placed from it), rename(2) would do nothing and leave partial
+    behind: partial is removed instead."""
+    assert partial.parent == final.parent
+    with directory(base, partial.parent) as fd:
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "the partial file's directory is gone", str(partial))
+        ours = os.stat(partial.name, dir_fd=fd, follow_symlinks=False)
+        try:
+            there = os.stat(final.name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            there = None
+        if there is not None and (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
+            os.unlink(partial.name, dir_fd=fd)
+        else:
+            os.replace(partial.name, final.name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
 def publish(place: Placement, item: Claimed, sha256: str, etag: str | None) -> Path:
     """Put verified bytes in place (blob, then link, then ref for hf-cache) and return where."""
     if place.link is None:
-        _rename_over(place.partial, place.final)
+        _rename_over(place.base, place.partial, place.final)
         return place.final
     assert place.repo_dir is not None and place.commit is not None
-    blob = place.final / blob_name(place.partial, sha256, etag)
-    _rename_over(place.partial, blob)  # same bytes under the same name: replacing is harmless
-    place.link.parent.mkdir(parents=True, exist_ok=True)
-    _replace_link(os.path.relpath(blob, place.link.parent), place.link, item.id)
+    blob = place.final / blob_name(place, sha256, etag)
+    _rename_over(place.base, place.partial, blob)  # same bytes under the same name: replacing is harmless
+    _replace_link(place.base, os.path.relpath(blob, place.link.parent), place.link, item.id)
     if item.revision != place.commit:
         assert place.ref is not None
-        place.ref.parent.mkdir(parents=True, exist_ok=True)
-        _replace_text(place.ref, place.commit, item.id)
+        _replace_text(place.base, place.ref, place.commit, item.id)
     return place.link

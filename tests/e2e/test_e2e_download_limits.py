@@ -32,6 +32,7 @@ from app.executor.download import (
     open_partial,
     partial_path,
 )
+from app.executor.layout import placement
 from tests.support import server
 from tests.support.app import token
 from tests.support.executors import create_task, quota_of, start_executor, stop_executor, task_of, wait_for
@@ -75,13 +76,14 @@ def test_the_executor_refuses_to_write_outside_its_storage(work):
     # A link planted under a file's partial name, symbolic or hard, is not written through: the
     # partial is truncated once opened (both byte paths open it the same way), so it is made anew.
     os.unlink(work / "acme" / "org")
-    partial = partial_path(work, item())
+    place = placement(work, item())
+    partial = place.partial
     partial.parent.mkdir(parents=True)
     precious = work / "precious.bin"
     for plant in (os.symlink, os.link):
         precious.write_bytes(b"keep me")
         plant(precious, partial)
-        fd = open_partial(partial)
+        fd = open_partial(place)
         try:
             os.ftruncate(fd, 0)
             os.write(fd, b"new")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from app.executor.client import Claimed
-from app.executor.layout import NoCommit, Unreachable, UnsafePath, blob_name, git_blob_id, placement, publish
+from app.executor.layout import NoCommit, Placement, Unreachable, UnsafePath, blob_name, git_blob_id, placement, publish
 from app.executor.settings import Config, add_run_arguments, config_from
 from app.executor.stored_copy import from_stored_copy
 
@@ -175,8 +175,8 @@ def test_a_link_in_a_tenants_default_tree_never_leads_into_another_tenants(tmp_p
 
 
 def test_the_blob_is_named_by_the_hubs_etag_only_when_it_names_the_bytes(tmp_path: Path):
-    blob = tmp_path / "b"
-    blob.write_bytes(b"hello\n")
+    (tmp_path / "b").write_bytes(b"hello\n")
+    blob = Placement(tmp_path / "b", tmp_path, tmp_path)  # the partial file, as publish() names it
     sha = hashlib.sha256(b"hello\n").hexdigest()
     git = git_blob_id(blob)
     assert git == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object` of "hello\n"

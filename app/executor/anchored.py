@@ -1,0 +1,150 @@
+"""File operations anchored at a target's base directory (docs/storage.md, "Where files go").
+
+placement() checks a file's path when it computes it, but a tenant that can write under its
+root could swap a directory on that path for a symbolic link afterwards, to have the executor
+write, link or remove somewhere else (another tenant's tree). So every write, link, rename and
+removal is made relative to a descriptor of its directory, checked to be that directory:
+placement() returns paths whose directories hold no link (it resolves the ones it meets), so a
+directory the kernel now finds under another name was reached through a link put there since,
+and is refused (UnsafePath); missing directories are made one name at a time from the base,
+never through a link. What is done through the descriptor stays in that directory, whatever is
+swapped after it was opened. Linux: the kernel's name of a descriptor is read in /proc."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["UnsafePath", "directory", "made_directory", "open_directory", "remove", "unlink_if_there"]
+
+
+class UnsafePath(ValueError):
+    """A file whose destination would leave its storage directory."""
+
+
+_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_WALK = _DIRECTORY | os.O_NOFOLLOW
+
+
+def _names_below(base: str, directory: str) -> list[str]:
+    if directory == base:
+        return []
+    if not directory.startswith(base + os.sep):
+        raise UnsafePath(f"{directory} is not inside the target's directory {base}")
+    names = directory[len(base) + 1 :].split(os.sep)
+    if any(n in ("", ".", "..") for n in names):
+        raise UnsafePath(f"unsafe name in {directory!r}")
+    return names
+
+
+def _check(fd: int, expected: str) -> int:
+    """fd, when the kernel's name for the directory it holds is `expected` (a path placement()
+    built without a link on it); else closed, UnsafePath. A directory reached through a link
+    swapped in since has another name (its own), whatever is swapped back after the open."""
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        os.close(fd)
+        raise
+    if where != expected:
+        os.close(fd)
+        raise UnsafePath(f"{expected} now leads out of the target's directory (to {where})")
+    return fd
+
+
+def _walk(home: str, names: list[str]) -> int:
+    """The directory home/names, made where missing: the base as it is (made when missing, then
+    checked), then each name opened or made in its parent's descriptor, never through a link."""
+    try:
+        fd = os.open(home, _DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        os.makedirs(home, exist_ok=True)  # where placement() found nothing yet; checked next
+        fd = os.open(home, _DIRECTORY)
+    fd = _check(fd, home)
+    try:
+        for name in names:
+            try:
+                below = os.open(name, _WALK, dir_fd=fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made meanwhile (another file of the directory): opened as any other
+                below = os.open(name, _WALK, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise UnsafePath(f"{home}/{'/'.join(names)}: a link or a file where placement found a directory") from exc
+        raise
+    return fd
+
+
+def open_directory(base: Path, path: Path, *, create: bool = False) -> int | None:
+    """An O_PATH descriptor of the directory `path` (base or inside it, as placement() built it:
+    no link on the way), refused (UnsafePath) when the kernel finds it elsewhere now; None when it
+    is missing, unless `create`: then it is reached from base one name at a time, the missing
+    directories made in their parents' descriptors, never through a link. One open and one
+    readlink when it exists (each small file's partial and publication: a walk costs more)."""
+    home, where = str(base), str(path)
+    names = _names_below(home, where)
+    try:
+        fd = os.open(where, _DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return _walk(home, names) if create else None
+    return _check(fd, where)
+
+
+@contextmanager
+def directory(base: Path, path: Path) -> Iterator[int | None]:
+    """open_directory() of an existing directory (None when missing), closed when the block ends."""
+    fd = open_directory(base, path)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextmanager
+def made_directory(base: Path, path: Path) -> Iterator[int]:
+    """open_directory() with the missing directories made, closed when the block ends."""
+    fd = open_directory(base, path, create=True)
+    assert fd is not None  # made when missing
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def remove(base: Path, path: Path) -> os.stat_result | None:
+    """Remove one name in its anchored directory, never following it: what it was (lstat), or
+    None when it was missing. A directory is left alone (IsADirectoryError): DLW never writes one
+    at a file's place."""
+    with directory(base, path.parent) as fd:
+        if fd is None:
+            return None
+        try:
+            info = os.stat(path.name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory where a file was written", str(path))
+        try:
+            os.unlink(path.name, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        return info
+
+
+def unlink_if_there(name: str, fd: int) -> None:
+    """Remove a name in an anchored directory (missing is fine)."""
+    try:
+        os.unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        pass
