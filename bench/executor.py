@@ -44,8 +44,9 @@ import httpx
 import psycopg
 
 from app.db.queries import SQL
-from app.executor.curl_lane import CurlLane, LaneTransfer
+from app.executor.curl_lane import CurlLane
 from app.executor.download import open_partial
+from app.executor.lane_transfer import LaneTransfer
 from app.executor.layout import Placement
 from app.executor.settings import CONNECTIONS_PER_FILE
 from app.identity import system_jwt

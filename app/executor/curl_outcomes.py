@@ -11,7 +11,7 @@ import pycurl
 from app.executor.http_ranges import Upstream, WrongSize
 
 if TYPE_CHECKING:
-    from app.executor.curl_lane import LaneTransfer
+    from app.executor.lane_transfer import LaneTransfer
 
 
 class TransferError(ConnectionError):

@@ -25,8 +25,9 @@ from urllib.parse import quote
 
 from app.executor.anchored import made_directory, remove, unlink_if_there
 from app.executor.client import Claimed
-from app.executor.curl_lane import CurlLane, LaneTransfer
+from app.executor.curl_lane import CurlLane
 from app.executor.curl_outcomes import TransferError
+from app.executor.lane_transfer import LaneTransfer
 from app.executor.layout import NoCommit, Placement, Unreachable, UnsafePath, etag_name, placement
 from app.executor.settings import CONNECTIONS_PER_FILE
 from app.executor.stored_copy import from_stored_copy

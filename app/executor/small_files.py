@@ -15,10 +15,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 from app.executor.client import Claimed
-from app.executor.curl_lane import LaneTransfer
 from app.executor.download import Downloaded, lane_transfer, with_hub_token
 from app.executor.file_work import FileWork
 from app.executor.http_ranges import Cancelled
+from app.executor.lane_transfer import LaneTransfer
 from app.executor.progress import where
 
 log = logging.getLogger("dlw.executor")
