@@ -44,7 +44,8 @@ def _names_below(base: str, directory: str) -> list[str]:
 def _check(fd: int, expected: str) -> int:
     """fd, when the kernel's name for the directory it holds is `expected` (a path placement()
     built without a link on it); else closed, UnsafePath. A directory reached through a link
-    swapped in since has another name (its own), whatever is swapped back after the open."""
+    swapped in since has another name (its own), whatever is swapped back after the open. One
+    removed since the open is missing (FileNotFoundError), as if the open had not found it."""
     try:
         where = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
@@ -52,19 +53,24 @@ def _check(fd: int, expected: str) -> int:
         raise
     if where != expected:
         os.close(fd)
+        if where == f"{expected} (deleted)":
+            raise FileNotFoundError(errno.ENOENT, "the directory was removed meanwhile", expected)
         raise UnsafePath(f"{expected} now leads out of the target's directory (to {where})")
     return fd
 
 
-def _walk(home: str, names: list[str]) -> int:
-    """The directory home/names, made where missing: the base as it is (made when missing, then
-    checked), then each name opened or made in its parent's descriptor, never through a link."""
+def _walk(start: str, names: list[str]) -> int:
+    """The directory start/names, made where missing: `start` (one of the executor's own
+    --storage roots, or the base), checked, then each name opened or made in its parent's
+    descriptor, never through a link."""
     try:
-        fd = os.open(home, _DIRECTORY)
-    except (FileNotFoundError, NotADirectoryError):
-        os.makedirs(home, exist_ok=True)  # where placement() found nothing yet; checked next
-        fd = os.open(home, _DIRECTORY)
-    fd = _check(fd, home)
+        fd = os.open(start, _DIRECTORY)
+    except FileNotFoundError:
+        # The executor's own root (its configuration, made at start; the tests' too): made as
+        # `dlw executor run` makes it, then checked like any other.
+        os.makedirs(start, exist_ok=True)
+        fd = os.open(start, _DIRECTORY)
+    fd = _check(fd, start)
     try:
         for name in names:
             try:
@@ -80,24 +86,26 @@ def _walk(home: str, names: list[str]) -> int:
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-            raise UnsafePath(f"{home}/{'/'.join(names)}: a link or a file where placement found a directory") from exc
+            raise UnsafePath(f"{start}/{'/'.join(names)}: a link or a file where placement found a directory") from exc
         raise
     return fd
 
 
-def open_directory(base: Path, path: Path, *, create: bool = False) -> int | None:
+def open_directory(base: Path, path: Path, *, made_from: Path | None = None) -> int | None:
     """An O_PATH descriptor of the directory `path` (base or inside it, as placement() built it:
     no link on the way), refused (UnsafePath) when the kernel finds it elsewhere now; None when it
-    is missing, unless `create`: then it is reached from base one name at a time, the missing
-    directories made in their parents' descriptors, never through a link. One open and one
-    readlink when it exists (each small file's partial and publication: a walk costs more)."""
+    is missing, unless `made_from` (base, or the --storage root base lies in): then it is reached
+    from there one name at a time, the missing directories (the base's own included) made in
+    their parents' descriptors, never through a link. One open and one readlink when it exists
+    (each small file's partial and publication: a walk costs more)."""
     home, where = str(base), str(path)
-    names = _names_below(home, where)
+    _names_below(home, where)  # path is inside base
     try:
-        fd = os.open(where, _DIRECTORY)
+        return _check(os.open(where, _DIRECTORY), where)
     except (FileNotFoundError, NotADirectoryError):
-        return _walk(home, names) if create else None
-    return _check(fd, where)
+        if made_from is None:
+            return None
+    return _walk(str(made_from), _names_below(str(made_from), where))
 
 
 @contextmanager
@@ -112,9 +120,10 @@ def directory(base: Path, path: Path) -> Iterator[int | None]:
 
 
 @contextmanager
-def made_directory(base: Path, path: Path) -> Iterator[int]:
-    """open_directory() with the missing directories made, closed when the block ends."""
-    fd = open_directory(base, path, create=True)
+def made_directory(start: Path, base: Path, path: Path) -> Iterator[int]:
+    """open_directory() with the missing directories made from `start` (the --storage root the
+    base lies in), closed when the block ends."""
+    fd = open_directory(base, path, made_from=start)
     assert fd is not None  # made when missing
     try:
         yield fd

@@ -8,8 +8,8 @@ never followed, and a blob is removed only when the snapshot entry is a relative
 directly in the repository's own blobs/ directory. A place already missing is success (a second
 attempt after a lost report does the same again). Partial downloads of the task's files (named
 after the file id) go in any case. Directories left empty are removed, up to the target root.
-Every removal is made in its directory as reached from the target's base without following a
-link (app/executor/anchored.py): a directory swapped for a link since placement() is refused."""
+Every removal is made through a descriptor of its directory checked to be the one placement()
+built (app/executor/anchored.py): a directory swapped for a link since is refused."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from app.executor.client import Claimed
 from app.executor.layout import BLOB_NAME, placement
 
 __all__ = ["ClaimedDeletion", "carry_out"]
+
+REF_MAX_BYTES = 256  # a ref holds a commit (40 hex digits) and maybe a newline
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
     if plan["layout"] == "hf-cache":
         repo_dir, commit, ref = places[0][1].repo_dir, places[0][1].commit, places[0][1].ref
         assert repo_dir is not None and ref is not None
-        if plan.get("remove_ref") and _names(ref, commit):
+        if plan.get("remove_ref") and _names(base, ref, commit):
             done.refs += _unlink(base, ref) is not None
             _prune(base, ref.parent, repo_dir)
         for leftover in ("snapshots", "blobs", "refs"):
@@ -168,11 +170,18 @@ def carry_out(storages: Sequence[Path], deletion: ClaimedDeletion) -> Removed:
     return done
 
 
-def _names(ref: Path, commit: str | None) -> bool:
-    """Whether refs/<revision> is a regular file naming this commit (another task may have moved it)."""
+def _names(base: Path, ref: Path, commit: str | None) -> bool:
+    """Whether refs/<revision> is a regular file naming this commit (another task may have moved
+    it): opened in its anchored directory, never through a link, without blocking (a FIFO put
+    there must not hold the deletion), and read no further than a ref could be."""
     try:
-        if not stat.S_ISREG(ref.lstat().st_mode):
-            return False
-        return ref.read_text().strip() == commit
-    except (FileNotFoundError, OSError):
+        with directory(base, ref.parent) as fd:
+            if fd is None:
+                return False
+            opened = os.open(ref.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        with os.fdopen(opened, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return False
+            return f.read(REF_MAX_BYTES).strip() == (commit or "").encode()
+    except OSError:
         return False

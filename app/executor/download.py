@@ -132,7 +132,7 @@ def open_partial(place: Placement) -> int:
     directory) is removed and the partial made anew, its resume point lost."""
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     path = place.partial
-    with made_directory(place.base, path.parent) as there:
+    with made_directory(place.made_from, place.base, path.parent) as there:
         for _ in range(3):
             try:
                 fd = os.open(path.name, flags, 0o644, dir_fd=there)
@@ -236,7 +236,11 @@ def lane_transfer(
     def start() -> tuple[int, Callable[[], None]]:
         here = placement(storage, item)
         fd = open_partial(here)
-        os.ftruncate(fd, 0)  # no resume point: whatever an earlier attempt left is not kept
+        try:
+            os.ftruncate(fd, 0)  # no resume point: whatever an earlier attempt left is not kept
+        except OSError:
+            os.close(fd)
+            raise
         place.append(here)
         return fd, functools.partial(remove_partial, here)
 

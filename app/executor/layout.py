@@ -58,6 +58,13 @@ class Placement:
     repo_dir: Path | None = None  # hf-cache: models--org--name
     commit: str | None = None
     ref: Path | None = None  # hf-cache: refs/<revision>, resolved and checked like the others
+    # The executor's own --storage root the base lies in (resolved; it made it at start): missing
+    # directories, the base's own included, are made from there (anchored.py). None: the base.
+    root: Path | None = None
+
+    @property
+    def made_from(self) -> Path:
+        return self.root if self.root is not None else self.base
 
     @property
     def stored_path(self) -> str:
@@ -126,8 +133,9 @@ def _own_root(root: Path) -> Path:
     return root.resolve()
 
 
-def served_root(storages: Sequence[Path], root: str, tenant: str) -> Path:
-    """The target root when it is one of `storages` or inside one; else Unreachable. A root that
+def served_root(storages: Sequence[Path], root: str, tenant: str) -> tuple[Path, Path]:
+    """The target root when it is one of `storages` or inside one, with that storage root
+    (both resolved); else Unreachable. A root that
     goes through a symbolic link is refused too: the database keeps tenants' roots apart as
     written, and a link could make two of them one directory. Inside the first root, which holds
     every tenant's default tree at <first>/<tenant>/ (roots the database does not know), a target
@@ -138,11 +146,11 @@ def served_root(storages: Sequence[Path], root: str, tenant: str) -> Path:
     first = _own_root(storages[0])
     if resolved.is_relative_to(first):
         if resolved.is_relative_to(first / tenant):
-            return resolved
+            return resolved, first
         raise Unreachable(f"storage root {root} is in this executor's default storage but not in {tenant}/ there")
     for storage in storages[1:]:
         if resolved.is_relative_to(_own_root(storage)):
-            return resolved
+            return resolved, _own_root(storage)
     raise Unreachable(f"storage root {root} is not under any --storage root of this executor")
 
 
@@ -168,13 +176,14 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     if item.storage_root is None:
         # Everything is resolved and checked within the tenant's own directory, not the whole
         # default storage: a link there must not lead into another tenant's tree.
-        home = _inside(_own_root(roots[0]), [tenant], item)
+        storage = _own_root(roots[0])
+        home = _inside(storage, [tenant], item)
     else:
-        home = served_root(roots, item.storage_root, item.tenant)
+        home, storage = served_root(roots, item.storage_root, item.tenant)
     if item.storage_layout != "hf-cache":
         target = _inside(home, _segments(item, item.repo_id, item.revision, item.path), item)
         folder, name = os.path.split(target)
-        return Placement(Path(os.path.join(folder, f".{name}.{item.id}.part")), target, home)
+        return Placement(Path(os.path.join(folder, f".{name}.{item.id}.part")), target, home, root=storage)
     commit = item.commit or (item.revision if COMMIT.fullmatch(item.revision) else None)
     if commit is None:
         raise NoCommit("the hf-cache layout needs the task's resolved commit, and this task has none")
@@ -184,7 +193,7 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
     # the ref or a deletion out of the repository folder.
     partial = _inside(repo_dir, ["blobs", f"{item.id}.incomplete"], item)
     ref = _inside(repo_dir, ["refs", *_segments(item, item.revision)], item)
-    return Placement(partial, partial.parent, home, link, repo_dir, commit, ref)
+    return Placement(partial, partial.parent, home, link, repo_dir, commit, ref, storage)
 
 
 def git_blob_id(place: Placement) -> str:
@@ -238,19 +247,19 @@ def blob_name(place: Placement, sha256: str, etag: str | None) -> str:
 # directory swapped for a link since placement() is refused, not written through.
 
 
-def _replace_link(base: Path, source: str, link: Path, tag: str) -> None:
+def _replace_link(place: Placement, source: str, link: Path, tag: str) -> None:
     tmp = f".{link.name}.{tag}.link"
-    with made_directory(base, link.parent) as fd:
+    with made_directory(place.made_from, place.base, link.parent) as fd:
         unlink_if_there(tmp, fd)
         os.symlink(source, tmp, dir_fd=fd)
         os.replace(tmp, link.name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
-def _replace_text(base: Path, path: Path, text: str, tag: str) -> None:
+def _replace_text(place: Placement, path: Path, text: str, tag: str) -> None:
     """path holds text, replaced atomically. The temporary file is made new (O_EXCL, after any old
     one is removed), never opened through a link planted under its name, which would write there."""
     tmp = f".{path.name}.{tag}.tmp"
-    with made_directory(base, path.parent) as fd:
+    with made_directory(place.made_from, place.base, path.parent) as fd:
         unlink_if_there(tmp, fd)
         new = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd)
         with os.fdopen(new, "w") as f:
@@ -285,8 +294,8 @@ def publish(place: Placement, item: Claimed, sha256: str, etag: str | None) -> P
     assert place.repo_dir is not None and place.commit is not None
     blob = place.final / blob_name(place, sha256, etag)
     _rename_over(place.base, place.partial, blob)  # same bytes under the same name: replacing is harmless
-    _replace_link(place.base, os.path.relpath(blob, place.link.parent), place.link, item.id)
+    _replace_link(place, os.path.relpath(blob, place.link.parent), place.link, item.id)
     if item.revision != place.commit:
         assert place.ref is not None
-        _replace_text(place.base, place.ref, place.commit, item.id)
+        _replace_text(place, place.ref, place.commit, item.id)
     return place.link

@@ -38,7 +38,7 @@ def from_stored_copy(place: Placement, item: Claimed) -> str | None:
             st = os.stat(source.name, dir_fd=src_dir, follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode) or st.st_size != item.size:
                 return None
-            with made_directory(place.base, place.partial.parent) as dst_dir:
+            with made_directory(place.made_from, place.base, place.partial.parent) as dst_dir:
                 return _linked(src_dir, source.name, st, dst_dir, place.partial.name, want)
     except (UnsafePath, OSError):
         return None

@@ -11,9 +11,11 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app.executor import anchored
 from app.executor.anchored import UnsafePath, open_directory
 from app.executor.download import discard, open_partial
 from app.executor.layout import Placement, placement, publish
@@ -96,7 +98,7 @@ def test_an_hf_cache_publication_after_a_swap_writes_nothing_outside(tmp_path: P
         _swap_for_link(place.repo_dir / swapped, elsewhere)
     before = _listing(elsewhere)
     with pytest.raises(UnsafePath):
-        publish(place, claimed, SHA_ABC, None)
+        publish(place, claimed, SHA_ABC, "0" * 40)  # a git blob id: the partial is read to compare
     assert _listing(elsewhere) == before
     if swapped == "snapshots":  # the blob went in before the link was refused: in its own blobs/
         assert (place.repo_dir / "blobs" / SHA_ABC).read_bytes() == b"abc"
@@ -127,18 +129,20 @@ def test_a_stored_copy_is_not_linked_in_through_a_swapped_directory(
         return source
 
     monkeypatch.setattr(Placement, "copy_source", then_swapped)
+    place.partial.parent.mkdir(parents=True)  # as an earlier attempt left it: the link would be made
     assert from_stored_copy(place, second) is None
     assert not place.partial.exists()
     assert (theirs / "sub" / "w.bin").stat().st_nlink == 1  # not hard-linked into our tree
 
 
 def test_the_walk_refuses_a_path_outside_its_base_and_makes_what_is_missing(tmp_path: Path):
-    base = tmp_path / "base"
+    storage, base = tmp_path / "storage", tmp_path / "storage" / "t" / "base"
+    storage.mkdir()
     with pytest.raises(UnsafePath):
-        open_directory(base, tmp_path / "elsewhere", create=True)
+        open_directory(base, tmp_path / "elsewhere", made_from=storage)
     assert open_directory(base, base / "a" / "b") is None  # missing, nothing made
     assert not base.exists()
-    fd = open_directory(base, base / "a" / "b", create=True)
+    fd = open_directory(base, base / "a" / "b", made_from=storage)  # the base's own directories too
     assert fd is not None
     try:
         assert os.readlink(f"/proc/self/fd/{fd}") == str(base / "a" / "b")
@@ -146,7 +150,45 @@ def test_the_walk_refuses_a_path_outside_its_base_and_makes_what_is_missing(tmp_
         os.close(fd)
     (base / "a" / "f").write_bytes(b"")
     with pytest.raises(UnsafePath):
-        open_directory(base, base / "a" / "f" / "c", create=True)  # a file where a directory goes
+        open_directory(base, base / "a" / "f" / "c", made_from=storage)  # a file where a directory goes
+
+
+def test_a_missing_target_root_is_not_made_through_a_link_above_it(tmp_path: Path):
+    """A target root inside the tenant's own tree, not made yet; the tenant swaps a directory
+    above it for a link into another tenant's directory. The root's directories are made from
+    the executor's own storage root, so the link is met and nothing appears over there."""
+    first = tmp_path / "first"
+    (first / "acme" / "t").mkdir(parents=True)
+    other = first / "other"
+    other.mkdir()
+    claimed = item(storage_root=str(first / "acme" / "t" / "x"))
+    place = placement([first], claimed)
+    (first / "acme" / "t").rmdir()
+    os.symlink(other, first / "acme" / "t")
+    with pytest.raises(UnsafePath):
+        open_partial(place)
+    assert list(other.iterdir()) == []
+
+
+def test_a_directory_removed_while_it_is_opened_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The executor's own pruning (or the tenant) removes the partial's directory right after it
+    was opened: that is a missing directory, made again, not a link out of the target."""
+    claimed = item(storage_root=str(tmp_path / "plain"))
+    place = placement([tmp_path / "default", tmp_path], claimed)
+    place.partial.parent.mkdir(parents=True)
+    real_open, removed = os.open, []
+
+    def open_then_removed(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, flags, *args, **kwargs)
+        if path == str(place.partial.parent) and not removed:
+            os.rmdir(path)
+            removed.append(path)
+        return fd
+
+    monkeypatch.setattr(anchored.os, "open", open_then_removed)
+    fd = open_partial(place)
+    os.close(fd)
+    assert removed and place.partial.is_file()
 
 
 def test_missing_directories_are_not_made_through_a_swapped_link(tmp_path: Path):

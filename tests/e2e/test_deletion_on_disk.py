@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,22 @@ def test_a_directory_swapped_for_a_link_after_the_check_takes_nothing_outside(tm
     with pytest.raises(UnsafePath, match="leads out of the target"):
         carry_out([tmp_path / "default", tmp_path], deletion(root, "tree", [{"path": "a.bin", "remove_path": True}]))
     assert (theirs / "a.bin").read_bytes() == b"theirs"
+
+
+def test_a_fifo_in_place_of_the_ref_does_not_hold_the_deletion(tmp_path: Path):
+    """refs/<revision> is read to see whether it still names the commit: a FIFO the tenant put
+    there is not waited on (the deletion thread serves every tenant), and is not removed."""
+    root = tmp_path / "cache"
+    repo = hf_repo(root)
+    (repo / "refs" / "main").unlink()
+    os.mkfifo(repo / "refs" / "main")
+    plan = deletion(root, "hf-cache", [{"path": "w.bin", "remove_path": True, "remove_blob": False}])
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(carry_out([tmp_path / "default", tmp_path], plan)))
+    worker.daemon = True
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # held on the FIFO: let it go, then fail
+        os.close(os.open(repo / "refs" / "main", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the deletion waited on a FIFO in place of the ref")
+    assert outcome and outcome[0].refs == 0 and (repo / "refs" / "main").exists()
