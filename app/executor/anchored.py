@@ -45,15 +45,18 @@ def _check(fd: int, expected: str) -> int:
     """fd, when the kernel's name for the directory it holds is `expected` (a path placement()
     built without a link on it); else closed, UnsafePath. A directory reached through a link
     swapped in since has another name (its own), whatever is swapped back after the open. One
-    removed since the open is missing (FileNotFoundError), as if the open had not found it."""
+    removed since the open (no link left to it) is missing (FileNotFoundError), as if the open had
+    not found it."""
     try:
         where = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         os.close(fd)
         raise
     if where != expected:
+        # Removed since the open (no name left), not a directory renamed to "<name> (deleted)".
+        removed = where == f"{expected} (deleted)" and os.fstat(fd).st_nlink == 0
         os.close(fd)
-        if where == f"{expected} (deleted)":
+        if removed:
             raise FileNotFoundError(errno.ENOENT, "the directory was removed meanwhile", expected)
         raise UnsafePath(f"{expected} now leads out of the target's directory (to {where})")
     return fd
@@ -63,14 +66,7 @@ def _walk(start: str, names: list[str]) -> int:
     """The directory start/names, made where missing: `start` (one of the executor's own
     --storage roots, or the base), checked, then each name opened or made in its parent's
     descriptor, never through a link."""
-    try:
-        fd = os.open(start, _DIRECTORY)
-    except FileNotFoundError:
-        # The executor's own root (its configuration, made at start; the tests' too): made as
-        # `dlw executor run` makes it, then checked like any other.
-        os.makedirs(start, exist_ok=True)
-        fd = os.open(start, _DIRECTORY)
-    fd = _check(fd, start)
+    fd = _check(os.open(start, _DIRECTORY), start)  # made by `dlw executor run` at start, never here
     try:
         for name in names:
             try:

@@ -182,6 +182,7 @@ def _names(base: Path, ref: Path, commit: str | None) -> bool:
         with os.fdopen(opened, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return False
-            return f.read(REF_MAX_BYTES).strip() == (commit or "").encode()
+            text = f.read(REF_MAX_BYTES + 1)
+            return bool(commit) and len(text) <= REF_MAX_BYTES and text.strip() == str(commit).encode()
     except OSError:
         return False

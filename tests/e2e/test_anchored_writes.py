@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from app.executor import anchored
-from app.executor.anchored import UnsafePath, open_directory
+from app.executor.anchored import UnsafePath, open_directory, remove
 from app.executor.download import discard, open_partial
 from app.executor.layout import Placement, placement, publish
 from app.executor.stored_copy import from_stored_copy
@@ -204,3 +204,19 @@ def test_missing_directories_are_not_made_through_a_swapped_link(tmp_path: Path)
     with pytest.raises(UnsafePath):
         open_partial(place)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_directory_renamed_to_look_removed_is_not_taken_for_missing(tmp_path: Path):
+    """The kernel names a removed directory "<path> (deleted)"; a tenant can name one so and link
+    the old name to it. That is a link on the way (refused), not a missing directory: a removal
+    there must not report the file gone while it stays."""
+    claimed = item(storage_root=str(tmp_path / "plain"))
+    place = placement([tmp_path / "default", tmp_path], claimed)
+    fd = open_partial(place)
+    os.close(fd)
+    folder = place.partial.parent
+    os.rename(folder, f"{folder} (deleted)")
+    os.symlink(f"{folder} (deleted)", folder)
+    with pytest.raises(UnsafePath):
+        remove(place.base, place.partial)
+    assert Path(f"{folder} (deleted)", place.partial.name).exists()

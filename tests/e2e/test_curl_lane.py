@@ -51,6 +51,7 @@ def fetch(
     on_bytes: Callable[[int], None] = lambda _n: None,
 ) -> list[Downloaded | BaseException]:
     """download() of every item at once through one lane, each published when it arrives."""
+    storage.mkdir(parents=True, exist_ok=True)  # as `dlw executor run` makes its roots at start
 
     async def run() -> list[Downloaded | BaseException]:
         lane = CurlLane(max_active=4, max_connections=4)
@@ -200,6 +201,7 @@ def test_a_cancelled_download_stops_and_the_lane_goes_on(files: FileServer, work
     quick = files.add(work / "served", "org/lane", "main", "quick.bin", b"q" * 3000)
     files.rate["slow.bin"] = 100 * KB  # four seconds in all
     item = claimed("slow.bin", len(slow))
+    (work / "storage").mkdir()  # as `dlw executor run` makes its roots at start
 
     async def run() -> Downloaded:
         lane = CurlLane(max_active=2, max_connections=2)
