@@ -6,9 +6,10 @@ write, link or remove somewhere else (another tenant's tree). So every write, li
 removal is made relative to a descriptor of its directory, checked to be that directory:
 placement() returns paths whose directories hold no link (it resolves the ones it meets), so a
 directory the kernel now finds under another name was reached through a link put there since,
-and is refused (UnsafePath); missing directories are made one name at a time from the base,
-never through a link. What is done through the descriptor stays in that directory, whatever is
-swapped after it was opened. Linux: the kernel's name of a descriptor is read in /proc."""
+and is refused (UnsafePath); missing directories are made one name at a time from the
+executor's own --storage root, never through a link. What is done through the descriptor stays
+in that directory, whatever is swapped after it was opened. Linux: the kernel's name of a
+descriptor is read in /proc."""
 
 from __future__ import annotations
 

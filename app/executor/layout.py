@@ -64,6 +64,7 @@ class Placement:
 
     @property
     def made_from(self) -> Path:
+        """Where missing directories are made from (anchored.made_directory)."""
         return self.root if self.root is not None else self.base
 
     @property
@@ -135,11 +136,11 @@ def _own_root(root: Path) -> Path:
 
 def served_root(storages: Sequence[Path], root: str, tenant: str) -> tuple[Path, Path]:
     """The target root when it is one of `storages` or inside one, with that storage root
-    (both resolved); else Unreachable. A root that
-    goes through a symbolic link is refused too: the database keeps tenants' roots apart as
-    written, and a link could make two of them one directory. Inside the first root, which holds
-    every tenant's default tree at <first>/<tenant>/ (roots the database does not know), a target
-    root must lie in its own tenant's directory."""
+    (both resolved); else Unreachable. A root that goes through a symbolic link is refused too:
+    the database keeps tenants' roots apart as written, and a link could make two of them one
+    directory. Inside the first root, which holds every tenant's default tree at
+    <first>/<tenant>/ (roots the database does not know), a target root must lie in its own
+    tenant's directory."""
     resolved = Path(root).resolve()
     if resolved != Path(root):
         raise Unreachable(f"storage root {root} goes through a symbolic link; give its real path")
