@@ -140,7 +140,8 @@ def served_root(storages: Sequence[Path], root: str, tenant: str) -> tuple[Path,
     the database keeps tenants' roots apart as written, and a link could make two of them one
     directory. Inside the first root, which holds every tenant's default tree at
     <first>/<tenant>/ (roots the database does not know), a target root must lie in its own
-    tenant's directory."""
+    tenant's directory; and none may contain the first root (storage roots nested with the first
+    inside another)."""
     resolved = Path(root).resolve()
     if resolved != Path(root):
         raise Unreachable(f"storage root {root} goes through a symbolic link; give its real path")
@@ -149,6 +150,11 @@ def served_root(storages: Sequence[Path], root: str, tenant: str) -> tuple[Path,
         if resolved.is_relative_to(first / tenant):
             return resolved, first
         raise Unreachable(f"storage root {root} is in this executor's default storage but not in {tenant}/ there")
+    if first.is_relative_to(resolved):
+        # The database keeps the roots it knows apart, not this executor's default storage: a root
+        # above it would reach every tenant's default tree (<root>/<repo_id>/<revision>/... can
+        # name <first>/<tenant>/...).
+        raise Unreachable(f"storage root {root} contains this executor's default storage {first}")
     for storage in storages[1:]:
         if resolved.is_relative_to(_own_root(storage)):
             return resolved, _own_root(storage)

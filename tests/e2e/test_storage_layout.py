@@ -61,6 +61,21 @@ def test_roots_served_and_refused(tmp_path: Path):
         placement(storages, item(storage_root=str(more), path="../../escape"))
 
 
+def test_a_root_above_the_default_storage_is_refused(tmp_path: Path):
+    """Storage roots nested with the first (every tenant's default tree) inside another: a target
+    root that contains the first would let a repository named like <dir>/<dir> and a revision
+    named after another tenant write into that tenant's default tree. Refused; a sibling is not."""
+    outer = tmp_path / "srv"
+    first = outer / "x" / "default"
+    first.mkdir(parents=True)
+    storages = [first, outer]
+    for root in (outer, outer / "x"):
+        with pytest.raises(Unreachable, match="contains this executor's default storage"):
+            placement(storages, item(storage_root=str(root), repo_id="x/default", revision="victim"))
+    beside = placement(storages, item(storage_root=str(outer / "y")))
+    assert beside.final.is_relative_to(outer / "y")
+
+
 def test_hf_cache_needs_a_commit_and_names_folders_like_huggingface_hub(tmp_path: Path):
     root = str(tmp_path / "cache")
     with pytest.raises(NoCommit):
