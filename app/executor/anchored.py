@@ -20,7 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["UnsafePath", "directory", "made_directory", "open_directory", "remove", "unlink_if_there"]
+__all__ = [
+    "UnsafePath",
+    "directory",
+    "existing_directory",
+    "made_directory",
+    "open_directory",
+    "remove",
+    "unlink_if_there",
+]
 
 
 class UnsafePath(ValueError):
@@ -114,6 +122,15 @@ def directory(base: Path, path: Path) -> Iterator[int | None]:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+@contextmanager
+def existing_directory(base: Path, path: Path) -> Iterator[int]:
+    """directory(), FileNotFoundError when it is missing (the partial file's, which must be there)."""
+    with directory(base, path) as fd:
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "the directory is gone", str(path))
+        yield fd
 
 
 @contextmanager

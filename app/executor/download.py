@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from app.executor.anchored import made_directory, remove, unlink_if_there
+from app.executor.anchored import remove, unlink_if_there
 from app.executor.client import Claimed
 from app.executor.curl_lane import CurlLane
 from app.executor.curl_outcomes import TransferError
@@ -132,7 +132,7 @@ def open_partial(place: Placement) -> int:
     directory) is removed and the partial made anew, its resume point lost."""
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     path = place.partial
-    with made_directory(place.made_from, place.base, path.parent) as there:
+    with place.made_directory(path.parent) as there:
         for _ in range(3):
             try:
                 fd = os.open(path.name, flags, 0o644, dir_fd=there)

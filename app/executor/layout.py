@@ -16,7 +16,6 @@ reader never sees a partial blob or a dangling link."""
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import http.client
@@ -24,12 +23,14 @@ import os
 import re
 import stat
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from app.executor import anchored
 from app.executor.anchored import UnsafePath as UnsafePath  # raised here too: importable from here
-from app.executor.anchored import directory, made_directory, unlink_if_there
+from app.executor.anchored import existing_directory, unlink_if_there
 from app.executor.client import Claimed
 
 COMMIT = re.compile(r"[0-9a-f]{40}")  # fullmatch: "$" would also take a final newline
@@ -62,10 +63,10 @@ class Placement:
     # directories, the base's own included, are made from there (anchored.py). None: the base.
     root: Path | None = None
 
-    @property
-    def made_from(self) -> Path:
-        """Where missing directories are made from (anchored.made_directory)."""
-        return self.root if self.root is not None else self.base
+    def made_directory(self, path: Path) -> AbstractContextManager[int]:
+        """anchored.made_directory() of a directory of this placement: missing directories made
+        from the --storage root (or the base, for a placement built without one)."""
+        return anchored.made_directory(self.root if self.root is not None else self.base, self.base, path)
 
     @property
     def stored_path(self) -> str:
@@ -206,9 +207,7 @@ def placement(storages: Sequence[Path] | Path, item: Claimed) -> Placement:
 def git_blob_id(place: Placement) -> str:
     """The git blob id of the partial file: sha1 of "blob <size>\\0" + its bytes (the hub's ETag of
     a file stored in git)."""
-    with directory(place.base, place.partial.parent) as fd:
-        if fd is None:
-            raise FileNotFoundError(errno.ENOENT, "the partial file's directory is gone", str(place.partial))
+    with existing_directory(place.base, place.partial.parent) as fd:
         opened = os.open(place.partial.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     with os.fdopen(opened, "rb") as f:
         digest = hashlib.sha1(f"blob {os.fstat(f.fileno()).st_size}\0".encode(), usedforsecurity=False)
@@ -256,7 +255,7 @@ def blob_name(place: Placement, sha256: str, etag: str | None) -> str:
 
 def _replace_link(place: Placement, source: str, link: Path, tag: str) -> None:
     tmp = f".{link.name}.{tag}.link"
-    with made_directory(place.made_from, place.base, link.parent) as fd:
+    with place.made_directory(link.parent) as fd:
         unlink_if_there(tmp, fd)
         os.symlink(source, tmp, dir_fd=fd)
         os.replace(tmp, link.name, src_dir_fd=fd, dst_dir_fd=fd)
@@ -266,7 +265,7 @@ def _replace_text(place: Placement, path: Path, text: str, tag: str) -> None:
     """path holds text, replaced atomically. The temporary file is made new (O_EXCL, after any old
     one is removed), never opened through a link planted under its name, which would write there."""
     tmp = f".{path.name}.{tag}.tmp"
-    with made_directory(place.made_from, place.base, path.parent) as fd:
+    with place.made_directory(path.parent) as fd:
         unlink_if_there(tmp, fd)
         new = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd)
         with os.fdopen(new, "w") as f:
@@ -274,14 +273,12 @@ def _replace_text(place: Placement, path: Path, text: str, tag: str) -> None:
         os.replace(tmp, path.name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
-def _rename_over(base: Path, partial: Path, final: Path) -> None:
+def _rename_over(place: Placement, partial: Path, final: Path) -> None:
     """partial becomes final (a name in the same directory). When final is already a hard link
     of the same file (a copy placed from it), rename(2) would do nothing and leave partial
     behind: partial is removed instead."""
     assert partial.parent == final.parent
-    with directory(base, partial.parent) as fd:
-        if fd is None:
-            raise FileNotFoundError(errno.ENOENT, "the partial file's directory is gone", str(partial))
+    with existing_directory(place.base, partial.parent) as fd:
         ours = os.stat(partial.name, dir_fd=fd, follow_symlinks=False)
         try:
             there = os.stat(final.name, dir_fd=fd, follow_symlinks=False)
@@ -296,11 +293,11 @@ def _rename_over(base: Path, partial: Path, final: Path) -> None:
 def publish(place: Placement, item: Claimed, sha256: str, etag: str | None) -> Path:
     """Put verified bytes in place (blob, then link, then ref for hf-cache) and return where."""
     if place.link is None:
-        _rename_over(place.base, place.partial, place.final)
+        _rename_over(place, place.partial, place.final)
         return place.final
     assert place.repo_dir is not None and place.commit is not None
     blob = place.final / blob_name(place, sha256, etag)
-    _rename_over(place.base, place.partial, blob)  # same bytes under the same name: replacing is harmless
+    _rename_over(place, place.partial, blob)  # same bytes under the same name: replacing is harmless
     _replace_link(place, os.path.relpath(blob, place.link.parent), place.link, item.id)
     if item.revision != place.commit:
         assert place.ref is not None

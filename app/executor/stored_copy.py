@@ -9,7 +9,7 @@ import hashlib
 import os
 import stat
 
-from app.executor.anchored import UnsafePath, directory, made_directory, unlink_if_there
+from app.executor.anchored import UnsafePath, directory, unlink_if_there
 from app.executor.client import Claimed
 from app.executor.layout import Placement
 
@@ -38,7 +38,7 @@ def from_stored_copy(place: Placement, item: Claimed) -> str | None:
             st = os.stat(source.name, dir_fd=src_dir, follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode) or st.st_size != item.size:
                 return None
-            with made_directory(place.made_from, place.base, place.partial.parent) as dst_dir:
+            with place.made_directory(place.partial.parent) as dst_dir:
                 return _linked(src_dir, source.name, st, dst_dir, place.partial.name, want)
     except (UnsafePath, OSError):
         return None
